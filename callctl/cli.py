@@ -1,0 +1,202 @@
+"""The `callctl` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timedelta
+
+from callctl import config as config_mod
+from callctl import logs
+
+
+def _engine(cfg):
+    from callctl.store.db import make_engine
+
+    return make_engine(cfg.database_url, pool_size=cfg.db_threads)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A plain fixed-width table for people."""
+    cells = [[("" if r.get(key) is None else str(r.get(key))) for key, _ in columns] for r in rows]
+    widths = [max([len(title)] + [len(c[i]) for c in cells]) for i, (_, title) in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+    return "\n".join([line([t for _, t in columns]), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def cmd_db_upgrade(cfg, args):
+    from callctl.store.db import upgrade
+
+    applied = upgrade(_engine(cfg))
+    print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+
+
+def cmd_tenant_add(cfg, args):
+    from callctl.store.provision import add_tenant
+
+    _print_json(
+        add_tenant(
+            _engine(cfg), args.name, args.hotline,
+            callers=args.caller, caller_prefixes=args.caller_prefix, strict=args.strict,
+            ring_timeout=args.ring_timeout, max_call_seconds=args.max_call_seconds, region=cfg.region,
+        )
+    )
+
+
+def cmd_tenant_list(cfg, args):
+    from callctl.store.provision import list_tenants
+
+    _print_json(list_tenants(_engine(cfg)))
+
+
+def cmd_pool_add(cfg, args):
+    from callctl.store.provision import add_numbers
+
+    count = add_numbers(_engine(cfg), args.tenant, args.numbers, region=cfg.region)
+    print(f"added {count} virtual number(s) to {args.tenant}")
+
+
+def cmd_pool_status(cfg, args):
+    from callctl.store.provision import pool_status
+
+    _print_json(pool_status(_engine(cfg), args.tenant))
+
+
+def _expiry(text: str | None):
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise SystemExit(f"callctl: --expires must be an ISO date-time with zone, e.g. 2027-01-01T00:00:00+08:00") from None
+
+
+def cmd_bind(cfg, args):
+    from callctl.store.provision import bind
+
+    _print_json(
+        bind(
+            _engine(cfg), args.tenant, args.customer, mode=args.mode, reference=args.reference,
+            expires_at=_expiry(args.expires), ttl_seconds=args.ttl, region=cfg.region,
+        )
+    )
+
+
+def cmd_unbind(cfg, args):
+    from callctl.store.provision import unbind
+
+    _print_json(unbind(_engine(cfg), args.binding_id, timedelta(days=cfg.quarantine_days)))
+
+
+CDR_TABLE = [
+    ("started_at", "started (UTC)"), ("call_id", "call id"), ("tenant_id", "tenant"),
+    ("virtual_number", "X"), ("direction", "direction"), ("caller_masked", "caller"),
+    ("callee_masked", "callee"), ("decision", "decision"), ("reject_reason", "reason"),
+    ("dial_status", "dial"), ("ring_seconds", "ring s"), ("talk_seconds", "talk s"),
+    ("hangup_cause", "cause"),
+]
+
+
+def cmd_cdr_list(cfg, args):
+    from callctl.store.provision import list_cdrs
+
+    rows = list_cdrs(_engine(cfg), limit=args.limit, tenant_name=args.tenant)
+    if args.json:
+        _print_json(rows)
+        return
+    for row in rows:
+        row["started_at"] = (row["started_at"] or "")[:19].replace("T", " ")
+    print(_table(rows, CDR_TABLE))
+    print(f"({len(rows)} call(s))")
+
+
+def cmd_serve_asterisk(cfg, args):
+    from callctl.asterisk.server import serve
+
+    serve(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="callctl", description="Privacy-number call control")
+    parser.add_argument("--config", help="config file (default conf/callctl.yaml or $CALLCTL_CONFIG)")
+    top = parser.add_subparsers(dest="command", required=True)
+
+    db = top.add_parser("db", help="database schema").add_subparsers(dest="sub", required=True)
+    db.add_parser("upgrade", help="create or migrate the schema").set_defaults(func=cmd_db_upgrade)
+
+    tenant = top.add_parser("tenant", help="tenants (businesses)").add_subparsers(dest="sub", required=True)
+    add = tenant.add_parser("add", help="add a tenant")
+    add.add_argument("name")
+    add.add_argument("--hotline", required=True, help="the number customers reach (N)")
+    add.add_argument("--caller", action="append", default=[], help="an agent's number (repeatable)")
+    add.add_argument("--caller-prefix", action="append", default=[], help="agents' number prefix, e.g. +86105555")
+    add.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                     help="reject unknown callers (default) or send them to the hotline")
+    add.add_argument("--ring-timeout", type=int, default=30, help="seconds (default 30)")
+    add.add_argument("--max-call-seconds", type=int, default=3600, help="default 3600")
+    add.set_defaults(func=cmd_tenant_add)
+    tenant.add_parser("list", help="list tenants").set_defaults(func=cmd_tenant_list)
+
+    pool = top.add_parser("pool", help="virtual number pools").add_subparsers(dest="sub", required=True)
+    padd = pool.add_parser("add", help="add virtual numbers to a tenant's pool")
+    padd.add_argument("--tenant", required=True)
+    padd.add_argument("numbers", nargs="+")
+    padd.set_defaults(func=cmd_pool_add)
+    pstat = pool.add_parser("status", help="free/bound/quarantined counts")
+    pstat.add_argument("--tenant", required=True)
+    pstat.set_defaults(func=cmd_pool_status)
+
+    bind = top.add_parser("bind", help="bind a virtual number to a customer; prints the binding")
+    bind.add_argument("--tenant", required=True)
+    bind.add_argument("--customer", required=True, help="the customer's real number (A)")
+    bind.add_argument("--mode", default="AXN", choices=["AXN", "AXB", "AXE"])
+    bind.add_argument("--reference", help="external reference, e.g. a policy number")
+    expiry = bind.add_mutually_exclusive_group()
+    expiry.add_argument("--expires", help="ISO date-time with zone")
+    expiry.add_argument("--ttl", type=int, help="seconds from now")
+    bind.set_defaults(func=cmd_bind)
+
+    unbind = top.add_parser("unbind", help="end a binding; its X is quarantined")
+    unbind.add_argument("binding_id", type=int)
+    unbind.set_defaults(func=cmd_unbind)
+
+    cdr = top.add_parser("cdr", help="call detail records").add_subparsers(dest="sub", required=True)
+    clist = cdr.add_parser("list", help="newest calls first")
+    clist.add_argument("--limit", type=int, default=50)
+    clist.add_argument("--tenant")
+    clist.add_argument("--json", action="store_true", help="JSON for programs")
+    clist.set_defaults(func=cmd_cdr_list)
+
+    serve = top.add_parser("serve", help="run the daemon").add_subparsers(dest="sub", required=True)
+    serve.add_parser("asterisk", help="FastAGI server for Asterisk").set_defaults(func=cmd_serve_asterisk)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from callctl.store.provision import ProvisionError
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    try:
+        cfg = config_mod.load(args.config)
+        logs.setup(cfg.log.format, cfg.log.level)
+        args.func(cfg, args)
+    except config_mod.ConfigError as exc:
+        print(f"callctl: config error: {exc}", file=sys.stderr)
+        return 2
+    except ProvisionError as exc:
+        print(f"callctl: {exc} [{exc.code}]", file=sys.stderr)
+        return 1
+    except (OperationalError, ProgrammingError) as exc:
+        print(f"callctl: database error: {type(exc.orig).__name__}: {str(exc.orig).splitlines()[0]}"
+              " (is the database reachable, and did you run 'callctl db upgrade'?)", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

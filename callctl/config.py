@@ -1,0 +1,103 @@
+"""Configuration: conf/callctl.yaml, then CALLCTL_* environment overrides.
+
+A bad file or value stops the program with one clear sentence naming the problem.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PATH = "conf/callctl.yaml"
+
+
+class ConfigError(Exception):
+    pass
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AgiConfig(Strict):
+    listen: str = "127.0.0.1:4573"
+    env_timeout: float = Field(5.0, gt=0)
+    command_timeout: float = Field(5.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:4573")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class LogConfig(Strict):
+    format: str = Field("console", pattern="^(console|json)$")
+    level: str = Field("info", pattern="^(debug|info|warning|error)$")
+
+
+class Config(Strict):
+    database_url: str = "sqlite:///var/callctl.db"
+    region: str = Field("CN", min_length=2, max_length=2)  # how national numbers are read
+    node: str = ""  # this PBX/daemon pair's name in CDRs; the PBX's own name wins if sent
+    spool_dir: str = "var/spool"
+    quarantine_days: float = Field(30, ge=0)  # cooldown before a released X is reused
+    db_threads: int = Field(8, ge=1, le=64)
+    agi: AgiConfig = AgiConfig()
+    log: LogConfig = LogConfig()
+
+
+# Environment variable -> (section, key); section None is top level.
+ENV_OVERRIDES = {
+    "CALLCTL_DATABASE_URL": (None, "database_url"),
+    "CALLCTL_REGION": (None, "region"),
+    "CALLCTL_NODE": (None, "node"),
+    "CALLCTL_SPOOL_DIR": (None, "spool_dir"),
+    "CALLCTL_QUARANTINE_DAYS": (None, "quarantine_days"),
+    "CALLCTL_AGI_LISTEN": ("agi", "listen"),
+    "CALLCTL_LOG_FORMAT": ("log", "format"),
+    "CALLCTL_LOG_LEVEL": ("log", "level"),
+}
+
+
+def load(path: str | os.PathLike | None = None, environ=os.environ) -> Config:
+    """Read the config file (optional when not named explicitly) and apply overrides."""
+    named = path or environ.get("CALLCTL_CONFIG")
+    file = Path(named or DEFAULT_PATH)
+    data: dict = {}
+    if file.exists():
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where else ""
+            raise ConfigError(f"{file}: not valid YAML{line}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: must be a mapping of settings")
+    elif named:
+        raise ConfigError(f"{file}: no such config file")
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if var in environ:
+            target = data.setdefault(section, {}) if section else data
+            if not isinstance(target, dict):
+                raise ConfigError(f"{file}: '{section}' must be a mapping")
+            target[key] = environ[var]
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{file}: {problems}") from None

@@ -1,0 +1,67 @@
+"""Phone numbers: E.164 normalisation (via phonenumbers) and masking.
+
+Real numbers leave this process only towards the PBX (as a dial destination) and
+through an audited reveal; everywhere else they are shown with `mask`.
+"""
+from __future__ import annotations
+
+import phonenumbers
+
+
+class InvalidNumber(ValueError):
+    """A phone number that cannot be understood. The message never repeats it."""
+
+
+def to_e164(raw: str, region: str = "CN", *, strict: bool = True) -> str:
+    """Return `raw` as E.164 ("+8613812345678").
+
+    National forms are read in `region`; "00"-prefixed international forms work too.
+    strict=True (provisioning) also demands a number that is valid for its country;
+    call time uses strict=False, since carriers send what they send.
+    """
+    text = (raw or "").strip()
+    if text.startswith("00"):
+        text = "+" + text[2:]
+    try:
+        parsed = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidNumber(f"not a phone number ({exc.error_type.name.lower()})") from None
+    if strict and not phonenumbers.is_valid_number(parsed):
+        raise InvalidNumber("not a valid phone number for its country")
+    if not strict and not phonenumbers.is_possible_number(parsed):
+        raise InvalidNumber("not a possible phone number")
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def caller_e164(raw: str | None, region: str = "CN") -> str | None:
+    """A caller id as E.164, or None when withheld, anonymous or unreadable."""
+    if not raw or not any(ch.isdigit() for ch in raw):
+        return None
+    try:
+        return to_e164(raw, region, strict=False)
+    except InvalidNumber:
+        return None
+
+
+def mask(number: str | None) -> str:
+    """Mask an E.164 number for people: +8613812345678 -> +86138****5678.
+
+    Keeps the country code, the first three national digits and the last four;
+    short numbers keep only their last two digits.
+    """
+    if not number:
+        return ""
+    if not number.startswith("+"):
+        digits = "".join(ch for ch in number if ch.isdigit())
+        return "*" * max(len(digits) - 2, 0) + digits[-2:] if digits else "?"
+    try:
+        parsed = phonenumbers.parse(number, None)
+        country = str(parsed.country_code)
+        national = number[1 + len(country):]
+    except phonenumbers.NumberParseException:
+        country, national = "", number[1:]
+    if len(national) >= 9:
+        shown = national[:3] + "*" * (len(national) - 7) + national[-4:]
+    else:
+        shown = "*" * max(len(national) - 2, 0) + national[-2:]
+    return f"+{country}{shown}"

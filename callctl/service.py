@@ -1,0 +1,162 @@
+"""What the PBX adapters call: route one call, record one finished call.
+
+PBX-neutral and synchronous (the adapters run it off their event loop). Decisions
+come from callctl.core; facts and CDRs from callctl.store.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import structlog
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from callctl.core.decision import Bridge, Decision, Reason, Reject, decide
+from callctl.core.numbers import caller_e164, mask
+from callctl.store.calls import call_facts, write_cdr
+from callctl.store.spool import CdrSpool
+
+log = structlog.get_logger("callctl.calls")
+_REASONS = {reason.value for reason in Reason}
+
+
+@dataclass(frozen=True)
+class FinishedCall:
+    """What the PBX reports when a call ends; every field may be missing or garbage."""
+    call_id: str
+    called: str = ""
+    caller: str = ""
+    destination: str = ""
+    action: str = ""
+    reason: str = ""
+    binding: str = ""
+    tenant: str = ""
+    direction: str = ""
+    start: str = ""  # epoch seconds
+    end: str = ""  # epoch seconds
+    dial_status: str = ""
+    dialed_ms: str = ""
+    answered_ms: str = ""
+    hangup_cause: str = ""
+    node: str = ""
+
+
+class CallService:
+    def __init__(self, engine: Engine, spool: CdrSpool, region: str = "CN", node: str = ""):
+        self.engine = engine
+        self.spool = spool
+        self.region = region
+        self.node = node
+
+    def route(self, called: str, caller: str, now: datetime | None = None) -> tuple[str | None, Decision]:
+        """Decide a call to `called` from `caller` (both as the PBX sent them).
+
+        Returns X in E.164 (None if unreadable) and the decision. Fails closed: a
+        database that cannot answer gives Reject(unavailable), never a guess.
+        """
+        now = now or datetime.now(timezone.utc)
+        x = caller_e164(called, self.region)
+        if x is None:
+            return None, Reject(Reason.UNKNOWN_NUMBER)
+        caller_number = caller_e164(caller, self.region)
+        try:
+            facts = call_facts(self.engine, x, caller_number, now)
+        except SQLAlchemyError as exc:
+            log.error("database unavailable for routing", x=x, error=type(exc).__name__)
+            return x, Reject(Reason.UNAVAILABLE)
+        return x, decide(caller_number, now, facts)
+
+    def record(self, call: FinishedCall, now: datetime | None = None) -> str:
+        """Write the CDR of a finished call. Returns 'written', 'duplicate' or 'spooled'."""
+        row = self.cdr_row(call, now or datetime.now(timezone.utc))
+        try:
+            written = write_cdr(self.engine, row)
+        except SQLAlchemyError as exc:
+            self.spool.append(row)
+            log.warning("database unavailable, CDR spooled", call_id=row["call_id"], error=type(exc).__name__)
+            return "spooled"
+        return "written" if written else "duplicate"
+
+    def replay_spool(self) -> int:
+        """Replay spooled CDRs if the database is back; returns rows replayed (0 if still down)."""
+        if not self.spool.pending():
+            return 0
+        try:
+            count = self.spool.replay(lambda row: write_cdr(self.engine, row))
+        except SQLAlchemyError:
+            return 0
+        log.info("spooled CDRs replayed", count=count)
+        return count
+
+    def cdr_row(self, call: FinishedCall, now: datetime) -> dict:
+        bridged = call.action == "bridge"
+        ended = _epoch(call.end) or now
+        started = _epoch(call.start) or ended
+        dialed = _seconds(call.dialed_ms)
+        talk = _seconds(call.answered_ms)
+        answered_at = ended - timedelta(seconds=talk) if talk else None
+        reason = None if bridged else (call.reason if call.reason in _REASONS else Reason.UNAVAILABLE)
+        x = caller_e164(call.called, self.region)
+        caller = caller_e164(call.caller, self.region)
+        callee = caller_e164(call.destination, self.region) if bridged else None
+        return {
+            "call_id": call.call_id[:150],
+            "tenant_id": _int(call.tenant),
+            "binding_id": _int(call.binding),
+            "virtual_number": x,
+            "direction": call.direction if call.direction in ("to_customer", "from_customer") else None,
+            "caller_masked": mask(caller) if caller else "anonymous",
+            "callee_masked": mask(callee) if callee else None,
+            "decision": "bridged" if bridged else "rejected",
+            "reject_reason": str(reason) if reason else None,
+            "started_at": started,
+            "answered_at": answered_at,
+            "ended_at": ended,
+            "ring_seconds": round(max(dialed - talk, 0.0), 3) if dialed else (0.0 if bridged else None),
+            "talk_seconds": round(talk, 3) if bridged else None,
+            "dial_status": call.dial_status[:20] or None,
+            "hangup_cause": _int(call.hangup_cause),
+            "node": (call.node or self.node)[:64] or None,
+        }
+
+
+def decision_variables(decision: Decision) -> dict[str, str]:
+    """The decision as the flat name -> value pairs both PBX dialplans read."""
+    if isinstance(decision, Bridge):
+        return {
+            "action": "bridge",
+            "dest": decision.destination,
+            "clid": decision.present,
+            "ring_timeout": str(decision.ring_timeout),
+            "max_seconds": str(decision.max_seconds),
+            "binding": str(decision.binding_id),
+            "tenant": str(decision.tenant_id),
+            "direction": str(decision.direction),
+        }
+    values = {"action": "reject", "reason": str(decision.reason)}
+    if decision.binding_id is not None:
+        values["binding"] = str(decision.binding_id)
+    if decision.tenant_id is not None:
+        values["tenant"] = str(decision.tenant_id)
+    if decision.direction is not None:
+        values["direction"] = str(decision.direction)
+    return values
+
+
+def _int(value: str) -> int | None:
+    return int(value) if value.isdigit() and len(value) < 18 else None
+
+
+def _seconds(ms: str) -> float:
+    return int(ms) / 1000.0 if ms.isdigit() and len(ms) < 12 else 0.0
+
+
+def _epoch(value: str) -> datetime | None:
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    if not 1e9 < seconds < 1e10:  # 2001..2286: anything else is garbage
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc)

@@ -1,0 +1,93 @@
+"""Call-time queries: the facts for one decision, and the CDR write.
+
+Three short indexed queries per call; nothing is cached, so a block or an unbind is
+seen by every daemon on the very next call.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import and_, exists, literal, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+
+from callctl.core.decision import BindingFacts, BlockFacts, Mode, NumberFacts, TenantFacts
+from callctl.store.models import Binding, Block, Cdr, Tenant, TenantCaller, VirtualNumber
+
+
+def _caller_is_agent(caller: str | None):
+    if caller is None:
+        return literal(False)
+    return exists().where(
+        TenantCaller.tenant_id == Tenant.id,
+        or_(
+            TenantCaller.pattern == caller,
+            and_(TenantCaller.is_prefix, literal(caller).like(TenantCaller.pattern + "%")),
+        ),
+    )
+
+
+def call_facts(engine: Engine, x: str, caller: str | None, now: datetime) -> NumberFacts | None:
+    """Everything the decision needs about a call to X from caller, or None if X is not ours."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(
+                VirtualNumber.id,
+                VirtualNumber.state,
+                Tenant.id,
+                Tenant.hotline,
+                Tenant.strict,
+                Tenant.ring_timeout,
+                Tenant.max_call_seconds,
+                _caller_is_agent(caller).label("agent"),
+            )
+            .join(Tenant, Tenant.id == VirtualNumber.tenant_id)
+            .where(VirtualNumber.e164 == x)
+        ).first()
+        if row is None:
+            return None
+        number_id, state, tenant_id, hotline, strict, ring, max_seconds, agent = row
+        tenant = TenantFacts(tenant_id, hotline, bool(agent), bool(strict), ring, max_seconds)
+        if state != "bound":
+            return NumberFacts(x=x, tenant=tenant)
+        bindings = tuple(
+            BindingFacts(r.id, Mode(r.mode), r.party_a, r.party_b, r.extension, r.expires_at)
+            for r in conn.execute(
+                select(
+                    Binding.id, Binding.mode, Binding.party_a, Binding.party_b,
+                    Binding.extension, Binding.expires_at,
+                ).where(Binding.number_id == number_id, Binding.status == "active")
+                .order_by(Binding.id)
+            )
+        )
+        if not bindings:
+            return NumberFacts(x=x, tenant=tenant)
+        blocks = tuple(
+            BlockFacts(r.scope, r.direction, r.binding_id, r.caller, r.starts_at, r.ends_at)
+            for r in conn.execute(
+                select(
+                    Block.scope, Block.direction, Block.binding_id, Block.caller,
+                    Block.starts_at, Block.ends_at,
+                ).where(
+                    Block.tenant_id == tenant_id,
+                    Block.starts_at <= now,
+                    or_(Block.ends_at.is_(None), Block.ends_at > now),
+                    or_(
+                        Block.scope == "tenant",
+                        and_(Block.scope == "number", Block.number_id == number_id),
+                        and_(Block.scope == "binding", Block.binding_id.in_([b.id for b in bindings])),
+                        and_(Block.scope == "caller", Block.caller == caller)
+                        if caller else literal(False),
+                    ),
+                )
+            )
+        )
+    return NumberFacts(x=x, tenant=tenant, bindings=bindings, blocks=blocks)
+
+
+def write_cdr(engine: Engine, row: dict) -> bool:
+    """Insert one CDR; a second write of the same call_id changes nothing. True if new."""
+    insert = (postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert)(Cdr)
+    with engine.begin() as conn:
+        result = conn.execute(insert.values(**row).on_conflict_do_nothing(index_elements=["call_id"]))
+        return result.rowcount == 1

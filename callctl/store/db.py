@@ -1,0 +1,85 @@
+"""Engines and schema migrations from sql/<dialect>/NNNN_name.sql."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine, make_url
+
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+
+
+def make_engine(url: str, pool_size: int = 8) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            pool_size=pool_size,
+            connect_args={"timeout": 10, "check_same_thread": False},
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        # Writers take the lock at BEGIN, so read-then-write cannot race.
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        return engine
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,  # a restarted database costs one failed ping, not a failed call
+        connect_args={"connect_timeout": 3},
+    )
+
+
+def _sqlite_pragmas(dbapi_conn, _record):
+    # pysqlite's own implicit BEGIN would fight the explicit BEGIN IMMEDIATE.
+    dbapi_conn.isolation_level = None
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def migrations(dialect: str) -> list[Path]:
+    folder = SQL_DIR / dialect
+    if not folder.is_dir():
+        raise RuntimeError(f"no migrations for database type '{dialect}' in {SQL_DIR}")
+    return sorted(folder.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+
+
+def upgrade(engine: Engine) -> list[str]:
+    """Apply the migrations not yet applied, each in its own transaction. Returns their names."""
+    dialect = engine.dialect.name
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version VARCHAR(100) PRIMARY KEY,"
+                " applied_at VARCHAR(40) NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+            )
+        )
+        done = {row[0] for row in conn.execute(text("SELECT version FROM schema_migrations"))}
+    applied = []
+    for path in migrations(dialect):
+        if path.stem in done:
+            continue
+        script = path.read_text()
+        with engine.begin() as conn:
+            if dialect == "sqlite":
+                for statement in _statements(script):
+                    conn.exec_driver_sql(statement)
+            else:
+                conn.exec_driver_sql(script)
+            conn.execute(text("INSERT INTO schema_migrations (version) VALUES (:v)"), {"v": path.stem})
+        applied.append(path.stem)
+    return applied
+
+
+def _statements(script: str) -> list[str]:
+    # sqlite3 runs one statement per execute; our scripts hold no ';' inside literals.
+    lines = [line for line in script.splitlines() if not line.lstrip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

@@ -1,0 +1,171 @@
+"""The one data model (SQLAlchemy 2). sql/<dialect>/*.sql creates the same schema;
+tests/test_schema.py proves the two agree on PostgreSQL and SQLite."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# SQLite has no BIGINT rowid alias; INTEGER keeps AUTOINCREMENT-free rowid ids there.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware UTC datetimes in, aware UTC datetimes out, on every database."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use UTC-aware times")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    hotline: Mapped[str] = mapped_column(String(20))
+    strict: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    ring_timeout: Mapped[int] = mapped_column(Integer, server_default=text("30"))
+    max_call_seconds: Mapped[int] = mapped_column(Integer, server_default=text("3600"))
+    time_zone: Mapped[str] = mapped_column(String(64), server_default=text("'Asia/Shanghai'"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
+
+
+class TenantCaller(Base):
+    """A number (or prefix) the tenant's agents call from."""
+
+    __tablename__ = "tenant_callers"
+    __table_args__ = (UniqueConstraint("tenant_id", "pattern"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    pattern: Mapped[str] = mapped_column(String(20))
+    is_prefix: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+
+
+class VirtualNumber(Base):
+    __tablename__ = "virtual_numbers"
+    __table_args__ = (
+        CheckConstraint("state IN ('free','bound','quarantined','disabled')", name="ck_vn_state"),
+        Index("ix_vn_tenant_state", "tenant_id", "state"),
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    e164: Mapped[str] = mapped_column(String(20), unique=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    state: Mapped[str] = mapped_column(String(12), server_default=text("'free'"))
+    quarantined_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
+
+
+class Binding(Base):
+    __tablename__ = "bindings"
+    __table_args__ = (
+        CheckConstraint("mode IN ('AXN','AXB','AXE')", name="ck_binding_mode"),
+        CheckConstraint("status IN ('active','ended')", name="ck_binding_status"),
+        # AXN: X serves one customer at a time.
+        Index(
+            "ux_binding_axn_number",
+            "number_id",
+            unique=True,
+            postgresql_where=text("status = 'active' AND mode = 'AXN'"),
+            sqlite_where=text("status = 'active' AND mode = 'AXN'"),
+        ),
+        Index("ix_binding_number_status", "number_id", "status"),
+        Index("ix_binding_tenant_reference", "tenant_id", "reference"),
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    number_id: Mapped[int] = mapped_column(ForeignKey("virtual_numbers.id"))
+    mode: Mapped[str] = mapped_column(String(3))
+    party_a: Mapped[str] = mapped_column(String(20))
+    party_b: Mapped[str | None] = mapped_column(String(20))
+    extension: Mapped[str | None] = mapped_column(String(8))
+    reference: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(8), server_default=text("'active'"))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Block(Base):
+    __tablename__ = "blocks"
+    __table_args__ = (
+        CheckConstraint("scope IN ('binding','caller','number','tenant')", name="ck_block_scope"),
+        CheckConstraint(
+            "direction IN ('to_customer','from_customer','both')", name="ck_block_direction"
+        ),
+        Index("ix_block_tenant", "tenant_id", "scope"),
+        Index("ix_block_number", "number_id"),
+        Index("ix_block_binding", "binding_id"),
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    scope: Mapped[str] = mapped_column(String(8))
+    direction: Mapped[str] = mapped_column(String(14))
+    binding_id: Mapped[int | None] = mapped_column(ForeignKey("bindings.id"))
+    number_id: Mapped[int | None] = mapped_column(ForeignKey("virtual_numbers.id"))
+    caller: Mapped[str | None] = mapped_column(String(20))
+    reason: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(100))
+    starts_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ends_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
+
+
+class Cdr(Base):
+    """One row per call attempt. Numbers of people are stored masked only."""
+
+    __tablename__ = "cdrs"
+    __table_args__ = (Index("ix_cdr_started", "started_at"), Index("ix_cdr_binding", "binding_id"))
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    call_id: Mapped[str] = mapped_column(String(150), unique=True)
+    tenant_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
+    binding_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
+    virtual_number: Mapped[str | None] = mapped_column(String(20))
+    direction: Mapped[str | None] = mapped_column(String(14))
+    caller_masked: Mapped[str | None] = mapped_column(String(24))
+    callee_masked: Mapped[str | None] = mapped_column(String(24))
+    decision: Mapped[str] = mapped_column(String(8))
+    reject_reason: Mapped[str | None] = mapped_column(String(20))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ring_seconds: Mapped[float | None] = mapped_column()
+    talk_seconds: Mapped[float | None] = mapped_column()
+    dial_status: Mapped[str | None] = mapped_column(String(20))
+    hangup_cause: Mapped[int | None] = mapped_column(Integer)
+    node: Mapped[str | None] = mapped_column(String(64))

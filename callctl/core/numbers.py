@@ -24,8 +24,8 @@ def to_e164(raw: str, region: str = "CN", *, strict: bool = True) -> str:
         text = "+" + text[2:]
     try:
         parsed = phonenumbers.parse(text, region)
-    except phonenumbers.NumberParseException as exc:
-        raise InvalidNumber(f"not a phone number ({exc.error_type.name.lower()})") from None
+    except phonenumbers.NumberParseException:
+        raise InvalidNumber("not a phone number") from None
     if strict and not phonenumbers.is_valid_number(parsed):
         raise InvalidNumber("not a valid phone number for its country")
     if not strict and not phonenumbers.is_possible_number(parsed):

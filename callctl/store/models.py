@@ -9,6 +9,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -56,8 +57,9 @@ class Base(DeclarativeBase):
 
 class Tenant(Base):
     __tablename__ = "tenants"
+    __table_args__ = (UniqueConstraint("name", name="uq_tenants_name"),)
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    name: Mapped[str] = mapped_column(String(100), unique=True)
+    name: Mapped[str] = mapped_column(String(100))
     hotline: Mapped[str] = mapped_column(String(20))
     strict: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     ring_timeout: Mapped[int] = mapped_column(Integer, server_default=text("30"))
@@ -70,9 +72,9 @@ class TenantCaller(Base):
     """A number (or prefix) the tenant's agents call from."""
 
     __tablename__ = "tenant_callers"
-    __table_args__ = (UniqueConstraint("tenant_id", "pattern"),)
+    __table_args__ = (UniqueConstraint("tenant_id", "pattern", name="uq_tenant_callers_pattern"),)
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
     pattern: Mapped[str] = mapped_column(String(20))
     is_prefix: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
@@ -82,9 +84,10 @@ class VirtualNumber(Base):
     __table_args__ = (
         CheckConstraint("state IN ('free','bound','quarantined','disabled')", name="ck_vn_state"),
         Index("ix_vn_tenant_state", "tenant_id", "state"),
+        UniqueConstraint("e164", name="uq_vn_e164"),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    e164: Mapped[str] = mapped_column(String(20), unique=True)
+    e164: Mapped[str] = mapped_column(String(20))
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
     state: Mapped[str] = mapped_column(String(12), server_default=text("'free'"))
     quarantined_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -150,9 +153,13 @@ class Cdr(Base):
     """One row per call attempt. Numbers of people are stored masked only."""
 
     __tablename__ = "cdrs"
-    __table_args__ = (Index("ix_cdr_started", "started_at"), Index("ix_cdr_binding", "binding_id"))
+    __table_args__ = (
+        UniqueConstraint("call_id", name="uq_cdrs_call_id"),
+        Index("ix_cdr_started", "started_at"),
+        Index("ix_cdr_binding", "binding_id"),
+    )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    call_id: Mapped[str] = mapped_column(String(150), unique=True)
+    call_id: Mapped[str] = mapped_column(String(150))
     tenant_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
     binding_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
     virtual_number: Mapped[str | None] = mapped_column(String(20))
@@ -164,8 +171,8 @@ class Cdr(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    ring_seconds: Mapped[float | None] = mapped_column()
-    talk_seconds: Mapped[float | None] = mapped_column()
+    ring_seconds: Mapped[float | None] = mapped_column(Double)
+    talk_seconds: Mapped[float | None] = mapped_column(Double)
     dial_status: Mapped[str | None] = mapped_column(String(20))
     hangup_cause: Mapped[int | None] = mapped_column(Integer)
     node: Mapped[str | None] = mapped_column(String(64))

@@ -1,36 +1,38 @@
 -- callctl initial schema (SQLite). Times are UTC, stored without zone.
 CREATE TABLE tenants (
-    id               INTEGER PRIMARY KEY,
-    name             VARCHAR(100) NOT NULL UNIQUE,
+    id               INTEGER NOT NULL PRIMARY KEY,
+    name             VARCHAR(100) NOT NULL,
     hotline          VARCHAR(20)  NOT NULL,
     strict           BOOLEAN      NOT NULL DEFAULT true,
     ring_timeout     INTEGER      NOT NULL DEFAULT 30,
     max_call_seconds INTEGER      NOT NULL DEFAULT 3600,
     time_zone        VARCHAR(64)  NOT NULL DEFAULT 'Asia/Shanghai',
-    created_at       DATETIME  NOT NULL DEFAULT CURRENT_TIMESTAMP
+    created_at       DATETIME  NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    CONSTRAINT uq_tenants_name UNIQUE (name)
 );
 
 CREATE TABLE tenant_callers (
-    id        INTEGER PRIMARY KEY,
-    tenant_id INTEGER      NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+    id        INTEGER NOT NULL PRIMARY KEY,
+    tenant_id INTEGER      NOT NULL REFERENCES tenants (id),
     pattern   VARCHAR(20) NOT NULL,
     is_prefix BOOLEAN     NOT NULL DEFAULT false,
-    UNIQUE (tenant_id, pattern)
+    CONSTRAINT uq_tenant_callers_pattern UNIQUE (tenant_id, pattern)
 );
 
 CREATE TABLE virtual_numbers (
-    id                INTEGER PRIMARY KEY,
-    e164              VARCHAR(20) NOT NULL UNIQUE,
+    id                INTEGER NOT NULL PRIMARY KEY,
+    e164              VARCHAR(20) NOT NULL,
     tenant_id         INTEGER      NOT NULL REFERENCES tenants (id),
     state             VARCHAR(12) NOT NULL DEFAULT 'free',
     quarantined_until DATETIME,
     created_at        DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    CONSTRAINT uq_vn_e164 UNIQUE (e164),
     CONSTRAINT ck_vn_state CHECK (state IN ('free','bound','quarantined','disabled'))
 );
 CREATE INDEX ix_vn_tenant_state ON virtual_numbers (tenant_id, state);
 
 CREATE TABLE bindings (
-    id         INTEGER PRIMARY KEY,
+    id         INTEGER NOT NULL PRIMARY KEY,
     tenant_id  INTEGER       NOT NULL REFERENCES tenants (id),
     number_id  INTEGER       NOT NULL REFERENCES virtual_numbers (id),
     mode       VARCHAR(3)   NOT NULL,
@@ -52,7 +54,7 @@ CREATE INDEX ix_binding_number_status ON bindings (number_id, status);
 CREATE INDEX ix_binding_tenant_reference ON bindings (tenant_id, reference);
 
 CREATE TABLE blocks (
-    id         INTEGER PRIMARY KEY,
+    id         INTEGER NOT NULL PRIMARY KEY,
     tenant_id  INTEGER       NOT NULL REFERENCES tenants (id),
     scope      VARCHAR(8)   NOT NULL,
     direction  VARCHAR(14)  NOT NULL,
@@ -72,8 +74,8 @@ CREATE INDEX ix_block_number ON blocks (number_id);
 CREATE INDEX ix_block_binding ON blocks (binding_id);
 
 CREATE TABLE cdrs (
-    id             INTEGER PRIMARY KEY,
-    call_id        VARCHAR(150) NOT NULL UNIQUE,
+    id             INTEGER NOT NULL PRIMARY KEY,
+    call_id        VARCHAR(150) NOT NULL,
     tenant_id      INTEGER,
     binding_id     INTEGER,
     virtual_number VARCHAR(20),
@@ -85,11 +87,12 @@ CREATE TABLE cdrs (
     started_at     DATETIME  NOT NULL,
     answered_at    DATETIME,
     ended_at       DATETIME,
-    ring_seconds   FLOAT,
-    talk_seconds   FLOAT,
+    ring_seconds   DOUBLE,
+    talk_seconds   DOUBLE,
     dial_status    VARCHAR(20),
     hangup_cause   INTEGER,
-    node           VARCHAR(64)
+    node           VARCHAR(64),
+    CONSTRAINT uq_cdrs_call_id UNIQUE (call_id)
 );
 CREATE INDEX ix_cdr_started ON cdrs (started_at);
 CREATE INDEX ix_cdr_binding ON cdrs (binding_id);

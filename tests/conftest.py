@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pytest
+
+from callctl import logs
+from callctl.store.db import make_engine, upgrade
+
+from tests.pg import TestDatabase
+
+logs.setup("console", "warning")
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    db = TestDatabase()
+    yield db.url
+    db.drop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request, tmp_path):
+    """A migrated, empty database of each kind."""
+    if request.param == "sqlite":
+        eng = make_engine(f"sqlite:///{tmp_path}/callctl.db")
+    else:
+        eng = make_engine(request.getfixturevalue("pg_url"))
+        with eng.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    upgrade(eng)
+    yield eng
+    eng.dispose()

@@ -1,0 +1,134 @@
+"""Provisioning, call-time facts and CDR writes on SQLite and PostgreSQL."""
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from callctl.core.decision import Bridge, Reason, Reject
+from callctl.service import CallService, FinishedCall
+from callctl.store import provision
+from callctl.store.provision import ProvisionError
+from callctl.store.spool import CdrSpool
+
+A, AGENT, HOTLINE = "+8613800000001", "+8613900000001", "+861058000000"
+X1, X2 = "+8617100000001", "+8617100000002"
+
+
+@pytest.fixture
+def acme(engine):
+    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], caller_prefixes=["+8610555"])
+    provision.add_numbers(engine, "acme", [X1, X2])
+    return engine
+
+
+@pytest.fixture
+def service(acme, tmp_path):
+    return CallService(acme, CdrSpool(tmp_path / "spool"), node="test")
+
+
+def test_bind_routes_both_ways_and_prefix_agents(service, acme):
+    binding = provision.bind(acme, "acme", "138 0000 0001", reference="POL-1")
+    assert binding["x"] == X1 and binding["customer"] == "+86138****0001"
+    assert A not in str(binding)
+    assert service.route(X1, AGENT)[1].destination == A
+    assert service.route(X1, "+861055512345")[1].destination == A  # prefix agent
+    assert service.route("017100000001", "13800000001")[1].destination == HOTLINE  # national forms
+    assert service.route(X1, "+8613700000000")[1] == Reject(Reason.UNKNOWN_CALLER, tenant_id=1)
+    assert service.route(X2, AGENT)[1].reason == Reason.UNKNOWN_NUMBER  # in the pool, unbound
+    assert service.route("+8617199999999", AGENT)[1] == Reject(Reason.UNKNOWN_NUMBER)
+    assert service.route("garbage", AGENT) == (None, Reject(Reason.UNKNOWN_NUMBER))
+
+
+def test_expiry_and_unbind_with_quarantine(service, acme):
+    now = datetime.now(timezone.utc)
+    binding = provision.bind(acme, "acme", A, ttl_seconds=60, now=now)
+    assert isinstance(service.route(X1, AGENT, now=now + timedelta(seconds=59))[1], Bridge)
+    assert service.route(X1, AGENT, now=now + timedelta(seconds=61))[1].reason == Reason.EXPIRED
+    provision.unbind(acme, binding["id"], timedelta(days=1), now=now)
+    assert service.route(X1, AGENT)[1].reason == Reason.UNKNOWN_NUMBER
+    assert provision.pool_status(acme, "acme") == {"free": 1, "bound": 0, "quarantined": 1, "disabled": 0}
+    assert provision.bind(acme, "acme", A, now=now)["x"] == X2  # X1 rests
+    with pytest.raises(ProvisionError) as info:
+        provision.bind(acme, "acme", A, now=now)
+    assert info.value.code == "pool_exhausted"
+    assert provision.bind(acme, "acme", A, now=now + timedelta(days=1, seconds=1))["x"] == X1
+
+
+def test_block_is_seen_on_the_next_call(service, acme):
+    binding = provision.bind(acme, "acme", A)
+    with acme.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO blocks (tenant_id, scope, direction, binding_id, reason, created_by, starts_at)"
+            " VALUES (1, 'binding', 'to_customer', :b, 'test', 'pytest', :t)"
+        ), {"b": binding["id"], "t": datetime(2020, 1, 1)})
+    assert service.route(X1, AGENT)[1].reason == Reason.BLOCKED
+    assert service.route(X1, A)[1].destination == HOTLINE  # the other direction still flows
+
+
+@pytest.mark.parametrize("kwargs, code", [
+    ({"customer": "12345"}, "invalid_number"),
+    ({"customer": A, "ttl_seconds": 0}, "invalid_expiry"),
+    ({"customer": A, "expires_at": datetime(2020, 1, 1, tzinfo=timezone.utc)}, "invalid_expiry"),
+    ({"customer": A, "mode": "AXB"}, "unsupported_mode"),
+])
+def test_bad_bind_input_changes_nothing(acme, kwargs, code):
+    with pytest.raises(ProvisionError) as info:
+        provision.bind(acme, "acme", **kwargs)
+    assert info.value.code == code and A not in str(info.value)
+    assert provision.pool_status(acme, "acme")["free"] == 2
+
+
+def test_duplicate_tenant_and_number(acme):
+    with pytest.raises(ProvisionError, match="exists"):
+        provision.add_tenant(acme, "acme", HOTLINE)
+    with pytest.raises(ProvisionError) as info:
+        provision.add_numbers(acme, "acme", [X1, "+8617100000009"])
+    assert info.value.code == "number_exists"
+    assert sum(provision.pool_status(acme, "acme").values()) == 2
+
+
+def finished(call_id="lab-1.1", **extra):
+    fields = dict(
+        called=X1, caller=AGENT, destination=A, action="bridge", binding="1", tenant="1",
+        direction="to_customer", start="1764320000.250", end="1764320012.250",
+        dial_status="ANSWER", dialed_ms="12000", answered_ms="9500", hangup_cause="16", node="",
+    )
+    fields.update(extra)
+    return FinishedCall(call_id=call_id, **fields)
+
+
+def test_cdr_written_once_masked(service, acme):
+    assert service.record(finished()) == "written"
+    assert service.record(finished()) == "duplicate"
+    [row] = provision.list_cdrs(acme)
+    assert row["caller_masked"] == "+86139****0001" and row["callee_masked"] == "+86138****0001"
+    assert row["decision"] == "bridged" and row["ring_seconds"] == 2.5 and row["talk_seconds"] == 9.5
+    assert row["started_at"].startswith("2025-11-28T08:53:20.25")
+    assert row["answered_at"].startswith("2025-11-28T08:53:22.75")
+    assert row["node"] == "test" and row["hangup_cause"] == 16
+    assert A not in str(row) and AGENT not in str(row)
+
+
+def test_cdr_from_garbage_fields_still_written(service, acme):
+    call = FinishedCall(call_id="lab-2.2", called="x;DROP", caller="\x00", action="", start="nan",
+                        end="-1", dialed_ms="abc", answered_ms="99999999999999", hangup_cause="1e9")
+    assert service.record(call) == "written"
+    [row] = provision.list_cdrs(acme)
+    assert row["decision"] == "rejected" and row["reject_reason"] == "unavailable"
+    assert row["virtual_number"] is None and row["hangup_cause"] is None
+
+
+def test_database_down_fails_closed_and_spools_then_replays_once(acme, tmp_path):
+    dead = create_engine("postgresql+psycopg2://postgres@127.0.0.1:1/none",
+                         connect_args={"connect_timeout": 1})
+    spool = CdrSpool(tmp_path / "spool")
+    down = CallService(dead, spool)
+    assert down.route(X1, AGENT)[1] == Reject(Reason.UNAVAILABLE)
+    assert down.record(finished("lab-3.1")) == "spooled"
+    assert down.record(finished("lab-3.2")) == "spooled"
+    assert down.replay_spool() == 0 and spool.pending()
+    up = CallService(acme, spool)
+    up.record(finished("lab-3.1"))  # one of them also arrived directly: still one row
+    assert up.replay_spool() == 2
+    assert not spool.pending() and up.replay_spool() == 0
+    assert sorted(r["call_id"] for r in provision.list_cdrs(acme)) == ["lab-3.1", "lab-3.2"]

@@ -1,0 +1,47 @@
+# callctl: the README's two commands are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: deps venv test test-fast demo bench lab-up lab-down lab-status clean
+
+deps:
+	@bash scripts/deps.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## Whole suite: unit, PostgreSQL and SQLite, FastAGI protocol, SIPp, real Asterisk lab.
+test: deps venv
+	$(PY) -m pytest -q -rfEs
+
+## Everything but the Asterisk lab (quick loop while coding).
+test-fast: deps venv
+	$(PY) -m pytest -q -m 'not lab'
+
+## The main job: real Asterisk, the daemon on SQLite, sample tenants, SIPp calls, CDRs printed.
+demo: deps venv
+	$(PY) lab/demo.py
+
+## SIPp load through the real Asterisk: callctl against a minimal FastAGI, side by side.
+bench: deps venv
+	$(PY) bench/bench.py
+
+lab-up: deps
+	bash lab/lab.sh up
+
+lab-down:
+	bash lab/lab.sh down
+
+lab-status:
+	bash lab/lab.sh status
+
+clean:
+	-bash lab/lab.sh down
+	rm -rf var .pytest_cache

@@ -1,0 +1,122 @@
+"""Asterisk adapter: FastAGI scripts `route` and `hangup` (docs/agi.md).
+
+Translates the AGI session to CallService calls and back, nothing more. Database
+work runs in a thread pool so the event loop keeps serving other calls.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from callctl.asterisk.fastagi import AgiSession, FastAgiServer
+from callctl.core.decision import Bridge
+from callctl.core.numbers import caller_e164, mask
+from callctl.service import CallService, FinishedCall, decision_variables
+
+log = structlog.get_logger("callctl.asterisk")
+
+# AGI argument name -> FinishedCall field (docs/agi.md, section 2).
+_HANGUP_ARGS = {
+    "called": "called", "caller": "caller", "dest": "destination", "action": "action",
+    "reason": "reason", "binding": "binding", "tenant": "tenant", "direction": "direction",
+    "start": "start", "end": "end", "dialstatus": "dial_status", "dialedtime": "dialed_ms",
+    "answeredtime": "answered_ms", "hangupcause": "hangup_cause", "node": "node",
+}
+
+
+def keyword_args(args: list[str]) -> dict[str, str]:
+    """AGI arguments of the form key=value; anything else is ignored."""
+    pairs = (arg.partition("=") for arg in args)
+    return {key.strip(): value.strip() for key, sep, value in pairs if sep}
+
+
+class AsteriskAdapter:
+    def __init__(self, service: CallService, executor: ThreadPoolExecutor):
+        self.service = service
+        self.executor = executor
+
+    @property
+    def routes(self):
+        return {"route": self.route, "hangup": self.hangup}
+
+    async def route(self, session: AgiSession) -> None:
+        given = keyword_args(session.args)
+        called = given.get("called", session.env.get("agi_extension", ""))
+        caller = given.get("caller", session.env.get("agi_callerid", ""))
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        x, decision = await loop.run_in_executor(self.executor, self.service.route, called, caller)
+        decided_ms = (time.perf_counter() - started) * 1000
+        await session.set_variables(
+            {f"CALLCTL_{name.upper()}": value for name, value in decision_variables(decision).items()}
+        )
+        log.info(
+            "call routed",
+            call_id=session.env.get("agi_uniqueid", ""),
+            x=x,
+            caller=mask(caller_e164(caller, self.service.region)),
+            action=decision.action,
+            reason=None if isinstance(decision, Bridge) else str(decision.reason),
+            binding=decision.binding_id,
+            ms=round(decided_ms, 3),
+        )
+
+    async def hangup(self, session: AgiSession) -> None:
+        given = keyword_args(session.args)
+        call = FinishedCall(
+            call_id=session.env.get("agi_uniqueid", ""),
+            **{field: given.get(arg, "") for arg, field in _HANGUP_ARGS.items()},
+        )
+        if not call.call_id:
+            log.warning("hangup without a call id ignored")
+            return
+        loop = asyncio.get_running_loop()
+        outcome = await loop.run_in_executor(self.executor, self.service.record, call)
+        log.info("call recorded", call_id=call.call_id, outcome=outcome)
+
+
+async def run(cfg) -> None:
+    from callctl.store.db import make_engine
+    from callctl.store.spool import CdrSpool
+
+    engine = make_engine(cfg.database_url, pool_size=cfg.db_threads)
+    service = CallService(engine, CdrSpool(cfg.spool_dir), region=cfg.region, node=cfg.node)
+    executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-db")
+    adapter = AsteriskAdapter(service, executor)
+    server = FastAgiServer(
+        adapter.routes, cfg.agi.host, cfg.agi.port,
+        env_timeout=cfg.agi.env_timeout, command_timeout=cfg.agi.command_timeout,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    log.info("serving FastAGI", listen=f"{cfg.agi.host}:{server.port}", database=engine.dialect.name)
+    replayer = asyncio.create_task(_replay_forever(service, executor, stop))
+    await stop.wait()
+    log.info("stopping: finishing sessions in progress")
+    await server.close()
+    await replayer
+    executor.shutdown(wait=True)
+    engine.dispose()
+    log.info("stopped")
+
+
+async def _replay_forever(service: CallService, executor, stop: asyncio.Event, every: float = 5.0) -> None:
+    """Replay spooled CDRs whenever the database is back (at start, then every few seconds)."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        await loop.run_in_executor(executor, service.replay_spool)
+        try:
+            await asyncio.wait_for(stop.wait(), every)
+        except TimeoutError:
+            pass
+
+
+def serve(cfg) -> None:
+    asyncio.run(run(cfg))

@@ -93,8 +93,10 @@ class CallService:
         bridged = call.action == "bridge"
         ended = _epoch(call.end) or now
         started = _epoch(call.start) or ended
-        dialed = _seconds(call.dialed_ms)
         talk = _seconds(call.answered_ms)
+        # Asterisk leaves DIALEDTIME_MS empty unless the callee answered: then the
+        # whole attempt (routing is a few ms of it) was ringing.
+        dialed = _seconds(call.dialed_ms) or (ended - started).total_seconds()
         answered_at = ended - timedelta(seconds=talk) if talk else None
         reason = None if bridged else (call.reason if call.reason in _REASONS else Reason.UNAVAILABLE)
         x = caller_e164(call.called, self.region)
@@ -113,7 +115,7 @@ class CallService:
             "started_at": started,
             "answered_at": answered_at,
             "ended_at": ended,
-            "ring_seconds": round(max(dialed - talk, 0.0), 3) if dialed else (0.0 if bridged else None),
+            "ring_seconds": round(max(dialed - talk, 0.0), 3) if bridged else None,
             "talk_seconds": round(talk, 3) if bridged else None,
             "dial_status": call.dial_status[:20] or None,
             "hangup_cause": _int(call.hangup_cause),
@@ -122,10 +124,13 @@ class CallService:
 
 
 def decision_variables(decision: Decision) -> dict[str, str]:
-    """The decision as the flat name -> value pairs both PBX dialplans read."""
+    """The decision as the flat name -> value pairs both PBX dialplans read.
+
+    "action" comes last: adapters set variables in order, so a session cut off
+    half-way leaves no action and the dialplan fails closed.
+    """
     if isinstance(decision, Bridge):
         return {
-            "action": "bridge",
             "dest": decision.destination,
             "clid": decision.present,
             "ring_timeout": str(decision.ring_timeout),
@@ -133,14 +138,16 @@ def decision_variables(decision: Decision) -> dict[str, str]:
             "binding": str(decision.binding_id),
             "tenant": str(decision.tenant_id),
             "direction": str(decision.direction),
+            "action": "bridge",
         }
-    values = {"action": "reject", "reason": str(decision.reason)}
+    values = {"reason": str(decision.reason)}
     if decision.binding_id is not None:
         values["binding"] = str(decision.binding_id)
     if decision.tenant_id is not None:
         values["tenant"] = str(decision.tenant_id)
     if decision.direction is not None:
         values["direction"] = str(decision.direction)
+    values["action"] = "reject"
     return values
 
 

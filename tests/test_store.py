@@ -4,8 +4,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import create_engine, text
 
-from callctl.core.decision import Bridge, Reason, Reject
-from callctl.service import CallService, FinishedCall
+from callctl.core.decision import Bridge, Direction, Reason, Reject
+from callctl.service import CallService, FinishedCall, decision_variables
 from callctl.store import provision
 from callctl.store.provision import ProvisionError
 from callctl.store.spool import CdrSpool
@@ -107,6 +107,21 @@ def test_cdr_written_once_masked(service, acme):
     assert row["answered_at"].startswith("2025-11-28T08:53:22.75")
     assert row["node"] == "test" and row["hangup_cause"] == 16
     assert A not in str(row) and AGENT not in str(row)
+
+
+def test_unanswered_bridge_rings_from_start_to_end(service, acme):
+    # Asterisk leaves DIALEDTIME_MS/ANSWEREDTIME_MS empty when nobody answered.
+    service.record(finished(dial_status="NOANSWER", dialed_ms="", answered_ms="", hangup_cause="19"))
+    [row] = provision.list_cdrs(acme)
+    assert row["ring_seconds"] == 12.0 and row["talk_seconds"] == 0.0 and row["answered_at"] is None
+
+
+def test_decision_variables_set_action_last():
+    bridge = Bridge(destination=A, present=X1, ring_timeout=30, max_seconds=0, binding_id=1,
+                    tenant_id=1, direction=Direction.TO_CUSTOMER)
+    for decision in (bridge, Reject(Reason.EXPIRED, binding_id=1, tenant_id=1)):
+        names = list(decision_variables(decision))
+        assert names[-1] == "action" and names.count("action") == 1
 
 
 def test_cdr_from_garbage_fields_still_written(service, acme):

@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""Minimal FastAGI: the floor of AGI cost (benchmarks) and the lab's smoke-test daemon.
+
+route  -> SET VARIABLE CALLCTL_ACTION bridge + CALLCTL_DEST <dest> (or reject, with --reject)
+hangup -> read the AGI environment and close (--verbose prints the key=value arguments)
+usage: minimal_fastagi.py [HOST:PORT] [DEST] [--verbose] [--reject REASON]
+"""
+import argparse, asyncio
+
+p = argparse.ArgumentParser()
+p.add_argument("listen", nargs="?", default="127.0.0.1:4573")
+p.add_argument("dest", nargs="?", default="+8613800000001")
+p.add_argument("--verbose", "-v", action="store_true")
+p.add_argument("--reject", metavar="REASON", help="answer reject/REASON instead of bridge")
+a = p.parse_args()
+ANSWER = [("CALLCTL_ACTION", "reject"), ("CALLCTL_REASON", a.reject)] if a.reject else \
+         [("CALLCTL_ACTION", "bridge"), ("CALLCTL_DEST", a.dest)]
+CMDS = [f'SET VARIABLE {k} "{v}"\n'.encode() for k, v in ANSWER]
+
+
+async def handle(reader, writer):
+    try:
+        env = {}
+        while (line := await reader.readline()) not in (b"\n", b""):
+            k, _, v = line.decode(errors="replace").partition(":")
+            env[k] = v.strip()
+        if env.get("agi_network_script") == "route":
+            for cmd in CMDS:    # one at a time: res_agi loses pipelined commands (stdio buffer)
+                writer.write(cmd)
+                await reader.readline()
+        elif a.verbose:
+            args = [env[f"agi_arg_{i}"] for i in range(1, 100) if f"agi_arg_{i}" in env]
+            print(env.get("agi_network_script"), env.get("agi_uniqueid"), " ".join(args), flush=True)
+    finally:
+        writer.close()
+
+
+async def main():
+    host, port = a.listen.rsplit(":", 1)
+    server = await asyncio.start_server(handle, host, int(port), backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())

@@ -75,6 +75,8 @@ class PgCluster:
 class TestDatabase:
     """A fresh database for one test session, dropped afterwards."""
 
+    __test__ = False  # not a test class, for pytest
+
     def __init__(self):
         self.cluster = None
         admin = SHARED

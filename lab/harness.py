@@ -1,0 +1,193 @@
+"""Drive the lab from Python: the Asterisk chroot (lab/lab.sh), a callctl daemon as a
+real subprocess, and a lock so that tests, demo and bench never share the fixed ports
+(SIP 5060, phones 5070, FastAGI 4573) at the same time.
+
+Used by tests/test_lab_calls.py, lab/demo.py and bench/bench.py.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LAB_SH = REPO / "lab" / "lab.sh"
+AGI_HOST, AGI_PORT = "127.0.0.1", 4573
+SIP_TARGET = "127.0.0.1:5060"
+LOCK_FILE = Path(os.environ.get("CALLCTL_LAB_LOCK", "/tmp/callctl-lab.lock"))
+
+
+class LabError(RuntimeError):
+    pass
+
+
+class LabLock:
+    """Exclusive use of the lab's fixed ports, machine-wide (flock: freed if we die)."""
+
+    def __init__(self, wait: float = 1800.0):
+        self.wait = wait
+        self._fd: int | None = None
+
+    def __enter__(self) -> "LabLock":
+        self._fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + self.wait
+        announced = False
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LabError(f"the lab is in use by another run (lock {LOCK_FILE})") from None
+                if not announced:
+                    print(f"lab: waiting for another run to release {LOCK_FILE}", file=sys.stderr)
+                    announced = True
+                time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def lab(command: str, *args: str, timeout: float = 600) -> str:
+    """Run lab/lab.sh COMMAND; raise LabError with its output when it fails."""
+    done = subprocess.run(["bash", str(LAB_SH), command, *args], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise LabError(f"lab.sh {command} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def asterisk_cli(command: str) -> str:
+    return lab("cli", command, timeout=30)
+
+
+def active_channels() -> int:
+    out = asterisk_cli("core show channels count")
+    for line in out.splitlines():
+        if "active channel" in line:
+            return int(line.split()[0])
+    raise LabError(f"unexpected 'core show channels count' output: {out!r}")
+
+
+def wait_no_channels(timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while active_channels():
+        if time.monotonic() > deadline:
+            raise LabError("Asterisk still has active channels")
+        time.sleep(0.1)
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _tcp_listeners(port: int) -> list[int]:
+    out = subprocess.run(["ss", "-H", "-ltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return sorted({int(part.split("=")[1].rstrip(",)")) for part in out.split() for part in part.split(",") if part.startswith("pid=")})
+
+
+def free_agi_port(port: int = AGI_PORT) -> None:
+    """Clear the FastAGI port of a daemon an earlier, killed run left behind; never
+    touch a program that is not ours."""
+    for pid in _tcp_listeners(port):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "callctl" not in cmdline and "minimal_fastagi" not in cmdline:
+            raise LabError(f"TCP port {port} is held by another program (pid {pid}): {cmdline[:80]}")
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while port_open(AGI_HOST, port):
+        if time.monotonic() > deadline:
+            raise LabError(f"TCP port {port} did not free up")
+        time.sleep(0.05)
+
+
+class Process:
+    """A FastAGI server subprocess on 127.0.0.1:4573 with its output in a log file."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict | None = None, cwd: Path = REPO):
+        self.argv, self.log_path, self.env, self.cwd = argv, Path(log_path), env, cwd
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> "Process":
+        free_agi_port()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        env = {**os.environ, **(self.env or {})}
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not port_open(AGI_HOST, AGI_PORT):
+            if self.proc.poll() is not None:
+                raise LabError(f"{self.argv[1:4]} exited ({self.proc.returncode}):\n{self.output()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LabError(f"{self.argv[1:4]} not listening on {AGI_PORT} within {timeout} s")
+            time.sleep(0.05)
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def __enter__(self) -> "Process":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def callctl_daemon(database_url: str, workdir: Path, log_format: str = "json", extra_env: dict | None = None) -> Process:
+    """`callctl serve asterisk` as an administrator would run it, configured by environment."""
+    workdir = Path(workdir)
+    env = {
+        "CALLCTL_CONFIG": str(REPO / "conf" / "callctl.yaml"),
+        "CALLCTL_DATABASE_URL": database_url,
+        "CALLCTL_SPOOL_DIR": str(workdir / "spool"),
+        "CALLCTL_AGI_LISTEN": f"{AGI_HOST}:{AGI_PORT}",
+        "CALLCTL_LOG_FORMAT": log_format,
+        "CALLCTL_NODE": "lab",
+        **(extra_env or {}),
+    }
+    callctl = Path(sys.executable).with_name("callctl")
+    argv = [str(callctl)] if callctl.exists() else [sys.executable, "-m", "callctl.cli"]
+    return Process(argv + ["serve", "asterisk"], workdir / "callctl.log", env=env)
+
+
+def minimal_fastagi(workdir: Path) -> Process:
+    """The floor of AGI cost: answers every call with one destination (bench/minimal_fastagi.py)."""
+    return Process([sys.executable, str(REPO / "bench" / "minimal_fastagi.py"), f"{AGI_HOST}:{AGI_PORT}"],
+                   Path(workdir) / "minimal_fastagi.log")
+
+
+def json_events(text: str) -> list[dict]:
+    """The JSON log events in a daemon's output (other lines ignored)."""
+    events = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+    return events

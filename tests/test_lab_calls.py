@@ -1,0 +1,216 @@
+"""Masked calls end to end: SIPp carrier -> real Asterisk 22 (product dialplan) ->
+`callctl serve asterisk` over FastAGI -> SIPp phone, on SQLite and on PostgreSQL.
+
+The phone (uas_check) checks what really reaches the far end: the Request-URI user,
+the From user, and that the other party's real number is in no header or SDP line.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from callctl import sipp
+from callctl.store import provision
+from callctl.store.db import make_engine, upgrade
+from lab import harness
+from tests.pg import TestDatabase
+
+pytestmark = pytest.mark.lab
+
+AGENT, AGENT_2 = "+8613900000002", "+8613900000003"
+HOTLINE = "+861058000000"
+CUSTOMER, CUSTOMER_2, CUSTOMER_3 = "+8613800000001", "+8613800000005", "+8613800000007"
+STRANGER = "+8613700000009"
+POOL = [f"+86171000000{i:02d}" for i in range(1, 21)]
+UNKNOWN_X = "+8617199999999"
+REAL_NUMBERS = [AGENT, AGENT_2, HOTLINE, CUSTOMER, CUSTOMER_2, CUSTOMER_3, STRANGER]
+
+
+def digits(number: str) -> str:
+    """National significant digits: catches +86..., 0086... and 0... forms alike."""
+    return number.removeprefix("+86")
+
+
+@pytest.fixture(scope="session")
+def lab_up():
+    with harness.LabLock():
+        harness.lab("up")
+        try:
+            yield
+        finally:
+            harness.lab("down")
+
+
+class Lab:
+    """One database, one daemon and the numbers provisioned for the tests."""
+
+    def __init__(self, engine, url: str, workdir: Path):
+        self.engine, self.url, self.workdir = engine, url, workdir
+        self.daemon = harness.callctl_daemon(url, workdir)
+        self.uac_port = 5090
+
+    def call(self, caller: str, called: str, *, expect_code: int | None = None, talk_ms: int = 200,
+             pai: bool = True, **phone) -> tuple[sipp.SippResult, sipp.SippResult | None]:
+        """One carrier call (the carrier sends the caller in P-Asserted-Identity, as real
+        ones do); with phone checks, a phone on 5070 takes the outbound leg."""
+        uas = sipp.start_uas(5070, **phone) if phone else None
+        try:
+            if expect_code is None:
+                result = sipp.run_uac("uac_call", calls=[(caller, called)], talk_ms=talk_ms, pai=pai, timeout=30)
+            else:
+                result = sipp.run_uac("uac_expect_reject", calls=[(caller, called)], expect_code=expect_code,
+                                      pai=pai, timeout=30)
+        finally:
+            far = uas.stop() if uas else None
+        harness.wait_no_channels()
+        return result, far
+
+    def cdrs(self) -> list[dict]:
+        return provision.list_cdrs(self.engine, limit=1000)
+
+    def wait_cdrs(self, count: int, timeout: float = 10.0) -> list[dict]:
+        """CDRs are written by the hangup AGI just after the call ends."""
+        import time
+        deadline = time.monotonic() + timeout
+        while len(rows := self.cdrs()) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return rows
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def lab(request, lab_up, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp(f"lab-{request.param}")
+    database = None
+    if request.param == "sqlite":
+        url = f"sqlite:///{workdir}/callctl.db"
+    else:
+        database = TestDatabase()
+        url = database.url
+    engine = make_engine(url)
+    upgrade(engine)
+    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT, AGENT_2])
+    provision.add_numbers(engine, "acme", POOL)
+    env = Lab(engine, url, workdir)
+    env.daemon.start()
+    try:
+        yield env
+    finally:
+        env.daemon.stop()
+        engine.dispose()
+        if database:
+            database.drop()
+
+
+def bound(lab: Lab, customer: str, **kw) -> dict:
+    return provision.bind(lab.engine, "acme", customer, **kw)
+
+
+def test_agent_reaches_customer_presenting_x(lab):
+    x = bound(lab, CUSTOMER, reference="POL-1")["x"]
+    result, phone = lab.call(AGENT, x, expect_ruri=CUSTOMER, expect_from=x,
+                             forbidden=[digits(AGENT), digits(AGENT_2), digits(HOTLINE)])
+    assert result.ok and result.successful == 1, result.summary()
+    assert phone.successful == 1 and "check failed" not in phone.log, phone.log
+
+
+def test_customer_reaches_hotline_presenting_x(lab):
+    x = bound(lab, CUSTOMER_2)["x"]
+    result, phone = lab.call(CUSTOMER_2, x, expect_ruri=HOTLINE, expect_from=x, forbidden=[digits(CUSTOMER_2)])
+    assert result.ok, result.summary()
+    assert phone.successful == 1 and "check failed" not in phone.log, phone.log
+
+
+@pytest.mark.parametrize("caller, called, code", [
+    (AGENT, UNKNOWN_X, 404),       # X is in no pool
+    (STRANGER, "bound", 403),      # neither the customer nor a registered agent (strict tenant)
+    (AGENT, "expired", 410),
+    (AGENT, "unbound", 404),       # the binding ended: X is quarantined, no longer routes
+])
+def test_rejected_with_mapped_cause_never_reaching_a_phone(lab, caller, called, code):
+    if called == "bound":
+        called = bound(lab, CUSTOMER_3)["x"]
+    elif called == "expired":
+        past = datetime.now(timezone.utc) - timedelta(minutes=5)
+        called = bound(lab, CUSTOMER_3, ttl_seconds=60, now=past)["x"]
+    elif called == "unbound":
+        binding = bound(lab, CUSTOMER_3)
+        provision.unbind(lab.engine, binding["id"], timedelta(days=30))
+        called = binding["x"]
+    # A phone that fails any call offered to it: a rejected call must not ring anyone.
+    result, phone = lab.call(caller, called, expect_code=code, expect_ruri="nobody")
+    assert result.ok, result.summary()
+    assert phone.attempted == 0
+
+
+def test_blocked_direction_rejected_other_direction_bridged(lab):
+    binding = bound(lab, CUSTOMER_3)
+    with lab.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO blocks (tenant_id, scope, direction, binding_id, reason, created_by, starts_at)"
+            " SELECT tenant_id, 'binding', 'to_customer', id, 'complaint', 'test', :now FROM bindings WHERE id = :binding"
+        ), {"binding": binding["id"], "now": datetime.now(timezone.utc) - timedelta(seconds=1)})
+    assert lab.call(AGENT, binding["x"], expect_code=403)[0].ok
+    result, phone = lab.call(CUSTOMER_3, binding["x"], expect_ruri=HOTLINE, expect_from=binding["x"])
+    assert result.ok and phone.successful == 1, result.summary()
+
+
+def test_busy_customer_gives_486(lab):
+    x = bound(lab, "+8613800000011")["x"]
+    uas = sipp.start_uas(5070, reply_code=486)
+    try:
+        result = sipp.run_uac("uac_expect_reject", calls=[(AGENT, x)], expect_code=486, timeout=30)
+    finally:
+        uas.stop()
+    harness.wait_no_channels()
+    assert result.ok, result.summary()
+
+
+def test_daemon_down_fails_closed_with_503(lab):
+    x = bound(lab, "+8613800000012")["x"]
+    lab.daemon.stop()
+    try:
+        result, phone = lab.call(AGENT, x, expect_code=503, expect_ruri="nobody")
+    finally:
+        lab.daemon.start()
+    assert result.ok and phone.attempted == 0, result.summary()
+    # Back up: the same call goes through.
+    assert lab.call(AGENT, x, expect_ruri="+8613800000012", expect_from=x)[0].ok
+
+
+def test_every_attempt_has_a_masked_cdr_and_no_real_number_anywhere(lab):
+    before = len(lab.cdrs())
+    x = bound(lab, "+8613800000013")["x"]
+    assert lab.call(AGENT, x, talk_ms=1000, expect_ruri="+8613800000013")[0].ok
+    assert lab.call(STRANGER, x, expect_code=403)[0].ok
+    rows = lab.wait_cdrs(before + 2)
+    assert len(rows) == before + 2
+    rejected, bridged = rows[0], rows[1]  # newest first
+    assert bridged["decision"] == "bridged" and bridged["virtual_number"] == x
+    assert bridged["caller_masked"] == "+86139****0002" and bridged["callee_masked"] == "+86138****0013"
+    assert bridged["direction"] == "to_customer" and bridged["dial_status"] == "ANSWER"
+    assert 0.9 <= bridged["talk_seconds"] <= 3 and bridged["hangup_cause"] == 16
+    assert bridged["binding_id"] is not None and bridged["node"] == "lab"
+    assert rejected["decision"] == "rejected" and rejected["reject_reason"] == "unknown_caller"
+    assert rejected["caller_masked"] == "+86137****0009" and rejected["callee_masked"] is None
+    # Every CDR written so far by this module's calls, and the daemon's whole log.
+    everything = str(lab.cdrs()) + lab.daemon.output()
+    for number in REAL_NUMBERS + ["+8613800000011", "+8613800000012", "+8613800000013"]:
+        assert digits(number) not in everything, f"a real number leaked: {number[:6]}..."
+    assert lab.cdrs() and harness.json_events(lab.daemon.output())
+
+
+def test_all_calls_routed_each_cdr_written_once(lab):
+    """Every routed call of this module produced exactly one CDR (call ids unique). Calls
+    while the daemon was down have none: the hangup AGI could not reach it either."""
+    rows = lab.cdrs()
+    events = harness.json_events(lab.daemon.output())
+    routed = [e for e in events if e.get("event") == "call routed"]
+    recorded = [e for e in events if e.get("event") == "call recorded"]
+    assert len({e["call_id"] for e in recorded}) == len(recorded) == len(rows)
+    assert all(e["outcome"] == "written" for e in recorded)
+    assert {r["call_id"] for r in rows} == {e["call_id"] for e in recorded}
+    assert sorted(e["call_id"] for e in routed) == sorted(r["call_id"] for r in rows)
+    assert all(0 <= e["ms"] < 1000 for e in routed)

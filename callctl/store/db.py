@@ -6,7 +6,10 @@ from pathlib import Path
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 
+# sql/ in a source checkout; installed as package data callctl.sql (pyproject.toml).
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+if not SQL_DIR.is_dir():
+    SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 
 
 def make_engine(url: str, pool_size: int = 8) -> Engine:

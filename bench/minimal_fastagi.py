@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Minimal FastAGI: the floor of AGI cost (benchmarks) and the lab's smoke-test daemon.
+"""Minimal FastAGI: the floor of AGI cost, for `make bench`.
 
 route  -> SET VARIABLE CALLCTL_ACTION bridge + CALLCTL_DEST <dest> (or reject, with --reject)
 hangup -> read the AGI environment and close (--verbose prints the key=value arguments)

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAB_SH = REPO / "lab" / "lab.sh"
 AGI_HOST, AGI_PORT = "127.0.0.1", 4573
 SIP_TARGET = "127.0.0.1:5060"
+PHONE_PORT = 5070  # every outbound leg goes to the SIPp phone here
 LOCK_FILE = Path(os.environ.get("CALLCTL_LAB_LOCK", "/tmp/callctl-lab.lock"))
 
 
@@ -90,15 +91,22 @@ def port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def _tcp_listeners(port: int) -> list[int]:
-    out = subprocess.run(["ss", "-H", "-ltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
-    return sorted({int(part.split("=")[1].rstrip(",)")) for part in out.split() for part in part.split(",") if part.startswith("pid=")})
+def _listeners(port: int, proto: str = "t") -> list[int]:
+    out = subprocess.run(["ss", "-H", f"-l{proto}np", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return sorted({int(item[4:]) for item in out.replace(")", ",").split(",") if item.startswith("pid=")})
+
+
+def clear_stale_phones(port: int = PHONE_PORT) -> None:
+    """Kill a SIPp phone an earlier, killed run left on the phones' port."""
+    for pid in _listeners(port, "u"):
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "sipp":
+            os.kill(pid, signal.SIGKILL)
 
 
 def free_agi_port(port: int = AGI_PORT) -> None:
     """Clear the FastAGI port of a daemon an earlier, killed run left behind; never
     touch a program that is not ours."""
-    for pid in _tcp_listeners(port):
+    for pid in _listeners(port):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:

@@ -37,6 +37,7 @@ def digits(number: str) -> str:
 @pytest.fixture(scope="session")
 def lab_up():
     with harness.LabLock():
+        harness.clear_stale_phones()
         harness.lab("up")
         try:
             yield
@@ -50,13 +51,12 @@ class Lab:
     def __init__(self, engine, url: str, workdir: Path):
         self.engine, self.url, self.workdir = engine, url, workdir
         self.daemon = harness.callctl_daemon(url, workdir)
-        self.uac_port = 5090
 
     def call(self, caller: str, called: str, *, expect_code: int | None = None, talk_ms: int = 200,
              pai: bool = True, **phone) -> tuple[sipp.SippResult, sipp.SippResult | None]:
         """One carrier call (the carrier sends the caller in P-Asserted-Identity, as real
         ones do); with phone checks, a phone on 5070 takes the outbound leg."""
-        uas = sipp.start_uas(5070, **phone) if phone else None
+        uas = sipp.start_uas(harness.PHONE_PORT, **phone) if phone else None
         try:
             if expect_code is None:
                 result = sipp.run_uac("uac_call", calls=[(caller, called)], talk_ms=talk_ms, pai=pai, timeout=30)
@@ -159,7 +159,7 @@ def test_blocked_direction_rejected_other_direction_bridged(lab):
 
 def test_busy_customer_gives_486(lab):
     x = bound(lab, "+8613800000011")["x"]
-    uas = sipp.start_uas(5070, reply_code=486)
+    uas = sipp.start_uas(harness.PHONE_PORT, reply_code=486)
     try:
         result = sipp.run_uac("uac_expect_reject", calls=[(AGENT, x)], expect_code=486, timeout=30)
     finally:

@@ -65,6 +65,27 @@ def test_block_is_seen_on_the_next_call(service, acme):
     assert service.route(X1, A)[1].destination == HOTLINE  # the other direction still flows
 
 
+@pytest.mark.parametrize("scope, target, starts, ends, agent_blocked, customer_blocked", [
+    ("caller", AGENT, -60, None, True, False),         # that agent only
+    ("number", "X", -60, None, True, True),            # direction both: X is dead both ways
+    ("tenant", None, -60, None, True, True),           # suspension
+    ("tenant", None, -60, -1, False, False),           # lifted a second ago
+    ("tenant", None, 60, None, False, False),          # not yet in force
+])
+def test_block_scopes_and_time_window(service, acme, scope, target, starts, ends, agent_blocked, customer_blocked):
+    provision.bind(acme, "acme", A)
+    now = datetime.now(timezone.utc)
+    with acme.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO blocks (tenant_id, scope, direction, number_id, caller, reason, created_by, starts_at, ends_at)"
+            " VALUES (1, :scope, 'both', :number, :caller, 'test', 'pytest', :starts, :ends)"
+        ), {"scope": scope, "number": 1 if target == "X" else None, "caller": AGENT if scope == "caller" else None,
+            "starts": now + timedelta(seconds=starts), "ends": now + timedelta(seconds=ends) if ends else None})
+    assert (service.route(X1, AGENT)[1].action == "reject") == agent_blocked
+    assert (service.route(X1, A)[1].action == "reject") == customer_blocked
+    assert service.route(X1, "+861055500000")[1].action == ("reject" if scope in ("number", "tenant") and agent_blocked else "bridge")
+
+
 @pytest.mark.parametrize("kwargs, code", [
     ({"customer": "12345"}, "invalid_number"),
     ({"customer": A, "ttl_seconds": 0}, "invalid_expiry"),

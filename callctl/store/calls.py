@@ -7,43 +7,66 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import and_, exists, literal, or_, select
+from sqlalchemy import String, and_, bindparam, exists, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from callctl.core.decision import BindingFacts, BlockFacts, Mode, NumberFacts, TenantFacts
+from callctl.store.db import READ_ONLY
 from callctl.store.models import Binding, Block, Cdr, Tenant, TenantCaller, VirtualNumber
 
 
-def _caller_is_agent(caller: str | None):
-    if caller is None:
-        return literal(False)
-    return exists().where(
-        TenantCaller.tenant_id == Tenant.id,
-        or_(
-            TenantCaller.pattern == caller,
-            and_(TenantCaller.is_prefix, literal(caller).like(TenantCaller.pattern + "%")),
-        ),
+# Statements are built once: constructing them per call cost more than running them.
+# A NULL caller (anonymous) matches no agent pattern and no caller block.
+_CALLER = bindparam("caller", type_=String)
+
+_NUMBER = (
+    select(
+        VirtualNumber.id,
+        VirtualNumber.state,
+        Tenant.id,
+        Tenant.hotline,
+        Tenant.strict,
+        Tenant.ring_timeout,
+        Tenant.max_call_seconds,
+        exists().where(
+            TenantCaller.tenant_id == Tenant.id,
+            or_(
+                TenantCaller.pattern == _CALLER,
+                and_(TenantCaller.is_prefix, _CALLER.like(TenantCaller.pattern + "%")),
+            ),
+        ).label("agent"),
     )
+    .join(Tenant, Tenant.id == VirtualNumber.tenant_id)
+    .where(VirtualNumber.e164 == bindparam("x"))
+)
+
+_BINDINGS = (
+    select(Binding.id, Binding.mode, Binding.party_a, Binding.party_b, Binding.extension, Binding.expires_at)
+    .where(Binding.number_id == bindparam("number_id"), Binding.status == "active")
+    .order_by(Binding.id)
+)
+
+_BLOCKS = select(
+    Block.scope, Block.direction, Block.binding_id, Block.caller, Block.starts_at, Block.ends_at
+).where(
+    Block.tenant_id == bindparam("tenant_id"),
+    Block.starts_at <= bindparam("now"),
+    or_(Block.ends_at.is_(None), Block.ends_at > bindparam("now")),
+    or_(
+        Block.scope == "tenant",
+        and_(Block.scope == "number", Block.number_id == bindparam("number_id")),
+        and_(Block.scope == "binding", Block.binding_id.in_(bindparam("binding_ids", expanding=True))),
+        and_(Block.scope == "caller", Block.caller == _CALLER),
+    ),
+)
 
 
 def call_facts(engine: Engine, x: str, caller: str | None, now: datetime) -> NumberFacts | None:
     """Everything the decision needs about a call to X from caller, or None if X is not ours."""
     with engine.connect() as conn:
-        row = conn.execute(
-            select(
-                VirtualNumber.id,
-                VirtualNumber.state,
-                Tenant.id,
-                Tenant.hotline,
-                Tenant.strict,
-                Tenant.ring_timeout,
-                Tenant.max_call_seconds,
-                _caller_is_agent(caller).label("agent"),
-            )
-            .join(Tenant, Tenant.id == VirtualNumber.tenant_id)
-            .where(VirtualNumber.e164 == x)
-        ).first()
+        conn.execution_options(**READ_ONLY)
+        row = conn.execute(_NUMBER, {"x": x, "caller": caller}).first()
         if row is None:
             return None
         number_id, state, tenant_id, hotline, strict, ring, max_seconds, agent = row
@@ -52,35 +75,16 @@ def call_facts(engine: Engine, x: str, caller: str | None, now: datetime) -> Num
             return NumberFacts(x=x, tenant=tenant)
         bindings = tuple(
             BindingFacts(r.id, Mode(r.mode), r.party_a, r.party_b, r.extension, r.expires_at)
-            for r in conn.execute(
-                select(
-                    Binding.id, Binding.mode, Binding.party_a, Binding.party_b,
-                    Binding.extension, Binding.expires_at,
-                ).where(Binding.number_id == number_id, Binding.status == "active")
-                .order_by(Binding.id)
-            )
+            for r in conn.execute(_BINDINGS, {"number_id": number_id})
         )
         if not bindings:
             return NumberFacts(x=x, tenant=tenant)
         blocks = tuple(
             BlockFacts(r.scope, r.direction, r.binding_id, r.caller, r.starts_at, r.ends_at)
-            for r in conn.execute(
-                select(
-                    Block.scope, Block.direction, Block.binding_id, Block.caller,
-                    Block.starts_at, Block.ends_at,
-                ).where(
-                    Block.tenant_id == tenant_id,
-                    Block.starts_at <= now,
-                    or_(Block.ends_at.is_(None), Block.ends_at > now),
-                    or_(
-                        Block.scope == "tenant",
-                        and_(Block.scope == "number", Block.number_id == number_id),
-                        and_(Block.scope == "binding", Block.binding_id.in_([b.id for b in bindings])),
-                        and_(Block.scope == "caller", Block.caller == caller)
-                        if caller else literal(False),
-                    ),
-                )
-            )
+            for r in conn.execute(_BLOCKS, {
+                "tenant_id": tenant_id, "now": now, "number_id": number_id, "caller": caller,
+                "binding_ids": [b.id for b in bindings],
+            })
         )
     return NumberFacts(x=x, tenant=tenant, bindings=bindings, blocks=blocks)
 

@@ -24,8 +24,9 @@ def make_engine(url: str, pool_size: int = 8) -> Engine:
             connect_args={"timeout": 10, "check_same_thread": False},
         )
         event.listen(engine, "connect", _sqlite_pragmas)
-        # Writers take the lock at BEGIN, so read-then-write cannot race.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        # Writers take the lock at BEGIN, so read-then-write cannot race; call-time
+        # reads (READ_ONLY) must not queue behind CDR writes for it.
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(
         url,
@@ -34,6 +35,13 @@ def make_engine(url: str, pool_size: int = 8) -> Engine:
         pool_pre_ping=True,  # a restarted database costs one failed ping, not a failed call
         connect_args={"connect_timeout": 3},
     )
+
+
+READ_ONLY = {"callctl_read_only": True}  # execution option for connections that only read
+
+
+def _sqlite_begin(conn) -> None:
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("callctl_read_only") else "BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_conn, _record):

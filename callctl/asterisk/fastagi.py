@@ -460,8 +460,10 @@ class FastAgiServer:
                 raise _EnvError("agi environment too large", limit=self.max_env_bytes) from None
             line_no += 1
             if not raw.endswith(b"\n"):
-                raise _EnvError("agi peer closed before environment end", level="info",
-                                lines=len(env))
+                # Connect-and-close without a byte is a health check (load balancer,
+                # monitoring): not worth a line at info level.
+                raise _EnvError("agi peer closed before environment end",
+                                level="info" if raw or line_no > 1 else "debug", lines=len(env))
             budget -= len(raw)
             if budget < 0:
                 raise _EnvError("agi environment too large", limit=self.max_env_bytes)

@@ -1,0 +1,606 @@
+#!/usr/bin/env python3
+"""SIPp load benchmark: callctl against a minimal FastAGI, through the real Asterisk lab.
+
+    .venv/bin/python bench/bench.py            # full run (1,000,000 bindings), ~10 min
+    .venv/bin/python bench/bench.py --quick    # short check (100,000 bindings, 1 repeat)
+
+1. PostgreSQL (127.0.0.1:5432, user postgres, trust auth): database `callctl_bench` is
+   dropped and created fresh, migrated with callctl's own migrations, one tenant made
+   with callctl.store.provision.add_tenant (hotline + one agent caller), then N virtual
+   numbers in state `bound` and N AXN bindings to distinct customer numbers, loaded with
+   set-based SQL (INSERT ... SELECT FROM generate_series), then VACUUM ANALYZE.
+2. In-process decision latency: CallService.route(X, agent) for random X on that DB.
+3. The lab (held under LabLock the whole time): Asterisk up, a SIPp UAS on 5070 answers
+   every outbound leg, SIPp UAC calls from the agent to random bound X at stepped rates.
+   Two FastAGI servers take turns on 4573, interleaved per step: `callctl serve asterisk`
+   on the bench database, and bench/minimal_fastagi.py (the floor of AGI cost here).
+   A step is clean when every call succeeds and the mean INVITE->200 setup time is under
+   100 ms; a rate is clean for a server when its best repeat is clean. A server stops
+   stepping after two consecutive unclean rates.
+4. Prints a table per step and a summary; writes var/bench/result.json.
+
+The numbers in this benchmark are synthetic (+86171... virtual numbers, +86138...
+customers, one agent): nothing here is anybody's phone number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import psycopg2  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+
+from callctl import logs, sipp  # noqa: E402
+from callctl.core.decision import Bridge  # noqa: E402
+from callctl.service import CallService  # noqa: E402
+from callctl.store.db import make_engine, upgrade  # noqa: E402
+from callctl.store.provision import add_tenant  # noqa: E402
+from callctl.store.spool import CdrSpool  # noqa: E402
+from lab.harness import (  # noqa: E402
+    LabError,
+    LabLock,
+    callctl_daemon,
+    json_events,
+    lab,
+    minimal_fastagi,
+    wait_no_channels,
+)
+
+DB_NAME = "callctl_bench"
+TENANT = "bench"
+HOTLINE = "+861058000000"
+AGENT = "+8613900000001"          # the tenant's agent: calls from it to X reach the customer
+X_PREFIX = "+86171"               # virtual numbers: +86171 + 8 digits (1..N)
+A_PREFIX = "+86138"               # customers:       +86138 + 8 digits (same suffix as X)
+SETUP_LIMIT_MS = 100.0            # a clean step keeps the mean INVITE->200 below this
+OUT_DIR = REPO / "var" / "bench"
+
+SERVERS = ("callctl", "minimal")
+LABEL = {"callctl": "callctl", "minimal": "minimal FastAGI"}
+
+
+class BenchError(RuntimeError):
+    """A problem that stops the benchmark with one clear sentence."""
+
+
+def x_number(i: int) -> str:
+    return f"{X_PREFIX}{i:08d}"
+
+
+def pct(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (p in 0..100)."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, -(-len(s) * p // 100) - 1))
+    return float(s[int(k)])
+
+
+def fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def say(*args) -> None:
+    print(*args, flush=True)
+
+
+# ---------------------------------------------------------------------------- database
+
+def admin_connect(admin_dsn: str):
+    try:
+        conn = psycopg2.connect(admin_dsn, connect_timeout=3)
+    except psycopg2.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BenchError(
+            f"PostgreSQL is not reachable at {admin_dsn} ({first}). The benchmark needs a server on "
+            "127.0.0.1:5432 with trust auth for user postgres (e.g. `pg_ctlcluster 15 main start`), "
+            "or pass --pg-admin DSN."
+        ) from None
+    conn.autocommit = True
+    return conn
+
+
+def prepare_database(admin_dsn: str, bench_url: str, n: int) -> dict:
+    """A fresh callctl_bench with the schema, one tenant and n bound AXN bindings."""
+    t0 = time.perf_counter()
+    times = {}
+    conn = admin_connect(admin_dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+            cur.execute(f'CREATE DATABASE "{DB_NAME}"')
+    finally:
+        conn.close()
+    engine = make_engine(bench_url)
+    try:
+        upgrade(engine)
+        tenant = add_tenant(engine, TENANT, HOTLINE, callers=[AGENT])
+        times["schema_and_tenant_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        with engine.begin() as db:
+            # Bulk load as the PostgreSQL manual advises ("Populating a Database"): take the
+            # secondary indexes, unique and foreign-key constraints of the two tables off,
+            # load set-based, put the very same definitions (read from the catalog) back.
+            defs = secondary_definitions(db, ("virtual_numbers", "bindings"))
+            for drop, _ in reversed(defs):
+                db.exec_driver_sql(drop)
+            db.exec_driver_sql("SET LOCAL maintenance_work_mem = '512MB'")
+            db.execute(
+                text(
+                    "INSERT INTO virtual_numbers (e164, tenant_id, state) "
+                    "SELECT :xp || lpad(g::text, 8, '0'), :tid, 'bound' "
+                    "FROM generate_series(1, :n) AS g"
+                ),
+                {"xp": X_PREFIX, "tid": tenant["id"], "n": n},
+            )
+            times["virtual_numbers_s"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            # Long-term policies: expire in a year; reference = a policy number.
+            db.execute(
+                text(
+                    "INSERT INTO bindings (tenant_id, number_id, mode, party_a, reference, status, expires_at) "
+                    "SELECT v.tenant_id, v.id, 'AXN', :ap || substr(v.e164, 7), "
+                    "       'POL-' || substr(v.e164, 7), 'active', now() + interval '365 days' "
+                    "FROM virtual_numbers v WHERE v.tenant_id = :tid"
+                ),
+                {"ap": A_PREFIX, "tid": tenant["id"]},
+            )
+            times["bindings_s"] = time.perf_counter() - t2
+            t2 = time.perf_counter()
+            for _, create in defs:
+                db.exec_driver_sql(create)
+            times["indexes_and_constraints_s"] = time.perf_counter() - t2
+            if secondary_definitions(db, ("virtual_numbers", "bindings")) != defs:
+                raise BenchError("bulk load: indexes/constraints after the load differ from the schema's")
+        t3 = time.perf_counter()
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as db:
+            db.exec_driver_sql("VACUUM ANALYZE")
+        times["vacuum_analyze_s"] = time.perf_counter() - t3
+        with engine.connect() as db:
+            counts = db.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM virtual_numbers WHERE state = 'bound'), "
+                    "       (SELECT count(*) FROM bindings WHERE status = 'active' AND mode = 'AXN'), "
+                    "       (SELECT count(DISTINCT party_a) FROM bindings)"
+                )
+            ).one()
+    finally:
+        engine.dispose()
+    if tuple(counts) != (n, n, n):
+        raise BenchError(f"bench data incomplete: bound X / AXN bindings / customers = {tuple(counts)}, wanted {n}")
+    times = {k: round(v, 2) for k, v in times.items()}
+    return {"bindings": n, "tenant_id": tenant["id"], "load_s": round(time.perf_counter() - t0, 2), "steps": times}
+
+
+def secondary_definitions(db, tables: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(DROP, CREATE) statements for the unique constraints, plain indexes and foreign keys
+    of `tables`, in creation order (indexes and unique constraints, then foreign keys).
+    Primary keys and CHECK constraints stay: the rows reference the keys, checks are cheap."""
+    out = []
+    cons = db.execute(
+        text(
+            "SELECT c.conrelid::regclass::text, c.conname, c.contype, pg_get_constraintdef(c.oid) "
+            "FROM pg_constraint c WHERE c.conrelid::regclass::text = ANY(:t) AND c.contype IN ('u', 'f') "
+            "ORDER BY c.contype DESC, c.conrelid::regclass::text, c.conname"
+        ),
+        {"t": list(tables)},
+    ).all()
+    idx = db.execute(
+        text(
+            "SELECT i.tablename, i.indexname, i.indexdef FROM pg_indexes i "
+            "WHERE i.schemaname = current_schema() AND i.tablename = ANY(:t) "
+            "AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = "
+            "                (quote_ident(i.schemaname) || '.' || quote_ident(i.indexname))::regclass) "
+            "ORDER BY i.tablename, i.indexname"
+        ),
+        {"t": list(tables)},
+    ).all()
+    for table, name, definition in idx:
+        out.append((f'DROP INDEX "{name}"', definition))
+    for table, name, kind, definition in cons:  # 'u' before 'f'
+        out.append((f'ALTER TABLE "{table}" DROP CONSTRAINT "{name}"',
+                    f'ALTER TABLE "{table}" ADD CONSTRAINT "{name}" {definition}'))
+    return out
+
+
+def cdr_count(engine) -> int:
+    with engine.connect() as db:
+        return db.execute(text("SELECT count(*) FROM cdrs")).scalar_one()
+
+
+# ---------------------------------------------------------------------------- in-process
+
+def in_process_latency(bench_url: str, n_bindings: int, samples: int, rng: random.Random) -> dict:
+    """CallService.route(X, agent) on the bench DB, as the daemon calls it (one thread)."""
+    engine = make_engine(bench_url)
+    try:
+        with tempfile.TemporaryDirectory(prefix="callctl-bench-spool-") as spool:
+            service = CallService(engine, CdrSpool(spool))
+            for i in rng.sample(range(1, n_bindings + 1), min(200, n_bindings)):  # warm-up (pool, caches)
+                service.route(x_number(i), AGENT)
+            ms, bridged = [], 0
+            for i in rng.choices(range(1, n_bindings + 1), k=samples):
+                t = time.perf_counter()
+                _, decision = service.route(x_number(i), AGENT)
+                ms.append((time.perf_counter() - t) * 1000)
+                bridged += isinstance(decision, Bridge)
+    finally:
+        engine.dispose()
+    if bridged != samples:
+        raise BenchError(f"in-process check: only {bridged} of {samples} calls to bound X were bridged")
+    return {"samples": samples, "p50_ms": pct(ms, 50), "p99_ms": pct(ms, 99), "mean_ms": statistics.fmean(ms),
+            "max_ms": max(ms)}
+
+
+# ---------------------------------------------------------------------------- SIPp steps
+
+class Servers:
+    """The two FastAGI servers; at most one runs (both want 127.0.0.1:4573)."""
+
+    def __init__(self, bench_url: str, workdir: Path):
+        self.procs = {
+            "callctl": callctl_daemon(bench_url, workdir),
+            "minimal": minimal_fastagi(workdir),
+        }
+        self.running: str | None = None
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self.procs[name].start()
+        self.running = name
+
+    def stop(self) -> None:
+        if self.running is not None:
+            proc = self.procs[self.running]
+            self.running = None
+            rc = proc.stop()
+            if rc not in (0, None, -signal.SIGTERM):
+                raise BenchError(f"{proc.argv[1:3]} exited with {rc} on SIGTERM:\n{proc.output()[-1500:]}")
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds (user + system, all threads) the running server has used so far."""
+        proc = self.procs[self.running].proc if self.running else None
+        try:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (AttributeError, OSError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def log_size(self, name: str) -> int:
+        p = self.procs[name].log_path
+        return p.stat().st_size if p.exists() else 0
+
+    def log_since(self, name: str, offset: int) -> str:
+        with open(self.procs[name].log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+
+def place_calls(pairs: list[tuple[str, str]], rate: float, talk_ms: int, what: str) -> sipp.SippResult:
+    """One SIPp UAC run at `rate` calls/s over `pairs`, with a fresh UAS answering."""
+    count = len(pairs)
+    uas = sipp.start_uas(5070)
+    try:
+        res = sipp.run_uac(
+            "uac_call", "127.0.0.1:5060", calls=pairs, count=count, rate=rate,
+            limit=max(200, int(rate * 10)), talk_ms=talk_ms, timeout=count / rate + 60,
+        )
+        try:
+            wait_no_channels(timeout=40)
+        except LabError as exc:
+            raise BenchError(f"{what}: {exc} after the step") from None
+    finally:
+        u = uas.stop(grace=1.0)
+    res.uas_failed = u.failed  # type: ignore[attr-defined]
+    return res
+
+
+def step_is_clean(res: sipp.SippResult, count: int) -> bool:
+    mean = res.setup_ms_mean
+    return (res.status == "ok" and res.failed == 0 and res.successful == count
+            and mean is not None and mean < SETUP_LIMIT_MS)
+
+
+def run_steps(args, servers: Servers, engine, n_bindings: int, rng: random.Random) -> tuple[list, list]:
+    steps: list[dict] = []
+    routed_ms: list[float] = []
+    active = {s: True for s in SERVERS}
+    unclean_run = {s: 0 for s in SERVERS}
+    order_flip = 0
+    header = (f"{'rate':>5}  {'server':<16}{'rep':>3}  {'attempted':>9}{'ok':>7}{'failed':>7}  "
+              f"{'setup mean':>10}{'p95':>7}  {'CPU/call':>8}  {'AGI p50':>7}{'p99':>7}  {'CDRs':>6}  clean")
+    say("\nLoad steps. setup = SIPp INVITE -> 200 OK (ms); CPU/call = the FastAGI server's CPU ms per call\n"
+        "(route + hangup sessions); AGI = the daemon's 'call routed' ms; CDRs = rows written in the step.")
+    say(header)
+    say("-" * len(header))
+    for rate in args.rates:
+        if not any(active.values()):
+            break
+        per_server: dict[str, list[bool]] = {s: [] for s in SERVERS if active[s]}
+        for rep in range(args.repeats):
+            order = [s for s in (SERVERS if order_flip % 2 == 0 else SERVERS[::-1]) if active[s]]
+            order_flip += 1
+            for name in order:
+                count = max(1, int(round(rate * args.seconds)))
+                pairs = [(AGENT, x_number(i)) for i in rng.choices(range(1, n_bindings + 1), k=count)]
+                servers.start(name)
+                # warm-up: connections opened, code paths hot; not counted
+                warm = [(AGENT, x_number(i)) for i in rng.choices(range(1, n_bindings + 1), k=args.warmup)]
+                if warm:
+                    w = place_calls(warm, min(20.0, rate), args.talk_ms, f"{name} warm-up")
+                    if not w.ok:
+                        raise BenchError(f"{LABEL[name]} warm-up calls failed: {w.summary()} "
+                                         f"(sipp files in {w.workdir}):\n{servers.procs[name].output()[-1500:]}")
+                offset = servers.log_size(name)
+                cdrs_before = cdr_count(engine) if name == "callctl" else 0
+                t0, cpu0 = time.monotonic(), servers.cpu_s()
+                res = place_calls(pairs, rate, args.talk_ms, f"{name} at {rate}/s")
+                wall, cpu1 = time.monotonic() - t0, servers.cpu_s()
+                servers.stop()  # flushes the daemon's log; next step starts the other server
+                row = {
+                    "rate": rate, "server": name, "repeat": rep + 1, "calls": count,
+                    "attempted": res.created, "successful": res.successful, "failed": res.failed,
+                    "status": res.status, "failure_reasons": res.failure_reasons,
+                    "uas_failed": res.uas_failed, "retransmissions": res.retransmissions,
+                    "setup_ms_mean": res.setup_ms_mean, "setup_ms_p95": res.setup_ms_p95,
+                    "setup_ms_max": res.setup_ms_max, "sipp_elapsed_s": round(res.elapsed_s, 2),
+                    "wall_s": round(wall, 2),
+                    # the FastAGI server's own CPU per call (route + hangup AGI sessions)
+                    "server_cpu_ms_per_call": round((cpu1 - cpu0) * 1000 / max(res.created, 1), 2)
+                    if cpu0 is not None and cpu1 is not None else None,
+                }
+                row["clean"] = step_is_clean(res, count)
+                agi = ""
+                if name == "callctl":
+                    events = json_events(servers.log_since(name, offset))
+                    ms = [float(e["ms"]) for e in events if e.get("event") == "call routed" and "ms" in e]
+                    outcomes: dict[str, int] = {}
+                    for e in events:
+                        if e.get("event") == "call recorded":
+                            outcomes[e.get("outcome", "?")] = outcomes.get(e.get("outcome", "?"), 0) + 1
+                    actions: dict[str, int] = {}
+                    for e in events:
+                        if e.get("event") == "call routed":
+                            key = e.get("action") if e.get("action") == "bridge" else f"reject:{e.get('reason')}"
+                            actions[key] = actions.get(key, 0) + 1
+                    routed_ms.extend(ms)
+                    row.update({
+                        "routed": len(ms), "route_ms_p50": pct(ms, 50), "route_ms_p99": pct(ms, 99),
+                        "route_ms_max": max(ms) if ms else None, "decisions": actions, "route_ms": ms,
+                        "cdr_outcomes": outcomes, "cdrs_written": cdr_count(engine) - cdrs_before,
+                    })
+                    errors = [e for e in events if e.get("level") in ("warning", "error")]
+                    if errors:
+                        row["daemon_warnings"] = errors[:5]
+                if not row["clean"] and res.status != "ok":
+                    row["sipp_workdir"] = str(res.workdir)
+                steps.append(row)
+                per_server[name].append(row["clean"])
+                if name == "callctl":
+                    agi = f"{fmt(row['route_ms_p50'], 2):>7}{fmt(row['route_ms_p99'], 2):>7}  {row['cdrs_written']:>6}"
+                else:
+                    agi = f"{'':>7}{'':>7}  {'':>6}"
+                note = "yes" if row["clean"] else "NO"
+                if not row["clean"]:
+                    why = []
+                    if res.failed or res.successful != count:
+                        why.append(f"{count - res.successful} not ok" + (f" {res.failure_reasons}" if res.failure_reasons else ""))
+                    if res.setup_ms_mean is None or res.setup_ms_mean >= SETUP_LIMIT_MS:
+                        why.append("slow setup")
+                    if res.status != "ok" and not why:
+                        why.append(f"sipp {res.status}")
+                    note += " (" + "; ".join(why) + ")"
+                say(f"{rate:>5g}  {LABEL[name]:<16}{rep + 1:>3}  {res.created:>9}{res.successful:>7}{res.failed:>7}  "
+                    f"{fmt(res.setup_ms_mean):>10}{fmt(res.setup_ms_p95):>7}  {fmt(row['server_cpu_ms_per_call'], 2):>8}  "
+                    f"{agi}  {note}")
+        verdict = ", ".join(f"{LABEL[n]} {'clean' if any(c) else 'NOT clean'}" for n, c in per_server.items())
+        say(f"{'':>5}  rate {rate:g}/s (best of {args.repeats}): {verdict}")
+        for name, cleans in per_server.items():
+            if any(cleans):
+                unclean_run[name] = 0
+            else:
+                unclean_run[name] += 1
+                if unclean_run[name] >= 2:
+                    active[name] = False
+                    say(f"       {LABEL[name]}: two consecutive unclean rates, stops stepping")
+    return steps, routed_ms
+
+
+# ---------------------------------------------------------------------------- main
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="short check: 100,000 bindings, rates 50,100,200, 1 repeat, 3 s steps")
+    p.add_argument("--rates", help="comma-separated offered call rates, calls/s (default 25,50,100,150,175,200,225,250)")
+    p.add_argument("--seconds", type=float, help="seconds of calls per step (default 5)")
+    p.add_argument("--repeats", type=int, help="repeats per rate and server (default 2)")
+    p.add_argument("--bindings", type=int, help="bindings to load (default 1,000,000)")
+    p.add_argument("--talk-ms", type=int, default=100, help="talk time of each call, ms (100 ms ticks; default 100)")
+    p.add_argument("--warmup", type=int, default=20, help="uncounted warm-up calls after each server start (default 20)")
+    p.add_argument("--samples", type=int, default=10_000, help="in-process route() samples (default 10,000)")
+    p.add_argument("--seed", type=int, default=1, help="random seed for the X chosen")
+    p.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                   help="DSN used to drop/create the bench database")
+    a = p.parse_args(argv)
+    a.rates = [float(r) for r in (a.rates or ("50,100,200" if a.quick else "25,50,100,150,175,200,225,250")).split(",") if r.strip()]
+    if not a.rates or any(r <= 0 for r in a.rates):
+        p.error("--rates must be positive numbers")
+    a.seconds = a.seconds or (3.0 if a.quick else 5.0)
+    a.repeats = a.repeats or (1 if a.quick else 2)
+    a.bindings = a.bindings or (100_000 if a.quick else 1_000_000)
+    if a.bindings < 1 or a.bindings > 99_999_999:
+        p.error("--bindings must be 1..99,999,999")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logs.setup("console", "warning")
+    # SIGTERM (make interrupted, CI cancel) unwinds like Ctrl-C: finally blocks clean up.
+    signal.signal(signal.SIGTERM, _interrupt)
+    rng = random.Random(args.seed)
+    base = args.pg_admin.split("://", 1)[1].rsplit("/", 1)[0]
+    bench_url = f"postgresql+psycopg2://{base}/{DB_NAME}"
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    for old in ("callctl.log", "minimal_fastagi.log"):
+        (OUT_DIR / old).unlink(missing_ok=True)
+    started = time.monotonic()
+    result: dict = {
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "config": {"rates": args.rates, "seconds_per_step": args.seconds, "repeats": args.repeats,
+                   "talk_ms": args.talk_ms, "warmup_calls": args.warmup, "quick": args.quick,
+                   "setup_limit_ms": SETUP_LIMIT_MS, "database": DB_NAME},
+    }
+
+    say(f"callctl benchmark: {args.bindings:,} bindings, rates {', '.join(f'{r:g}' for r in args.rates)} calls/s, "
+        f"{args.seconds:g} s per step, {args.repeats} repeat(s), talk {args.talk_ms} ms")
+    say(f"PostgreSQL: preparing database {DB_NAME} ...")
+    db = prepare_database(args.pg_admin, bench_url, args.bindings)
+    result["database"] = db
+    say(f"PostgreSQL: {db['bindings']:,} virtual numbers + AXN bindings loaded in {db['load_s']:.1f} s "
+        f"({', '.join(f'{k[:-2]} {v:.1f} s' for k, v in db['steps'].items())})")
+
+    say(f"In-process: CallService.route() for {args.samples:,} random X ...")
+    inproc = in_process_latency(bench_url, args.bindings, args.samples, rng)
+    result["in_process"] = inproc
+    say(f"In-process: p50 {inproc['p50_ms']:.2f} ms, p99 {inproc['p99_ms']:.2f} ms, max {inproc['max_ms']:.1f} ms")
+
+    engine = make_engine(bench_url, pool_size=1)
+    servers = Servers(bench_url, OUT_DIR)
+    lab_up = False
+    try:
+        with LabLock():
+            try:
+                say("Lab: starting Asterisk ...")
+                lab("up")
+                lab_up = True
+                steps, routed_ms = run_steps(args, servers, engine, args.bindings, rng)
+            finally:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
+                servers.stop()
+                if lab_up:
+                    try:
+                        lab("down")
+                    except LabError as exc:
+                        say(f"warning: {exc}")
+    finally:
+        engine.dispose()
+
+    summary = summarize(args, steps, routed_ms, inproc, db)
+    result["steps"] = [{k: v for k, v in s.items() if k != "route_ms"} for s in steps]
+    result["summary"] = summary
+    result["run_s"] = round(time.monotonic() - started, 1)
+    out = OUT_DIR / "result.json"
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print_summary(summary, result["run_s"], out)
+    return 0
+
+
+def summarize(args, steps, routed_ms, inproc, db) -> dict:
+    best: dict[str, dict] = {}
+    tested: dict[str, list] = {}
+    for name in SERVERS:
+        rates = sorted({s["rate"] for s in steps if s["server"] == name})
+        clean = [r for r in rates if any(s["clean"] for s in steps if s["server"] == name and s["rate"] == r)]
+        tested[name] = rates
+        best[name] = {
+            "highest_clean_rate": max(clean) if clean else None,
+            "clean_rates": clean,
+            "tested_rates": rates,
+            "limit_reached": bool(rates) and (not clean or max(clean) < max(rates)),
+        }
+    for name in SERVERS:
+        cpu = [s["server_cpu_ms_per_call"] for s in steps
+               if s["server"] == name and s.get("server_cpu_ms_per_call") is not None]
+        best[name]["cpu_ms_per_call_median"] = statistics.median(cpu) if cpu else None
+    c, m = best["callctl"]["highest_clean_rate"], best["minimal"]["highest_clean_rate"]
+    ratio = (c / m) if c and m else None
+    return {
+        "bindings": db["bindings"],
+        "load_s": db["load_s"],
+        "servers": best,
+        "ratio_callctl_over_minimal": ratio,
+        "ratio_target": 0.95,
+        "ratio_met": ratio is not None and ratio >= 0.95,
+        "daemon_route_ms": {"calls": len(routed_ms), "p50": pct(routed_ms, 50), "p99": pct(routed_ms, 99),
+                            "max": max(routed_ms) if routed_ms else None},
+        "daemon_route_ms_clean_steps": _route_stats([s for s in steps if s["server"] == "callctl" and s["clean"]]),
+        "daemon_p99_target_ms": 5.0,
+        "daemon_p99_met": bool(routed_ms) and pct(routed_ms, 99) < 5.0,
+        "in_process_route_ms": {"calls": inproc["samples"], "p50": inproc["p50_ms"], "p99": inproc["p99_ms"]},
+        "repeats": args.repeats,
+    }
+
+
+def _route_stats(steps: list[dict]) -> dict:
+    ms = [v for s in steps for v in s.get("route_ms", [])]
+    return {"calls": len(ms), "p50": pct(ms, 50), "p99": pct(ms, 99), "max": max(ms) if ms else None}
+
+
+def print_summary(s: dict, run_s: float, out: Path) -> None:
+    def rate_text(name):
+        b = s["servers"][name]
+        if b["highest_clean_rate"] is None:
+            return "none clean" if b["tested_rates"] else "not run"
+        more = "" if b["limit_reached"] else " (every rate tested was clean: limit not reached)"
+        return f"{b['highest_clean_rate']:g} calls/s{more}"
+
+    d, dc, ip = s["daemon_route_ms"], s["daemon_route_ms_clean_steps"], s["in_process_route_ms"]
+    ratio = s["ratio_callctl_over_minimal"]
+    best_of = f"best of {s['repeats']} repeat{'s' if s['repeats'] != 1 else ''}"
+    lines = [
+        "",
+        "=" * 78,
+        "callctl benchmark summary",
+        "=" * 78,
+        f"bindings in PostgreSQL        {s['bindings']:,} (fresh load {s['load_s']:.1f} s)",
+        f"clean step                    every call ok and mean INVITE->200 < {SETUP_LIMIT_MS:g} ms; a rate is clean if",
+        f"                              its {best_of} is clean",
+        f"highest clean rate, callctl   {rate_text('callctl')}",
+        f"highest clean rate, minimal   {rate_text('minimal')}",
+        f"ratio callctl / minimal       {fmt(ratio, 2)}  (target >= 0.95: {'met' if s['ratio_met'] else 'NOT met'})",
+        f"daemon decision latency       p50 {fmt(d['p50'], 2)} ms, p99 {fmt(d['p99'], 2)} ms, max {fmt(d['max'], 1)} ms "
+        f"over {d['calls']:,} calls",
+        f"  (log 'call routed' ms)      target p99 < 5 ms: {'met' if s['daemon_p99_met'] else 'NOT met'}",
+        f"  same, clean steps only      p50 {fmt(dc['p50'], 2)} ms, p99 {fmt(dc['p99'], 2)} ms over {dc['calls']:,} calls",
+        f"FastAGI server CPU per call   callctl {fmt(s['servers']['callctl']['cpu_ms_per_call_median'], 2)} ms, "
+        f"minimal {fmt(s['servers']['minimal']['cpu_ms_per_call_median'], 2)} ms (median over steps; route + hangup)",
+        f"in-process route() latency    p50 {fmt(ip['p50'], 2)} ms, p99 {fmt(ip['p99'], 2)} ms over {ip['calls']:,} random X",
+        f"run time                      {run_s:.0f} s; JSON: {out.relative_to(REPO)}",
+        "=" * 78,
+    ]
+    say("\n".join(lines))
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"bench: ERROR: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except (LabError, sipp.SippError) as exc:
+        print(f"bench: lab ERROR: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        sys.exit(130)

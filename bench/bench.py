@@ -80,15 +80,6 @@ def x_number(i: int) -> str:
     return f"{X_PREFIX}{i:08d}"
 
 
-def pct(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile (p in 0..100)."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, -(-len(s) * p // 100) - 1))
-    return float(s[int(k)])
-
-
 def fmt(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -241,8 +232,8 @@ def in_process_latency(bench_url: str, n_bindings: int, samples: int, rng: rando
         engine.dispose()
     if bridged != samples:
         raise BenchError(f"in-process check: only {bridged} of {samples} calls to bound X were bridged")
-    return {"samples": samples, "p50_ms": pct(ms, 50), "p99_ms": pct(ms, 99), "mean_ms": statistics.fmean(ms),
-            "max_ms": max(ms)}
+    return {"samples": samples, "p50_ms": sipp.percentile(ms, 50), "p99_ms": sipp.percentile(ms, 99),
+            "mean_ms": statistics.fmean(ms), "max_ms": max(ms)}
 
 
 # ---------------------------------------------------------------------------- SIPp steps
@@ -378,7 +369,7 @@ def run_steps(args, servers: Servers, engine, n_bindings: int, rng: random.Rando
                             actions[key] = actions.get(key, 0) + 1
                     routed_ms.extend(ms)
                     row.update({
-                        "routed": len(ms), "route_ms_p50": pct(ms, 50), "route_ms_p99": pct(ms, 99),
+                        "routed": len(ms), "route_ms_p50": sipp.percentile(ms, 50), "route_ms_p99": sipp.percentile(ms, 99),
                         "route_ms_max": max(ms) if ms else None, "decisions": actions, "route_ms": ms,
                         "cdr_outcomes": outcomes, "cdrs_written": cdr_count(engine) - cdrs_before,
                     })
@@ -542,11 +533,11 @@ def summarize(args, steps, routed_ms, inproc, db) -> dict:
         "ratio_callctl_over_minimal": ratio,
         "ratio_target": 0.95,
         "ratio_met": ratio is not None and ratio >= 0.95,
-        "daemon_route_ms": {"calls": len(routed_ms), "p50": pct(routed_ms, 50), "p99": pct(routed_ms, 99),
+        "daemon_route_ms": {"calls": len(routed_ms), "p50": sipp.percentile(routed_ms, 50), "p99": sipp.percentile(routed_ms, 99),
                             "max": max(routed_ms) if routed_ms else None},
         "daemon_route_ms_clean_steps": _route_stats([s for s in steps if s["server"] == "callctl" and s["clean"]]),
         "daemon_p99_target_ms": 5.0,
-        "daemon_p99_met": bool(routed_ms) and pct(routed_ms, 99) < 5.0,
+        "daemon_p99_met": bool(routed_ms) and sipp.percentile(routed_ms, 99) < 5.0,
         "in_process_route_ms": {"calls": inproc["samples"], "p50": inproc["p50_ms"], "p99": inproc["p99_ms"]},
         "repeats": args.repeats,
     }
@@ -554,7 +545,7 @@ def summarize(args, steps, routed_ms, inproc, db) -> dict:
 
 def _route_stats(steps: list[dict]) -> dict:
     ms = [v for s in steps for v in s.get("route_ms", [])]
-    return {"calls": len(ms), "p50": pct(ms, 50), "p99": pct(ms, 99), "max": max(ms) if ms else None}
+    return {"calls": len(ms), "p50": sipp.percentile(ms, 50), "p99": sipp.percentile(ms, 99), "max": max(ms) if ms else None}
 
 
 def print_summary(s: dict, run_s: float, out: Path) -> None:

@@ -21,6 +21,7 @@ module never logs them.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import shutil
 import signal
@@ -164,11 +165,7 @@ class SippResult:
         return max(per_call) if per_call else None
 
     def response_ms_percentile(self, pct: float, rtd: int = 1) -> float | None:
-        per_call = sorted(self.rtt.get(rtd) or [])
-        if not per_call:
-            return None
-        i = min(len(per_call) - 1, max(0, round(pct / 100 * len(per_call) + 0.5) - 1))
-        return float(per_call[i])
+        return percentile(self.rtt.get(rtd) or [], pct)
 
     @property
     def setup_ms_mean(self) -> float | None:
@@ -216,6 +213,15 @@ class SippResult:
 
     def __repr__(self) -> str:  # keep numbers out of reprs: no log/errors text
         return f"SippResult({self.summary()!r}, workdir={str(self.workdir)!r})"
+
+
+def percentile(values: Sequence[float], pct: float) -> float | None:
+    """Nearest-rank percentile (pct in 0..100) of values; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = math.ceil(len(ordered) * pct / 100)
+    return float(ordered[min(len(ordered), max(rank, 1)) - 1])
 
 
 def _write_injection(path: Path, calls: Iterable[Sequence[str]]) -> int:
@@ -601,6 +607,7 @@ __all__ = [
     "SippProcess",
     "SippResult",
     "free_port",
+    "percentile",
     "run",
     "run_uac",
     "scenario_path",

@@ -89,9 +89,14 @@ def call_facts(engine: Engine, x: str, caller: str | None, now: datetime) -> Num
     return NumberFacts(x=x, tenant=tenant, bindings=bindings, blocks=blocks)
 
 
+# Built once, like the reads above: the same call_id written twice changes nothing.
+_CDR_INSERT = {
+    "postgresql": postgresql.insert(Cdr.__table__).on_conflict_do_nothing(index_elements=["call_id"]),
+    "sqlite": sqlite.insert(Cdr.__table__).on_conflict_do_nothing(index_elements=["call_id"]),
+}
+
+
 def write_cdr(engine: Engine, row: dict) -> bool:
     """Insert one CDR; a second write of the same call_id changes nothing. True if new."""
-    insert = (postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert)(Cdr)
     with engine.begin() as conn:
-        result = conn.execute(insert.values(**row).on_conflict_do_nothing(index_elements=["call_id"]))
-        return result.rowcount == 1
+        return conn.execute(_CDR_INSERT[engine.dialect.name], row).rowcount == 1

@@ -7,6 +7,7 @@ import sys
 from datetime import datetime, timedelta
 
 from callctl import config as config_mod
+from callctl.anomaly.config import RULES as ANOMALY_RULES
 from callctl import logs
 
 
@@ -114,6 +115,74 @@ def cmd_cdr_list(cfg, args):
     print(f"({len(rows)} call(s))")
 
 
+def _rules(cfg, args):
+    from callctl.anomaly.config import load
+
+    return load(args.rules or cfg.anomaly_rules)
+
+
+def cmd_anomaly_run(cfg, args):
+    from callctl.anomaly.job import follow, run_pass
+
+    if args.interval is not None and not args.interval > 0:
+        raise SystemExit("callctl: --interval must be a positive number of seconds")
+    rules = _rules(cfg, args)
+    engine = _engine(cfg)
+    report = lambda r: print(json.dumps({
+        "cdrs": r.cdrs, "from_id": r.from_id, "to_id": r.to_id, "new_findings": r.new_findings,
+        "by_rule": {k: v for k, v in r.findings.items() if v}, "blocks": r.blocks,
+        "seconds": round(r.seconds, 3)}), flush=True)
+    if not args.follow:
+        report(run_pass(engine, rules))
+        return
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())  # the pass under way finishes, then we exit
+    follow(engine, rules, stop, interval=args.interval, on_pass=report)
+
+
+FINDING_TABLE = [
+    ("id", "id"), ("window_end", "last call (UTC)"), ("tenant", "tenant"), ("rule", "rule"),
+    ("subject", "subject"), ("calls", "calls"), ("measure", "measure"), ("threshold", "threshold"),
+    ("severity", "severity"), ("action", "action"), ("block_id", "block"),
+]
+
+
+def _since(text: str | None):
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise SystemExit("callctl: --since must be an ISO date-time with zone, e.g. 2026-11-01T00:00:00+08:00")
+    return moment
+
+
+def cmd_findings_list(cfg, args):
+    from callctl.anomaly.job import list_findings
+
+    rows = list_findings(_engine(cfg), tenant=args.tenant, rule=args.rule, since=_since(args.since),
+                         limit=args.limit)
+    if args.json:
+        _print_json(rows)
+        return
+    for row in rows:
+        row["window_end"] = row["window_end"][:19].replace("T", " ")
+        if row["subject_kind"] == "caller":
+            row["subject"] = "caller " + row["subject"][:12]  # a hash: its head tells callers apart
+        else:
+            row["subject"] = f"{row['subject_kind']} {row['subject']}"
+        row["measure"] = f"{row['measure']:g}"
+        row["threshold"] = f"{row['threshold']:g}"
+    print(_table(rows, FINDING_TABLE))
+    print(f"({len(rows)} finding(s))")
+
+
 def cmd_serve_asterisk(cfg, args):
     from callctl.asterisk.server import serve
 
@@ -170,6 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     clist.add_argument("--tenant")
     clist.add_argument("--json", action="store_true", help="JSON for programs")
     clist.set_defaults(func=cmd_cdr_list)
+
+    anomaly = top.add_parser("anomaly", help="the anomaly job over CDRs").add_subparsers(dest="sub", required=True)
+    arun = anomaly.add_parser("run", help="one pass from the stored watermark (--follow: keep going)")
+    arun.add_argument("--rules", help="rules file (default: anomaly_rules in the config)")
+    arun.add_argument("--follow", action="store_true", help="keep consuming new CDRs until SIGTERM")
+    arun.add_argument("--interval", type=float, help="--follow: seconds between passes (default from the rules file)")
+    arun.set_defaults(func=cmd_anomaly_run)
+
+    findings = top.add_parser("findings", help="what the anomaly job found").add_subparsers(dest="sub", required=True)
+    flist = findings.add_parser("list", help="newest first")
+    flist.add_argument("--tenant")
+    flist.add_argument("--rule", choices=list(ANOMALY_RULES))
+    flist.add_argument("--since", help="ISO date-time with zone: findings whose last call is at or after it")
+    flist.add_argument("--limit", type=int, default=100)
+    flist.add_argument("--json", action="store_true", help="JSON for programs")
+    flist.set_defaults(func=cmd_findings_list)
 
     serve = top.add_parser("serve", help="run the daemon").add_subparsers(dest="sub", required=True)
     serve.add_parser("asterisk", help="FastAGI server for Asterisk").set_defaults(func=cmd_serve_asterisk)

@@ -55,6 +55,7 @@ class Config(Strict):
     spool_dir: str = "var/spool"
     quarantine_days: float = Field(30, ge=0)  # cooldown before a released X is reused
     db_threads: int = Field(8, ge=1, le=64)
+    anomaly_rules: str = "conf/anomaly.yaml"  # the anomaly job's rules (callctl anomaly run)
     agi: AgiConfig = AgiConfig()
     log: LogConfig = LogConfig()
 
@@ -66,6 +67,7 @@ ENV_OVERRIDES = {
     "CALLCTL_NODE": (None, "node"),
     "CALLCTL_SPOOL_DIR": (None, "spool_dir"),
     "CALLCTL_QUARANTINE_DAYS": (None, "quarantine_days"),
+    "CALLCTL_ANOMALY_RULES": (None, "anomaly_rules"),
     "CALLCTL_AGI_LISTEN": ("agi", "listen"),
     "CALLCTL_LOG_FORMAT": ("log", "format"),
     "CALLCTL_LOG_LEVEL": ("log", "level"),

@@ -134,6 +134,7 @@ class Block(Base):
         Index("ix_block_tenant", "tenant_id", "scope"),
         Index("ix_block_number", "number_id"),
         Index("ix_block_binding", "binding_id"),
+        Index("ux_block_finding", "finding_id", unique=True),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
@@ -147,6 +148,8 @@ class Block(Base):
     starts_at: Mapped[datetime] = mapped_column(UTCDateTime)
     ends_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
+    # Set on blocks the anomaly job made; unique, so re-runs never block twice.
+    finding_id: Mapped[int | None] = mapped_column(ForeignKey("anomaly_findings.id"))
 
 
 class Cdr(Base):
@@ -156,7 +159,12 @@ class Cdr(Base):
     __table_args__ = (
         UniqueConstraint("call_id", name="uq_cdrs_call_id"),
         Index("ix_cdr_started", "started_at"),
-        Index("ix_cdr_binding", "binding_id"),
+        # The anomaly job's orders (migration 0050): per caller, per tenant, per binding.
+        Index("ix_cdr_tenant_caller", "tenant_id", "caller_hash", "started_at", "id",
+              postgresql_include=["direction", "binding_id"]),
+        Index("ix_cdr_tenant_started", "tenant_id", "started_at", "id", postgresql_include=["direction"]),
+        Index("ix_cdr_binding_started", "binding_id", "started_at", "id",
+              postgresql_include=["tenant_id", "direction"]),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     call_id: Mapped[str] = mapped_column(String(150))
@@ -176,3 +184,47 @@ class Cdr(Base):
     dial_status: Mapped[str | None] = mapped_column(String(20))
     hangup_cause: Mapped[int | None] = mapped_column(Integer)
     node: Mapped[str | None] = mapped_column(String(64))
+    # Keyed non-reversible hash of the caller's number: "per caller" anomaly rules group on it.
+    caller_hash: Mapped[str | None] = mapped_column(String(64))
+
+
+class AnomalyFinding(Base):
+    """What the anomaly job found: one per rule, subject and period (the unique key)."""
+
+    __tablename__ = "anomaly_findings"
+    __table_args__ = (
+        UniqueConstraint("rule", "tenant_id", "subject", "period", name="uq_finding_key"),
+        CheckConstraint("subject_kind IN ('caller','binding','tenant')", name="ck_finding_subject_kind"),
+        CheckConstraint("action IN ('alert','block')", name="ck_finding_action"),
+        Index("ix_finding_window_end", "window_end"),
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    rule: Mapped[str] = mapped_column(String(32))
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    subject_kind: Mapped[str] = mapped_column(String(8))  # caller | binding | tenant
+    subject: Mapped[str] = mapped_column(String(64))  # caller hash, binding id or tenant id
+    binding_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
+    period: Mapped[int] = mapped_column(BigInteger)  # epoch second the rule's period starts
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    window_end: Mapped[datetime] = mapped_column(UTCDateTime)
+    calls: Mapped[int] = mapped_column(Integer)  # evidence CDRs in the window
+    measure: Mapped[float] = mapped_column(Double)  # what was compared with the threshold
+    threshold: Mapped[float] = mapped_column(Double)
+    severity: Mapped[str] = mapped_column(String(8))
+    action: Mapped[str] = mapped_column(String(8))  # alert | block
+    evidence: Mapped[str] = mapped_column(Text)  # CDR ids, comma-separated
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
+
+
+class AnomalyState(Base):
+    """The anomaly job's watermark over cdrs.id (see callctl/anomaly/job.py)."""
+
+    __tablename__ = "anomaly_state"
+    job: Mapped[str] = mapped_column(String(32), primary_key=True)
+    safe_id: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    checked_id: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    seen_id: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))  # the last pass's top id
+    seen_count: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))  # its CDRs in (safe_id, seen_id]
+    passes: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

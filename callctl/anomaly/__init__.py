@@ -1,0 +1,1 @@
+"""The anomaly job over CDRs: rules in YAML, set-based SQL, findings and automatic blocks."""

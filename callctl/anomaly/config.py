@@ -1,0 +1,195 @@
+"""Anomaly rules and thresholds from YAML (conf/anomaly.yaml documents every key).
+
+Each rule has defaults; `tenants:` overrides any rule's fields for one tenant by name.
+A bad file or value stops the job with one sentence naming the problem.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from callctl.config import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BlockAction(Strict):
+    direction: Literal["to_customer", "from_customer", "both"] = "to_customer"
+    seconds: int = Field(86400, ge=60)  # how long the automatic block lasts
+
+
+class Rule(Strict):
+    enabled: bool = True
+    severity: Literal["low", "medium", "high"] = "medium"
+    action: Literal["alert", "block"] = "alert"
+    block: BlockAction = BlockAction()
+    window: int = Field(3600, ge=1, le=31 * 86400)  # seconds
+
+    subject_kind: ClassVar[str] = "tenant"  # what the rule counts per: caller | binding | tenant
+
+    @model_validator(mode="after")
+    def _blockable(self):
+        if self.action == "block" and self.subject_kind == "caller":
+            raise ValueError(
+                "action 'block' needs a binding or tenant subject; this rule counts per caller "
+                "(a hash, never the number), so it can only alert"
+            )
+        return self
+
+
+class CallerFrequency(Rule):
+    """One caller number places `calls` calls or more within `window` seconds."""
+    subject_kind: ClassVar[str] = "caller"
+    calls: int = Field(60, ge=2)
+
+
+class TenantFrequency(Rule):
+    """One tenant places `calls` calls or more within `window` seconds (to customers)."""
+    subject_kind: ClassVar[str] = "tenant"
+    calls: int = Field(5000, ge=2)
+
+
+class CustomerFrequency(Rule):
+    """One customer (binding) is called `calls` times or more within `window` (a day)."""
+    subject_kind: ClassVar[str] = "binding"
+    window: int = Field(86400, ge=1, le=31 * 86400)
+    calls: int = Field(10, ge=2)
+
+
+class UltraShort(Rule):
+    """Of one binding's answered calls in a period of `window` seconds, a share of at
+    least `share` lasted under `talk_seconds`, and at least `min_calls` of them."""
+    subject_kind: ClassVar[str] = "binding"
+    talk_seconds: float = Field(3.0, gt=0)
+    share: float = Field(0.8, gt=0, le=1)
+    min_calls: int = Field(5, ge=1)
+
+
+class DeclinedRepeat(Rule):
+    """The tenant calls a customer again within `window` seconds after the customer
+    declined (dial status in `statuses` or hangup cause in `causes`), `repeats` times
+    or more in a period of `window` seconds."""
+    subject_kind: ClassVar[str] = "binding"
+    window: int = Field(600, ge=1, le=31 * 86400)
+    repeats: int = Field(1, ge=1)
+    statuses: list[str] = ["BUSY"]
+    causes: list[int] = [17, 21]  # user busy, call rejected
+
+
+class OffHours(Rule):
+    """A tenant places `attempts` calls or more to customers outside its calling hours
+    (local time in the tenant's time zone) within one local day."""
+    subject_kind: ClassVar[str] = "tenant"
+    window: int = Field(86400, ge=86400, le=86400)  # one local day, fixed
+    start: str = "08:00"  # calling hours [start, end), local time
+    end: str = "21:00"
+    attempts: int = Field(1, ge=1)
+
+    @field_validator("start", "end")
+    @classmethod
+    def _clock(cls, value: str) -> str:
+        hours, sep, minutes = value.partition(":")
+        if not (sep and hours.isdigit() and minutes.isdigit() and int(hours) <= 24 and int(minutes) < 60
+                and int(hours) * 60 + int(minutes) <= 1440):
+            raise ValueError("must be HH:MM, e.g. 08:00")
+        return value
+
+    def minute(self, which: str) -> int:
+        hours, _, minutes = getattr(self, which).partition(":")
+        return int(hours) * 60 + int(minutes)
+
+
+class Blast(Rule):
+    """One agent (caller) reaches `customers` distinct bindings or more in a period of
+    `window` seconds."""
+    subject_kind: ClassVar[str] = "caller"
+    window: int = Field(600, ge=1, le=31 * 86400)
+    customers: int = Field(30, ge=2)
+
+
+RULES: dict[str, type[Rule]] = {
+    "caller_frequency": CallerFrequency,
+    "tenant_frequency": TenantFrequency,
+    "customer_frequency": CustomerFrequency,
+    "ultra_short": UltraShort,
+    "declined_repeat": DeclinedRepeat,
+    "off_hours": OffHours,
+    "blast": Blast,
+}
+TENANT_WIDE = ("statuses", "causes")  # read once per rule, not per tenant
+
+
+class AnomalyConfig(Strict):
+    overlap_seconds: int = Field(120, ge=0)  # rescanned CDR ids: covers late commits
+    interval_seconds: float = Field(30, gt=0)  # --follow: pause between passes
+    evidence_limit: int = Field(100, ge=1, le=10000)  # CDR ids kept per finding
+    rules: dict[str, dict] = {}
+    tenants: dict[str, dict[str, dict]] = {}
+
+    @field_validator("rules")
+    @classmethod
+    def _rules(cls, rules: dict) -> dict:
+        unknown = sorted(set(rules) - set(RULES))
+        if unknown:
+            raise ValueError(f"unknown rule(s) {', '.join(unknown)}; known: {', '.join(RULES)}")
+        for name, fields in rules.items():
+            RULES[name].model_validate(fields or {})
+        return rules
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants(cls, tenants: dict) -> dict:
+        for tenant, rules in tenants.items():
+            unknown = sorted(set(rules or {}) - set(RULES))
+            if unknown:
+                raise ValueError(f"tenant {tenant}: unknown rule(s) {', '.join(unknown)}")
+            for name, fields in (rules or {}).items():
+                shared = sorted(set(fields or {}) & set(TENANT_WIDE))
+                if shared:
+                    raise ValueError(f"tenant {tenant}: {name}.{shared[0]} is set for all tenants only")
+        return tenants
+
+    def rule(self, name: str, tenant: str | None = None) -> Rule:
+        """The rule's settings for one tenant (defaults, then rules:, then tenants:)."""
+        fields = dict(self.rules.get(name) or {})
+        override = (self.tenants.get(tenant) or {}).get(name) or {} if tenant else {}
+        for key, value in override.items():
+            if key == "block" and isinstance(value, dict):
+                value = {**(fields.get("block") or {}), **value}
+            fields[key] = value
+        try:
+            return RULES[name].model_validate(fields)
+        except ValidationError as exc:
+            raise ConfigError(f"tenant {tenant}, rule {name}: {_problems(exc)}") from None
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def load(path: str | Path) -> AnomalyConfig:
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"{file}: no such anomaly rules file")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"{file}: not valid YAML{f' at line {where.line + 1}' if where else ''}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: must be a mapping of settings")
+    try:
+        config = AnomalyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{file}: {_problems(exc)}") from None
+    for tenant in config.tenants:
+        for name in RULES:
+            config.rule(name, tenant)  # every override must be valid on its own
+    return config

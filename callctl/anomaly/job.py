@@ -1,0 +1,249 @@
+"""The anomaly job: one pass over the CDRs that arrived since the stored watermark, or
+passes on an interval until told to stop.
+
+Watermark. CDR ids come from a sequence, but a CDR with a lower id can commit after one
+with a higher id (two daemons writing at once), and a CDR replayed from a daemon's spool
+after an outage gets a new id while its started_at lies in the past. So a pass reads the
+CDRs with id > safe_id, where safe_id only moves up to the highest id that a pass saw at
+least `overlap_seconds` earlier: by then every CDR with a lower id has committed. CDRs
+near the top are therefore read by more than one pass, which changes nothing: findings
+and blocks have unique keys and are inserted with ON CONFLICT DO NOTHING.
+
+Each rule then re-evaluates, in the database, the started_at range those CDRs touch,
+widened by the rule's window on each side, so late CDRs join the windows they belong to.
+A pass is one transaction: findings, blocks and the watermark commit together.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import structlog
+from sqlalchemy import String, bindparam, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from callctl.anomaly.config import RULES, AnomalyConfig, Rule
+from callctl.anomaly.rules import Sql, constants, finding_insert
+from callctl.store.models import AnomalyFinding, AnomalyState, Cdr, Tenant, UTCDateTime
+
+log = structlog.get_logger("callctl.anomaly")
+JOB = "anomaly"
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass
+class PassResult:
+    cdrs: int = 0  # CDRs read as new by this pass
+    from_id: int = 0
+    to_id: int = 0
+    findings: dict[str, int] = field(default_factory=dict)  # rule -> new findings
+    blocks: int = 0
+    seconds: float = 0.0
+
+    @property
+    def new_findings(self) -> int:
+        return sum(self.findings.values())
+
+
+def run_pass(engine: Engine, config: AnomalyConfig, now: datetime | None = None) -> PassResult:
+    started = time.monotonic()
+    now = now or datetime.now(timezone.utc)
+    sql = Sql(engine.dialect.name)
+    result = PassResult()
+    # One snapshot for the whole pass (SQLite has one anyway): what the pass counts below
+    # is exactly what its rules read.
+    options = {"isolation_level": "REPEATABLE READ"} if sql.dialect == "postgresql" else {}
+    with engine.connect().execution_options(**options) as conn, conn.begin():
+        if sql.dialect == "postgresql":
+            conn.exec_driver_sql("SET LOCAL work_mem = '256MB'")  # sorts of the window rules
+        state = _lock_state(conn)
+        lo = state.safe_id
+        if state.seen_id > lo and _count(conn, lo, state.seen_id) == state.seen_count:
+            lo = state.seen_id  # nothing committed late below the last pass's top: read above it
+        hi = conn.scalar(select(func.coalesce(func.max(Cdr.id), 0)))
+        result.from_id, result.to_id = lo, hi
+        if hi > lo:
+            count, first, last = conn.execute(
+                select(func.count(), func.min(Cdr.started_at), func.max(Cdr.started_at))
+                .where(Cdr.id > lo, Cdr.id <= hi)
+            ).one()
+            result.cdrs = count
+            if count:
+                tenants = conn.execute(select(Tenant.id, Tenant.name, Tenant.time_zone)).all()
+                for name in RULES:
+                    began = time.monotonic()
+                    result.findings[name] = _run_rule(
+                        conn, sql, config, name, tenants, first, last, lo, hi, now)
+                    result.blocks += _place_blocks(conn, config, name, tenants, now)
+                    log.debug("anomaly rule", rule=name, findings=result.findings[name],
+                              seconds=round(time.monotonic() - began, 3))
+        # Every id up to the checkpoint taken `overlap` ago has committed by now and was
+        # read by this pass or an earlier one: it becomes the safe watermark.
+        values = {"passes": state.passes + 1, "updated_at": now}
+        safe = state.safe_id
+        if state.checked_at is None or state.checked_at <= now - timedelta(seconds=config.overlap_seconds):
+            safe = max(state.checked_id, state.safe_id)
+            values.update(safe_id=safe, checked_id=max(hi, safe), checked_at=now)
+        values.update(seen_id=max(hi, safe), seen_count=_count(conn, safe, max(hi, safe)))
+        conn.execute(AnomalyState.__table__.update().where(AnomalyState.job == JOB).values(**values))
+    result.seconds = time.monotonic() - started
+    log.info("anomaly pass", cdrs=result.cdrs, from_id=lo, to_id=hi, findings=result.new_findings,
+             blocks=result.blocks, seconds=round(result.seconds, 3))
+    return result
+
+
+def _count(conn: Connection, above: int, upto: int) -> int:
+    return conn.scalar(select(func.count()).select_from(Cdr).where(Cdr.id > above, Cdr.id <= upto))
+
+
+def _lock_state(conn: Connection):
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[conn.dialect.name]
+    conn.execute(insert(AnomalyState.__table__).values(job=JOB).on_conflict_do_nothing(index_elements=["job"]))
+    # One pass at a time: a second job waits here (SQLite writers queue at BEGIN already).
+    return conn.execute(
+        select(AnomalyState).where(AnomalyState.job == JOB).with_for_update()
+    ).one()
+
+
+def _ms(moment: datetime) -> int:
+    return int((moment - EPOCH) / timedelta(milliseconds=1))
+
+
+def _run_rule(conn, sql: Sql, config: AnomalyConfig, name: str, tenants, first: datetime,
+              last: datetime, lo: int, hi: int, now: datetime) -> int:
+    """Run one rule; one statement per group of tenants with the same settings (and zone)."""
+    groups: dict[tuple, tuple[Rule, list[int]]] = {}
+    for tenant_id, tenant_name, zone in tenants:
+        rule = config.rule(name, tenant_name)
+        if rule.enabled:
+            key = (rule.model_dump_json(), zone if name == "off_hours" else None)
+            groups.setdefault(key, (rule, []))[1].append(tenant_id)
+    if not groups:
+        return 0
+    # The periods the new CDRs fall in, whole, plus one window either side for sliding ones.
+    w = max(rule.window for rule, _ in groups.values()) * 1000
+    scan_from_ms = ((_ms(first) - w) // w) * w
+    scan_to_ms = ((_ms(last) + w) // w + 1) * w
+    kind = RULES[name].subject_kind
+    found = 0
+    for (_, zone), (rule, tenant_ids) in groups.items():
+        statement = text(finding_insert(name, kind, rule, tenant_ids, sql, incremental=lo > 0)).bindparams(
+            bindparam("scan_from", type_=UTCDateTime), bindparam("scan_to", type_=UTCDateTime),
+            *([bindparam("statuses", expanding=True, type_=String), bindparam("causes", expanding=True)]
+              if name == "declined_repeat" else []),
+        )
+        values = {
+            "rule": name, "kind": kind, "lo": lo, "hi": hi,
+            "scan_from": EPOCH + timedelta(milliseconds=scan_from_ms),
+            "scan_to": EPOCH + timedelta(milliseconds=scan_to_ms),
+            "scan_from_ms": scan_from_ms, "scan_to_ms": scan_to_ms, "evidence_limit": config.evidence_limit,
+            "threshold": float(getattr(rule, "share", None) or constants(name, rule)["threshold"]),
+            "severity": rule.severity, "action": rule.action,
+        }
+        if name == "declined_repeat":
+            defaults = config.rule(name)  # statuses and causes are the same for every tenant
+            values.update(statuses=defaults.statuses or [""], causes=defaults.causes or [-1])
+        if name == "off_hours":
+            values.update(tz=zone, utc_offset_ms=_utc_offset_ms(zone, last))
+        found += conn.execute(statement, values).rowcount
+    return found
+
+
+def _utc_offset_ms(zone: str, moment: datetime) -> int:
+    try:
+        offset = moment.astimezone(ZoneInfo(zone)).utcoffset()
+    except (ZoneInfoNotFoundError, ValueError):
+        offset = None
+    return int(offset / timedelta(milliseconds=1)) if offset else 0
+
+
+_BLOCK_INSERT = """
+INSERT INTO blocks (tenant_id, scope, direction, binding_id, reason, created_by, starts_at, ends_at, finding_id)
+SELECT f.tenant_id, :scope, :direction, f.binding_id,
+       'anomaly finding ' || CAST(f.id AS VARCHAR(20)) || ': ' || f.rule, :created_by, :now, :ends_at, f.id
+FROM anomaly_findings f
+WHERE f.rule = :rule AND f.action = 'block' AND f.tenant_id IN :tenants AND f.window_end > :stale_before
+ON CONFLICT (finding_id) DO NOTHING
+"""
+
+
+def _place_blocks(conn, config: AnomalyConfig, name: str, tenants, now: datetime) -> int:
+    """One block per blocking finding, unless it would already have ended by now."""
+    kind = RULES[name].subject_kind
+    groups: dict[tuple[str, int], list[int]] = {}
+    for tenant_id, tenant_name, _ in tenants:
+        rule = config.rule(name, tenant_name)
+        if rule.enabled and rule.action == "block":
+            groups.setdefault((rule.block.direction, rule.block.seconds), []).append(tenant_id)
+    placed = 0
+    statement = text(_BLOCK_INSERT).bindparams(
+        bindparam("tenants", expanding=True),
+        *(bindparam(k, type_=UTCDateTime) for k in ("now", "ends_at", "stale_before")),
+    )
+    for (direction, seconds), tenant_ids in groups.items():
+        lasts = timedelta(seconds=seconds)
+        placed += conn.execute(statement, {
+            "scope": kind, "direction": direction, "created_by": f"anomaly:{name}", "rule": name,
+            "tenants": tenant_ids, "now": now, "ends_at": now + lasts, "stale_before": now - lasts,
+        }).rowcount
+    return placed
+
+
+def follow(engine: Engine, config: AnomalyConfig, stop: threading.Event, interval: float | None = None,
+           on_pass=None) -> int:
+    """Passes until `stop` is set (SIGTERM); a pass under way finishes first. Returns passes."""
+    passes = 0
+    while not stop.is_set():
+        try:
+            result = run_pass(engine, config)
+        except SQLAlchemyError as exc:  # database down, or another job's pass won the race
+            log.error("anomaly pass failed; retrying after the interval", error=type(exc).__name__,
+                      detail=str(getattr(exc, "orig", exc)).splitlines()[0][:200])
+        else:
+            passes += 1
+            if on_pass:
+                on_pass(result)
+        stop.wait(interval if interval is not None else config.interval_seconds)
+    return passes
+
+
+def list_findings(engine: Engine, tenant: str | None = None, rule: str | None = None,
+                  since: datetime | None = None, limit: int = 100) -> list[dict]:
+    """Newest findings first, with the tenant's name and any block they caused."""
+    from callctl.store.models import Block
+
+    query = (
+        select(AnomalyFinding, Tenant.name.label("tenant"), Block.id.label("block_id"),
+               Block.ends_at.label("block_ends_at"))
+        .join(Tenant, Tenant.id == AnomalyFinding.tenant_id)
+        .outerjoin(Block, Block.finding_id == AnomalyFinding.id)
+        .order_by(AnomalyFinding.window_end.desc(), AnomalyFinding.id.desc())
+        .limit(limit)
+    )
+    if tenant:
+        query = query.where(Tenant.name == tenant)
+    if rule:
+        query = query.where(AnomalyFinding.rule == rule)
+    if since:
+        query = query.where(AnomalyFinding.window_end >= since)
+    rows = []
+    with engine.connect() as conn:
+        for row in conn.execute(query):
+            finding = row._mapping
+            rows.append({
+                "id": finding["id"], "rule": finding["rule"], "tenant": finding["tenant"],
+                "subject_kind": finding["subject_kind"], "subject": finding["subject"],
+                "window_start": finding["window_start"].isoformat(),
+                "window_end": finding["window_end"].isoformat(),
+                "calls": finding["calls"], "measure": finding["measure"], "threshold": finding["threshold"],
+                "severity": finding["severity"], "action": finding["action"],
+                "block_id": finding["block_id"],
+                "block_ends_at": finding["block_ends_at"].isoformat() if finding["block_ends_at"] else None,
+                "evidence": sorted(int(i) for i in finding["evidence"].split(",") if i),
+            })
+    return rows

@@ -51,7 +51,7 @@ class AsteriskAdapter:
         loop = asyncio.get_running_loop()
         x, decision = await loop.run_in_executor(self.executor, self.service.route, called, caller)
         decided_ms = (time.perf_counter() - started) * 1000
-        await session.set_variables(
+        await session.set_variables_at_once(
             {f"CALLCTL_{name.upper()}": value for name, value in decision_variables(decision).items()}
         )
         log.info(

@@ -55,7 +55,7 @@ class CallService:
         # CDR from the spool: past write_timeout the CDR is spooled. If the stuck write
         # commits later, replay finds it there and skips it.
         self.write_timeout = write_timeout
-        self._writes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="callctl-cdr") if write_timeout else None
+        self._writes = ThreadPoolExecutor(max_workers=16, thread_name_prefix="callctl-cdr-write") if write_timeout else None
 
     def route(self, called: str, caller: str, now: datetime | None = None) -> tuple[str | None, Decision]:
         """Decide a call to `called` from `caller` (both as the PBX sent them).
@@ -69,7 +69,7 @@ class CallService:
             return None, Reject(Reason.UNKNOWN_NUMBER)
         caller_number = caller_e164(caller, self.region)
         try:
-            facts = call_facts(self.engine, x, caller_number, now)
+            facts = _reconnecting(call_facts, self.engine, x, caller_number, now)
         except SQLAlchemyError as exc:
             log.error("database unavailable for routing", x=x, error=type(exc).__name__)
             return x, Reject(Reason.UNAVAILABLE)
@@ -83,9 +83,9 @@ class CallService:
         row = self.cdr_row(call, now or datetime.now(timezone.utc))
         try:
             if self._writes:
-                written = self._writes.submit(write_cdr, self.engine, row).result(self.write_timeout)
+                written = self._writes.submit(_reconnecting, write_cdr, self.engine, row).result(self.write_timeout)
             else:
-                written = write_cdr(self.engine, row)
+                written = _reconnecting(write_cdr, self.engine, row)
         except (SQLAlchemyError, FutureTimeout) as exc:
             self.spool.append(row)
             log.warning("database unavailable, CDR spooled", call_id=row["call_id"],
@@ -188,6 +188,18 @@ def decision_variables(decision: Decision) -> dict[str, str]:
         values["direction"] = str(decision.direction)
     values["action"] = "reject"
     return values
+
+
+def _reconnecting(query, engine: Engine, *args):
+    """Run a database call; once more if its pooled connection had died (database
+    restart, failover). SQLAlchemy then invalidates the whole pool, so the retry gets a
+    fresh connection: cheaper than pinging before every checkout on the call path."""
+    try:
+        return query(engine, *args)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        return query(engine, *args)
 
 
 def _int(value: str) -> int | None:

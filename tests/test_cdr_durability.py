@@ -36,8 +36,8 @@ def free_port() -> int:
 
 async def agi_session(port: int, script: str, uniqueid: str, args: list[str] = (), env: dict | None = None,
                       timeout: float = 15.0) -> dict[str, str] | None:
-    """One FastAGI session as Asterisk runs it: the environment, then '200 result=1' to
-    every SET VARIABLE. Returns the variables set, or None if the daemon was unreachable
+    """One FastAGI session as Asterisk runs it: the environment, then an answer to every
+    SET VARIABLE and EXEC MSet. Returns the variables set, or None if the daemon was unreachable
     or the session broke off."""
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -51,11 +51,15 @@ async def agi_session(port: int, script: str, uniqueid: str, args: list[str] = (
         writer.write(b"".join(f"{k}: {v}\n".encode() for k, v in lines.items()) + b"\n")
         async with asyncio.timeout(timeout):
             while line := await reader.readline():
-                verb, _, rest = line.decode().partition(" VARIABLE ")
-                if verb == "SET":
-                    name, _, value = rest.strip().partition(" ")
+                command = line.decode().strip()
+                if command.startswith("SET VARIABLE "):
+                    name, _, value = command[13:].partition(" ")
                     variables[name] = value.strip('"')
                     writer.write(b"200 result=1\n")
+                elif command.startswith("EXEC MSet "):
+                    pairs = (pair.partition("=") for pair in command[10:].strip('"').split(","))
+                    variables.update((name, value) for name, _, value in pairs)
+                    writer.write(b"200 result=0\n")
                 else:
                     writer.write(b"510 Invalid or unknown command\n")
         return variables

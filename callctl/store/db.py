@@ -13,10 +13,12 @@ if not SQL_DIR.is_dir():
     SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 
 
-def make_engine(url: str, pool_size: int = 8, timeout: float | None = None) -> Engine:
-    """An engine for `url`. With `timeout` (seconds; the daemon's db_timeout) no database
-    call waits longer than that for a connection, a reply or a lock, so a dead or hung
-    database turns into an error the caller can fail closed on, not a hung call."""
+def make_engine(url: str, pool_size: int = 8, pre_ping: bool = True, timeout: float | None = None) -> Engine:
+    """pre_ping=False saves a round trip per checkout; the caller must then retry once
+    on a dead connection (as callctl.service does on the call path). With `timeout`
+    (seconds; the daemon's db_timeout) no database call waits longer than that for a
+    connection, a reply or a lock, so a dead or hung database turns into an error the
+    caller can fail closed on, not a hung call."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
@@ -49,7 +51,7 @@ def make_engine(url: str, pool_size: int = 8, timeout: float | None = None) -> E
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_timeout=timeout or 30,
-        pool_pre_ping=True,  # a restarted database costs one failed ping, not a failed call
+        pool_pre_ping=pre_ping,  # a restarted database costs one failed ping, not a failed request
         connect_args=connect_args,
     )
 

@@ -374,3 +374,26 @@ def test_bad_rules_file_is_one_clear_error(tmp_path, body, message):
     with pytest.raises(ConfigError, match=None) as err:
         load(path)
     assert message in str(err.value)
+
+
+def test_off_hours_follows_daylight_saving_changes(engine, world):
+    """Europe/Berlin leaves summer time on 2026-10-25 at 01:00 UTC: 05:30 UTC is 07:30
+    local before it and 06:30 local after it, and 06:30 UTC is 07:30 local after it."""
+    acme = world["acme"][0]
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE tenants SET time_zone = 'Europe/Berlin' WHERE id = :id"), {"id": acme})
+    utc = lambda day, hh, mm: datetime(2026, 10, day, hh, mm, tzinfo=timezone.utc)
+    add(engine, cdr(acme, utc(24, 5, 30)), cdr(acme, utc(24, 6, 30)),  # 07:30, 08:30 CEST
+        cdr(acme, utc(26, 6, 30)), cdr(acme, utc(26, 7, 30)))          # 07:30, 08:30 CET
+    run_pass(engine, rules("off_hours", start="08:00", end="21:00", attempts=1), now=LATER)
+    assert sorted(f["window_start"] for f in findings(engine)) == [
+        utc(24, 5, 30).isoformat(), utc(26, 6, 30).isoformat()]
+
+
+def test_offset_segments_cut_at_the_change():
+    from callctl.anomaly.job import offset_segments
+
+    start, end = datetime(2026, 10, 24, tzinfo=timezone.utc), datetime(2026, 10, 27, tzinfo=timezone.utc)
+    change = datetime(2026, 10, 25, 1, 0, tzinfo=timezone.utc)
+    assert offset_segments("Europe/Berlin", start, end) == [(start, change, 7_200_000), (change, end, 3_600_000)]
+    assert offset_segments("Asia/Shanghai", start, end) == [(start, end, 28_800_000)]

@@ -60,7 +60,8 @@ def run_pass(engine: Engine, config: AnomalyConfig, now: datetime | None = None)
     options = {"isolation_level": "REPEATABLE READ"} if sql.dialect == "postgresql" else {}
     with engine.connect().execution_options(**options) as conn, conn.begin():
         if sql.dialect == "postgresql":
-            conn.exec_driver_sql("SET LOCAL work_mem = '256MB'")  # sorts of the window rules
+            conn.exec_driver_sql("SET LOCAL work_mem = '256MB'")  # the rules' sorts and aggregates
+            conn.exec_driver_sql("SET LOCAL jit = off")  # compiling cost more than it saved here
         state = _lock_state(conn)
         lo = state.safe_id
         if state.seen_id > lo and _count(conn, lo, state.seen_id) == state.seen_count:
@@ -125,41 +126,55 @@ def _run_rule(conn, sql: Sql, config: AnomalyConfig, name: str, tenants, first: 
             groups.setdefault(key, (rule, []))[1].append(tenant_id)
     if not groups:
         return 0
-    # The periods the new CDRs fall in, whole, plus one window either side for sliding ones.
-    w = max(rule.window for rule, _ in groups.values()) * 1000
-    scan_from_ms = ((_ms(first) - w) // w) * w
-    scan_to_ms = ((_ms(last) + w) // w + 1) * w
     kind = RULES[name].subject_kind
     found = 0
     for (_, zone), (rule, tenant_ids) in groups.items():
+        # The periods the new CDRs fall in plus one window either side, aligned to the
+        # window: fixed periods are then whole, sliding windows see their history.
+        w = rule.window * 1000
+        scan_from = EPOCH + timedelta(milliseconds=((_ms(first) - w) // w) * w)
+        scan_to = EPOCH + timedelta(milliseconds=((_ms(last) + w) // w + 1) * w)
         statement = text(finding_insert(name, kind, rule, tenant_ids, sql, incremental=lo > 0)).bindparams(
             bindparam("scan_from", type_=UTCDateTime), bindparam("scan_to", type_=UTCDateTime),
             *([bindparam("statuses", expanding=True, type_=String), bindparam("causes", expanding=True)]
               if name == "declined_repeat" else []),
         )
         values = {
-            "rule": name, "kind": kind, "lo": lo, "hi": hi,
-            "scan_from": EPOCH + timedelta(milliseconds=scan_from_ms),
-            "scan_to": EPOCH + timedelta(milliseconds=scan_to_ms),
-            "scan_from_ms": scan_from_ms, "scan_to_ms": scan_to_ms, "evidence_limit": config.evidence_limit,
+            "rule": name, "kind": kind, "lo": lo, "hi": hi, "evidence_limit": config.evidence_limit,
             "threshold": float(getattr(rule, "share", None) or constants(name, rule)["threshold"]),
             "severity": rule.severity, "action": rule.action,
         }
         if name == "declined_repeat":
             defaults = config.rule(name)  # statuses and causes are the same for every tenant
             values.update(statuses=defaults.statuses or [""], causes=defaults.causes or [-1])
-        if name == "off_hours":
-            values.update(tz=zone, utc_offset_ms=_utc_offset_ms(zone, last))
-        found += conn.execute(statement, values).rowcount
+        # off_hours: one statement per stretch of one UTC offset; the others, one in all.
+        segments = offset_segments(zone, scan_from, scan_to) if name == "off_hours" else [(scan_from, scan_to, 0)]
+        for start, end, offset_ms in segments:
+            values.update(scan_from=start, scan_to=end, utc_offset_ms=offset_ms)
+            found += conn.execute(statement, values).rowcount
     return found
 
 
-def _utc_offset_ms(zone: str, moment: datetime) -> int:
+def offset_segments(zone: str, start: datetime, end: datetime) -> list[tuple[datetime, datetime, int]]:
+    """[start, end) cut where the zone's UTC offset changes, each piece with its offset (ms)."""
     try:
-        offset = moment.astimezone(ZoneInfo(zone)).utcoffset()
+        tz = ZoneInfo(zone)
     except (ZoneInfoNotFoundError, ValueError):
-        offset = None
-    return int(offset / timedelta(milliseconds=1)) if offset else 0
+        log.warning("unknown tenant time zone, using UTC", zone=zone)
+        tz = timezone.utc
+    offset = lambda moment: moment.astimezone(tz).utcoffset()
+    cuts, day = [], start
+    while day < end:
+        following = min(day + timedelta(days=1), end)
+        if offset(following) != offset(day):  # a change within the day: find its instant
+            before, after = day, following
+            while after - before > timedelta(microseconds=1):
+                middle = before + (after - before) / 2
+                before, after = (middle, after) if offset(middle) == offset(before) else (before, middle)
+            cuts.append(after)
+        day = following
+    bounds = [start, *cuts, end]
+    return [(a, b, int(offset(a) / timedelta(milliseconds=1))) for a, b in zip(bounds, bounds[1:])]
 
 
 _BLOCK_INSERT = """

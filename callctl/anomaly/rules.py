@@ -42,13 +42,6 @@ class Sql:
             return f"CAST(date_part('epoch', {column}) * 1000 AS BIGINT)"  # double: fast, exact to the ms
         return f"CAST(ROUND((julianday({column}) - 2440587.5) * 86400000.0) AS INTEGER)"
 
-    def local_ms(self, column: str) -> str:
-        """Local wall-clock time in the zone :tz, as epoch milliseconds."""
-        if self.dialect == "postgresql":
-            return f"CAST(date_part('epoch', {column} AT TIME ZONE :tz) * 1000 AS BIGINT)"
-        # SQLite knows no time zones: the zone's UTC offset at the scan, from Python.
-        return f"({self.ms(column)} + :utc_offset_ms)"
-
     def id_list(self, column: str) -> str:
         if self.dialect == "postgresql":
             return f"string_agg(CAST({column} AS TEXT), ',' ORDER BY {column})"
@@ -81,8 +74,6 @@ evidence AS (
       ON s.tenant_id = h.tenant_id AND s.subject = h.subject AND s.started_at BETWEEN h.from_at AND h.to_at
 )"""
 
-# Fixed periods: only periods wholly inside the scan range count (a cut one is partial).
-_WHOLE = "(t / {w}) * {w} >= :scan_from_ms AND (t / {w}) * {w} + {w} <= :scan_to_ms"
 
 RULE_SQL: dict[str, RuleSql] = {
     "caller_frequency": RuleSql("c.caller_hash IS NOT NULL", "", _SLIDING, sliding=True),
@@ -92,20 +83,26 @@ RULE_SQL: dict[str, RuleSql] = {
     "ultra_short": RuleSql(
         where="c.direction = 'to_customer' AND c.binding_id IS NOT NULL AND c.answered_at IS NOT NULL",
         columns=", CASE WHEN c.talk_seconds * 1000 < {talk_ms} THEN 1 ELSE 0 END AS short",
-        body=f"""
-grouped AS (
-    SELECT tenant_id, subject, (t / {{w}}) * {{w}} AS period_ms, COUNT(*) AS answered, SUM(short) AS shorts
-    FROM scoped WHERE {_WHOLE}
-    GROUP BY tenant_id, subject, (t / {{w}}) * {{w}}
+        body="""
+shorts AS (  -- short calls are few: count them first, then all answered calls of their periods
+    SELECT tenant_id, subject, (t / {w}) * {w} AS period_ms, COUNT(*) AS shorts
+    FROM scoped WHERE short = 1
+    GROUP BY tenant_id, subject, (t / {w}) * {w} HAVING COUNT(*) >= {min_calls}
+),
+periods AS (
+    SELECT p.tenant_id, p.subject, p.period_ms, MAX(p.shorts) AS shorts, COUNT(*) AS answered
+    FROM shorts p JOIN scoped s
+      ON s.tenant_id = p.tenant_id AND s.subject = p.subject AND (s.t / {w}) * {w} = p.period_ms
+    GROUP BY p.tenant_id, p.subject, p.period_ms
 ),
 hits AS (
     SELECT tenant_id, subject, period_ms, shorts * 1.0 / answered AS measure
-    FROM grouped WHERE shorts >= {{min_calls}} AND shorts * 1000000 >= {{share_ppm}} * answered
+    FROM periods WHERE shorts * 1000000 >= {share_ppm} * answered
 ),
 evidence AS (
     SELECT h.tenant_id, h.subject, h.period_ms, s.id, s.started_at
     FROM hits h JOIN scoped s
-      ON s.tenant_id = h.tenant_id AND s.subject = h.subject AND (s.t / {{w}}) * {{w}} = h.period_ms
+      ON s.tenant_id = h.tenant_id AND s.subject = h.subject AND (s.t / {w}) * {w} = h.period_ms
     WHERE s.short = 1
 )""",
     ),
@@ -138,7 +135,8 @@ evidence AS (
     ),
     "off_hours": RuleSql(
         where="c.direction = 'to_customer'",
-        columns=", {local_ms} AS local_t",
+        # Local wall clock: the scan has one UTC offset (the job splits scans at DST changes).
+        columns=", {start_ms} + :utc_offset_ms AS local_t",
         body="""
 outside AS (
     SELECT s.*, (local_t / 86400000) * 86400000 AS period_ms
@@ -157,17 +155,18 @@ evidence AS (
     "blast": RuleSql(
         where="c.direction = 'to_customer' AND c.caller_hash IS NOT NULL AND c.binding_id IS NOT NULL",
         columns=", c.binding_id AS customer",
-        body=f"""
+        body="""
+counted AS (
+    SELECT tenant_id, subject, (t / {w}) * {w} AS period_ms, COUNT(DISTINCT customer) AS measure
+    FROM scoped GROUP BY tenant_id, subject, (t / {w}) * {w}
+),
 hits AS (
-    SELECT tenant_id, subject, (t / {{w}}) * {{w}} AS period_ms, COUNT(DISTINCT customer) AS measure
-    FROM scoped WHERE {_WHOLE}
-    GROUP BY tenant_id, subject, (t / {{w}}) * {{w}}
-    HAVING COUNT(DISTINCT customer) >= {{customers}}
+    SELECT * FROM counted WHERE measure >= {customers}
 ),
 evidence AS (
     SELECT h.tenant_id, h.subject, h.period_ms, s.id, s.started_at
     FROM hits h JOIN scoped s
-      ON s.tenant_id = h.tenant_id AND s.subject = h.subject AND (s.t / {{w}}) * {{w}} = h.period_ms
+      ON s.tenant_id = h.tenant_id AND s.subject = h.subject AND (s.t / {w}) * {w} = h.period_ms
 )""",
     ),
 }
@@ -200,7 +199,7 @@ def finding_insert(name: str, kind: str, rule: Rule, tenant_ids: list[int], sql:
     outside = (f"minute < {start} OR minute >= {end}" if start <= end
                else f"minute < {start} AND minute >= {end}")
     fill = dict(values, partition=PARTITION[kind], first_ms=sql.ms("m.first_at"), outside=outside,
-                end_ms=sql.ms("COALESCE(c.ended_at, c.started_at)"), local_ms=sql.local_ms("c.started_at"))
+                end_ms=sql.ms("COALESCE(c.ended_at, c.started_at)"), start_ms=sql.ms("c.started_at"))
     subject = SUBJECT[kind]
     # After the first pass only subjects with new CDRs can have new findings.
     touched = (f"AND {subject} IN (SELECT {subject} FROM cdrs c WHERE c.id > :lo AND c.id <= :hi)"

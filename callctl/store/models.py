@@ -175,7 +175,8 @@ class Cdr(Base):
               postgresql_include=["direction", "binding_id"]),
         Index("ix_cdr_tenant_started", "tenant_id", "started_at", "id", postgresql_include=["direction"]),
         Index("ix_cdr_binding_started", "binding_id", "started_at", "id",
-              postgresql_include=["tenant_id", "direction"]),
+              postgresql_include=["tenant_id", "direction", "dial_status", "hangup_cause", "ended_at",
+                                  "answered_at", "talk_seconds"]),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     call_id: Mapped[str] = mapped_column(String(150))

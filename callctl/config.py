@@ -21,10 +21,10 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class AgiConfig(Strict):
-    listen: str = "127.0.0.1:4573"
-    env_timeout: float = Field(5.0, gt=0)
-    command_timeout: float = Field(5.0, gt=0)
+class Listener(Strict):
+    """A section with a listen address, HOST:PORT."""
+
+    listen: str
 
     @field_validator("listen")
     @classmethod
@@ -43,6 +43,17 @@ class AgiConfig(Strict):
         return int(self.listen.rpartition(":")[2])
 
 
+class AgiConfig(Listener):
+    listen: str = "127.0.0.1:4573"
+    env_timeout: float = Field(5.0, gt=0)
+    command_timeout: float = Field(5.0, gt=0)
+
+
+class ApiConfig(Listener):
+    listen: str = "127.0.0.1:8080"
+    access_log: bool = False  # uvicorn's per-request log lines (paths and status only)
+
+
 class LogConfig(Strict):
     format: str = Field("console", pattern="^(console|json)$")
     level: str = Field("info", pattern="^(debug|info|warning|error)$")
@@ -57,6 +68,7 @@ class Config(Strict):
     axe_extension_digits: int = Field(4, ge=1, le=6)  # AXE: digits of an extension on X
     db_threads: int = Field(8, ge=1, le=64)
     agi: AgiConfig = AgiConfig()
+    api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
 
 
@@ -68,6 +80,7 @@ ENV_OVERRIDES = {
     "CALLCTL_SPOOL_DIR": (None, "spool_dir"),
     "CALLCTL_QUARANTINE_DAYS": (None, "quarantine_days"),
     "CALLCTL_AGI_LISTEN": ("agi", "listen"),
+    "CALLCTL_API_LISTEN": ("api", "listen"),
     "CALLCTL_LOG_FORMAT": ("log", "format"),
     "CALLCTL_LOG_LEVEL": ("log", "level"),
 }

@@ -295,13 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from callctl.store.provision import ProvisionError
+    from callctl.store.spool import SpoolError
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
     try:
         cfg = config_mod.load(args.config)
         logs.setup(cfg.log.format, cfg.log.level)
         args.func(cfg, args)
-    except config_mod.ConfigError as exc:
+    except (config_mod.ConfigError, SpoolError) as exc:
         print(f"callctl: config error: {exc}", file=sys.stderr)
         return 2
     except ProvisionError as exc:

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench.py --only anomaly
 
 Database `callctl_bench_anomaly` (created here, kept between runs: generating the CDRs
-takes minutes) holds 20 tenants and N synthetic CDRs over 30 days, made set-based with
+takes minutes) holds 20 tenants and N synthetic CDRs over 30 days (a partition per day), made set-based with
 INSERT ... SELECT FROM generate_series in chunks of 1,000,000: 2,000 agents calling
 1,000,000 bindings, a fifth of the calls from customers, 70% answered, 10% busy, talk
 times 0-300 s, uniform over the day (so off-hours calls exist). Each run clears the job's
@@ -26,6 +26,7 @@ from sqlalchemy import text
 from callctl.anomaly.config import load as load_rules
 from callctl.anomaly.job import run_pass
 from callctl.store.db import make_engine, upgrade
+from callctl.store.partitions import ensure_cdr_partitions
 
 DB_NAME = "callctl_bench_anomaly"
 TENANTS = 20
@@ -91,6 +92,7 @@ def prepare(admin_dsn: str, url: str, n: int) -> dict:
     admin.close()
     engine = make_engine(url, pool_size=1)
     upgrade(engine)
+    ensure_cdr_partitions(engine, days_ahead=DAYS + 1, today=START.date())  # a partition per day, as in production
     started = time.monotonic()
     raw = engine.raw_connection()
     try:

@@ -107,6 +107,7 @@ class Scanner:
     def __init__(self, people: set[str], tenant_lines: set[str]):
         self.kind = {n: "tenant line" for n in tenant_lines} | {n: "person" for n in people}
         self.numbers = sorted(self.kind)
+        self.seen = {"captures": 0, "files": 0, "tables": 0}  # what was read, for the report
         self.pattern = re.compile(
             r"(?<!\d)(?:" + "|".join(f"(?P<n{i}>{_forms(n)})" for i, n in enumerate(self.numbers)) + r")(?!\d)"
         ) if self.numbers else None
@@ -129,6 +130,7 @@ class Scanner:
         hits = []
         for path in sorted(Path(folder).glob("*.txt")):
             channel = path.name.split("--", 1)[0]
+            self.seen["captures"] += 1
             hits += self.text(path.read_text(errors="replace"), channel if channel in CHANNELS else "file",
                               str(path))
         return hits
@@ -150,6 +152,7 @@ class Scanner:
                 if head.startswith(b"SQLite format 3"):
                     hits += self.sqlite(path)
                 elif path.stat().st_size <= _MAX_BYTES:
+                    self.seen["files"] += 1
                     hits += self.text(path.read_text(errors="replace"), "file", str(path))
         return hits
 
@@ -161,6 +164,7 @@ class Scanner:
                 present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 for table in SCANNED_TABLES:
                     if table in present:
+                        self.seen["tables"] += 1
                         rows = conn.execute(f"SELECT * FROM {table}").fetchall()
                         hits += self.text("\n".join(repr(r) for r in rows), "cdr", f"{path} [{table}]")
             finally:
@@ -176,8 +180,9 @@ def _mask(number: str) -> str:
     return mask(number)
 
 
-def scan(capture: Path | None, basetemp: Path | None, sources: list[Path]) -> list[Hit]:
-    """Register the numbers of the test sources, then scan the capture and basetemp."""
+def scan(capture: Path | None, basetemp: Path | None, sources: list[Path]) -> tuple[list[Hit], dict]:
+    """Register the numbers of the test sources, then scan the capture and basetemp.
+    Returns the hits and how much was read."""
     for folder in {Path(s).parent for s in sources}:
         realnumbers.register_sources(folder)
     scanner = Scanner(realnumbers.PEOPLE, realnumbers.TENANT_LINES)
@@ -186,12 +191,13 @@ def scan(capture: Path | None, basetemp: Path | None, sources: list[Path]) -> li
         hits += scanner.capture(capture)
     if basetemp is not None and basetemp.is_dir():
         hits += scanner.tree(basetemp, skip=capture)
-    return hits
+    return hits, {**scanner.seen, "numbers": len(scanner.numbers)}
 
 
 # -- the pytest hooks (imported by tests/conftest.py) ------------------------------------
 
 _HITS = pytest.StashKey[list]()
+_SEEN = pytest.StashKey[dict]()
 
 
 def pytest_configure(config):
@@ -207,7 +213,7 @@ def pytest_sessionfinish(session, exitstatus):
     factory = getattr(config, "_tmp_path_factory", None)
     basetemp = factory.getbasetemp() if factory is not None and factory._basetemp is not None else None
     sources = sorted({Path(item.path) for item in session.items} | {Path(__file__)})
-    hits = scan(capture, basetemp, sources)
+    hits, config.stash[_SEEN] = scan(capture, basetemp, sources)
     config.stash[_HITS] = hits
     if hits:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -219,8 +225,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     hits = config.stash.get(_HITS, None)
     if hits is None:
         return
+    seen = config.stash.get(_SEEN, {})
+    read = (f"{seen.get('numbers', 0)} numbers; {seen.get('captures', 0)} captured outputs, "
+            f"{seen.get('files', 0)} files, {seen.get('tables', 0)} SQLite CDR tables read")
     if not hits:
-        terminalreporter.write_line("leak check: no real number in any log, CDR, output or export")
+        terminalreporter.write_line(f"leak check: no real number in any log, CDR, output or export ({read})")
         return
     terminalreporter.section("leak check: real numbers found outside an audited reveal", red=True)
     for hit in hits[:200]:

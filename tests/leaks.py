@@ -235,3 +235,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for hit in hits[:200]:
         terminalreporter.write_line(str(hit))
     terminalreporter.write_line(f"{len(hits)} leak(s); the capture is kept at {capture_dir()}")
+    terminalreporter.write_line("(a test pool's virtual numbers are not leaks: list their range in "
+                                "tests/realnumbers.py VIRTUAL_PREFIXES)")

@@ -29,11 +29,33 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join([line([t for _, t in columns]), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
+def _non_negative(text: str) -> int:
+    if not text.isdigit() or int(text) > 3660:
+        raise argparse.ArgumentTypeError("a whole number of days, 0 to 3660")
+    return int(text)
+
+
 def cmd_db_upgrade(cfg, args):
     from callctl.store.db import upgrade
 
     applied = upgrade(_engine(cfg))
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+
+
+def cmd_db_partitions(cfg, args):
+    from callctl.store.partitions import cdr_partitions, ensure_cdr_partitions
+
+    engine = _engine(cfg)
+    if engine.dialect.name != "postgresql":
+        print("CDR partitions are a PostgreSQL feature; this database is not partitioned")
+        return
+    created = ensure_cdr_partitions(engine, days_ahead=args.days)
+    if args.json:
+        _print_json({"created": created, "partitions": cdr_partitions(engine)})
+        return
+    print("created: " + ", ".join(created) if created else "CDR partitions are up to date")
+    print(_table(cdr_partitions(engine), [("partition", "partition"), ("range", "range"),
+                                          ("rows_estimate", "rows (estimate)")]))
 
 
 def cmd_tenant_add(cfg, args):
@@ -265,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = top.add_parser("db", help="database schema").add_subparsers(dest="sub", required=True)
     db.add_parser("upgrade", help="create or migrate the schema").set_defaults(func=cmd_db_upgrade)
+    parts = db.add_parser("partitions", help="create the coming days' CDR partitions (PostgreSQL; the daemon does it hourly)")
+    parts.add_argument("--days", type=_non_negative, default=7, help="days ahead (default 7)")
+    parts.add_argument("--json", action="store_true", help="JSON for programs")
+    parts.set_defaults(func=cmd_db_partitions)
 
     tenant = top.add_parser("tenant", help="tenants (businesses)").add_subparsers(dest="sub", required=True)
     add = tenant.add_parser("add", help="add a tenant")

@@ -376,6 +376,15 @@ def test_bad_rules_file_is_one_clear_error(tmp_path, body, message):
     assert message in str(err.value)
 
 
+def test_off_hours_uses_the_tenants_calling_hours(engine, world):
+    acme, beta = world["acme"][0], world["beta"][0]
+    with engine.begin() as conn:  # acme calls 09:00-20:00; beta keeps the default 08:00-21:00
+        conn.execute(text("UPDATE tenants SET calls_from = '09:00', calls_until = '20:00' WHERE id = :id"), {"id": acme})
+    add(engine, cdr(acme, _local(8, 30)), cdr(beta, _local(8, 30), caller_hash="agent-2"))
+    run_pass(engine, rules("off_hours", attempts=1), now=LATER)
+    assert [f["tenant"] for f in findings(engine)] == ["acme"]
+
+
 def test_off_hours_follows_daylight_saving_changes(engine, world):
     """Europe/Berlin leaves summer time on 2026-10-25 at 01:00 UTC: 05:30 UTC is 07:30
     local before it and 06:30 local after it, and 06:30 UTC is 07:30 local after it."""

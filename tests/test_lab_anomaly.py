@@ -19,7 +19,7 @@ from lab import harness
 from tests.pg import TestDatabase
 from tests.test_cli import CALLCTL
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1500)]  # waits its turn for the lab
 
 AGENT, HOTLINE, CUSTOMER = "+8613900000002", "+861058000000", "+8613800000001"
 SHORT_CALLS = 6

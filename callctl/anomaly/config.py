@@ -83,25 +83,35 @@ class DeclinedRepeat(Rule):
 
 class OffHours(Rule):
     """A tenant places `attempts` calls or more to customers outside its calling hours
-    (local time in the tenant's time zone) within one local day."""
+    (local time in the tenant's time zone) within one local day. The hours are the
+    tenant's own (tenants.calls_from / calls_until) unless `start`/`end` are set here."""
     subject_kind: ClassVar[str] = "tenant"
     window: int = Field(86400, ge=86400, le=86400)  # one local day, fixed
-    start: str = "08:00"  # calling hours [start, end), local time
-    end: str = "21:00"
+    start: str | None = None  # calling hours [start, end), local time; start > end crosses midnight
+    end: str | None = None
     attempts: int = Field(1, ge=1)
 
     @field_validator("start", "end")
     @classmethod
-    def _clock(cls, value: str) -> str:
-        hours, sep, minutes = value.partition(":")
-        if not (sep and hours.isdigit() and minutes.isdigit() and int(hours) <= 24 and int(minutes) < 60
-                and int(hours) * 60 + int(minutes) <= 1440):
+    def _clock(cls, value: str | None) -> str | None:
+        if value is not None and clock_minute(value) is None:
             raise ValueError("must be HH:MM, e.g. 08:00")
         return value
 
-    def minute(self, which: str) -> int:
-        hours, _, minutes = getattr(self, which).partition(":")
-        return int(hours) * 60 + int(minutes)
+    @model_validator(mode="after")
+    def _both(self):
+        if (self.start is None) != (self.end is None):
+            raise ValueError("give both start and end, or neither (the tenant's calling hours)")
+        return self
+
+
+def clock_minute(value: str) -> int | None:
+    """'HH:MM' as minutes after midnight (24:00 is 1440), or None if it is not one."""
+    hours, sep, minutes = value.partition(":")
+    if not (sep and len(hours) == 2 and len(minutes) == 2 and hours.isdigit() and minutes.isdigit()):
+        return None
+    minute = int(hours) * 60 + int(minutes)
+    return minute if int(minutes) < 60 and minute <= 1440 else None
 
 
 class Blast(Rule):

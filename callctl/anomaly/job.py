@@ -75,7 +75,8 @@ def run_pass(engine: Engine, config: AnomalyConfig, now: datetime | None = None)
             ).one()
             result.cdrs = count
             if count:
-                tenants = conn.execute(select(Tenant.id, Tenant.name, Tenant.time_zone)).all()
+                tenants = conn.execute(select(Tenant.id, Tenant.name, Tenant.time_zone, Tenant.calls_from,
+                                              Tenant.calls_until)).all()
                 for name in RULES:
                     began = time.monotonic()
                     result.findings[name] = _run_rule(
@@ -119,8 +120,10 @@ def _run_rule(conn, sql: Sql, config: AnomalyConfig, name: str, tenants, first: 
               last: datetime, lo: int, hi: int, now: datetime) -> int:
     """Run one rule; one statement per group of tenants with the same settings (and zone)."""
     groups: dict[tuple, tuple[Rule, list[int]]] = {}
-    for tenant_id, tenant_name, zone in tenants:
+    for tenant_id, tenant_name, zone, calls_from, calls_until in tenants:
         rule = config.rule(name, tenant_name)
+        if name == "off_hours" and rule.start is None:  # the tenant's own calling hours
+            rule = rule.model_copy(update={"start": calls_from, "end": calls_until})
         if rule.enabled:
             key = (rule.model_dump_json(), zone if name == "off_hours" else None)
             groups.setdefault(key, (rule, []))[1].append(tenant_id)
@@ -191,7 +194,7 @@ def _place_blocks(conn, config: AnomalyConfig, name: str, tenants, now: datetime
     """One block per blocking finding, unless it would already have ended by now."""
     kind = RULES[name].subject_kind
     groups: dict[tuple[str, int], list[int]] = {}
-    for tenant_id, tenant_name, _ in tenants:
+    for tenant_id, tenant_name, *_ in tenants:
         rule = config.rule(name, tenant_name)
         if rule.enabled and rule.action == "block":
             groups.setdefault((rule.block.direction, rule.block.seconds), []).append(tenant_id)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from callctl.anomaly.config import Rule
+from callctl.anomaly.config import Rule, clock_minute
 
 SUBJECT = {"caller": "c.caller_hash", "binding": "c.binding_id", "tenant": "c.tenant_id"}
 # A binding belongs to one tenant; a caller's number may call several tenants.
@@ -182,8 +182,8 @@ def constants(name: str, rule: Rule) -> dict[str, int]:
                       min_calls=rule.min_calls)
     elif name == "declined_repeat":
         values.update(repeats=rule.repeats, threshold=rule.repeats)
-    elif name == "off_hours":
-        values.update(start=rule.minute("start"), end=rule.minute("end"), attempts=rule.attempts,
+    elif name == "off_hours":  # start/end filled in from the tenant's hours by the job
+        values.update(start=clock_minute(rule.start), end=clock_minute(rule.end), attempts=rule.attempts,
                       threshold=rule.attempts)
     elif name == "blast":
         values.update(customers=rule.customers, threshold=rule.customers)
@@ -195,9 +195,9 @@ def finding_insert(name: str, kind: str, rule: Rule, tenant_ids: list[int], sql:
     spec = RULE_SQL[name]
     values = constants(name, rule)
     start, end = values.get("start", 0), values.get("end", 0)
-    # Calling hours [start, end) may run past midnight (start > end).
-    outside = (f"minute < {start} OR minute >= {end}" if start <= end
-               else f"minute < {start} AND minute >= {end}")
+    # Calling hours [start, end) may run past midnight (start > end); start = end is all day.
+    outside = (f"minute < {start} OR minute >= {end}" if start < end
+               else f"minute < {start} AND minute >= {end}" if start > end else "1 = 0")
     fill = dict(values, partition=PARTITION[kind], first_ms=sql.ms("m.first_at"), outside=outside,
                 end_ms=sql.ms("COALESCE(c.ended_at, c.started_at)"), start_ms=sql.ms("c.started_at"))
     subject = SUBJECT[kind]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime, timedelta
 
@@ -230,6 +231,8 @@ def cmd_cdr_list(cfg, args):
 def cmd_serve_api(cfg, args):
     from callctl.api.app import serve
 
+    if args.config:  # the server (and each worker process) loads the same file
+        os.environ["CALLCTL_CONFIG"] = args.config
     serve(cfg)
 
 

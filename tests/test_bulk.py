@@ -6,30 +6,20 @@ from __future__ import annotations
 import csv
 import json
 import stat
-import tempfile
 from datetime import timedelta
-from pathlib import Path
 
-import pytest
 from sqlalchemy import text
 
 from callctl.store import bulk, provision
+from tests import leaks
 from tests.test_cli import cli  # noqa: F401  (the real `callctl` command, both databases)
 
 HOTLINE, AGENT = "+861058000000", "+8613900000001"
 
 
-@pytest.fixture
-def inputs():
-    """Where the input files go: they hold real numbers, as a customer's file would, and so
-    do the rejected-row files written beside them. Outside pytest's temporary tree, which
-    the suite-wide leak check reads for product output (the bound files stay in it)."""
-    with tempfile.TemporaryDirectory(prefix="callctl-bulk-input-") as folder:
-        yield Path(folder)
-
-
 def write(path, lines: list[str]):
     path.write_text("\n".join(lines) + "\n")
+    leaks.test_input(path, path.with_name(path.stem + ".rejected.csv"))  # the operator's own rows
     return path
 
 
@@ -38,11 +28,11 @@ def rows_of(path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def test_pool_import(engine, inputs):
+def test_pool_import(engine, tmp_path):
     provision.add_tenant(engine, "acme", HOTLINE)
     provision.add_tenant(engine, "other", "+861058000001")
     provision.add_numbers(engine, "acme", ["+8617100000009"])
-    source = write(inputs / "pool.csv", [
+    source = write(tmp_path / "pool.csv", [
         "number,tenant",
         "+8617100000001,",            # 2: --tenant
         "017100000002,other",         # 3: national form, own tenant
@@ -68,10 +58,10 @@ def test_pool_import(engine, inputs):
     assert stat.S_IMODE(result.rejected_file.stat().st_mode) == 0o600
 
 
-def test_bind_bulk_mixed_modes_errors_and_exhaustion(engine, tmp_path, inputs):
+def test_bind_bulk_mixed_modes_errors_and_exhaustion(engine, tmp_path):
     provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
     provision.add_numbers(engine, "acme", [f"+86171000000{i:02d}" for i in range(1, 8)])
-    source = write(inputs / "policies.csv", [
+    source = write(tmp_path / "policies.csv", [
         "customer,mode,other_party,reference,expires_at,ttl_seconds",
         "+8613800000001,,,POL-1,2030-01-01T00:00:00+08:00,",   # 2
         "13800000002,AXN,,POL-2,,3600",                        # 3
@@ -84,8 +74,7 @@ def test_bind_bulk_mixed_modes_errors_and_exhaustion(engine, tmp_path, inputs):
         "+8613800000009,AXQ,,POL-9,,",                         # 10: no such mode
         *[f"+86138000001{i:02d},,,POL-1{i:02d},," for i in range(6)],  # 11-16: pool has room for 3
     ])
-    result = bulk.bind_bulk(engine, source, tenant_name="acme", batch_size=4, extension_digits=2,
-                            out=tmp_path / "bound.csv")
+    result = bulk.bind_bulk(engine, source, tenant_name="acme", batch_size=4, extension_digits=2)
     assert result.done == 7 and result.rows == 15
     assert [(e.line, e.code) for e in result.errors] == [
         (6, "invalid_number"), (7, "invalid_expiry"), (8, "invalid_expiry"), (9, "missing_other_party"),
@@ -105,30 +94,29 @@ def test_bind_bulk_mixed_modes_errors_and_exhaustion(engine, tmp_path, inputs):
     assert rejected[-1]["customer"] == "+8613800000105"  # kept as given, to fix and run again
 
 
-def test_bind_bulk_reuses_x_after_cooldown_only(engine, tmp_path, inputs):
+def test_bind_bulk_reuses_x_after_cooldown_only(engine, tmp_path):
     provision.add_tenant(engine, "acme", HOTLINE)
     provision.add_numbers(engine, "acme", ["+8617100000001", "+8617100000002"])
     first = provision.bind(engine, "acme", "+8613800000001")
     provision.unbind(engine, first["id"], timedelta(hours=1))
-    source = write(inputs / "b.csv", ["customer", "+8613800000002", "+8613800000003"])
-    result = bulk.bind_bulk(engine, source, tenant_name="acme", out=tmp_path / "bound1.csv")
+    source = write(tmp_path / "b.csv", ["customer", "+8613800000002", "+8613800000003"])
+    result = bulk.bind_bulk(engine, source, tenant_name="acme")
     assert result.done == 1 and [e.code for e in result.errors] == ["pool_exhausted"]
-    later = bulk.bind_bulk(engine, source, tenant_name="acme", out=tmp_path / "bound2.csv",
-                           now=provision.utcnow() + timedelta(hours=1, seconds=1))
+    later = bulk.bind_bulk(engine, source, tenant_name="acme", now=provision.utcnow() + timedelta(hours=1, seconds=1))
     assert later.done == 1 and rows_of(later.bound_file)[0]["x"] == "+8617100000001"
 
 
-def test_bulk_commands(cli, tmp_path, inputs):  # noqa: F811
+def test_bulk_commands(cli, tmp_path):  # noqa: F811
     cli("db", "upgrade")
     cli("tenant", "add", "acme", "--hotline", HOTLINE, "--caller", AGENT)
-    pool = write(inputs / "pool.csv", ["number", *[f"+86171000000{i:02d}" for i in range(1, 21)], "bad"])
+    pool = write(tmp_path / "pool.csv", ["number", *[f"+86171000000{i:02d}" for i in range(1, 21)], "bad"])
     imported = cli("pool", "import", str(pool), "--tenant", "acme")
     assert imported.returncode == 1 and "line 22: virtual number: not a phone number [invalid_number]" in imported.stderr
     assert json.loads(imported.stdout)["done"] == 20
     assert "rows" in imported.stderr or "row" in imported.stderr  # the tqdm progress bar
     again = cli("pool", "import", str(pool), "--tenant", "acme")
     assert json.loads(again.stdout)["done"] == 0 and again.stderr.count("number_exists") == 20
-    policies = write(inputs / "policies.csv", ["tenant,customer,reference",
+    policies = write(tmp_path / "policies.csv", ["tenant,customer,reference",
                                                 *[f"acme,+86138000000{i:02d},POL-{i}" for i in range(1, 16)],
                                                 "nobody,+8613800000099,POL-X"])
     bound = cli("bind", "--bulk", str(policies), "--out", str(tmp_path / "out.csv"))
@@ -137,7 +125,7 @@ def test_bulk_commands(cli, tmp_path, inputs):  # noqa: F811
     assert summary["done"] == 15 and summary["rejected"] == 1
     assert len(rows_of(tmp_path / "out.csv")) == 15
     assert json.loads(cli("pool", "status", "--tenant", "acme").stdout)["bound"] == 15
-    clean = write(inputs / "clean.csv", ["customer", "+8613800000050"])
+    clean = write(tmp_path / "clean.csv", ["customer", "+8613800000050"])
     done = cli("bind", "--tenant", "acme", "--bulk", str(clean))
     assert done.returncode == 0 and json.loads(done.stdout)["rejected_file"] is None
     for args, message in ((["bind", "--bulk", str(tmp_path / "missing.csv")], "missing.csv"),
@@ -149,7 +137,7 @@ def test_bulk_commands(cli, tmp_path, inputs):  # noqa: F811
     assert "13800000001" not in everything
 
 
-def test_bulk_rows_land_in_batches_not_one_transaction_per_row(engine, tmp_path, inputs):
+def test_bulk_rows_land_in_batches_not_one_transaction_per_row(engine, tmp_path):
     """Set-based: 30 AXN rows in batches of 10 are 3 transactions (on SQLite, 3 multi-row
     INSERTs; on PostgreSQL, 3 COPYs)."""
     from sqlalchemy import event
@@ -166,8 +154,8 @@ def test_bulk_rows_land_in_batches_not_one_transaction_per_row(engine, tmp_path,
     event.listen(engine, "commit", on_commit)
     event.listen(engine, "before_cursor_execute", on_execute)
     try:
-        source = write(inputs / "b.csv", ["customer", *[f"+861380000{i:04d}" for i in range(1, 31)]])
-        assert bulk.bind_bulk(engine, source, tenant_name="acme", batch_size=10, out=tmp_path / "bound.csv").done == 30
+        source = write(tmp_path / "b.csv", ["customer", *[f"+861380000{i:04d}" for i in range(1, 31)]])
+        assert bulk.bind_bulk(engine, source, tenant_name="acme", batch_size=10).done == 30
     finally:
         event.remove(engine, "commit", on_commit)
         event.remove(engine, "before_cursor_execute", on_execute)
@@ -177,14 +165,15 @@ def test_bulk_rows_land_in_batches_not_one_transaction_per_row(engine, tmp_path,
         assert conn.execute(text("SELECT count(DISTINCT number_id) FROM bindings")).scalar() == 30
 
 
-def test_bind_bulk_keeps_awkward_text_intact(engine, tmp_path, inputs):
+def test_bind_bulk_keeps_awkward_text_intact(engine, tmp_path):
     """References with tabs, backslashes, quotes and line breaks land as written (COPY escaping)."""
     provision.add_tenant(engine, "acme", HOTLINE)
     provision.add_numbers(engine, "acme", ["+8617100000001", "+8617100000002"])
     awkward = ['POL\t1 \\N "quoted"', "POL-2\nsecond line\\"]
-    with open(inputs / "b.csv", "w", newline="") as handle:
+    leaks.test_input(tmp_path / "b.csv")
+    with open(tmp_path / "b.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["customer", "reference"])
         writer.writerows([["+8613800000001", awkward[0]], ["+8613800000002", awkward[1]]])
-    assert bulk.bind_bulk(engine, inputs / "b.csv", tenant_name="acme", out=tmp_path / "bound.csv").done == 2
+    assert bulk.bind_bulk(engine, tmp_path / "b.csv", tenant_name="acme").done == 2
     assert [b["reference"] for b in provision.list_bindings(engine)["items"]] == awkward

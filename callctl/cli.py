@@ -346,6 +346,18 @@ def cmd_token_revoke(cfg, args):
     _print_json(revoke_token(_engine(cfg), args.token_id))
 
 
+def cmd_export_regulator(cfg, args):
+    from callctl import regulator
+
+    start, end = regulator.period(args.start, args.end)
+    rendered = regulator.RENDER[args.format](regulator.report(_engine(cfg), start, end))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(rendered)
+    else:
+        sys.stdout.write(rendered if rendered.endswith("\n") else rendered + "\n")
+
+
 def cmd_serve_asterisk(cfg, args):
     from callctl.asterisk.server import serve
 
@@ -499,6 +511,15 @@ def build_parser() -> argparse.ArgumentParser:
     clist.add_argument("--until", help="exclusive end, same forms as --since")
     clist.set_defaults(func=cmd_cdr_list)
     ctail.set_defaults(func=cmd_cdr_tail)
+
+    export = top.add_parser("export", help="exports").add_subparsers(dest="sub", required=True)
+    reg = export.add_parser("regulator", help="contact statistics per tenant, per day, findings and reveals")
+    reg.add_argument("--from", dest="start", required=True, help="ISO date (UTC) or date-time with zone")
+    reg.add_argument("--to", dest="end", required=True, help="exclusive end, same forms")
+    reg.add_argument("--format", choices=["csv", "json", "html"], default="csv",
+                     help="csv (default), json, or html: a self-contained report with charts")
+    reg.add_argument("--output", "-o", help="write to this file instead of standard output")
+    reg.set_defaults(func=cmd_export_regulator)
 
     serve = top.add_parser("serve", help="run the daemon").add_subparsers(dest="sub", required=True)
     serve.add_parser("asterisk", help="FastAGI server for Asterisk").set_defaults(func=cmd_serve_asterisk)

@@ -19,6 +19,7 @@ from callctl.store import provision
 from callctl.store.cdrs import CdrFilter, follow_cdrs, list_cdrs
 from callctl.store.provision import ProvisionError
 from callctl.store.spool import CdrSpool
+from tests.test_cli import run
 
 CALLCTL = Path(sys.executable).with_name("callctl")
 AGENT, HOTLINE = "+8613900000001", "+861058000000"
@@ -53,7 +54,7 @@ def world(engine, tmp_path):
 
 def run_cli(engine, tmp_path, *args) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": engine.url.render_as_string(hide_password=False)}
-    return subprocess.run([str(CALLCTL), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    return run(*args, env=env, cwd=tmp_path)  # outputs go to the leak check
 
 
 def listed(engine, tmp_path, *args) -> list[dict]:

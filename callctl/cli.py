@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 from datetime import datetime, timedelta
 
@@ -323,6 +324,8 @@ def cmd_cdr_tail(cfg, args):
 def cmd_serve_api(cfg, args):
     from callctl.api.app import serve
 
+    if args.config:  # the server (and each worker process) loads the same file
+        os.environ["CALLCTL_CONFIG"] = args.config
     serve(cfg)
 
 

@@ -234,15 +234,25 @@ def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", ext
     return app
 
 
+def app_from_config() -> FastAPI:
+    """The app as configured (conf/callctl.yaml, CALLCTL_* variables): what each worker
+    process of `callctl serve api` runs."""
+    from callctl import config, logs
+    from callctl.store.db import make_engine
+
+    cfg = config.load()
+    logs.setup(cfg.log.format, cfg.log.level)
+    # db_timeout: no request waits on a dead or hung database longer than that.
+    engine = make_engine(cfg.database_url, pool_size=cfg.db_threads, timeout=cfg.db_timeout)
+    return create_app(engine, quarantine=timedelta(days=cfg.quarantine_days), region=cfg.region,
+                      extension_digits=cfg.axe_extension_digits)
+
+
 def serve(cfg) -> None:
     """`callctl serve api`: the API on cfg.api.listen until SIGTERM/SIGINT."""
     import uvicorn
 
-    from callctl.store.db import make_engine
-
-    engine = make_engine(cfg.database_url, pool_size=cfg.db_threads)
-    app = create_app(engine, quarantine=timedelta(days=cfg.quarantine_days), region=cfg.region,
-                     extension_digits=cfg.axe_extension_digits)
-    log.info("api listening", listen=cfg.api.listen)
-    uvicorn.run(app, host=cfg.api.host, port=cfg.api.port, access_log=cfg.api.access_log,
-                log_level="warning", server_header=False)
+    log.info("api listening", listen=cfg.api.listen, workers=cfg.api.workers)
+    uvicorn.run("callctl.api.app:app_from_config", factory=True, host=cfg.api.host, port=cfg.api.port,
+                workers=cfg.api.workers, access_log=cfg.api.access_log, log_level="warning",
+                server_header=False)

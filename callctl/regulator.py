@@ -29,6 +29,7 @@ from callctl.store.provision import ProvisionError
 FINDINGS_TABLE = "anomaly_findings"
 REVEALS_TABLE = "reveal_audit"
 MAX_DAYS = 366
+EXPORT_TIMEOUT_S = 300
 
 TENANT_COLUMNS = ("tenant", "calls", "answered", "bridged", "rejected", "blocked", "unavailable",
                   "rejected_other", "findings", "findings_by_rule", "reveals")
@@ -73,6 +74,10 @@ def report(engine: Engine, start: datetime, end: datetime, now: datetime | None 
     count_if = lambda condition: func.sum(case((condition, 1), else_=0))
     day = _day(engine, Cdr.started_at)
     with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            # An engine made for the call path or the API (db_timeout) would cut a long
+            # period's GROUP BY short; an export may take its time, within reason.
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = '{EXPORT_TIMEOUT_S}s'")
         names = dict(conn.execute(select(Tenant.id, Tenant.name)).all())
         per_tenant = conn.execute(
             select(Cdr.tenant_id, func.count(), count_if(answered), count_if(Cdr.decision == "bridged"),

@@ -15,6 +15,7 @@ A pass is one transaction: findings, blocks and the watermark commit together.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -262,6 +263,6 @@ def list_findings(engine: Engine, tenant: str | None = None, rule: str | None = 
                 "severity": finding["severity"], "action": finding["action"],
                 "block_id": finding["block_id"],
                 "block_ends_at": finding["block_ends_at"].isoformat() if finding["block_ends_at"] else None,
-                "evidence": sorted(int(i) for i in finding["evidence"].split(",") if i),
+                "evidence": sorted(json.loads(finding["evidence"])),
             })
     return rows

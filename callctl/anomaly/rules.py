@@ -222,7 +222,7 @@ ranked AS (
 ),
 summary AS (
     SELECT tenant_id, subject, period_ms, MIN(started_at) AS window_start, MAX(started_at) AS window_end,
-           COUNT(*) AS calls, {sql.id_list('CASE WHEN rn <= :evidence_limit THEN id END')} AS evidence
+           COUNT(*) AS calls, '[' || {sql.id_list('CASE WHEN rn <= :evidence_limit THEN id END')} || ']' AS evidence
     FROM ranked GROUP BY tenant_id, subject, period_ms
 )
 SELECT :rule, h.tenant_id, :kind, CAST(h.subject AS VARCHAR(64)), {"h.subject" if kind == "binding" else "NULL"},

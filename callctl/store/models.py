@@ -231,7 +231,7 @@ class AnomalyFinding(Base):
     threshold: Mapped[float] = mapped_column(Double)
     severity: Mapped[str] = mapped_column(String(8))
     action: Mapped[str] = mapped_column(String(8))  # alert | block
-    evidence: Mapped[str] = mapped_column(Text)  # CDR ids, comma-separated
+    evidence: Mapped[str] = mapped_column(Text)  # CDR ids, a JSON array
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
 
 

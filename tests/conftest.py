@@ -29,3 +29,18 @@ def engine(request, tmp_path):
     upgrade(eng)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def lab_up():
+    """The Asterisk lab, once per test session for every lab test module: a second
+    LabLock taken by the same process would wait for itself."""
+    from lab import harness
+
+    with harness.LabLock():
+        harness.clear_stale_phones()
+        harness.lab("up")
+        try:
+            yield
+        finally:
+            harness.lab("down")

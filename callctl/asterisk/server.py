@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from callctl.asterisk.fastagi import AgiSession, FastAgiServer
-from callctl.core.decision import Bridge
+from callctl.core.decision import Reject
 from callctl.core.numbers import caller_e164, mask
 from callctl.service import CallService, FinishedCall, decision_variables
 
@@ -47,9 +47,12 @@ class AsteriskAdapter:
         given = keyword_args(session.args)
         called = given.get("called", session.env.get("agi_extension", ""))
         caller = given.get("caller", session.env.get("agi_callerid", ""))
+        extension = given.get("extension")  # AXE: the digits keyed at the prompt
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        x, decision = await loop.run_in_executor(self.executor, self.service.route, called, caller)
+        x, decision = await loop.run_in_executor(
+            self.executor, self.service.route, called, caller, None, extension
+        )
         decided_ms = (time.perf_counter() - started) * 1000
         await session.set_variables(
             {f"CALLCTL_{name.upper()}": value for name, value in decision_variables(decision).items()}
@@ -60,7 +63,7 @@ class AsteriskAdapter:
             x=x,
             caller=mask(caller_e164(caller, self.service.region)),
             action=decision.action,
-            reason=None if isinstance(decision, Bridge) else str(decision.reason),
+            reason=str(decision.reason) if isinstance(decision, Reject) else None,
             binding=decision.binding_id,
             ms=round(decided_ms, 3),
         )

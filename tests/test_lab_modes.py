@@ -16,16 +16,12 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from callctl import sipp
 from callctl.store import provision
-from callctl.store.db import make_engine, upgrade
-from callctl.store.models import Binding, Tenant, VirtualNumber
 from lab import harness
-from tests.pg import TestDatabase
-from tests.test_lab_calls import Lab, digits
+from tests.test_lab_calls import Lab, digits, running_lab
+from tests.test_modes import bind_on
 
 pytestmark = pytest.mark.lab
 
@@ -69,32 +65,7 @@ class ModesLab(Lab):
         return rows[0]
 
 
-def bind_on(engine, tenant: str, x: str, mode: str, party_a: str, party_b: str | None = None,
-            extension: str | None = None) -> int:
-    """Put one more AXB pair / AXE extension on the given X (the provisioning API for
-    shared numbers is another part of issue #3); returns the binding id."""
-    with Session(engine) as session, session.begin():
-        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == tenant))
-        number = session.scalar(select(VirtualNumber).where(VirtualNumber.e164 == x))
-        number.state = "bound"
-        binding = Binding(tenant_id=tenant_id, number_id=number.id, mode=mode, party_a=party_a,
-                          party_b=party_b, extension=extension)
-        session.add(binding)
-        session.flush()
-        return binding.id
-
-
-@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
-def lab(request, lab_up, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp(f"modes-{request.param}")
-    database = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{workdir}/callctl.db"
-    else:
-        database = TestDatabase()
-        url = database.url
-    engine = make_engine(url)
-    upgrade(engine)
+def _numbers(engine) -> None:
     provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
     provision.add_numbers(engine, "acme", POOL + [AXE_X])
     provision.add_tenant(engine, "ride", RIDE_HOTLINE)
@@ -105,16 +76,14 @@ def lab(request, lab_up, tmp_path_factory):
     bind_on(engine, "ride", AXB_X, "AXB", A2, B2)
     bind_on(engine, "acme", AXE_X, "AXE", C1, extension=EXT_1)
     bind_on(engine, "acme", AXE_X, "AXE", C2, extension=EXT_2)
-    env = ModesLab(engine, url, workdir)
-    env.param = request.param
-    env.daemon.start()
-    try:
+
+
+@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
+def lab(request, lab_up, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp(f"modes-{request.param}")
+    with running_lab(request.param, workdir, _numbers, ModesLab) as env:
+        env.param = request.param
         yield env
-    finally:
-        env.daemon.stop()
-        engine.dispose()
-        if database:
-            database.drop()
 
 
 def postgresql_only(lab):

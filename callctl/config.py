@@ -54,7 +54,11 @@ class Config(Strict):
     node: str = ""  # this PBX/daemon pair's name in CDRs; the PBX's own name wins if sent
     spool_dir: str = "var/spool"
     quarantine_days: float = Field(30, ge=0)  # cooldown before a released X is reused
+    axe_extension_digits: int = Field(4, ge=1, le=6)  # AXE: digits of an extension on X
     db_threads: int = Field(8, ge=1, le=64)
+    # Longest wait for the database at call time (connect, statement, lock); past it a
+    # call is rejected as unavailable and its CDR goes to the spool.
+    db_timeout: float = Field(2.0, gt=0, le=30)
     agi: AgiConfig = AgiConfig()
     log: LogConfig = LogConfig()
 
@@ -66,6 +70,7 @@ ENV_OVERRIDES = {
     "CALLCTL_NODE": (None, "node"),
     "CALLCTL_SPOOL_DIR": (None, "spool_dir"),
     "CALLCTL_QUARANTINE_DAYS": (None, "quarantine_days"),
+    "CALLCTL_DB_TIMEOUT": (None, "db_timeout"),
     "CALLCTL_AGI_LISTEN": ("agi", "listen"),
     "CALLCTL_LOG_FORMAT": ("log", "format"),
     "CALLCTL_LOG_LEVEL": ("log", "level"),

@@ -145,12 +145,13 @@ def test_decision_variables_for_the_prompt_and_a_bindingless_bridge():
 
 def bind_on(engine, tenant: str, x: str, mode: str, party_a: str, party_b: str | None = None,
             extension: str | None = None) -> int:
-    """Put one more AXB pair / AXE extension on the given X (allocating shared numbers
-    is the provisioning side of issue #3); returns the binding id."""
+    """Put an AXB pair / AXE extension of our choosing on the given X; returns the
+    binding id. (provision.bind picks X and a random extension; the lab keys extensions
+    that Debian's DTMF pcaps can play, see sipp_scenarios/uac_extension.xml.)"""
     with Session(engine) as session, session.begin():
         tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == tenant))
         number = session.scalar(select(VirtualNumber).where(VirtualNumber.e164 == x))
-        number.state = "bound"
+        number.state, number.mode = "bound", mode
         binding = Binding(tenant_id=tenant_id, number_id=number.id, mode=mode, party_a=party_a,
                           party_b=party_b, extension=extension)
         session.add(binding)

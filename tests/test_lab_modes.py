@@ -6,9 +6,10 @@ Asterisk 22 lab (product dialplan), `callctl serve asterisk` and SIPp, on Postgr
 - AXE: one X shared through extensions; the agent is answered by the prompt, keys the
   extension as RFC 2833 DTMF (Debian's sip-tester pcaps), and reaches the customer; a
   wrong or missing extension gets a retry, then its own rejection (cause 28).
-- Lifecycle: expired one second ago (410), extended (routes again), unbound (404),
-  quarantined X re-allocated only after the cooldown and then to the new customer only,
-  and an unbind during a call that does not cut it.
+- Lifecycle: expired one second ago (410), extended (routes again), customer's number
+  changed (the new one only), unbound (404), quarantined X re-allocated only after the
+  cooldown and then to the new customer only, and an unbind during a call that does not
+  cut it.
 """
 from __future__ import annotations
 
@@ -72,8 +73,9 @@ def _numbers(engine) -> None:
     provision.add_numbers(engine, "ride", [AXB_X])
     provision.add_tenant(engine, "solo", HOTLINE, callers=[AGENT])
     provision.add_numbers(engine, "solo", [SOLO_X])
-    bind_on(engine, "ride", AXB_X, "AXB", A1, B1)
-    bind_on(engine, "ride", AXB_X, "AXB", A2, B2)
+    # Real allocation: the second pair goes onto the X already serving AXB pairs.
+    for a, b in ((A1, B1), (A2, B2)):
+        assert provision.bind(engine, "ride", a, mode="AXB", other_party=b)["x"] == AXB_X
     bind_on(engine, "acme", AXE_X, "AXE", C1, extension=EXT_1)
     bind_on(engine, "acme", AXE_X, "AXE", C2, extension=EXT_2)
 
@@ -176,6 +178,31 @@ def test_call_one_second_after_expiry_is_rejected_as_expired(lab):
     assert cdr["reject_reason"] == "expired" and cdr["binding_id"] == binding["id"]
 
 
+def test_extended_binding_routes_again(lab):
+    postgresql_only(lab)
+    customer = "+8613800000481"
+    binding = provision.bind(lab.engine, "acme", customer, ttl_seconds=1)
+    _sleep_until(datetime.fromisoformat(binding["expires_at"]) + timedelta(seconds=1))
+    result, phone = lab.call(AGENT, binding["x"], expect_code=410, expect_ruri="nobody")
+    assert result.ok and phone.attempted == 0, result.summary()
+    provision.extend_binding(lab.engine, binding["id"], ttl_seconds=3600)  # a late renewal
+    result, phone = lab.call(AGENT, binding["x"], expect_ruri=customer, expect_from=binding["x"])
+    assert result.ok and phone.successful == 1 and "check failed" not in phone.log, phone.log
+
+
+def test_changed_customer_number_routes_to_the_new_number_only(lab):
+    postgresql_only(lab)
+    old, new = "+8613800000491", "+8613800000492"
+    binding = provision.bind(lab.engine, "acme", old)
+    provision.update_binding(lab.engine, binding["id"], customer=new)
+    result, phone = lab.call(AGENT, binding["x"], expect_ruri=new, expect_from=binding["x"],
+                             forbidden=[digits(old)])
+    assert result.ok and phone.successful == 1 and "check failed" not in phone.log, phone.log
+    assert lab.call(new, binding["x"], expect_ruri=HOTLINE)[0].ok
+    result, phone = lab.call(old, binding["x"], expect_code=403, expect_ruri="nobody")
+    assert result.ok and phone.attempted == 0, result.summary()
+
+
 def test_unbound_x_no_longer_routes(lab):
     postgresql_only(lab)
     binding = provision.bind(lab.engine, "acme", "+8613800000441")
@@ -189,9 +216,10 @@ def test_unbound_x_no_longer_routes(lab):
 def test_unbinding_one_axb_pair_leaves_the_other_pairs_routing(lab):
     postgresql_only(lab)
     a3, b3 = "+8613800000451", "+8613600000452"
-    binding_id = bind_on(lab.engine, "ride", AXB_X, "AXB", a3, b3)
+    binding = provision.bind(lab.engine, "ride", a3, mode="AXB", other_party=b3)
+    assert binding["x"] == AXB_X
     assert lab.call(a3, AXB_X, expect_ruri=b3, expect_from=AXB_X)[0].ok
-    provision.unbind(lab.engine, binding_id, timedelta(days=30))
+    provision.unbind(lab.engine, binding["id"], timedelta(days=30))
     result, phone = lab.call(a3, AXB_X, expect_code=403, expect_ruri="nobody")
     assert result.ok and phone.attempted == 0, result.summary()
     assert lab.call(A1, AXB_X, expect_ruri=B1, expect_from=AXB_X)[0].ok

@@ -28,11 +28,33 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join([line([t for _, t in columns]), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
+def _non_negative(text: str) -> int:
+    if not text.isdigit() or int(text) > 3660:
+        raise argparse.ArgumentTypeError("a whole number of days, 0 to 3660")
+    return int(text)
+
+
 def cmd_db_upgrade(cfg, args):
     from callctl.store.db import upgrade
 
     applied = upgrade(_engine(cfg))
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+
+
+def cmd_db_partitions(cfg, args):
+    from callctl.store.partitions import cdr_partitions, ensure_cdr_partitions
+
+    engine = _engine(cfg)
+    if engine.dialect.name != "postgresql":
+        print("CDR partitions are a PostgreSQL feature; this database is not partitioned")
+        return
+    created = ensure_cdr_partitions(engine, days_ahead=args.days)
+    if args.json:
+        _print_json({"created": created, "partitions": cdr_partitions(engine)})
+        return
+    print("created: " + ", ".join(created) if created else "CDR partitions are up to date")
+    print(_table(cdr_partitions(engine), [("partition", "partition"), ("range", "range"),
+                                          ("rows_estimate", "rows (estimate)")]))
 
 
 def cmd_tenant_add(cfg, args):
@@ -163,6 +185,32 @@ def cmd_cdr_list(cfg, args):
     print(f"({len(rows)} call(s))")
 
 
+def cmd_serve_api(cfg, args):
+    from callctl.api.app import serve
+
+    serve(cfg)
+
+
+def cmd_token_create(cfg, args):
+    from callctl.store.tokens import create_token
+
+    made = create_token(_engine(cfg), role=args.role, tenant_name=args.tenant, name=args.name or "")
+    _print_json(made)
+    print("keep the token now: it is stored hashed and cannot be shown again", file=sys.stderr)
+
+
+def cmd_token_list(cfg, args):
+    from callctl.store.tokens import list_tokens
+
+    _print_json(list_tokens(_engine(cfg)))
+
+
+def cmd_token_revoke(cfg, args):
+    from callctl.store.tokens import revoke_token
+
+    _print_json(revoke_token(_engine(cfg), args.token_id))
+
+
 def cmd_serve_asterisk(cfg, args):
     from callctl.asterisk.server import serve
 
@@ -176,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = top.add_parser("db", help="database schema").add_subparsers(dest="sub", required=True)
     db.add_parser("upgrade", help="create or migrate the schema").set_defaults(func=cmd_db_upgrade)
+    parts = db.add_parser("partitions", help="create the coming days' CDR partitions (PostgreSQL; the daemon does it hourly)")
+    parts.add_argument("--days", type=_non_negative, default=7, help="days ahead (default 7)")
+    parts.add_argument("--json", action="store_true", help="JSON for programs")
+    parts.set_defaults(func=cmd_db_partitions)
 
     tenant = top.add_parser("tenant", help="tenants (businesses)").add_subparsers(dest="sub", required=True)
     add = tenant.add_parser("add", help="add a tenant")
@@ -251,6 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = top.add_parser("serve", help="run the daemon").add_subparsers(dest="sub", required=True)
     serve.add_parser("asterisk", help="FastAGI server for Asterisk").set_defaults(func=cmd_serve_asterisk)
+    serve.add_parser("api", help="provisioning HTTP API (api.listen)").set_defaults(func=cmd_serve_api)
+
+    token = top.add_parser("token", help="provisioning API tokens").add_subparsers(dest="sub", required=True)
+    tcreate = token.add_parser("create", help="make a token; it is printed once, stored hashed")
+    tcreate.add_argument("--tenant", help="the tenant it acts for (role tenant)")
+    tcreate.add_argument("--role", default="tenant", help="what the token may do (default tenant)")
+    tcreate.add_argument("--name", help="what it is for, e.g. the insurer's policy system")
+    tcreate.set_defaults(func=cmd_token_create)
+    token.add_parser("list", help="tokens (never the tokens themselves)").set_defaults(func=cmd_token_list)
+    trevoke = token.add_parser("revoke", help="stop a token working, at once")
+    trevoke.add_argument("token_id", type=int)
+    trevoke.set_defaults(func=cmd_token_revoke)
     return parser
 
 

@@ -5,6 +5,8 @@ import pytest
 from callctl import logs
 from callctl.store.db import make_engine, upgrade
 
+from tests import leaks
+from tests.leaks import pytest_configure, pytest_sessionfinish, pytest_terminal_summary  # noqa: F401 (hooks)
 from tests.pg import TestDatabase
 
 logs.setup("console", "warning")
@@ -28,6 +30,7 @@ def engine(request, tmp_path):
             conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     upgrade(eng)
     yield eng
+    leaks.record_tables(eng, request.node.nodeid)  # before the next test resets the schema
     eng.dispose()
 
 

@@ -1,6 +1,6 @@
 """AXB and AXE in the decision core (pure), and through the store and CallService on
 SQLite and PostgreSQL: the second AXE request reads only the keyed extension's binding."""
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, time, timedelta, timezone
 
 import pytest
 from sqlalchemy import select
@@ -127,6 +127,13 @@ def test_axe_blocks_that_need_no_binding_stop_the_call_before_the_prompt(block):
     assert d == Reject(Reason.BLOCKED, 7, None, Direction.TO_CUSTOMER)
 
 
+def test_axe_outside_calling_hours_is_rejected_before_the_prompt():
+    tenant = TenantFacts(7, HOTLINE, True, True, 25, 600, "Asia/Shanghai", time(8, 0), time(9, 0))
+    f = NumberFacts(X, tenant, AXE_SHARED)
+    assert decide(AGENT, NOW, f) == Reject(Reason.OUTSIDE_HOURS, 7, None, Direction.TO_CUSTOMER)
+    assert decide(C1, NOW, f).destination == HOTLINE  # customers may always call
+
+
 def test_axe_extension_when_x_was_unbound_meanwhile_is_invalid():
     assert decide(AGENT, NOW, facts((), agent=True), "135").reason == Reason.INVALID_EXTENSION
     assert decide(AGENT, NOW, None, "135") == Reject(Reason.UNKNOWN_NUMBER)
@@ -161,7 +168,7 @@ def bind_on(engine, tenant: str, x: str, mode: str, party_a: str, party_b: str |
 
 @pytest.fixture
 def shared(engine, tmp_path):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
+    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
     provision.add_numbers(engine, "acme", [X, "+8617100000002"])
     ids = [bind_on(engine, "acme", X, "AXE", C1, extension="135"),
            bind_on(engine, "acme", X, "AXE", C2, extension="468")]
@@ -186,7 +193,7 @@ def test_axe_through_the_service(shared):
 
 
 def test_axb_through_the_service(engine, tmp_path):
-    provision.add_tenant(engine, "ride", HOTLINE)
+    provision.add_tenant(engine, "ride", HOTLINE, hours="00:00-24:00")
     provision.add_numbers(engine, "ride", [X])
     pair = bind_on(engine, "ride", X, "AXB", A1, B1)
     bind_on(engine, "ride", X, "AXB", A2, B2)

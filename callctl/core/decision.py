@@ -6,8 +6,10 @@ the decision. Nothing here does I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, time
 from enum import StrEnum
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 
 class Reason(StrEnum):
@@ -15,6 +17,7 @@ class Reason(StrEnum):
     UNKNOWN_CALLER = "unknown_caller"
     EXPIRED = "expired"
     BLOCKED = "blocked"
+    OUTSIDE_HOURS = "outside_hours"  # the tenant called a customer outside its calling hours
     UNAVAILABLE = "unavailable"
     INVALID_EXTENSION = "invalid_extension"  # AXE: wrong or no extension keyed
 
@@ -42,6 +45,11 @@ class TenantFacts:
     strict: bool
     ring_timeout: int
     max_call_seconds: int
+    # Calls to customers only in [calls_from, calls_until) local time in time_zone;
+    # calls_from > calls_until crosses midnight, equal means all day.
+    time_zone: str = "Asia/Shanghai"
+    calls_from: time = time(8, 0)
+    calls_until: time = time(21, 0)
 
 
 @dataclass(frozen=True)
@@ -142,7 +150,19 @@ def decide(
         return reject(Reason.EXPIRED)
     if any(_blocks(block, binding, caller, direction, now) for block in facts.blocks):
         return reject(Reason.BLOCKED)
+    if direction == Direction.TO_CUSTOMER:  # customers may always call the tenant
+        closed = _closed(tenant, now)
+        if closed is not None:
+            return reject(closed)
     return _bridge(facts, destination, binding.id, direction)
+
+
+def _closed(tenant: TenantFacts, now: datetime) -> Reason | None:
+    """Why the tenant may not call customers now (outside its calling hours), or None."""
+    open_now = within_hours(now, tenant.time_zone, tenant.calls_from, tenant.calls_until)
+    if open_now is None:  # a zone this system does not know: fail closed
+        return Reason.UNAVAILABLE
+    return None if open_now else Reason.OUTSIDE_HOURS
 
 
 def _bridge(facts: NumberFacts, destination: str, binding_id: int | None, direction: Direction) -> Bridge:
@@ -158,6 +178,31 @@ def _bridge(facts: NumberFacts, destination: str, binding_id: int | None, direct
     )
 
 
+def within_hours(now: datetime, zone: str, start: time, end: time) -> bool | None:
+    """Is `now` inside [start, end) on the wall clock of `zone`? None for an unknown zone."""
+    tz = _zone(zone)
+    if tz is None:
+        return None
+    local = now.astimezone(tz).time().replace(tzinfo=None)
+    if start == end:
+        return True
+    if start < end:
+        return start <= local < end
+    return local >= start or local < end  # e.g. 22:00-06:00 crosses midnight
+
+
+def known_zone(name: str) -> bool:
+    return _zone(name) is not None
+
+
+@lru_cache(maxsize=256)
+def _zone(name: str) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
 def _rejecter(tenant_id: int, binding_id: int, direction: Direction):
     return lambda reason: Reject(reason, tenant_id, binding_id, direction)
 
@@ -168,9 +213,13 @@ def _axe_prompt(caller: str | None, now: datetime, facts: NumberFacts) -> Decisi
     lenient one sends them to its hotline (no binding: X is shared)."""
     tenant = facts.tenant
     if tenant.caller_is_agent:
-        # Blocks that need no binding (caller, X, tenant) stop the call before the prompt.
+        # Blocks that need no binding (caller, X, tenant) and calling hours stop the
+        # call before the prompt: it is answered (and charged) once prompted.
         if any(_blocks(block, None, caller, Direction.TO_CUSTOMER, now) for block in facts.blocks):
             return Reject(Reason.BLOCKED, tenant.id, direction=Direction.TO_CUSTOMER)
+        closed = _closed(tenant, now)
+        if closed is not None:
+            return Reject(closed, tenant.id, direction=Direction.TO_CUSTOMER)
         digits = max(len(b.extension or "") for b in facts.bindings)
         return CollectExtension(digits=digits, tries=EXTENSION_TRIES, tenant_id=tenant.id)
     if tenant.strict:

@@ -5,7 +5,7 @@ seen by every daemon on the very next call.
 """
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, time
 
 from sqlalchemy import String, and_, bindparam, exists, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -29,6 +29,9 @@ _NUMBER = (
         Tenant.strict,
         Tenant.ring_timeout,
         Tenant.max_call_seconds,
+        Tenant.time_zone,
+        Tenant.calls_from,
+        Tenant.calls_until,
         exists().where(
             TenantCaller.tenant_id == Tenant.id,
             or_(
@@ -76,8 +79,9 @@ def call_facts(
         row = conn.execute(_NUMBER, {"x": x, "caller": caller}).first()
         if row is None:
             return None
-        number_id, state, tenant_id, hotline, strict, ring, max_seconds, agent = row
-        tenant = TenantFacts(tenant_id, hotline, bool(agent), bool(strict), ring, max_seconds)
+        number_id, state, tenant_id, hotline, strict, ring, max_seconds, zone, calls_from, calls_until, agent = row
+        tenant = TenantFacts(tenant_id, hotline, bool(agent), bool(strict), ring, max_seconds,
+                             zone, time.fromisoformat(calls_from), time.fromisoformat(calls_until))
         if state != "bound":
             return NumberFacts(x=x, tenant=tenant)
         bindings = tuple(

@@ -74,7 +74,7 @@ class CallService:
         caller_number = caller_e164(caller, self.region)
         if extension is not None:
             extension = extension.strip()
-            if not (extension.isdigit() and len(extension) <= _MAX_EXTENSION):
+            if not (extension.isascii() and extension.isdigit() and len(extension) <= _MAX_EXTENSION):
                 extension = ""  # keyed nothing, '*', '#' or garbage: matches no binding
         try:
             facts = _reconnecting(call_facts, self.engine, x, caller_number, now, extension)

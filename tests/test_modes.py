@@ -187,7 +187,7 @@ def test_axe_through_the_service(shared):
     assert isinstance(service.route(X, AGENT)[1], CollectExtension)
     assert service.route(X, AGENT, extension="468")[1].destination == C2
     assert service.route(X, AGENT, extension=" 135 ")[1].binding_id == first
-    for garbage in ("", "*", "#", "1 3 5", "135;DROP", "9" * 40):
+    for garbage in ("", "*", "#", "1 3 5", "135;DROP", "9" * 40, "\u0661\u0663\u0665"):
         assert service.route(X, AGENT, extension=garbage)[1].reason == Reason.INVALID_EXTENSION
     assert service.route(X, C1)[1].destination == HOTLINE
 

@@ -43,6 +43,7 @@ CHANNELS = ("log", "cli", "api", "export", "cdr", "file", "tenant", "reveal")
 SCANNED_TABLES = ("cdrs",)
 _SIPP_MARKERS = ("stat.csv", "calls.csv")  # a SIPp work directory (callctl/sipp.py)
 _MAX_BYTES = 64 * 1024 * 1024
+_INPUTS: set[Path] = set()  # files a test gave the product (see test_input)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,13 @@ def record(channel: str, name: str, text: str) -> None:
         return
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80]
     (folder / f"{channel}--{safe}--{uuid.uuid4().hex[:8]}.txt").write_text(text, errors="replace")
+
+
+def test_input(*paths) -> None:
+    """Files a test writes for the product to read (e.g. a bulk CSV of customers), and
+    the product's return of those same rows to the operator (FILE.rejected.csv): input
+    material, not product output, so the tree scan skips them."""
+    _INPUTS.update(Path(p).resolve() for p in paths)
 
 
 def record_tables(engine, label: str) -> None:
@@ -146,7 +154,7 @@ class Scanner:
                 continue
             for name in files:
                 path = Path(folder) / name
-                if name.endswith(("-wal", "-shm", "-journal")) or not path.is_file():
+                if name.endswith(("-wal", "-shm", "-journal")) or not path.is_file() or path.resolve() in _INPUTS:
                     continue
                 head = path.open("rb").read(16)
                 if head.startswith(b"SQLite format 3"):

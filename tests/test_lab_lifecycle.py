@@ -15,7 +15,7 @@ from callctl.store.db import make_engine, upgrade
 from callctl.store.provision import ProvisionError
 from lab import harness
 from tests.pg import TestDatabase
-from tests.test_lab_calls import Lab, digits
+from tests.test_lab_calls import Lab, digits  # the lab itself: session fixture lab_up in conftest
 
 pytestmark = pytest.mark.lab
 
@@ -26,7 +26,7 @@ SPARE_POOL = ["+8617100000201"]  # a one-number pool for the cooldown test
 
 
 @pytest.fixture(scope="module")
-def lab(lab_up, tmp_path_factory):
+def lab(lab_up, tmp_path_factory):  # noqa: F811
     workdir = tmp_path_factory.mktemp("lab-lifecycle")
     database = TestDatabase()
     engine = make_engine(database.url)

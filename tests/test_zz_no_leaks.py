@@ -81,6 +81,11 @@ def test_tree_scan_reads_cdr_tables_logs_and_skips_sipp_traffic(outside):
     assert len(scanner().tree(outside)) == 1
     (outside / "callctl.log").write_text(f'{{"event": "oops", "dest": "{PLANTED}"}}\n')
     assert sorted(Path(h.where).name for h in scanner().tree(outside)) == ["callctl.db [cdrs]", "callctl.log"]
+    # What a test gives the product to read is input, not output.
+    (outside / "customers.csv").write_text(f"customer\n{PLANTED}\n")
+    assert len(scanner().tree(outside)) == 3
+    leaks.test_input(outside / "customers.csv")
+    assert len(scanner().tree(outside)) == 2
 
 
 INNER_TEST = '''

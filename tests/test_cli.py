@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,8 @@ def cli(request, tmp_path):
         with engine.begin() as conn:
             conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
         engine.dispose()
-    env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url, "CALLCTL_SPOOL_DIR": str(tmp_path / "spool")}
+    env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url, "CALLCTL_SPOOL_DIR": str(tmp_path / "spool"),
+           "CALLCTL_KEYS": os.environ["CALLCTL_KEYS"]}  # set by conftest
     return lambda *args: run(*args, env=env, cwd=tmp_path)
 
 
@@ -77,7 +79,8 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(cli, args, code, message
 
 
 def test_unreachable_database_exits_3_with_a_hint(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": "postgresql+psycopg2://postgres@127.0.0.1:1/none"}
+    env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": "postgresql+psycopg2://postgres@127.0.0.1:1/none",
+           "CALLCTL_KEYS": os.environ["CALLCTL_KEYS"]}
     done = run("tenant", "list", env=env, cwd=tmp_path)
     assert done.returncode == 3 and "database error" in done.stderr and "Traceback" not in done.stderr
 

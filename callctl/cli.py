@@ -92,6 +92,54 @@ def cmd_unbind(cfg, args):
     _print_json(unbind(_engine(cfg), args.binding_id, timedelta(days=cfg.quarantine_days)))
 
 
+def cmd_binding_get(cfg, args):
+    from callctl.store.provision import get_binding
+
+    _print_json(get_binding(_engine(cfg), args.binding_id))
+
+
+BINDING_TABLE = [
+    ("id", "id"), ("tenant", "tenant"), ("x", "X"), ("mode", "mode"), ("customer", "customer"),
+    ("other_party", "other party"), ("extension", "ext"), ("reference", "reference"),
+    ("status", "status"), ("expires_at", "expires (UTC)"),
+]
+
+
+def cmd_binding_list(cfg, args):
+    from callctl.store.provision import list_bindings, tenant_id_of
+
+    engine = _engine(cfg)
+    page = list_bindings(
+        engine, tenant_id=tenant_id_of(engine, args.tenant) if args.tenant else None,
+        reference=args.reference, status=args.status, after=args.after, limit=args.limit,
+    )
+    if args.json:
+        _print_json(page)
+        return
+    for row in page["items"]:
+        row["expires_at"] = (row["expires_at"] or "")[:19].replace("T", " ")
+    print(_table(page["items"], BINDING_TABLE))
+    more = f"; next page: --after {page['next']}" if page["next"] else ""
+    print(f"({len(page['items'])} binding(s){more})")
+
+
+def cmd_binding_extend(cfg, args):
+    from callctl.store.provision import extend_binding
+
+    if args.expires is None and args.ttl is None and not args.no_expiry:
+        raise SystemExit("callctl: give --expires, --ttl or --no-expiry")
+    _print_json(extend_binding(_engine(cfg), args.binding_id, _expiry(args.expires), ttl_seconds=args.ttl))
+
+
+def cmd_binding_update(cfg, args):
+    from callctl.store.provision import update_binding
+
+    if args.customer is None and args.reference is None:
+        raise SystemExit("callctl: give --customer and/or --reference")
+    _print_json(update_binding(_engine(cfg), args.binding_id, customer=args.customer,
+                               reference=args.reference, region=cfg.region))
+
+
 CDR_TABLE = [
     ("started_at", "started (UTC)"), ("call_id", "call id"), ("tenant_id", "tenant"),
     ("virtual_number", "X"), ("direction", "direction"), ("caller_masked", "caller"),
@@ -198,6 +246,32 @@ def build_parser() -> argparse.ArgumentParser:
     unbind = top.add_parser("unbind", help="end a binding; its X is quarantined")
     unbind.add_argument("binding_id", type=int)
     unbind.set_defaults(func=cmd_unbind)
+
+    binding = top.add_parser("binding", help="read and change bindings").add_subparsers(dest="sub", required=True)
+    bget = binding.add_parser("get", help="one binding (numbers masked)")
+    bget.add_argument("binding_id", type=int)
+    bget.set_defaults(func=cmd_binding_get)
+    blist = binding.add_parser("list", help="bindings in id order, a page at a time")
+    blist.add_argument("--tenant")
+    blist.add_argument("--reference", help="external reference, e.g. a policy number")
+    blist.add_argument("--status", choices=["active", "expired", "ended"],
+                       help="active: in force; expired: past its expiry, not ended; ended: unbound")
+    blist.add_argument("--after", type=int, default=0, help="show ids after this one (paging)")
+    blist.add_argument("--limit", type=int, default=100, help="1-1000 (default 100)")
+    blist.add_argument("--json", action="store_true", help="JSON for programs")
+    blist.set_defaults(func=cmd_binding_list)
+    bext = binding.add_parser("extend", help="set a new expiry (renewal)")
+    bext.add_argument("binding_id", type=int)
+    new_expiry = bext.add_mutually_exclusive_group()
+    new_expiry.add_argument("--expires", help="ISO date-time with zone")
+    new_expiry.add_argument("--ttl", type=int, help="seconds from now")
+    new_expiry.add_argument("--no-expiry", action="store_true", help="never expires (until unbound)")
+    bext.set_defaults(func=cmd_binding_extend)
+    bupd = binding.add_parser("update", help="change the customer's number or the reference")
+    bupd.add_argument("binding_id", type=int)
+    bupd.add_argument("--customer", help="the customer's new real number (A)")
+    bupd.add_argument("--reference")
+    bupd.set_defaults(func=cmd_binding_update)
 
     cdr = top.add_parser("cdr", help="call detail records").add_subparsers(dest="sub", required=True)
     clist = cdr.add_parser("list", help="newest calls first")

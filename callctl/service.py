@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import structlog
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from callctl.core.decision import Bridge, Decision, Reason, Reject, decide
 from callctl.core.numbers import caller_e164, mask
@@ -61,7 +61,7 @@ class CallService:
             return None, Reject(Reason.UNKNOWN_NUMBER)
         caller_number = caller_e164(caller, self.region)
         try:
-            facts = call_facts(self.engine, x, caller_number, now)
+            facts = _reconnecting(call_facts, self.engine, x, caller_number, now)
         except SQLAlchemyError as exc:
             log.error("database unavailable for routing", x=x, error=type(exc).__name__)
             return x, Reject(Reason.UNAVAILABLE)
@@ -71,7 +71,7 @@ class CallService:
         """Write the CDR of a finished call. Returns 'written', 'duplicate' or 'spooled'."""
         row = self.cdr_row(call, now or datetime.now(timezone.utc))
         try:
-            written = write_cdr(self.engine, row)
+            written = _reconnecting(write_cdr, self.engine, row)
         except SQLAlchemyError as exc:
             self.spool.append(row)
             log.warning("database unavailable, CDR spooled", call_id=row["call_id"], error=type(exc).__name__)
@@ -149,6 +149,18 @@ def decision_variables(decision: Decision) -> dict[str, str]:
         values["direction"] = str(decision.direction)
     values["action"] = "reject"
     return values
+
+
+def _reconnecting(query, engine: Engine, *args):
+    """Run a database call; once more if its pooled connection had died (database
+    restart, failover). SQLAlchemy then invalidates the whole pool, so the retry gets a
+    fresh connection: cheaper than pinging before every checkout on the call path."""
+    try:
+        return query(engine, *args)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        return query(engine, *args)
 
 
 def _int(value: str) -> int | None:

@@ -477,6 +477,35 @@ async def test_set_variables_stops_once_the_channel_is_gone():
 
 
 @aio
+async def test_set_variables_at_once_is_one_mset_command():
+    got = {}
+
+    async def handler(session):
+        for bad in ("a,b", 'a"b', "a b", "${X}", "a|b", "a\nb", 7):
+            with pytest.raises(ValueError):  # MSet would split, strip or mangle these
+                await session.set_variables_at_once({"CALLCTL_DEST": bad})
+        for bad_name in ("CALLERID(num)", "A B", "1X", "A=B", ""):
+            with pytest.raises(ValueError):
+                await session.set_variables_at_once({bad_name: "v"})
+        with pytest.raises(ValueError):
+            await session.set_variables_at_once({})
+        got["result"] = await session.set_variables_at_once(
+            {"CALLCTL_DEST": SECRET_DEST, "__CALLCTL_TENANT": "7", "CALLCTL_REASON": "", "CALLCTL_ACTION": "bridge"})
+
+    async with serving({"route": handler}) as (server, log):
+        agi = await FakeAsterisk.connect(server.port)
+        await agi.send(env_block())
+        assert await agi.command() == (
+            f'EXEC MSet "CALLCTL_DEST={SECRET_DEST},__CALLCTL_TENANT=7,CALLCTL_REASON=,CALLCTL_ACTION=bridge"\n'
+        ).encode()
+        await agi.answer(b"200 result=0\n")
+        await agi.closed_after()  # nothing else was sent
+        agi.close()
+    assert got["result"].ok
+    assert log.events == []
+
+
+@aio
 async def test_get_variable():
     got = {}
 

@@ -169,3 +169,37 @@ def test_database_down_fails_closed_and_spools_then_replays_once(acme, tmp_path)
     assert up.replay_spool() == 2
     assert not spool.pending() and up.replay_spool() == 0
     assert sorted(r["call_id"] for r in provision.list_cdrs(acme)) == ["lab-3.1", "lab-3.2"]
+
+
+def test_call_path_survives_database_connections_killed(pg_url, tmp_path):
+    """The daemon's engine skips the pre-checkout ping: a pooled connection killed by a
+    database restart or failover is retried once, so the next call is still decided
+    and its CDR written (not rejected as unavailable, not spooled)."""
+    from callctl.store.db import make_engine, upgrade
+
+    engine = make_engine(pg_url, pool_size=2, pre_ping=False)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    upgrade(engine)
+    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
+    provision.add_numbers(engine, "acme", [X1])
+    provision.bind(engine, "acme", A)
+    service = CallService(engine, CdrSpool(tmp_path / "spool"))
+    assert isinstance(service.route(X1, AGENT)[1], Bridge)  # the pool now holds a connection
+    admin = create_engine(pg_url)
+    with admin.begin() as conn:
+        killed = conn.execute(text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+    admin.dispose()
+    assert killed >= 1
+    assert service.route(X1, AGENT)[1].destination == A
+    with admin.begin() as conn:
+        conn.execute(text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+    admin.dispose()
+    call = FinishedCall(call_id="reconnect.1", called=X1, caller=AGENT, action="bridge", destination=A)
+    assert service.record(call) == "written"
+    assert not service.spool.pending()
+    engine.dispose()

@@ -12,7 +12,9 @@ if not SQL_DIR.is_dir():
     SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 
 
-def make_engine(url: str, pool_size: int = 8) -> Engine:
+def make_engine(url: str, pool_size: int = 8, pre_ping: bool = True) -> Engine:
+    """pre_ping=False saves a round trip per checkout; the caller must then retry once
+    on a dead connection (as callctl.service does on the call path)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
@@ -32,7 +34,7 @@ def make_engine(url: str, pool_size: int = 8) -> Engine:
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,  # a restarted database costs one failed ping, not a failed call
+        pool_pre_ping=pre_ping,  # a restarted database costs one failed ping, not a failed request
         connect_args={"connect_timeout": 3},
     )
 

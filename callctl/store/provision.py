@@ -5,7 +5,7 @@ and a message that never repeats a real number.
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.engine import Engine
@@ -162,19 +162,8 @@ def bind(
     now = now or utcnow()
     if mode != Mode.AXN:
         raise ProvisionError("unsupported_mode", f"mode {mode} is not available yet; use AXN")
-    if expires_at is not None and ttl_seconds is not None:
-        raise ProvisionError("invalid_expiry", "give an expiry date or a TTL, not both")
-    if ttl_seconds is not None:
-        if ttl_seconds <= 0:
-            raise ProvisionError("invalid_expiry", "TTL must be a positive number of seconds")
-        expires_at = now + timedelta(seconds=ttl_seconds)
-    if expires_at is not None:
-        if expires_at.tzinfo is None:
-            raise ProvisionError("invalid_expiry", "expiry needs a time zone, e.g. 2027-01-01T00:00:00+08:00")
-        if expires_at <= now:
-            raise ProvisionError("invalid_expiry", "expiry is in the past")
-    if reference is not None and len(reference) > 100:
-        raise ProvisionError("invalid_reference", "reference must be at most 100 characters")
+    expires_at = _expiry_from(expires_at, ttl_seconds, now)
+    reference = _reference(reference)
     party_a = _number(customer, "customer", region)
     with Session(engine) as session, session.begin():
         tenant = _tenant(session, tenant_name)
@@ -213,15 +202,19 @@ def bind(
         return binding_view(binding, number.e164, tenant.name)
 
 
-def unbind(engine: Engine, binding_id: int, quarantine: timedelta, now: datetime | None = None) -> dict:
-    """End a binding and quarantine its X. Calls in progress are not touched (the PBX holds them)."""
+def unbind(
+    engine: Engine,
+    binding_id: int,
+    quarantine: timedelta,
+    now: datetime | None = None,
+    *,
+    tenant_id: int | None = None,
+) -> dict:
+    """End a binding; when it was the last on its X, X is quarantined for `quarantine`
+    before it can be allocated again. Calls in progress are not touched (the PBX holds them)."""
     now = now or utcnow()
     with Session(engine) as session, session.begin():
-        binding = session.get(Binding, binding_id, with_for_update=True)
-        if binding is None:
-            raise ProvisionError("binding_not_found", f"no binding {binding_id}")
-        if binding.status != "active":
-            raise ProvisionError("binding_ended", f"binding {binding_id} has ended already")
+        binding = _active_binding(session, binding_id, tenant_id)
         binding.status = "ended"
         binding.ended_at = now
         number = session.get(VirtualNumber, binding.number_id, with_for_update=True)
@@ -233,9 +226,175 @@ def unbind(engine: Engine, binding_id: int, quarantine: timedelta, now: datetime
         if not still_used:
             number.state = "quarantined"
             number.quarantined_until = now + quarantine
-        tenant = session.get(Tenant, binding.tenant_id)
         session.flush()
-        return binding_view(binding, number.e164, tenant.name)
+        return _view(session, binding)
+
+
+def _expiry_from(expires_at: datetime | None, ttl_seconds: int | None, now: datetime) -> datetime | None:
+    """A binding's expiry from a date (long-term) or a TTL (temporary); None never expires."""
+    if expires_at is not None and ttl_seconds is not None:
+        raise ProvisionError("invalid_expiry", "give an expiry date or a TTL, not both")
+    if ttl_seconds is not None:
+        if ttl_seconds <= 0:
+            raise ProvisionError("invalid_expiry", "TTL must be a positive number of seconds")
+        expires_at = now + timedelta(seconds=ttl_seconds)
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise ProvisionError("invalid_expiry", "expiry needs a time zone, e.g. 2027-01-01T00:00:00+08:00")
+        if expires_at <= now:
+            raise ProvisionError("invalid_expiry", "expiry is in the past")
+        expires_at = expires_at.astimezone(timezone.utc)  # shown as stored: UTC
+    return expires_at
+
+
+def _reference(reference: str | None) -> str | None:
+    if reference is not None and len(reference) > 100:
+        raise ProvisionError("invalid_reference", "reference must be at most 100 characters")
+    return reference
+
+
+def _scoped_binding(session: Session, binding_id: int, tenant_id: int | None, *, lock: bool = False) -> Binding:
+    """The binding, if it exists and (when tenant_id is given) belongs to that tenant.
+    Another tenant's binding is reported exactly like a missing one."""
+    binding = session.get(Binding, binding_id, with_for_update=lock)
+    if binding is None or (tenant_id is not None and binding.tenant_id != tenant_id):
+        raise ProvisionError("binding_not_found", f"no binding {binding_id}")
+    return binding
+
+
+def _active_binding(session: Session, binding_id: int, tenant_id: int | None) -> Binding:
+    binding = _scoped_binding(session, binding_id, tenant_id, lock=True)
+    if binding.status != "active":
+        raise ProvisionError("binding_ended", f"binding {binding_id} has ended already")
+    return binding
+
+
+def _view(session: Session, binding: Binding) -> dict:
+    x = session.scalar(select(VirtualNumber.e164).where(VirtualNumber.id == binding.number_id))
+    tenant = session.scalar(select(Tenant.name).where(Tenant.id == binding.tenant_id))
+    return binding_view(binding, x, tenant)
+
+
+def tenant_id_of(engine: Engine, tenant_name: str) -> int:
+    with Session(engine) as session:
+        return _tenant(session, tenant_name).id
+
+
+def get_binding(engine: Engine, binding_id: int, *, tenant_id: int | None = None) -> dict:
+    with Session(engine) as session:
+        return _view(session, _scoped_binding(session, binding_id, tenant_id))
+
+
+BINDING_STATUSES = ("active", "expired", "ended")
+MAX_PAGE = 1000
+
+
+def list_bindings(
+    engine: Engine,
+    *,
+    tenant_id: int | None = None,
+    reference: str | None = None,
+    status: str | None = None,
+    after: int = 0,
+    limit: int = 100,
+    now: datetime | None = None,
+) -> dict:
+    """A page of bindings in id order: {"items": [...], "next": id to pass as `after`, or None}.
+
+    status: active (in force), expired (not ended, but past its expiry), ended. Keyset
+    paging (id > after) stays fast however many bindings exist.
+    """
+    now = now or utcnow()
+    if status is not None and status not in BINDING_STATUSES:
+        raise ProvisionError("invalid_status", f"status must be one of {', '.join(BINDING_STATUSES)}")
+    if not 1 <= limit <= MAX_PAGE:
+        raise ProvisionError("invalid_page", f"limit must be 1-{MAX_PAGE}")
+    if after < 0:
+        raise ProvisionError("invalid_page", "after must be a binding id (0 for the first page)")
+    query = (
+        select(Binding, VirtualNumber.e164, Tenant.name)
+        .join(VirtualNumber, VirtualNumber.id == Binding.number_id)
+        .join(Tenant, Tenant.id == Binding.tenant_id)
+        .where(Binding.id > after)
+        .order_by(Binding.id)
+        .limit(limit + 1)
+    )
+    if tenant_id is not None:
+        query = query.where(Binding.tenant_id == tenant_id)
+    if reference is not None:
+        query = query.where(Binding.reference == _reference(reference))
+    in_force = or_(Binding.expires_at.is_(None), Binding.expires_at > now)
+    if status == "ended":
+        query = query.where(Binding.status == "ended")
+    elif status == "active":
+        query = query.where(Binding.status == "active", in_force)
+    elif status == "expired":
+        query = query.where(Binding.status == "active", ~in_force)
+    with Session(engine) as session:
+        rows = session.execute(query).all()
+    items = [binding_view(b, x, t) for b, x, t in rows[:limit]]
+    return {"items": items, "next": items[-1]["id"] if len(rows) > limit else None}
+
+
+def extend_binding(
+    engine: Engine,
+    binding_id: int,
+    expires_at: datetime | None = None,
+    *,
+    ttl_seconds: int | None = None,
+    tenant_id: int | None = None,
+    now: datetime | None = None,
+) -> dict:
+    """Give an active binding a new expiry (a date, a TTL from now, or None: no expiry).
+    Works on a binding that has just expired too (a late renewal), not on an ended one."""
+    now = now or utcnow()
+    new_expiry = _expiry_from(expires_at, ttl_seconds, now)
+    with Session(engine) as session, session.begin():
+        binding = _active_binding(session, binding_id, tenant_id)
+        binding.expires_at = new_expiry
+        session.flush()
+        return _view(session, binding)
+
+
+def update_binding(
+    engine: Engine,
+    binding_id: int,
+    *,
+    customer: str | None = None,
+    reference: str | None = None,
+    tenant_id: int | None = None,
+    region: str = "CN",
+) -> dict:
+    """Change the customer's real number (party A) and/or the external reference.
+    In AXB the new number must not be a party of another binding on the same X."""
+    party_a = _number(customer, "customer", region) if customer is not None else None
+    reference = _reference(reference)
+    with Session(engine) as session, session.begin():
+        binding = _active_binding(session, binding_id, tenant_id)
+        if party_a is not None:
+            if binding.mode == Mode.AXB:
+                # The X row lock serialises every change to the parties on that X.
+                session.get(VirtualNumber, binding.number_id, with_for_update=True)
+                if party_a == binding.party_b or _parties_on(session, binding.number_id, [party_a], binding.id):
+                    raise ProvisionError(
+                        "party_conflict", "that number is already a party of a binding on this virtual number"
+                    )
+            binding.party_a = party_a
+        if reference is not None:
+            binding.reference = reference
+        session.flush()
+        return _view(session, binding)
+
+
+def _parties_on(session: Session, number_id: int, parties: list[str], except_id: int | None = None) -> bool:
+    """Whether an active binding on X, other than except_id, has one of these parties."""
+    query = select(Binding.party_a, Binding.party_b).where(
+        Binding.number_id == number_id, Binding.status == "active"
+    )
+    if except_id is not None:
+        query = query.where(Binding.id != except_id)
+    wanted = set(parties)
+    return any(a in wanted or b in wanted for a, b in session.execute(query))
 
 
 CDR_COLUMNS = (

@@ -80,8 +80,9 @@ def cmd_bind(cfg, args):
 
     _print_json(
         bind(
-            _engine(cfg), args.tenant, args.customer, mode=args.mode, reference=args.reference,
-            expires_at=_expiry(args.expires), ttl_seconds=args.ttl, region=cfg.region,
+            _engine(cfg), args.tenant, args.customer, mode=args.mode, other_party=args.other_party,
+            reference=args.reference, expires_at=_expiry(args.expires), ttl_seconds=args.ttl,
+            region=cfg.region, extension_digits=cfg.axe_extension_digits,
         )
     )
 
@@ -236,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     bind = top.add_parser("bind", help="bind a virtual number to a customer; prints the binding")
     bind.add_argument("--tenant", required=True)
     bind.add_argument("--customer", required=True, help="the customer's real number (A)")
-    bind.add_argument("--mode", default="AXN", choices=["AXN", "AXB", "AXE"])
+    bind.add_argument("--mode", default="AXN", choices=["AXN", "AXB", "AXE"],
+                      help="AXN: X for this customer alone; AXB: X shared by pairs (needs --other-party); "
+                           "AXE: X shared through an extension")
+    bind.add_argument("--other-party", help="AXB: the other party's real number (B)")
     bind.add_argument("--reference", help="external reference, e.g. a policy number")
     expiry = bind.add_mutually_exclusive_group()
     expiry.add_argument("--expires", help="ISO date-time with zone")

@@ -60,6 +60,7 @@ class Config(Strict):
     node: str = ""  # this PBX/daemon pair's name in CDRs; the PBX's own name wins if sent
     spool_dir: str = "var/spool"
     quarantine_days: float = Field(30, ge=0)  # cooldown before a released X is reused
+    axe_extension_digits: int = Field(4, ge=1, le=6)  # AXE: digits of an extension on X
     db_threads: int = Field(8, ge=1, le=64)
     agi: AgiConfig = AgiConfig()
     log: LogConfig = LogConfig()

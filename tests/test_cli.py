@@ -64,7 +64,7 @@ def test_provision_bind_unbind_and_list(cli):
     (["bind", "--tenant", "nobody", "--customer", CUSTOMER], 1, "tenant_not_found"),
     (["bind", "--tenant", "acme", "--customer", CUSTOMER, "--expires", "tomorrow"], None, "ISO date-time"),
     (["bind", "--tenant", "acme", "--customer", CUSTOMER, "--ttl", "-5"], 1, "invalid_expiry"),
-    (["bind", "--tenant", "acme", "--customer", CUSTOMER, "--mode", "AXB"], 1, "unsupported_mode"),
+    (["bind", "--tenant", "acme", "--customer", CUSTOMER, "--mode", "AXB"], 1, "missing_other_party"),
     (["unbind", "999"], 1, "binding_not_found"),
     (["pool", "add", "--tenant", "acme", "12"], 1, "not a valid"),
 ])

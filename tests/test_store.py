@@ -91,7 +91,7 @@ def test_block_scopes_and_time_window(service, acme, scope, target, starts, ends
     ({"customer": "12345"}, "invalid_number"),
     ({"customer": A, "ttl_seconds": 0}, "invalid_expiry"),
     ({"customer": A, "expires_at": datetime(2020, 1, 1, tzinfo=timezone.utc)}, "invalid_expiry"),
-    ({"customer": A, "mode": "AXB"}, "unsupported_mode"),
+    ({"customer": A, "mode": "AXB"}, "missing_other_party"),
 ])
 def test_bad_bind_input_changes_nothing(acme, kwargs, code):
     with pytest.raises(ProvisionError) as info:

@@ -121,7 +121,8 @@ class VirtualNumber(Base):
     __tablename__ = "virtual_numbers"
     __table_args__ = (
         CheckConstraint("state IN ('free','bound','quarantined','disabled')", name="ck_vn_state"),
-        Index("ix_vn_tenant_state", "tenant_id", "state"),
+        CheckConstraint("mode IN ('AXN','AXB','AXE')", name="ck_vn_mode"),
+        Index("ix_vn_pool", "tenant_id", "state", "id"),
         UniqueConstraint("e164", name="uq_vn_e164"),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
@@ -130,6 +131,7 @@ class VirtualNumber(Base):
     state: Mapped[str] = mapped_column(String(12), server_default=text("'free'"))
     quarantined_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
+    mode: Mapped[str | None] = mapped_column(String(3))  # the mode it serves while bound
 
 
 class Binding(Base):
@@ -144,6 +146,15 @@ class Binding(Base):
             unique=True,
             postgresql_where=text("status = 'active' AND mode = 'AXN'"),
             sqlite_where=text("status = 'active' AND mode = 'AXN'"),
+        ),
+        # AXE: an extension serves one customer on its X at a time.
+        Index(
+            "ux_binding_axe_extension",
+            "number_id",
+            "extension",
+            unique=True,
+            postgresql_where=text("status = 'active' AND mode = 'AXE'"),
+            sqlite_where=text("status = 'active' AND mode = 'AXE'"),
         ),
         Index("ix_binding_number_status", "number_id", "status"),
         Index("ix_binding_tenant_reference", "tenant_id", "reference"),

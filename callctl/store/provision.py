@@ -5,11 +5,12 @@ and a message that never repeats a real number.
 """
 from __future__ import annotations
 
+import secrets
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, exists, func, or_, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from callctl.core.decision import Mode
@@ -146,50 +147,45 @@ def binding_view(binding: Binding, x: str, tenant_name: str) -> dict:
     }
 
 
+MODES = tuple(m.value for m in Mode)
+LOCK_WAIT_SECONDS = 5  # the second allocation pass waits at most this long for a row lock
+
+
 def bind(
     engine: Engine,
     tenant_name: str,
     customer: str,
     *,
     mode: str = "AXN",
+    other_party: str | None = None,
     reference: str | None = None,
     expires_at: datetime | None = None,
     ttl_seconds: int | None = None,
     region: str = "CN",
+    extension_digits: int = 4,
     now: datetime | None = None,
 ) -> dict:
-    """Bind a free X of the tenant's pool to the customer (AXN)."""
+    """Bind an X of the tenant's pool to the customer.
+
+    AXN: a free X, exclusive to this binding. AXB: an X already serving AXB pairs none of
+    which has either party, else a free X. AXE: a free extension of `extension_digits`
+    digits on an X already serving AXE, else a free X. A pool with nothing to give is
+    `pool_exhausted`; concurrent binds never share what they must not (_allocate).
+    """
     now = now or utcnow()
-    if mode != Mode.AXN:
-        raise ProvisionError("unsupported_mode", f"mode {mode} is not available yet; use AXN")
+    pair = _binding_input(mode, customer, other_party, extension_digits, region)
     expires_at = _expiry_from(expires_at, ttl_seconds, now)
     reference = _reference(reference)
-    party_a = _number(customer, "customer", region)
     with Session(engine) as session, session.begin():
         tenant = _tenant(session, tenant_name)
-        # SKIP LOCKED: concurrent binds take different numbers instead of queueing.
-        number = session.scalar(
-            select(VirtualNumber)
-            .where(
-                VirtualNumber.tenant_id == tenant.id,
-                or_(
-                    VirtualNumber.state == "free",
-                    (VirtualNumber.state == "quarantined") & (VirtualNumber.quarantined_until <= now),
-                ),
-            )
-            .order_by(VirtualNumber.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
-        if number is None:
-            raise ProvisionError("pool_exhausted", f"tenant '{tenant_name}' has no free virtual number")
-        number.state = "bound"
-        number.quarantined_until = None
+        number, extension = _allocate(session, tenant.id, mode, pair, extension_digits, now)
         binding = Binding(
             tenant_id=tenant.id,
             number_id=number.id,
             mode=mode,
-            party_a=party_a,
+            party_a=pair[0],
+            party_b=pair[1],
+            extension=extension,
             reference=reference,
             expires_at=expires_at,
             created_at=now,
@@ -198,8 +194,111 @@ def bind(
         try:
             session.flush()
         except IntegrityError:
+            # The unique indexes are the last line of defence behind the row locks.
             raise ProvisionError("conflict", "that virtual number was bound concurrently; retry") from None
         return binding_view(binding, number.e164, tenant.name)
+
+
+def _binding_input(mode: str, customer: str, other_party: str | None, extension_digits: int,
+                   region: str) -> tuple[str, str | None]:
+    """The (party A, party B) of a new binding, validated for its mode."""
+    if mode not in MODES:
+        raise ProvisionError("invalid_mode", f"mode must be one of {', '.join(MODES)}")
+    if not 1 <= extension_digits <= 6:
+        raise ProvisionError("invalid_extension_digits", "an extension has 1-6 digits")
+    party_a = _number(customer, "customer", region)
+    if mode != Mode.AXB:
+        if other_party is not None:
+            raise ProvisionError("invalid_party", f"only AXB bindings have an other party, not {mode}")
+        return party_a, None
+    if other_party is None:
+        raise ProvisionError("missing_other_party", "an AXB binding needs the other party's number")
+    party_b = _number(other_party, "other party", region)
+    if party_b == party_a:
+        raise ProvisionError("invalid_party", "the two parties of an AXB binding must differ")
+    return party_a, party_b
+
+
+def _has_party(parties: list[str]):
+    """SQL: the binding has one of these numbers as a party. The one place that
+    compares parties in SQL (switch to the keyed-hash columns with the encryption)."""
+    return or_(Binding.party_a.in_(parties), Binding.party_b.in_(parties))
+
+
+def _allocate(session: Session, tenant_id: int, mode: str, pair: tuple[str, str | None],
+              extension_digits: int, now: datetime) -> tuple[VirtualNumber, str | None]:
+    """Pick and row-lock an X (and an AXE extension) for a new binding.
+
+    Every binding is created while its X row is locked (PostgreSQL: FOR UPDATE;
+    SQLite: the write lock taken at BEGIN IMMEDIATE), so the checks made after the lock
+    see every committed binding on that X. The first pass skips rows other writers
+    hold (SKIP LOCKED: parallel binds take different numbers instead of queueing); only
+    if it finds nothing does a second pass wait, for at most LOCK_WAIT_SECONDS, for the
+    rows others hold, so that a pool is reported exhausted only when it is.
+    """
+    in_use = and_(Binding.number_id == VirtualNumber.id, Binding.status == "active")
+    capacity = 10 ** extension_digits
+    parties = [p for p in pair if p]
+    candidates = []
+    if mode == Mode.AXB:  # fill the X already serving pairs first: AXB exists to reuse X
+        candidates.append(and_(VirtualNumber.state == "bound", VirtualNumber.mode == mode,
+                               ~exists().where(in_use, _has_party(parties))))
+    elif mode == Mode.AXE:
+        candidates.append(and_(VirtualNumber.state == "bound", VirtualNumber.mode == mode,
+                               select(func.count()).where(in_use).scalar_subquery() < capacity))
+    candidates.append(VirtualNumber.state == "free")
+    candidates.append(and_(VirtualNumber.state == "quarantined", VirtualNumber.quarantined_until <= now))
+    tried: set[int] = set()
+    for wait in (False, True):
+        if wait and session.get_bind().dialect.name == "postgresql":
+            session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT_SECONDS}s'"))
+        for condition in candidates:
+            while True:
+                query = select(VirtualNumber).where(VirtualNumber.tenant_id == tenant_id, condition)
+                if tried:
+                    query = query.where(VirtualNumber.id.not_in(tried))
+                try:
+                    number = session.scalar(
+                        query.order_by(VirtualNumber.id).limit(1)
+                        .with_for_update(skip_locked=not wait)
+                        .execution_options(populate_existing=True)
+                    )
+                except OperationalError as exc:
+                    if getattr(exc.orig, "pgcode", None) == "55P03":  # lock_not_available
+                        raise ProvisionError("pool_busy", "the pool is busy; retry") from None
+                    raise
+                if number is None:
+                    break
+                extension = _claim(session, number, mode, parties, capacity, extension_digits)
+                if extension is not False:
+                    return number, extension
+                tried.add(number.id)  # changed under us before we held its lock
+    raise ProvisionError("pool_exhausted", f"no virtual number in the pool can take this {mode} binding")
+
+
+def _claim(session: Session, number: VirtualNumber, mode: str, parties: list[str], capacity: int,
+           digits: int) -> str | None | bool:
+    """With X locked, re-check it against the committed bindings (a fresh statement sees
+    them all) and take it: returns the AXE extension, None for AXN/AXB, False if X
+    cannot take the binding after all."""
+    extension = None
+    if number.state == "bound":
+        if number.mode != mode:
+            return False
+        if mode == Mode.AXB and _parties_on(session, number.id, parties):
+            return False
+    if mode == Mode.AXE:
+        used = set(session.scalars(select(Binding.extension).where(
+            Binding.number_id == number.id, Binding.status == "active")))
+        if len(used) >= capacity:
+            return False
+        # A random free extension: extensions are not handed out in a guessable order.
+        while extension is None or extension in used:
+            extension = f"{secrets.randbelow(capacity):0{digits}d}"
+    number.state = "bound"
+    number.mode = mode
+    number.quarantined_until = None
+    return extension
 
 
 def unbind(
@@ -225,6 +324,7 @@ def unbind(
         )
         if not still_used:
             number.state = "quarantined"
+            number.mode = None
             number.quarantined_until = now + quarantine
         session.flush()
         return _view(session, binding)
@@ -388,13 +488,11 @@ def update_binding(
 
 def _parties_on(session: Session, number_id: int, parties: list[str], except_id: int | None = None) -> bool:
     """Whether an active binding on X, other than except_id, has one of these parties."""
-    query = select(Binding.party_a, Binding.party_b).where(
-        Binding.number_id == number_id, Binding.status == "active"
-    )
+    query = select(Binding.id).where(Binding.number_id == number_id, Binding.status == "active",
+                                     _has_party(parties))
     if except_id is not None:
         query = query.where(Binding.id != except_id)
-    wanted = set(parties)
-    return any(a in wanted or b in wanted for a, b in session.execute(query))
+    return session.scalar(query.limit(1)) is not None
 
 
 CDR_COLUMNS = (

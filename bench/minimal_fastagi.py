@@ -2,7 +2,8 @@
 """Minimal FastAGI: the floor of AGI cost, for `make bench`.
 
 route  -> SET VARIABLE CALLCTL_ACTION bridge + CALLCTL_DEST <dest> (or reject, with --reject)
-hangup -> read the AGI environment and close (--verbose prints the key=value arguments)
+hangup -> SET VARIABLE CALLCTL_CDR written, as callctl acknowledges a CDR (--verbose prints
+          the key=value arguments)
 usage: minimal_fastagi.py [HOST:PORT] [DEST] [--verbose] [--reject REASON]
 """
 import argparse, asyncio
@@ -16,6 +17,7 @@ a = p.parse_args()
 ANSWER = [("CALLCTL_ACTION", "reject"), ("CALLCTL_REASON", a.reject)] if a.reject else \
          [("CALLCTL_ACTION", "bridge"), ("CALLCTL_DEST", a.dest)]
 CMDS = [f'SET VARIABLE {k} "{v}"\n'.encode() for k, v in ANSWER]
+ACK = [b'SET VARIABLE CALLCTL_CDR "written"\n']  # else the dialplan asks a second time
 
 
 async def handle(reader, writer):
@@ -24,13 +26,13 @@ async def handle(reader, writer):
         while (line := await reader.readline()) not in (b"\n", b""):
             k, _, v = line.decode(errors="replace").partition(":")
             env[k] = v.strip()
-        if env.get("agi_network_script") == "route":
-            for cmd in CMDS:    # one at a time: res_agi loses pipelined commands (stdio buffer)
-                writer.write(cmd)
-                await reader.readline()
-        elif a.verbose:
+        route = env.get("agi_network_script") == "route"
+        if not route and a.verbose:
             args = [env[f"agi_arg_{i}"] for i in range(1, 100) if f"agi_arg_{i}" in env]
             print(env.get("agi_network_script"), env.get("agi_uniqueid"), " ".join(args), flush=True)
+        for cmd in CMDS if route else ACK:  # one at a time: res_agi loses pipelined commands
+            writer.write(cmd)
+            await reader.readline()
     finally:
         writer.close()
 

@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from callctl.store import crypto
     from callctl.store.provision import ProvisionError
+    from callctl.store.spool import SpoolError
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
     try:
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             # At startup, so a missing or bad key stops us here and not at the first call.
             crypto.install(crypto.load_ring(cfg.keys.file, cfg.keys.current))
         args.func(cfg, args)
-    except config_mod.ConfigError as exc:
+    except (config_mod.ConfigError, SpoolError) as exc:
         print(f"callctl: config error: {exc}", file=sys.stderr)
         return 2
     except crypto.KeyConfigError as exc:

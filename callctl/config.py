@@ -62,6 +62,9 @@ class Config(Strict):
     quarantine_days: float = Field(30, ge=0)  # cooldown before a released X is reused
     axe_extension_digits: int = Field(4, ge=1, le=6)  # AXE: digits of an extension on X
     db_threads: int = Field(8, ge=1, le=64)
+    # Longest wait for the database at call time (connect, statement, lock); past it a
+    # call is rejected as unavailable and its CDR goes to the spool.
+    db_timeout: float = Field(2.0, gt=0, le=30)
     agi: AgiConfig = AgiConfig()
     log: LogConfig = LogConfig()
     keys: KeysConfig = KeysConfig()
@@ -74,6 +77,7 @@ ENV_OVERRIDES = {
     "CALLCTL_NODE": (None, "node"),
     "CALLCTL_SPOOL_DIR": (None, "spool_dir"),
     "CALLCTL_QUARANTINE_DAYS": (None, "quarantine_days"),
+    "CALLCTL_DB_TIMEOUT": (None, "db_timeout"),
     "CALLCTL_AGI_LISTEN": ("agi", "listen"),
     "CALLCTL_LOG_FORMAT": ("log", "format"),
     "CALLCTL_LOG_LEVEL": ("log", "level"),

@@ -5,17 +5,19 @@ come from callctl.core; facts and CDRs from callctl.store.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import structlog
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from callctl.core.decision import Bridge, Decision, Reason, Reject, decide
 from callctl.core.numbers import caller_e164, mask
-from callctl.store.calls import call_facts, write_cdr
-from callctl.store.spool import CdrSpool
+from callctl.store.calls import call_facts, write_cdr, write_cdrs
+from callctl.store.spool import CdrSpool, encode
 
 log = structlog.get_logger("callctl.calls")
 _REASONS = {reason.value for reason in Reason}
@@ -43,11 +45,17 @@ class FinishedCall:
 
 
 class CallService:
-    def __init__(self, engine: Engine, spool: CdrSpool, region: str = "CN", node: str = ""):
+    def __init__(self, engine: Engine, spool: CdrSpool, region: str = "CN", node: str = "",
+                 write_timeout: float | None = None):
         self.engine = engine
         self.spool = spool
         self.region = region
         self.node = node
+        # A database that hangs without an error (stuck server, no RST) must not keep a
+        # CDR from the spool: past write_timeout the CDR is spooled. If the stuck write
+        # commits later, replay finds it there and skips it.
+        self.write_timeout = write_timeout
+        self._writes = ThreadPoolExecutor(max_workers=16, thread_name_prefix="callctl-cdr-write") if write_timeout else None
 
     def route(self, called: str, caller: str, now: datetime | None = None) -> tuple[str | None, Decision]:
         """Decide a call to `called` from `caller` (both as the PBX sent them).
@@ -68,13 +76,20 @@ class CallService:
         return x, decide(caller_number, now, facts)
 
     def record(self, call: FinishedCall, now: datetime | None = None) -> str:
-        """Write the CDR of a finished call. Returns 'written', 'duplicate' or 'spooled'."""
+        """Make the CDR of a finished call durable: committed to the database, or else
+        fsync'd to the spool. Returns 'written', 'duplicate' or 'spooled'; raises
+        SpoolError when neither could take it (the PBX must then not be told it is kept).
+        """
         row = self.cdr_row(call, now or datetime.now(timezone.utc))
         try:
-            written = _reconnecting(write_cdr, self.engine, row)
-        except SQLAlchemyError as exc:
+            if self._writes:
+                written = self._writes.submit(_reconnecting, write_cdr, self.engine, row).result(self.write_timeout)
+            else:
+                written = _reconnecting(write_cdr, self.engine, row)
+        except (SQLAlchemyError, FutureTimeout) as exc:
             self.spool.append(row)
-            log.warning("database unavailable, CDR spooled", call_id=row["call_id"], error=type(exc).__name__)
+            log.warning("database unavailable, CDR spooled", call_id=row["call_id"],
+                        error=type(exc).__name__)
             return "spooled"
         return "written" if written else "duplicate"
 
@@ -83,16 +98,40 @@ class CallService:
         if not self.spool.pending():
             return 0
         try:
-            count = self.spool.replay(lambda row: write_cdr(self.engine, row))
-        except SQLAlchemyError:
+            count = self.spool.replay(self._write_replayed)
+        except SQLAlchemyError as exc:
+            log.info("spool replay deferred: database unavailable", error=type(exc).__name__)
             return 0
-        log.info("spooled CDRs replayed", count=count)
+        if count:
+            log.info("spooled CDRs replayed", count=count)
         return count
+
+    def _write_replayed(self, rows: list[dict]) -> None:
+        try:
+            new = write_cdrs(self.engine, rows)
+        except DBAPIError as exc:
+            if _is_connectivity(exc):
+                raise
+            # The database is up but refuses a row (bad data): write the others one by
+            # one and keep each refused row for a person, instead of retrying forever.
+            new = 0
+            for row in rows:
+                try:
+                    new += write_cdr(self.engine, row)
+                except DBAPIError as refused:
+                    if _is_connectivity(refused):
+                        raise
+                    self.spool.set_aside(encode(row))
+        if new != len(rows):
+            log.info("spooled CDRs already in the database skipped", count=len(rows) - new)
 
     def cdr_row(self, call: FinishedCall, now: datetime) -> dict:
         bridged = call.action == "bridge"
         ended = _epoch(call.end) or now
-        started = _epoch(call.start) or ended
+        # started_at is part of the CDR's unique key: it must come out the same every
+        # time the same call is reported, so fall back on the channel's creation time
+        # that Asterisk writes into the uniqueid ("node-1795887084.12") before "now".
+        started = _epoch(call.start) or _epoch(_uniqueid_epoch(call.call_id)) or ended
         talk = _seconds(call.answered_ms)
         # Asterisk leaves DIALEDTIME_MS empty unless the callee answered: then the
         # whole attempt (routing is a few ms of it) was ringing.
@@ -169,6 +208,15 @@ def _int(value: str) -> int | None:
 
 def _seconds(ms: str) -> float:
     return int(ms) / 1000.0 if ms.isdigit() and len(ms) < 12 else 0.0
+
+
+def _uniqueid_epoch(call_id: str) -> str:
+    return call_id.rpartition("-")[2].partition(".")[0]
+
+
+def _is_connectivity(exc: DBAPIError) -> bool:
+    """Database down or unreachable (retry later), as opposed to a row it refuses."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated
 
 
 def _epoch(value: str) -> datetime | None:

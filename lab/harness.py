@@ -122,14 +122,16 @@ def free_agi_port(port: int = AGI_PORT) -> None:
 
 
 class Process:
-    """A FastAGI server subprocess on 127.0.0.1:4573 with its output in a log file."""
+    """A FastAGI server subprocess on 127.0.0.1:4573 (or another port) with its output in a log file."""
 
-    def __init__(self, argv: list[str], log_path: Path, env: dict | None = None, cwd: Path = REPO):
-        self.argv, self.log_path, self.env, self.cwd = argv, Path(log_path), env, cwd
+    def __init__(self, argv: list[str], log_path: Path, env: dict | None = None, cwd: Path = REPO,
+                 port: int = AGI_PORT):
+        self.argv, self.log_path, self.env, self.cwd, self.port = argv, Path(log_path), env, cwd, port
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> "Process":
-        free_agi_port()
+        if self.port == AGI_PORT:
+            free_agi_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         env = {**os.environ, **(self.env or {})}
@@ -137,12 +139,12 @@ class Process:
                                      start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
-        while not port_open(AGI_HOST, AGI_PORT):
+        while not port_open(AGI_HOST, self.port):
             if self.proc.poll() is not None:
                 raise LabError(f"{self.argv[1:4]} exited ({self.proc.returncode}):\n{self.output()[-2000:]}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise LabError(f"{self.argv[1:4]} not listening on {AGI_PORT} within {timeout} s")
+                raise LabError(f"{self.argv[1:4]} not listening on {self.port} within {timeout} s")
             time.sleep(0.05)
         return self
 
@@ -166,21 +168,23 @@ class Process:
         self.stop()
 
 
-def callctl_daemon(database_url: str, workdir: Path, log_format: str = "json", extra_env: dict | None = None) -> Process:
-    """`callctl serve asterisk` as an administrator would run it, configured by environment."""
+def callctl_daemon(database_url: str, workdir: Path, log_format: str = "json", extra_env: dict | None = None,
+                   port: int = AGI_PORT) -> Process:
+    """`callctl serve asterisk` as an administrator would run it, configured by environment.
+    Tests that do not need the lab's Asterisk pass a free port of their own."""
     workdir = Path(workdir)
     env = {
         "CALLCTL_CONFIG": str(REPO / "conf" / "callctl.yaml"),
         "CALLCTL_DATABASE_URL": database_url,
         "CALLCTL_SPOOL_DIR": str(workdir / "spool"),
-        "CALLCTL_AGI_LISTEN": f"{AGI_HOST}:{AGI_PORT}",
+        "CALLCTL_AGI_LISTEN": f"{AGI_HOST}:{port}",
         "CALLCTL_LOG_FORMAT": log_format,
         "CALLCTL_NODE": "lab",
         **(extra_env or {}),
     }
     callctl = Path(sys.executable).with_name("callctl")
     argv = [str(callctl)] if callctl.exists() else [sys.executable, "-m", "callctl.cli"]
-    return Process(argv + ["serve", "asterisk"], workdir / "callctl.log", env=env)
+    return Process(argv + ["serve", "asterisk"], workdir / "callctl.log", env=env, port=port)
 
 
 def minimal_fastagi(workdir: Path) -> Process:

@@ -15,9 +15,10 @@ import structlog
 import uvloop
 
 from callctl.asterisk.fastagi import AgiSession, FastAgiServer
-from callctl.core.decision import Bridge
+from callctl.core.decision import Bridge, Reason, Reject
 from callctl.core.numbers import caller_e164, mask
 from callctl.service import CallService, FinishedCall, decision_variables
+from callctl.store.spool import SpoolError
 
 log = structlog.get_logger("callctl.asterisk")
 
@@ -42,10 +43,13 @@ class AsteriskAdapter:
     down)."""
 
     def __init__(self, service: CallService, route_executor: ThreadPoolExecutor,
-                 cdr_executor: ThreadPoolExecutor):
+                 cdr_executor: ThreadPoolExecutor, decision_timeout: float = 3.0):
         self.service = service
         self.route_executor = route_executor
         self.cdr_executor = cdr_executor
+        # The database calls have their own timeouts (db_timeout); this is the last
+        # guard, e.g. every worker stuck on a database that stopped answering.
+        self.decision_timeout = decision_timeout
 
     @property
     def routes(self):
@@ -57,7 +61,13 @@ class AsteriskAdapter:
         caller = given.get("caller", session.env.get("agi_callerid", ""))
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        x, decision = await loop.run_in_executor(self.route_executor, self.service.route, called, caller)
+        try:
+            x, decision = await asyncio.wait_for(
+                loop.run_in_executor(self.route_executor, self.service.route, called, caller), self.decision_timeout)
+        except TimeoutError:
+            log.error("no decision in time: rejected as unavailable", call_id=session.env.get("agi_uniqueid", ""),
+                      seconds=self.decision_timeout)
+            x, decision = caller_e164(called, self.service.region), Reject(Reason.UNAVAILABLE)
         decided_ms = (time.perf_counter() - started) * 1000
         await session.set_variables_at_once(
             {f"CALLCTL_{name.upper()}": value for name, value in decision_variables(decision).items()}
@@ -83,7 +93,13 @@ class AsteriskAdapter:
             log.warning("hangup without a call id ignored")
             return
         loop = asyncio.get_running_loop()
-        outcome = await loop.run_in_executor(self.cdr_executor, self.service.record, call)
+        try:
+            outcome = await loop.run_in_executor(self.cdr_executor, self.service.record, call)
+        except SpoolError as exc:
+            log.error("CDR not kept: database down and spool unusable", call_id=call.call_id, error=str(exc))
+            return
+        # The acknowledgement: sent only once the CDR is committed or fsync'd.
+        await session.set_variable("CALLCTL_CDR", outcome)
         log.info("call recorded", call_id=call.call_id, outcome=outcome)
 
 
@@ -94,11 +110,13 @@ async def run(cfg) -> None:
     # A thread waiting for the GIL waits up to the switch interval (default 5 ms) while
     # another thread computes: that wait was most of the decision's p99 under load.
     sys.setswitchinterval(0.0005)
-    engine = make_engine(cfg.database_url, pool_size=cfg.db_threads, pre_ping=False)
-    service = CallService(engine, CdrSpool(cfg.spool_dir), region=cfg.region, node=cfg.node)
+    engine = make_engine(cfg.database_url, pool_size=cfg.db_threads, pre_ping=False, timeout=cfg.db_timeout)
+    spool = CdrSpool(cfg.spool_dir)
+    spool.check_writable()
+    service = CallService(engine, spool, region=cfg.region, node=cfg.node, write_timeout=cfg.db_timeout + 1)
     route_executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-route")
     cdr_executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-cdr")
-    adapter = AsteriskAdapter(service, route_executor, cdr_executor)
+    adapter = AsteriskAdapter(service, route_executor, cdr_executor, decision_timeout=cfg.db_timeout + 1)
     server = FastAgiServer(
         adapter.routes, cfg.agi.host, cfg.agi.port,
         env_timeout=cfg.agi.env_timeout, command_timeout=cfg.agi.command_timeout,

@@ -92,14 +92,22 @@ def call_facts(engine: Engine, x: str, caller: str | None, now: datetime) -> Num
     return NumberFacts(x=x, tenant=tenant, bindings=bindings, blocks=blocks)
 
 
-# Built once, like the reads above: the same call_id written twice changes nothing.
+# Built once, like the reads above. No conflict target: on PostgreSQL the CDR table is
+# partitioned by day and its unique key is (call_id, started_at); started_at of a call
+# never changes between a first write, a spool replay or a PBX retry (service.cdr_row).
 _CDR_INSERT = {
-    "postgresql": postgresql.insert(Cdr.__table__).on_conflict_do_nothing(index_elements=["call_id"]),
-    "sqlite": sqlite.insert(Cdr.__table__).on_conflict_do_nothing(index_elements=["call_id"]),
+    "postgresql": postgresql.insert(Cdr.__table__).on_conflict_do_nothing(),
+    "sqlite": sqlite.insert(Cdr.__table__).on_conflict_do_nothing(),
 }
 
 
 def write_cdr(engine: Engine, row: dict) -> bool:
-    """Insert one CDR; a second write of the same call_id changes nothing. True if new."""
+    """Insert one CDR; a second write of the same call changes nothing. True if new."""
+    return write_cdrs(engine, [row]) == 1
+
+
+def write_cdrs(engine: Engine, rows: list[dict]) -> int:
+    """Insert CDRs in one transaction (all or none); returns how many were new."""
+    insert = _CDR_INSERT[engine.dialect.name]
     with engine.begin() as conn:
-        return conn.execute(_CDR_INSERT[engine.dialect.name], row).rowcount == 1
+        return sum(conn.execute(insert, row).rowcount for row in rows)

@@ -1,6 +1,7 @@
 """Engines and schema migrations from sql/<dialect>/NNNN_name.sql."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, text
@@ -12,9 +13,12 @@ if not SQL_DIR.is_dir():
     SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 
 
-def make_engine(url: str, pool_size: int = 8, pre_ping: bool = True) -> Engine:
+def make_engine(url: str, pool_size: int = 8, pre_ping: bool = True, timeout: float | None = None) -> Engine:
     """pre_ping=False saves a round trip per checkout; the caller must then retry once
-    on a dead connection (as callctl.service does on the call path)."""
+    on a dead connection (as callctl.service does on the call path). With `timeout`
+    (seconds; the daemon's db_timeout) no database call waits longer than that for a
+    connection, a reply or a lock, so a dead or hung database turns into an error the
+    caller can fail closed on, not a hung call."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
@@ -23,19 +27,32 @@ def make_engine(url: str, pool_size: int = 8, pre_ping: bool = True) -> Engine:
         engine = create_engine(
             url,
             pool_size=pool_size,
-            connect_args={"timeout": 10, "check_same_thread": False},
+            pool_timeout=timeout or 30,
+            connect_args={"timeout": timeout or 10, "check_same_thread": False},
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         # Writers take the lock at BEGIN, so read-then-write cannot race; call-time
         # reads (READ_ONLY) must not queue behind CDR writes for it.
         event.listen(engine, "begin", _sqlite_begin)
         return engine
+    connect_args: dict = {"connect_timeout": 3}
+    if timeout:
+        ms = int(timeout * 1000)
+        connect_args = {
+            "connect_timeout": max(2, math.ceil(timeout)),  # libpq: whole seconds, 2 at least
+            # the server gives up on a statement or a lock wait after `timeout`...
+            "options": f"-c statement_timeout={ms} -c lock_timeout={ms}",
+            # ...and the client on a server that stopped acknowledging (network gone)
+            "tcp_user_timeout": ms,
+            "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2,
+        }
     return create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
+        pool_timeout=timeout or 30,
         pool_pre_ping=pre_ping,  # a restarted database costs one failed ping, not a failed request
-        connect_args={"connect_timeout": 3},
+        connect_args=connect_args,
     )
 
 

@@ -196,6 +196,30 @@ def cmd_keys_rotate(cfg, args):
     done = reencrypt(_engine(cfg), batch=args.batch, rehash=args.rehash, progress=progress)
     print(f"re-encrypted under key '{crypto.ring().current}': "
           + ", ".join(f"{table} {count}" for table, count in done.items()))
+def cmd_serve_api(cfg, args):
+    from callctl.api.app import serve
+
+    serve(cfg)
+
+
+def cmd_token_create(cfg, args):
+    from callctl.store.tokens import create_token
+
+    made = create_token(_engine(cfg), role=args.role, tenant_name=args.tenant, name=args.name or "")
+    _print_json(made)
+    print("keep the token now: it is stored hashed and cannot be shown again", file=sys.stderr)
+
+
+def cmd_token_list(cfg, args):
+    from callctl.store.tokens import list_tokens
+
+    _print_json(list_tokens(_engine(cfg)))
+
+
+def cmd_token_revoke(cfg, args):
+    from callctl.store.tokens import revoke_token
+
+    _print_json(revoke_token(_engine(cfg), args.token_id))
 
 
 def cmd_serve_asterisk(cfg, args):
@@ -300,6 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = top.add_parser("serve", help="run the daemon").add_subparsers(dest="sub", required=True)
     serve.add_parser("asterisk", help="FastAGI server for Asterisk").set_defaults(func=cmd_serve_asterisk)
+    serve.add_parser("api", help="provisioning HTTP API (api.listen)").set_defaults(func=cmd_serve_api)
+
+    token = top.add_parser("token", help="provisioning API tokens").add_subparsers(dest="sub", required=True)
+    tcreate = token.add_parser("create", help="make a token; it is printed once, stored hashed")
+    tcreate.add_argument("--tenant", help="the tenant it acts for (role tenant)")
+    tcreate.add_argument("--role", default="tenant", help="what the token may do (default tenant)")
+    tcreate.add_argument("--name", help="what it is for, e.g. the insurer's policy system")
+    tcreate.set_defaults(func=cmd_token_create)
+    token.add_parser("list", help="tokens (never the tokens themselves)").set_defaults(func=cmd_token_list)
+    trevoke = token.add_parser("revoke", help="stop a token working, at once")
+    trevoke.add_argument("token_id", type=int)
+    trevoke.set_defaults(func=cmd_token_revoke)
     return parser
 
 

@@ -21,10 +21,10 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class AgiConfig(Strict):
-    listen: str = "127.0.0.1:4573"
-    env_timeout: float = Field(5.0, gt=0)
-    command_timeout: float = Field(5.0, gt=0)
+class Listener(Strict):
+    """A section with a listen address, HOST:PORT."""
+
+    listen: str
 
     @field_validator("listen")
     @classmethod
@@ -41,6 +41,17 @@ class AgiConfig(Strict):
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+class AgiConfig(Listener):
+    listen: str = "127.0.0.1:4573"
+    env_timeout: float = Field(5.0, gt=0)
+    command_timeout: float = Field(5.0, gt=0)
+
+
+class ApiConfig(Listener):
+    listen: str = "127.0.0.1:8080"
+    access_log: bool = False  # uvicorn's per-request log lines (paths and status only)
 
 
 class LogConfig(Strict):
@@ -66,6 +77,7 @@ class Config(Strict):
     # call is rejected as unavailable and its CDR goes to the spool.
     db_timeout: float = Field(2.0, gt=0, le=30)
     agi: AgiConfig = AgiConfig()
+    api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
     keys: KeysConfig = KeysConfig()
 
@@ -79,6 +91,7 @@ ENV_OVERRIDES = {
     "CALLCTL_QUARANTINE_DAYS": (None, "quarantine_days"),
     "CALLCTL_DB_TIMEOUT": (None, "db_timeout"),
     "CALLCTL_AGI_LISTEN": ("agi", "listen"),
+    "CALLCTL_API_LISTEN": ("api", "listen"),
     "CALLCTL_LOG_FORMAT": ("log", "format"),
     "CALLCTL_LOG_LEVEL": ("log", "level"),
     "CALLCTL_KEY_FILE": ("keys", "file"),

@@ -203,3 +203,54 @@ def json_events(text: str) -> list[dict]:
             except ValueError:
                 pass
     return events
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ApiServer:
+    """`callctl serve api` on a free loopback port, as an administrator would run it."""
+
+    def __init__(self, database_url: str, workdir: Path, extra_env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(workdir) / "callctl-api.log"
+        self.env = {
+            **os.environ,
+            "CALLCTL_CONFIG": str(REPO / "conf" / "callctl.yaml"),
+            "CALLCTL_DATABASE_URL": database_url,
+            "CALLCTL_API_LISTEN": f"127.0.0.1:{self.port}",
+            "CALLCTL_LOG_FORMAT": "json",
+            **(extra_env or {}),
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ApiServer":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        callctl = Path(sys.executable).with_name("callctl")
+        argv = [str(callctl)] if callctl.exists() else [sys.executable, "-m", "callctl.cli"]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv + ["serve", "api"], stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env, cwd=REPO, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not port_open("127.0.0.1", self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise LabError(f"callctl serve api did not start:\n{self.output()[-2000:]}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

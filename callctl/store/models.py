@@ -241,3 +241,22 @@ class Cdr(Base):
     dial_status: Mapped[str | None] = mapped_column(String(20))
     hangup_cause: Mapped[int | None] = mapped_column(Integer)
     node: Mapped[str | None] = mapped_column(String(64))
+
+
+class ApiToken(Base):
+    """A provisioning API token, kept as a SHA-256 only. role 'tenant' is bound to one
+    tenant; other roles (regulator, admin, ...) may have none."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (
+        UniqueConstraint("token_hash", name="uq_api_tokens_hash"),
+        CheckConstraint("role <> 'tenant' OR tenant_id IS NOT NULL", name="ck_api_token_tenant"),
+        Index("ix_api_tokens_tenant", "tenant_id"),
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -1,0 +1,1 @@
+"""The provisioning HTTP API (`callctl serve api`)."""

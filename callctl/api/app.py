@@ -1,0 +1,229 @@
+"""The provisioning HTTP API (FastAPI): bindings and pool status for a tenant's systems.
+
+Every request carries `Authorization: Bearer <token>` (`callctl token create`). A token
+has a role; the binding and pool endpoints take 'tenant' tokens and act only on that
+tenant's bindings: another tenant's binding is 404, exactly like a missing one. Real
+numbers go in (customer, other_party) and never come out: responses carry them masked.
+Every error is JSON `{"error": {"code": ..., "message": ...}}` with a stable code
+(the codes of callctl.store.provision.ProvisionError, plus the HTTP-level ones below).
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Literal
+
+import structlog
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+from starlette.exceptions import HTTPException
+
+from callctl.store import provision
+from callctl.store.provision import ProvisionError
+from callctl.store.tokens import Principal, authenticate
+
+log = structlog.get_logger("callctl.api")
+
+# ProvisionError codes that are not 422 (bad input).
+STATUS = {
+    "binding_not_found": 404,
+    "tenant_not_found": 404,
+    "binding_ended": 409,
+    "conflict": 409,
+    "party_conflict": 409,
+    "pool_exhausted": 409,
+    "pool_busy": 503,
+}
+HTTP_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BindingIn(Body):
+    customer: str = Field(max_length=40, description="the customer's real number (A), E.164 or national")
+    mode: Literal["AXN", "AXB", "AXE"] = "AXN"
+    other_party: str | None = Field(None, max_length=40, description="AXB: the other party's real number (B)")
+    reference: str | None = Field(None, max_length=100, description="e.g. the policy number")
+    expires_at: datetime | None = Field(None, description="long-term: ISO date-time with zone")
+    ttl_seconds: int | None = Field(None, description="temporary: seconds from now")
+
+
+class ExtendIn(Body):
+    expires_at: datetime | None = Field(None, description="new expiry (ISO, with zone); null: never expires")
+    ttl_seconds: int | None = Field(None, description="or: seconds from now")
+
+
+class UpdateIn(Body):
+    customer: str | None = Field(None, max_length=40, description="the customer's new real number")
+    reference: str | None = Field(None, max_length=100)
+
+
+class BindingOut(BaseModel):
+    id: int
+    tenant: str
+    x: str = Field(description="the virtual number (the tenant's own)")
+    mode: str
+    customer: str = Field(description="masked, e.g. +86138****5678")
+    other_party: str | None = Field(description="masked")
+    extension: str | None
+    reference: str | None
+    status: str
+    expires_at: datetime | None
+    created_at: datetime | None
+    ended_at: datetime | None
+
+
+class BindingPage(BaseModel):
+    items: list[BindingOut]
+    next: int | None = Field(description="pass as `after` for the next page; null on the last page")
+
+
+class PoolOut(BaseModel):
+    free: int
+    bound: int
+    quarantined: int
+    disabled: int
+
+
+class ErrorOut(BaseModel):
+    error: dict[str, str]
+
+
+ERRORS = {s: {"model": ErrorOut} for s in (401, 403, 404, 409, 422, 503)}
+
+
+def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", extension_digits: int = 4) -> FastAPI:
+    app = FastAPI(
+        title="callctl provisioning API",
+        version="1",
+        description=__doc__,
+        responses=ERRORS,
+    )
+    bearer = HTTPBearer(auto_error=False)
+
+    def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        if credentials is None:
+            raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
+        found = authenticate(engine, credentials.credentials)
+        if found is None:
+            raise ApiError(401, "unauthorized", "unknown or revoked token")
+        return found
+
+    def role(*roles: str):
+        """A dependency admitting only these token roles (new roles add their own endpoints)."""
+
+        def check(who: Principal = Depends(principal)) -> Principal:
+            if who.role not in roles:
+                raise ApiError(403, "forbidden", f"this needs a {' or '.join(roles)} token")
+            return who
+
+        return check
+
+    tenant = role("tenant")
+
+    @app.exception_handler(ApiError)
+    def _api_error(_request: Request, exc: ApiError):
+        return error(exc.status, exc.code, str(exc))
+
+    @app.exception_handler(ProvisionError)
+    def _provision_error(_request: Request, exc: ProvisionError):
+        return error(STATUS.get(exc.code, 422), exc.code, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(_request: Request, exc: RequestValidationError):
+        # Location and message only: pydantic's 'input' could echo a real number.
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return error(422, "invalid_request", problems)
+
+    @app.exception_handler(HTTPException)
+    def _http(_request: Request, exc: HTTPException):
+        return error(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(DBAPIError)
+    def _database(_request: Request, exc: DBAPIError):
+        # The statement and its parameters stay out of the log: they may hold a real number.
+        log.error("database error", error=type(exc.orig).__name__)
+        return error(503, "unavailable", "the database cannot answer; retry")
+
+    @app.post("/v1/bindings", status_code=201, response_model=BindingOut, tags=["bindings"])
+    def create_binding(body: BindingIn, who: Principal = Depends(tenant)):
+        made = provision.bind(
+            engine, who.tenant_name, body.customer, mode=body.mode, other_party=body.other_party,
+            reference=body.reference, expires_at=body.expires_at, ttl_seconds=body.ttl_seconds,
+            region=region, extension_digits=extension_digits,
+        )
+        log.info("binding created", binding=made["id"], tenant=who.tenant_id, x=made["x"])
+        return made
+
+    @app.get("/v1/bindings", response_model=BindingPage, tags=["bindings"])
+    def list_bindings(
+        reference: str | None = Query(None, max_length=100),
+        status: Literal["active", "expired", "ended"] | None = None,
+        after: int = Query(0, ge=0, description="the `next` of the previous page"),
+        limit: int = Query(100, ge=1, le=provision.MAX_PAGE),
+        who: Principal = Depends(tenant),
+    ):
+        return provision.list_bindings(engine, tenant_id=who.tenant_id, reference=reference, status=status,
+                                       after=after, limit=limit)
+
+    @app.get("/v1/bindings/{binding_id}", response_model=BindingOut, tags=["bindings"])
+    def get_binding(binding_id: int, who: Principal = Depends(tenant)):
+        return provision.get_binding(engine, binding_id, tenant_id=who.tenant_id)
+
+    @app.post("/v1/bindings/{binding_id}/extend", response_model=BindingOut, tags=["bindings"])
+    def extend_binding(binding_id: int, body: ExtendIn, who: Principal = Depends(tenant)):
+        if not body.model_fields_set:
+            raise ApiError(422, "invalid_expiry", "give expires_at (null: never expires) or ttl_seconds")
+        return provision.extend_binding(engine, binding_id, body.expires_at, ttl_seconds=body.ttl_seconds,
+                                        tenant_id=who.tenant_id)
+
+    @app.patch("/v1/bindings/{binding_id}", response_model=BindingOut, tags=["bindings"])
+    def update_binding(binding_id: int, body: UpdateIn, who: Principal = Depends(tenant)):
+        if body.customer is None and body.reference is None:
+            raise ApiError(422, "invalid_request", "give customer and/or reference")
+        return provision.update_binding(engine, binding_id, customer=body.customer, reference=body.reference,
+                                        tenant_id=who.tenant_id, region=region)
+
+    @app.delete("/v1/bindings/{binding_id}", response_model=BindingOut, tags=["bindings"])
+    def delete_binding(binding_id: int, who: Principal = Depends(tenant)):
+        """End the binding (calls in progress go on); its X rests in quarantine when it was the last on X."""
+        ended = provision.unbind(engine, binding_id, quarantine, tenant_id=who.tenant_id)
+        log.info("binding ended", binding=binding_id, tenant=who.tenant_id)
+        return ended
+
+    @app.get("/v1/pool", response_model=PoolOut, tags=["pool"])
+    def pool(who: Principal = Depends(tenant)):
+        """How many of the tenant's virtual numbers are free, bound, quarantined, disabled."""
+        return provision.pool_status(engine, who.tenant_name)
+
+    return app
+
+
+def serve(cfg) -> None:
+    """`callctl serve api`: the API on cfg.api.listen until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from callctl.store.db import make_engine
+
+    engine = make_engine(cfg.database_url, pool_size=cfg.db_threads)
+    app = create_app(engine, quarantine=timedelta(days=cfg.quarantine_days), region=cfg.region,
+                     extension_digits=cfg.axe_extension_digits)
+    log.info("api listening", listen=cfg.api.listen)
+    uvicorn.run(app, host=cfg.api.host, port=cfg.api.port, access_log=cfg.api.access_log,
+                log_level="warning", server_header=False)

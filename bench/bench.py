@@ -20,6 +20,10 @@
    100 ms; a rate is clean for a server when its best repeat is clean. A server stops
    stepping after two consecutive unclean rates.
 4. Prints a table per step and a summary; writes var/bench/result.json.
+5. Provisioning throughput on the same database (bench/provisioning_bench.py): pool
+   import, `callctl bind --bulk`, and POST /v1/bindings through `callctl serve api`,
+   bindings per second with the 1,000,000 bindings present. `--only provisioning` runs
+   just this (no lab); `--only calls` skips it.
 
 The numbers in this benchmark are synthetic (+86171... virtual numbers, +86138...
 customers, one agent): nothing here is anybody's phone number.
@@ -115,8 +119,9 @@ def prepare_database(admin_dsn: str, bench_url: str, n: int) -> dict:
     conn = admin_connect(admin_dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
-            cur.execute(f'CREATE DATABASE "{DB_NAME}"')
+            name = bench_url.rsplit("/", 1)[1]
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            cur.execute(f'CREATE DATABASE "{name}"')
     finally:
         conn.close()
     engine = make_engine(bench_url)
@@ -484,6 +489,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1, help="random seed for the X chosen")
     p.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres",
                    help="DSN used to drop/create the bench database")
+    p.add_argument("--database", default=DB_NAME, help=f"the bench database, dropped and made afresh (default {DB_NAME})")
+    p.add_argument("--only", choices=["calls", "provisioning"],
+                   help="run one part: calls (SIPp through the lab) or provisioning (bulk and API throughput)")
+    p.add_argument("--bulk-rows", type=int, help="bindings in the bulk file (default 50,000; quick 10,000)")
+    p.add_argument("--api-requests", type=int, help="POST /v1/bindings requests (default 3,000; quick 1,000)")
+    p.add_argument("--api-concurrency", type=int, default=16, help="concurrent API clients (default 16)")
     a = p.parse_args(argv)
     a.rates = [float(r) for r in (a.rates or ("50,100,200" if a.quick else "25,50,100,150,175,200,225,250")).split(",") if r.strip()]
     if not a.rates or any(r <= 0 for r in a.rates):
@@ -491,6 +502,8 @@ def parse_args(argv=None):
     a.seconds = a.seconds or (3.0 if a.quick else 5.0)
     a.repeats = a.repeats or (1 if a.quick else 2)
     a.bindings = a.bindings or (100_000 if a.quick else 1_000_000)
+    a.bulk_rows = a.bulk_rows or (10_000 if a.quick else 50_000)
+    a.api_requests = a.api_requests or (1_000 if a.quick else 3_000)
     if a.bindings < 1 or a.bindings > 99_999_999:
         p.error("--bindings must be 1..99,999,999")
     return a
@@ -506,7 +519,7 @@ def main(argv=None) -> int:
     # daemon started below inherits it.
     os.environ.setdefault(crypto.ENV_KEYS, f"{crypto.LOOKUP}={crypto.new_key()} bench={crypto.new_key()}")
     base = args.pg_admin.split("://", 1)[1].rsplit("/", 1)[0]
-    bench_url = f"postgresql+psycopg2://{base}/{DB_NAME}"
+    bench_url = f"postgresql+psycopg2://{base}/{args.database}"
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     for old in ("callctl.log", "minimal_fastagi.log"):
         (OUT_DIR / old).unlink(missing_ok=True)
@@ -516,16 +529,18 @@ def main(argv=None) -> int:
         "host": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "config": {"rates": args.rates, "seconds_per_step": args.seconds, "repeats": args.repeats,
                    "talk_ms": args.talk_ms, "warmup_calls": args.warmup, "quick": args.quick,
-                   "setup_limit_ms": SETUP_LIMIT_MS, "database": DB_NAME},
+                   "setup_limit_ms": SETUP_LIMIT_MS, "database": args.database},
     }
 
     say(f"callctl benchmark: {args.bindings:,} bindings, rates {', '.join(f'{r:g}' for r in args.rates)} calls/s, "
         f"{args.seconds:g} s per step, {args.repeats} repeat(s), talk {args.talk_ms} ms")
-    say(f"PostgreSQL: preparing database {DB_NAME} ...")
+    say(f"PostgreSQL: preparing database {args.database} ...")
     db = prepare_database(args.pg_admin, bench_url, args.bindings)
     result["database"] = db
     say(f"PostgreSQL: {db['bindings']:,} virtual numbers + AXN bindings loaded in {db['load_s']:.1f} s "
         f"({', '.join(f'{k[:-2]} {v:.1f} s' for k, v in db['steps'].items())})")
+    if args.only == "provisioning":
+        return bench_provisioning(args, bench_url, result, started)
 
     say(f"In-process: CallService.route() for {args.samples:,} random X ...")
     inproc = in_process_latency(bench_url, args.bindings, args.samples, rng)
@@ -565,6 +580,42 @@ def main(argv=None) -> int:
     out = OUT_DIR / "result.json"
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print_summary(summary, result["run_s"], out)
+    if args.only is None:
+        signal.signal(signal.SIGTERM, _interrupt)
+        return bench_provisioning(args, bench_url, result, started)
+    return 0
+
+
+def bench_provisioning(args, bench_url: str, result: dict, started: float) -> int:
+    """Bulk and API provisioning throughput on the loaded database (bench/provisioning_bench.py)."""
+    import provisioning_bench  # beside this script
+
+    try:
+        prov = provisioning_bench.run(
+            bench_url, OUT_DIR / "provisioning", tenant=TENANT, bulk_rows=args.bulk_rows,
+            api_requests=args.api_requests, concurrency=args.api_concurrency, say=say)
+    except provisioning_bench.ProvisioningBenchError as exc:
+        raise BenchError(str(exc)) from None
+    result["provisioning"] = prov
+    result["run_s"] = round(time.monotonic() - started, 1)
+    out = OUT_DIR / "result.json"
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    bulk, api = prov["bulk_bind"], prov["api"]
+    say("\n".join([
+        "",
+        "=" * 78,
+        "callctl provisioning throughput",
+        "=" * 78,
+        f"bindings present before       {bulk['bindings_present_before']:,} (bulk), {api['bindings_present_before']:,} (API)",
+        f"bulk (callctl bind --bulk)    {bulk['per_s']:,} bindings/s ({bulk['bindings']:,} in {bulk['seconds']:.1f} s, "
+        f"end to end; target >= 5,000/s: {'met' if bulk['per_s'] >= 5000 else 'NOT met'})",
+        f"HTTP API (POST /v1/bindings)  {api['per_s']:,} bindings/s ({api['bindings']:,} in {api['seconds']:.1f} s, "
+        f"{prov['api_concurrency']} clients; latency p50 {api['latency_ms_p50']:.1f} ms, p99 {api['latency_ms_p99']:.1f} ms)",
+        f"pool import                   {prov['pool_import']['per_s']:,} numbers/s "
+        f"({prov['pool_import']['numbers']:,} in {prov['pool_import']['seconds']:.1f} s)",
+        f"JSON: {out.relative_to(REPO)}",
+        "=" * 78,
+    ]))
     return 0
 
 

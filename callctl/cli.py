@@ -28,11 +28,33 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join([line([t for _, t in columns]), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
+def _non_negative(text: str) -> int:
+    if not text.isdigit() or int(text) > 3660:
+        raise argparse.ArgumentTypeError("a whole number of days, 0 to 3660")
+    return int(text)
+
+
 def cmd_db_upgrade(cfg, args):
     from callctl.store.db import upgrade
 
     applied = upgrade(_engine(cfg))
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+
+
+def cmd_db_partitions(cfg, args):
+    from callctl.store.partitions import cdr_partitions, ensure_cdr_partitions
+
+    engine = _engine(cfg)
+    if engine.dialect.name != "postgresql":
+        print("CDR partitions are a PostgreSQL feature; this database is not partitioned")
+        return
+    created = ensure_cdr_partitions(engine, days_ahead=args.days)
+    if args.json:
+        _print_json({"created": created, "partitions": cdr_partitions(engine)})
+        return
+    print("created: " + ", ".join(created) if created else "CDR partitions are up to date")
+    print(_table(cdr_partitions(engine), [("partition", "partition"), ("range", "range"),
+                                          ("rows_estimate", "rows (estimate)")]))
 
 
 def cmd_tenant_add(cfg, args):
@@ -75,8 +97,50 @@ def _expiry(text: str | None):
         raise SystemExit(f"callctl: --expires must be an ISO date-time with zone, e.g. 2027-01-01T00:00:00+08:00") from None
 
 
+def _bulk(run, file: str) -> None:
+    """Run a bulk job with a progress bar on stderr; every rejected row is listed."""
+    from tqdm import tqdm
+
+    try:
+        with open(file, "rb") as handle:
+            total = max(sum(1 for _ in handle) - 1, 0)
+    except OSError as exc:
+        raise SystemExit(f"callctl: {file}: {exc.strerror}") from None
+    with tqdm(total=total, unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
+        result = run(bar.update)
+    for problem in result.errors:
+        print(f"callctl: {file}: {problem}", file=sys.stderr)
+    _print_json({
+        "rows": result.rows, "done": result.done, "rejected": len(result.errors),
+        "bound_file": str(result.bound_file) if result.bound_file else None,
+        "rejected_file": str(result.rejected_file) if result.rejected_file else None,
+    })
+    if result.errors:
+        print(f"callctl: {len(result.errors)} row(s) rejected, listed above and kept in {result.rejected_file}; "
+              "the other rows are done", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def cmd_pool_import(cfg, args):
+    from callctl.store.bulk import import_pool
+
+    _bulk(lambda progress: import_pool(_engine(cfg), args.file, tenant_name=args.tenant, region=cfg.region,
+                                       progress=progress), args.file)
+
+
 def cmd_bind(cfg, args):
     from callctl.store.provision import bind
+
+    if (args.customer is None) == (args.bulk is None):
+        raise SystemExit("callctl: give --customer (one binding) or --bulk FILE")
+    if args.bulk:
+        from callctl.store.bulk import bind_bulk
+
+        return _bulk(lambda progress: bind_bulk(
+            _engine(cfg), args.bulk, tenant_name=args.tenant, region=cfg.region,
+            extension_digits=cfg.axe_extension_digits, out=args.out, progress=progress), args.bulk)
+    if args.tenant is None:
+        raise SystemExit("callctl: --tenant is needed")
 
     _print_json(
         bind(
@@ -235,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = top.add_parser("db", help="database schema").add_subparsers(dest="sub", required=True)
     db.add_parser("upgrade", help="create or migrate the schema").set_defaults(func=cmd_db_upgrade)
+    parts = db.add_parser("partitions", help="create the coming days' CDR partitions (PostgreSQL; the daemon does it hourly)")
+    parts.add_argument("--days", type=_non_negative, default=7, help="days ahead (default 7)")
+    parts.add_argument("--json", action="store_true", help="JSON for programs")
+    parts.set_defaults(func=cmd_db_partitions)
 
     tenant = top.add_parser("tenant", help="tenants (businesses)").add_subparsers(dest="sub", required=True)
     add = tenant.add_parser("add", help="add a tenant")
@@ -254,13 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
     padd.add_argument("--tenant", required=True)
     padd.add_argument("numbers", nargs="+")
     padd.set_defaults(func=cmd_pool_add)
+    pimport = pool.add_parser("import", help="add virtual numbers from a CSV file: number[,tenant]")
+    pimport.add_argument("file")
+    pimport.add_argument("--tenant", help="for rows without a tenant column")
+    pimport.set_defaults(func=cmd_pool_import)
     pstat = pool.add_parser("status", help="free/bound/quarantined counts")
     pstat.add_argument("--tenant", required=True)
     pstat.set_defaults(func=cmd_pool_status)
 
     bind = top.add_parser("bind", help="bind a virtual number to a customer; prints the binding")
-    bind.add_argument("--tenant", required=True)
-    bind.add_argument("--customer", required=True, help="the customer's real number (A)")
+    bind.add_argument("--tenant", help="the tenant (in --bulk: for rows without a tenant column)")
+    bind.add_argument("--customer", help="the customer's real number (A)")
+    bind.add_argument("--bulk", metavar="FILE",
+                      help="CSV with a header: customer[,tenant,mode,other_party,reference,expires_at,ttl_seconds]")
+    bind.add_argument("--out", help="--bulk: where the bindings made go (default FILE.bound.csv)")
     bind.add_argument("--mode", default="AXN", choices=["AXN", "AXB", "AXE"],
                       help="AXN: X for this customer alone; AXB: X shared by pairs (needs --other-party); "
                            "AXE: X shared through an extension")

@@ -92,6 +92,7 @@ class Stream:
         self.port, self.prefix = port, prefix
         self.sent: list[str] = []
         self.acked: dict[str, str] = {}
+        self.started: dict[str, float] = {}
 
     async def run(self, daemon: harness.Process, kill_after: int, channels: int = 6) -> None:
         killed = asyncio.Event()
@@ -101,7 +102,8 @@ class Stream:
             while failures < 3:
                 call_id = f"{self.prefix}-{time.time():.0f}.{n}{len(self.sent):05d}"
                 self.sent.append(call_id)
-                ack = await hangup(self.port, call_id, time.time())
+                self.started[call_id] = time.time()
+                ack = await hangup(self.port, call_id, self.started[call_id])
                 if ack:
                     self.acked[call_id] = ack
                     if len(self.acked) >= kill_after and not killed.is_set():
@@ -184,11 +186,13 @@ def test_sigkill_loses_no_acknowledged_cdr_database_up_or_down(setup, cluster):
     cluster.start()
     daemon.start()
     wait_spool_empty(spool)
-    # The PBX asking again for calls already kept (its retry after a lost acknowledgement).
+    # The PBX asking again, with the same arguments, for calls already kept (the
+    # dialplan's second attempt after a lost acknowledgement).
+    started = {**up.started, **down.started}
     retried = list(up.acked)[:10] + list(down.acked)[:10]
 
     async def retry_all():
-        return [await hangup(port, call_id, 0) for call_id in retried]
+        return [await hangup(port, call_id, started[call_id]) for call_id in retried]
     assert asyncio.run(retry_all()) == ["duplicate"] * len(retried)
 
     counts = cdr_counts(engine)

@@ -16,6 +16,7 @@ CUSTOMER, AGENT, HOTLINE = "+8613800000001", "+8613900000001", "+861058000000"
 
 
 def run(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    env = {"CALLCTL_KEYS": os.environ["CALLCTL_KEYS"], **env}  # the session's key ring (conftest)
     return subprocess.run([str(CALLCTL), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60)
 
 
@@ -31,8 +32,7 @@ def cli(request, tmp_path):
         with engine.begin() as conn:
             conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
         engine.dispose()
-    env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url, "CALLCTL_SPOOL_DIR": str(tmp_path / "spool"),
-           "CALLCTL_KEYS": os.environ["CALLCTL_KEYS"]}  # set by conftest
+    env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url, "CALLCTL_SPOOL_DIR": str(tmp_path / "spool")}
     return lambda *args: run(*args, env=env, cwd=tmp_path)
 
 
@@ -79,8 +79,7 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(cli, args, code, message
 
 
 def test_unreachable_database_exits_3_with_a_hint(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": "postgresql+psycopg2://postgres@127.0.0.1:1/none",
-           "CALLCTL_KEYS": os.environ["CALLCTL_KEYS"]}
+    env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": "postgresql+psycopg2://postgres@127.0.0.1:1/none"}
     done = run("tenant", "list", env=env, cwd=tmp_path)
     assert done.returncode == 3 and "database error" in done.stderr and "Traceback" not in done.stderr
 

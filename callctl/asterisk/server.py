@@ -13,11 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 import uvloop
+from sqlalchemy.exc import SQLAlchemyError
 
 from callctl.asterisk.fastagi import AgiSession, FastAgiServer
 from callctl.core.decision import Bridge, Reason, Reject
 from callctl.core.numbers import caller_e164, mask
 from callctl.service import CallService, FinishedCall, decision_variables
+from callctl.store.partitions import ensure_cdr_partitions
 from callctl.store.spool import SpoolError
 
 log = structlog.get_logger("callctl.asterisk")
@@ -127,7 +129,7 @@ async def run(cfg) -> None:
         loop.add_signal_handler(signum, stop.set)
     await server.start()
     log.info("serving FastAGI", listen=f"{cfg.agi.host}:{server.port}", database=engine.dialect.name)
-    replayer = asyncio.create_task(_replay_forever(service, cdr_executor, stop))
+    replayer = asyncio.create_task(_housekeeping(service, cdr_executor, stop))
     await stop.wait()
     log.info("stopping: finishing sessions in progress")
     await server.close()
@@ -138,11 +140,20 @@ async def run(cfg) -> None:
     log.info("stopped")
 
 
-async def _replay_forever(service: CallService, executor, stop: asyncio.Event, every: float = 5.0) -> None:
-    """Replay spooled CDRs whenever the database is back (at start, then every few seconds)."""
+async def _housekeeping(service: CallService, executor, stop: asyncio.Event, every: float = 5.0) -> None:
+    """Replay spooled CDRs whenever the database is back (at start, then every few
+    seconds); keep the coming days' CDR partitions made (at start, then hourly)."""
     loop = asyncio.get_running_loop()
+    next_partitions = 0.0
     while not stop.is_set():
         await loop.run_in_executor(executor, service.replay_spool)
+        if time.monotonic() >= next_partitions:
+            try:
+                await loop.run_in_executor(executor, ensure_cdr_partitions, service.engine)
+                next_partitions = time.monotonic() + 3600
+            except SQLAlchemyError as exc:  # database down: the default partition takes CDRs meanwhile
+                log.warning("CDR partitions not checked", error=type(exc).__name__)
+                next_partitions = time.monotonic() + 60
         try:
             await asyncio.wait_for(stop.wait(), every)
         except TimeoutError:

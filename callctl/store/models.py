@@ -215,11 +215,14 @@ class Block(Base):
 
 
 class Cdr(Base):
-    """One row per call attempt. Numbers of people are stored masked only."""
+    """One row per call attempt. Numbers of people are stored masked only. On PostgreSQL
+    partitioned by day on started_at (primary key (id, started_at) there; see
+    sql/postgresql/0060_* and callctl.store.partitions)."""
 
     __tablename__ = "cdrs"
     __table_args__ = (
-        UniqueConstraint("call_id", name="uq_cdrs_call_id"),
+        # unique per call; started_at is in the key because PostgreSQL partitions by it
+        UniqueConstraint("call_id", "started_at", name="uq_cdrs_call"),
         Index("ix_cdr_started", "started_at"),
         Index("ix_cdr_binding", "binding_id"),
     )

@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     parts = db.add_parser("partitions", help="create the coming days' CDR partitions (PostgreSQL; the daemon does it hourly)")
     parts.add_argument("--days", type=_non_negative, default=7, help="days ahead (default 7)")
     parts.add_argument("--json", action="store_true", help="JSON for programs")
-    parts.set_defaults(func=cmd_db_partitions)
+    parts.set_defaults(func=cmd_db_partitions, needs_keys=False)  # touches no stored number
 
     tenant = top.add_parser("tenant", help="tenants (businesses)").add_subparsers(dest="sub", required=True)
     add = tenant.add_parser("add", help="add a tenant")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 from datetime import datetime, timedelta, timezone
@@ -64,7 +65,19 @@ def cmd_tenant_add(cfg, args):
         add_tenant(
             _engine(cfg), args.name, args.hotline,
             callers=args.caller, caller_prefixes=args.caller_prefix, strict=args.strict,
-            ring_timeout=args.ring_timeout, max_call_seconds=args.max_call_seconds, region=cfg.region,
+            ring_timeout=args.ring_timeout, max_call_seconds=args.max_call_seconds,
+            hours=args.hours, time_zone=args.tz, region=cfg.region,
+        )
+    )
+
+
+def cmd_tenant_update(cfg, args):
+    from callctl.store.provision import update_tenant
+
+    _print_json(
+        update_tenant(
+            _engine(cfg), args.name, hours=args.hours, time_zone=args.tz, ring_timeout=args.ring_timeout,
+            max_call_seconds=args.max_call_seconds, strict=args.strict,
         )
     )
 
@@ -88,13 +101,13 @@ def cmd_pool_status(cfg, args):
     _print_json(pool_status(_engine(cfg), args.tenant))
 
 
-def _expiry(text: str | None):
+def _expiry(text: str | None, option: str = "--expires"):
     if text is None:
         return None
     try:
         return datetime.fromisoformat(text)
     except ValueError:
-        raise SystemExit(f"callctl: --expires must be an ISO date-time with zone, e.g. 2027-01-01T00:00:00+08:00") from None
+        raise SystemExit(f"callctl: {option} must be an ISO date-time with zone, e.g. 2027-01-01T00:00:00+08:00") from None
 
 
 def _bulk(run, file: str) -> None:
@@ -155,6 +168,56 @@ def cmd_unbind(cfg, args):
     from callctl.store.provision import unbind
 
     _print_json(unbind(_engine(cfg), args.binding_id, timedelta(days=cfg.quarantine_days)))
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        raise SystemExit("callctl: cannot tell who you are; give --by NAME") from None
+
+
+BLOCK_TABLE = [
+    ("id", "id"), ("tenant", "tenant"), ("scope", "scope"), ("direction", "direction"),
+    ("binding_id", "binding"), ("x", "X"), ("caller", "caller"), ("status", "status"),
+    ("starts_at", "starts (UTC)"), ("ends_at", "ends (UTC)"), ("created_by", "by"), ("reason", "reason"),
+]
+
+
+def cmd_block_add(cfg, args):
+    from callctl.store.blocks import add_block
+
+    _print_json(
+        add_block(
+            _engine(cfg), scope=args.scope, direction=args.direction, reason=args.reason, created_by=args.by or _login(),
+            tenant=args.tenant, binding_id=args.binding, number=args.number, caller=args.caller,
+            starts_at=_expiry(args.starts, "--starts"), ends_at=_expiry(args.ends, "--ends"),
+            duration_seconds=args.duration, region=cfg.region,
+        )
+    )
+
+
+def cmd_block_list(cfg, args):
+    from callctl.store.blocks import list_blocks
+
+    rows = list_blocks(
+        _engine(cfg), tenant=args.tenant, scope=args.scope, binding_id=args.binding, number=args.number,
+        caller=args.caller, active=args.active, limit=args.limit, region=cfg.region,
+    )
+    if args.json:
+        _print_json(rows)
+        return
+    for row in rows:
+        for key in ("starts_at", "ends_at"):
+            row[key] = (row[key] or "")[:19].replace("T", " ")
+    print(_table(rows, BLOCK_TABLE))
+    print(f"({len(rows)} block(s))")
+
+
+def cmd_block_lift(cfg, args):
+    from callctl.store.blocks import lift_block
+
+    _print_json(lift_block(_engine(cfg), args.block_id, args.by or _login()))
 
 
 def cmd_binding_get(cfg, args):
@@ -314,8 +377,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reject unknown callers (default) or send them to the hotline")
     add.add_argument("--ring-timeout", type=int, default=30, help="seconds (default 30)")
     add.add_argument("--max-call-seconds", type=int, default=3600, help="default 3600")
+    add.add_argument("--hours", default="08:00-21:00",
+                     help="when the tenant may call customers, local time (default 08:00-21:00)")
+    add.add_argument("--tz", default="Asia/Shanghai", help="the tenant's time zone (default Asia/Shanghai)")
     add.set_defaults(func=cmd_tenant_add)
     tenant.add_parser("list", help="list tenants").set_defaults(func=cmd_tenant_list)
+    update = tenant.add_parser("update", help="change a tenant's calling hours, zone and limits")
+    update.add_argument("name")
+    update.add_argument("--hours", help="HH:MM-HH:MM local time; crossing midnight is fine (22:00-06:00)")
+    update.add_argument("--tz", help="IANA time zone, e.g. Asia/Shanghai")
+    update.add_argument("--ring-timeout", type=int, help="seconds")
+    update.add_argument("--max-call-seconds", type=int, help="the PBX cuts the call there")
+    update.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None)
+    update.set_defaults(func=cmd_tenant_update)
 
     pool = top.add_parser("pool", help="virtual number pools").add_subparsers(dest="sub", required=True)
     padd = pool.add_parser("add", help="add virtual numbers to a tenant's pool")
@@ -349,6 +423,39 @@ def build_parser() -> argparse.ArgumentParser:
     unbind = top.add_parser("unbind", help="end a binding; its X is quarantined")
     unbind.add_argument("binding_id", type=int)
     unbind.set_defaults(func=cmd_unbind)
+
+    block = top.add_parser("block", help="block calls (never deleted: lift ends them)").add_subparsers(
+        dest="sub", required=True)
+    badd = block.add_parser("add", help="block calls; effective on the next call on every daemon")
+    badd.add_argument("--scope", required=True, choices=["binding", "caller", "number", "tenant"],
+                      help="binding (--binding), caller (--tenant, --caller), number (--number X), "
+                           "tenant (--tenant: suspends its calling rights)")
+    badd.add_argument("--direction", required=True, choices=["to_customer", "from_customer", "both"])
+    badd.add_argument("--reason", required=True, help="why (no phone numbers in here)")
+    badd.add_argument("--by", help="who sets it (default: your login)")
+    badd.add_argument("--tenant")
+    badd.add_argument("--binding", type=int, help="binding id")
+    badd.add_argument("--number", help="virtual number X")
+    badd.add_argument("--caller", help="the caller's number")
+    badd.add_argument("--starts", help="ISO date-time with zone (default now)")
+    bend = badd.add_mutually_exclusive_group()
+    bend.add_argument("--ends", help="ISO date-time with zone (default: until lifted)")
+    bend.add_argument("--duration", type=int, help="seconds from the start")
+    badd.set_defaults(func=cmd_block_add)
+    blist = block.add_parser("list", help="blocks, newest first")
+    blist.add_argument("--tenant")
+    blist.add_argument("--scope", choices=["binding", "caller", "number", "tenant"])
+    blist.add_argument("--binding", type=int)
+    blist.add_argument("--number")
+    blist.add_argument("--caller")
+    blist.add_argument("--active", action="store_true", help="only blocks in force now")
+    blist.add_argument("--limit", type=int, default=100)
+    blist.add_argument("--json", action="store_true", help="JSON for programs")
+    blist.set_defaults(func=cmd_block_list)
+    blift = block.add_parser("lift", help="end a block now (it stays on record)")
+    blift.add_argument("block_id", type=int)
+    blift.add_argument("--by", help="who lifts it (default: your login)")
+    blift.set_defaults(func=cmd_block_lift)
 
     binding = top.add_parser("binding", help="read and change bindings").add_subparsers(dest="sub", required=True)
     bget = binding.add_parser("get", help="one binding (numbers masked)")

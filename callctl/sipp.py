@@ -233,7 +233,7 @@ def _write_injection(path: Path, calls: Iterable[Sequence[str]]) -> int:
             for x in fields:
                 if ";" in x or "\n" in x:
                     raise ValueError("injection fields must not contain ';' or newlines")
-            while len(fields) < 3:
+            while len(fields) < 5:  # the UACs read field0..field4 (three optional header lines)
                 fields.append("")
             f.write(";".join(fields) + "\n")
             n += 1
@@ -506,7 +506,7 @@ def run_uac(
 ) -> SippResult:
     """Place calls at target and wait for the result.
 
-    calls: [(caller, called), ...] or (caller, called, extra_header); the injection
+    calls: [(caller, called), ...] or (caller, called, extra_header[, header, header]); the injection
     file is reused round-robin when count > len(calls). Or caller+called and count.
     expect_code: for uac_expect_reject (the final code that must come back).
     pai: add 'P-Asserted-Identity: <sip:caller@local-ip>' (what carriers send).

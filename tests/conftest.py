@@ -8,6 +8,8 @@ from callctl import logs
 from callctl.store.crypto import ENV_KEYS, LOOKUP, new_key
 from callctl.store.db import make_engine, upgrade
 
+from tests import leaks
+from tests.leaks import pytest_configure, pytest_sessionfinish, pytest_terminal_summary  # noqa: F401 (hooks)
 from tests.pg import TestDatabase
 
 logs.setup("console", "warning")
@@ -34,4 +36,20 @@ def engine(request, tmp_path):
             conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     upgrade(eng)
     yield eng
+    leaks.record_tables(eng, request.node.nodeid)  # before the next test resets the schema
     eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def lab_up():
+    """The Asterisk lab, once per test session for every lab test module: a second
+    LabLock taken by the same process would wait for itself."""
+    from lab import harness
+
+    with harness.LabLock():
+        harness.clear_stale_phones()
+        harness.lab("up")
+        try:
+            yield
+        finally:
+            harness.lab("down")

@@ -98,6 +98,13 @@ class TestDatabase:
             conn.close()
 
     def drop(self) -> None:
+        from sqlalchemy import create_engine
+
+        from tests import leaks
+
+        engine = create_engine(self.url)
+        leaks.record_tables(engine, self.name)  # the leak check sees its CDRs after the drop
+        engine.dispose()
         for _ in range(3):
             try:
                 self._admin_sql(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')

@@ -13,9 +13,11 @@ import pytest
 from sqlalchemy import create_engine
 
 from lab.harness import ApiServer
+from tests import leaks, realnumbers
 from tests.test_cli import run
 
-AGENT, HOTLINE = "+8613900000001", "+861058000000"
+AGENT, HOTLINE = realnumbers.tenant_line("+8613900000001", "+861058000000")
+realnumbers.tenant_line("+861058000001")  # tenant "other"'s hotline
 A, A2, B = "+8613800000001", "+8613800000002", "+8613800000003"
 OTHER_CUSTOMER = "+447911123456"  # a UK mobile: other countries work too
 REAL_NUMBERS = [A, A2, B, OTHER_CUSTOMER]
@@ -56,6 +58,7 @@ def api(request, tmp_path_factory):
     def keep(response: httpx.Response):
         response.read()
         bodies.append(response.text)
+        leaks.record("api", f"{response.request.method} {response.request.url.path}", response.text)
 
     with ApiServer(url, workdir) as server:
         clients = {

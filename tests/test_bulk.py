@@ -11,6 +11,7 @@ from datetime import timedelta
 from sqlalchemy import text
 
 from callctl.store import bulk, provision
+from tests import leaks
 from tests.test_cli import cli  # noqa: F401  (the real `callctl` command, both databases)
 
 HOTLINE, AGENT = "+861058000000", "+8613900000001"
@@ -18,6 +19,7 @@ HOTLINE, AGENT = "+861058000000", "+8613900000001"
 
 def write(path, lines: list[str]):
     path.write_text("\n".join(lines) + "\n")
+    leaks.test_input(path, path.with_name(path.stem + ".rejected.csv"))  # the operator's own rows
     return path
 
 
@@ -168,6 +170,7 @@ def test_bind_bulk_keeps_awkward_text_intact(engine, tmp_path):
     provision.add_tenant(engine, "acme", HOTLINE)
     provision.add_numbers(engine, "acme", ["+8617100000001", "+8617100000002"])
     awkward = ['POL\t1 \\N "quoted"', "POL-2\nsecond line\\"]
+    leaks.test_input(tmp_path / "b.csv")
     with open(tmp_path / "b.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["customer", "reference"])

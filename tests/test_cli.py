@@ -10,14 +10,19 @@ from pathlib import Path
 import pytest
 
 from callctl.config import ConfigError, load
+from tests import leaks, realnumbers
 
 CALLCTL = Path(sys.executable).with_name("callctl")
 CUSTOMER, AGENT, HOTLINE = "+8613800000001", "+8613900000001", "+861058000000"
+realnumbers.tenant_line(AGENT, HOTLINE)
 
 
 def run(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
     env = {"CALLCTL_KEYS": os.environ["CALLCTL_KEYS"], **env}  # the session's key ring (conftest)
-    return subprocess.run([str(CALLCTL), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60)
+    done = subprocess.run([str(CALLCTL), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60)
+    # Tenant views show the tenant's own lines to its administrator; all else is checked strictly.
+    leaks.record("tenant" if args[:1] == ("tenant",) else "cli", " ".join(args[:2]), done.stdout + done.stderr)
+    return done
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -34,17 +34,6 @@ def digits(number: str) -> str:
     return number.removeprefix("+86")
 
 
-@pytest.fixture(scope="session")
-def lab_up():
-    with harness.LabLock():
-        harness.clear_stale_phones()
-        harness.lab("up")
-        try:
-            yield
-        finally:
-            harness.lab("down")
-
-
 class Lab:
     """One database, one daemon and the numbers provisioned for the tests."""
 

@@ -15,7 +15,7 @@ from callctl.store.db import make_engine, upgrade
 from callctl.store.provision import ProvisionError
 from lab import harness
 from tests.pg import TestDatabase
-from tests.test_lab_calls import Lab, digits, lab_up  # noqa: F401  (session fixture: the lab, under its lock)
+from tests.test_lab_calls import Lab, digits  # the lab itself: session fixture lab_up in conftest
 
 pytestmark = pytest.mark.lab
 

@@ -6,8 +6,10 @@ the decision. Nothing here does I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, time
 from enum import StrEnum
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 
 class Reason(StrEnum):
@@ -15,6 +17,7 @@ class Reason(StrEnum):
     UNKNOWN_CALLER = "unknown_caller"
     EXPIRED = "expired"
     BLOCKED = "blocked"
+    OUTSIDE_HOURS = "outside_hours"  # the tenant called a customer outside its calling hours
     UNAVAILABLE = "unavailable"
 
 
@@ -40,6 +43,11 @@ class TenantFacts:
     strict: bool
     ring_timeout: int
     max_call_seconds: int
+    # Calls to customers only in [calls_from, calls_until) local time in time_zone;
+    # calls_from > calls_until crosses midnight, equal means all day.
+    time_zone: str = "Asia/Shanghai"
+    calls_from: time = time(8, 0)
+    calls_until: time = time(21, 0)
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,12 @@ def decide(caller: str | None, now: datetime, facts: NumberFacts | None) -> Deci
         return reject(Reason.EXPIRED)
     if any(_blocks(block, binding, caller, direction, now) for block in facts.blocks):
         return reject(Reason.BLOCKED)
+    if direction == Direction.TO_CUSTOMER:  # customers may always call the tenant
+        open_now = within_hours(now, tenant.time_zone, tenant.calls_from, tenant.calls_until)
+        if open_now is None:  # a zone this system does not know: fail closed
+            return reject(Reason.UNAVAILABLE)
+        if not open_now:
+            return reject(Reason.OUTSIDE_HOURS)
     return Bridge(
         destination=destination,
         present=facts.x,
@@ -123,6 +137,31 @@ def decide(caller: str | None, now: datetime, facts: NumberFacts | None) -> Deci
         tenant_id=tenant.id,
         direction=direction,
     )
+
+
+def within_hours(now: datetime, zone: str, start: time, end: time) -> bool | None:
+    """Is `now` inside [start, end) on the wall clock of `zone`? None for an unknown zone."""
+    tz = _zone(zone)
+    if tz is None:
+        return None
+    local = now.astimezone(tz).time().replace(tzinfo=None)
+    if start == end:
+        return True
+    if start < end:
+        return start <= local < end
+    return local >= start or local < end  # e.g. 22:00-06:00 crosses midnight
+
+
+def known_zone(name: str) -> bool:
+    return _zone(name) is not None
+
+
+@lru_cache(maxsize=256)
+def _zone(name: str) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
 
 
 def _rejecter(tenant_id: int, binding_id: int, direction: Direction):

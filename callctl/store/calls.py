@@ -5,7 +5,7 @@ seen by every daemon on the very next call.
 """
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, time
 
 from sqlalchemy import String, and_, bindparam, exists, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -30,6 +30,9 @@ _NUMBER = (
         Tenant.strict,
         Tenant.ring_timeout,
         Tenant.max_call_seconds,
+        Tenant.time_zone,
+        Tenant.calls_from,
+        Tenant.calls_until,
         exists().where(
             TenantCaller.tenant_id == Tenant.id,
             or_(
@@ -71,8 +74,9 @@ def call_facts(engine: Engine, x: str, caller: str | None, now: datetime) -> Num
         row = conn.execute(_NUMBER, {"x": x, "caller": caller}).first()
         if row is None:
             return None
-        number_id, state, tenant_id, hotline, strict, ring, max_seconds, agent = row
-        tenant = TenantFacts(tenant_id, hotline, bool(agent), bool(strict), ring, max_seconds)
+        number_id, state, tenant_id, hotline, strict, ring, max_seconds, zone, calls_from, calls_until, agent = row
+        tenant = TenantFacts(tenant_id, hotline, bool(agent), bool(strict), ring, max_seconds,
+                             zone, time.fromisoformat(calls_from), time.fromisoformat(calls_until))
         if state != "bound":
             return NumberFacts(x=x, tenant=tenant)
         bindings = tuple(

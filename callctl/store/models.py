@@ -103,6 +103,9 @@ class Tenant(Base):
     ring_timeout: Mapped[int] = mapped_column(Integer, server_default=text("30"))
     max_call_seconds: Mapped[int] = mapped_column(Integer, server_default=text("3600"))
     time_zone: Mapped[str] = mapped_column(String(64), server_default=text("'Asia/Shanghai'"))
+    # Calling hours "HH:MM" in time_zone, for calls to customers (0040).
+    calls_from: Mapped[str] = mapped_column(String(5), server_default=text("'08:00'"))
+    calls_until: Mapped[str] = mapped_column(String(5), server_default=text("'21:00'"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
 
 
@@ -206,6 +209,7 @@ class Block(Base):
     starts_at: Mapped[datetime] = mapped_column(UTCDateTime)
     ends_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
+    lifted_by: Mapped[str | None] = mapped_column(String(100))  # lifting sets ends_at (0040)
     caller_hash: Mapped[str | None] = mapped_column(String(64), default=number_hash_of("caller"))
 
     @validates("caller")

@@ -5,6 +5,7 @@ and a message that never repeats a real number.
 """
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import datetime, timedelta, timezone
 
@@ -13,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from callctl.core.decision import Mode
+from callctl.core.decision import Mode, known_zone
 from callctl.core.numbers import InvalidNumber, mask, to_e164
 from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, Cdr, Tenant, TenantCaller, VirtualNumber, utcnow
@@ -39,6 +40,31 @@ def _prefix(raw: str) -> str:
     return text
 
 
+_HOURS = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-(([01]\d|2[0-3]):[0-5]\d|24:00)$")
+
+
+def parse_hours(text: str) -> tuple[str, str]:
+    """'08:00-21:00' -> ('08:00', '21:00'). An end before the start crosses midnight
+    ('22:00-06:00'); equal ends, or '00:00-24:00', mean all day."""
+    if not _HOURS.match((text or "").strip()):
+        raise ProvisionError("invalid_hours", "calling hours must be HH:MM-HH:MM, e.g. 08:00-21:00")
+    start, end = text.strip().split("-")
+    return start, "00:00" if end == "24:00" else end
+
+
+def _zone(name: str) -> str:
+    if not known_zone(name):
+        raise ProvisionError("invalid_time_zone", "unknown time zone; use an IANA name, e.g. Asia/Shanghai")
+    return name
+
+
+def _limits(ring_timeout: int | None, max_call_seconds: int | None) -> None:
+    if ring_timeout is not None and not 1 <= ring_timeout <= 300:
+        raise ProvisionError("invalid_limit", "ring timeout must be 1-300 seconds")
+    if max_call_seconds is not None and not 1 <= max_call_seconds <= 86400:
+        raise ProvisionError("invalid_limit", "maximum call duration must be 1-86400 seconds")
+
+
 def _tenant(session: Session, name: str) -> Tenant:
     tenant = session.scalar(select(Tenant).where(Tenant.name == name))
     if tenant is None:
@@ -57,6 +83,8 @@ def tenant_view(session: Session, tenant: Tenant) -> dict:
         "strict": tenant.strict,
         "ring_timeout": tenant.ring_timeout,
         "max_call_seconds": tenant.max_call_seconds,
+        "time_zone": tenant.time_zone,
+        "hours": f"{tenant.calls_from}-{tenant.calls_until}",
         "callers": sorted(p for p, is_prefix in callers if not is_prefix),
         "caller_prefixes": sorted(p for p, is_prefix in callers if is_prefix),
     }
@@ -72,20 +100,23 @@ def add_tenant(
     strict: bool = True,
     ring_timeout: int = 30,
     max_call_seconds: int = 3600,
+    hours: str = "08:00-21:00",
+    time_zone: str = "Asia/Shanghai",
     region: str = "CN",
 ) -> dict:
     if not name or len(name) > 100:
         raise ProvisionError("invalid_name", "tenant name must be 1-100 characters")
-    if not 1 <= ring_timeout <= 300:
-        raise ProvisionError("invalid_limit", "ring timeout must be 1-300 seconds")
-    if not 1 <= max_call_seconds <= 86400:
-        raise ProvisionError("invalid_limit", "maximum call duration must be 1-86400 seconds")
+    _limits(ring_timeout, max_call_seconds)
+    calls_from, calls_until = parse_hours(hours)
     tenant = Tenant(
         name=name,
         hotline=_number(hotline, "hotline", region),
         strict=strict,
         ring_timeout=ring_timeout,
         max_call_seconds=max_call_seconds,
+        time_zone=_zone(time_zone),
+        calls_from=calls_from,
+        calls_until=calls_until,
     )
     patterns = {(_number(c, "caller", region), False) for c in callers}
     patterns |= {(_prefix(p), True) for p in caller_prefixes}
@@ -95,6 +126,35 @@ def add_tenant(
         session.add(tenant)
         session.flush()
         session.add_all(TenantCaller(tenant_id=tenant.id, pattern=p, is_prefix=f) for p, f in patterns)
+        session.flush()
+        return tenant_view(session, tenant)
+
+
+def update_tenant(
+    engine: Engine,
+    name: str,
+    *,
+    hours: str | None = None,
+    time_zone: str | None = None,
+    ring_timeout: int | None = None,
+    max_call_seconds: int | None = None,
+    strict: bool | None = None,
+) -> dict:
+    """Change a tenant's policy; omitted settings stay. Calls see it on the next call."""
+    _limits(ring_timeout, max_call_seconds)
+    changes = {
+        "time_zone": _zone(time_zone) if time_zone is not None else None,
+        "ring_timeout": ring_timeout,
+        "max_call_seconds": max_call_seconds,
+        "strict": strict,
+    }
+    if hours is not None:
+        changes["calls_from"], changes["calls_until"] = parse_hours(hours)
+    with Session(engine) as session, session.begin():
+        tenant = _tenant(session, name)
+        for column, value in changes.items():
+            if value is not None:
+                setattr(tenant, column, value)
         session.flush()
         return tenant_view(session, tenant)
 

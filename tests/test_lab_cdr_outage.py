@@ -60,17 +60,6 @@ def invites_and_finals(workdir: Path) -> dict[str, tuple[datetime, int | None]]:
     return {k: (v[0], v[1]) for k, v in calls.items()}
 
 
-@pytest.fixture(scope="module")
-def lab_up():
-    with harness.LabLock():
-        harness.clear_stale_phones()
-        harness.lab("up")
-        try:
-            yield
-        finally:
-            harness.lab("down")
-
-
 @pytest.fixture
 def cluster():
     pg = PgCluster()

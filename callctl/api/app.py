@@ -109,7 +109,7 @@ class BlockIn(Body):
         description="binding (binding_id), caller (tenant + caller), number (number = X), tenant (a suspension)")
     direction: Literal["to_customer", "from_customer", "both"]
     reason: str = Field(max_length=500, description="why; free text without phone numbers")
-    by: str = Field(max_length=80, description="the person who sets it")
+    by: str = Field(min_length=1, max_length=80, description="the person who sets it")
     tenant: str | None = Field(None, max_length=100)
     binding_id: int | None = None
     number: str | None = Field(None, max_length=40, description="the virtual number X")
@@ -276,7 +276,7 @@ def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", ext
                                   active=active, limit=limit, region=region)
 
     @app.delete("/v1/blocks/{block_id}", response_model=BlockOut, tags=["blocks"])
-    def lift_block(block_id: int, by: str = Query(max_length=80, description="the person who lifts it"),
+    def lift_block(block_id: int, by: str = Query(min_length=1, max_length=80, description="the person who lifts it"),
                    who: Principal = Depends(platform)):
         """Lift the block: its end becomes now; the block stays on record as evidence."""
         lifted = blocks.lift_block(engine, block_id, f"{by} (api token {who.token_id})")

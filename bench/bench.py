@@ -442,6 +442,8 @@ def parse_args(argv=None):
     p.add_argument("--bulk-rows", type=int, help="bindings in the bulk file (default 50,000; quick 10,000)")
     p.add_argument("--api-requests", type=int, help="POST /v1/bindings requests (default 3,000; quick 1,000)")
     p.add_argument("--api-concurrency", type=int, default=16, help="concurrent API clients (default 16)")
+    p.add_argument("--api-workers", type=int, default=os.cpu_count() or 1,
+                   help="callctl serve api worker processes (default: one per CPU)")
     a = p.parse_args(argv)
     a.rates = [float(r) for r in (a.rates or ("50,100,200" if a.quick else "25,50,100,150,175,200,225,250")).split(",") if r.strip()]
     if not a.rates or any(r <= 0 for r in a.rates):
@@ -532,7 +534,7 @@ def bench_provisioning(args, bench_url: str, result: dict, started: float) -> in
     try:
         prov = provisioning_bench.run(
             bench_url, OUT_DIR / "provisioning", tenant=TENANT, bulk_rows=args.bulk_rows,
-            api_requests=args.api_requests, concurrency=args.api_concurrency, say=say)
+            api_requests=args.api_requests, concurrency=args.api_concurrency, workers=args.api_workers, say=say)
     except provisioning_bench.ProvisioningBenchError as exc:
         raise BenchError(str(exc)) from None
     result["provisioning"] = prov
@@ -549,7 +551,7 @@ def bench_provisioning(args, bench_url: str, result: dict, started: float) -> in
         f"bulk (callctl bind --bulk)    {bulk['per_s']:,} bindings/s ({bulk['bindings']:,} in {bulk['seconds']:.1f} s, "
         f"end to end; target >= 5,000/s: {'met' if bulk['per_s'] >= 5000 else 'NOT met'})",
         f"HTTP API (POST /v1/bindings)  {api['per_s']:,} bindings/s ({api['bindings']:,} in {api['seconds']:.1f} s, "
-        f"{prov['api_concurrency']} clients; latency p50 {api['latency_ms_p50']:.1f} ms, p99 {api['latency_ms_p99']:.1f} ms)",
+        f"{prov['api_workers']} worker(s), {prov['api_concurrency']} clients; latency p50 {api['latency_ms_p50']:.1f} ms, p99 {api['latency_ms_p99']:.1f} ms)",
         f"pool import                   {prov['pool_import']['per_s']:,} numbers/s "
         f"({prov['pool_import']['numbers']:,} in {prov['pool_import']['seconds']:.1f} s)",
         f"JSON: {out.relative_to(REPO)}",

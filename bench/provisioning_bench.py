@@ -90,9 +90,10 @@ async def post_bindings(base_url: str, token: str, first: int, count: int,
 
 
 def run(bench_url: str, workdir: Path, *, tenant: str, bulk_rows: int, api_requests: int,
-        concurrency: int, say=print) -> dict:
+        concurrency: int, workers: int, say=print) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
-    result: dict = {"bulk_rows": bulk_rows, "api_requests": api_requests, "api_concurrency": concurrency}
+    result: dict = {"bulk_rows": bulk_rows, "api_requests": api_requests, "api_concurrency": concurrency,
+                    "api_workers": workers}
     result["bindings_before"] = binding_count(bench_url)
 
     pool_file = workdir / "pool.csv"
@@ -124,9 +125,9 @@ def run(bench_url: str, workdir: Path, *, tenant: str, bulk_rows: int, api_reque
         raise ProvisioningBenchError(f"callctl token create failed: {made.stderr[-500:]}")
     token = json.loads(made.stdout)["token"]
     before = binding_count(bench_url)
-    say(f"Provisioning: HTTP API, {api_requests:,} POST /v1/bindings from {concurrency} clients, "
-        f"{before:,} bindings present ...")
-    with ApiServer(bench_url, workdir) as server:
+    say(f"Provisioning: HTTP API ({workers} worker process(es)), {api_requests:,} POST /v1/bindings from "
+        f"{concurrency} clients, {before:,} bindings present ...")
+    with ApiServer(bench_url, workdir, extra_env={"CALLCTL_API_WORKERS": str(workers)}) as server:
         warm = min(100, api_requests // 10)  # connections opened, code paths hot; not counted
         asyncio.run(post_bindings(server.url, token, 0, warm, concurrency))
         latencies, statuses, wall = asyncio.run(post_bindings(server.url, token, warm, api_requests - warm,

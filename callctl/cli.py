@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 from datetime import datetime, timedelta
 
@@ -277,22 +278,54 @@ CDR_TABLE = [
 ]
 
 
-def cmd_cdr_list(cfg, args):
-    from callctl.store.provision import list_cdrs
+def _cdr_filter(cfg, args):
+    from callctl.store.cdrs import CdrFilter
 
-    rows = list_cdrs(_engine(cfg), limit=args.limit, tenant_name=args.tenant)
+    return CdrFilter.parse(tenant=args.tenant, x=args.x, binding=args.binding, since=args.since,
+                           until=getattr(args, "until", None), decision=args.decision, reason=args.reason,
+                           region=cfg.region)
+
+
+def _cdr_line(row: dict) -> dict:
+    return {**row, "started_at": (row["started_at"] or "")[:19].replace("T", " ")}
+
+
+def cmd_cdr_list(cfg, args):
+    from callctl.store.cdrs import list_cdrs
+
+    rows = list_cdrs(_engine(cfg), _cdr_filter(cfg, args), limit=args.limit)
     if args.json:
         _print_json(rows)
         return
-    for row in rows:
-        row["started_at"] = (row["started_at"] or "")[:19].replace("T", " ")
-    print(_table(rows, CDR_TABLE))
+    print(_table([_cdr_line(row) for row in rows], CDR_TABLE))
     print(f"({len(rows)} call(s))")
+
+
+def cmd_cdr_tail(cfg, args):
+    """Follow new CDRs. A table needs its widths up front: fixed ones, wide enough."""
+    from callctl.store.cdrs import follow_cdrs
+
+    widths = {"started_at": 19, "call_id": 24, "virtual_number": 15, "caller_masked": 15, "callee_masked": 15}
+    cell = lambda key, value: ("" if value is None else str(value)).ljust(widths.get(key, 9))
+    rows = follow_cdrs(_engine(cfg), _cdr_filter(cfg, args), backlog=args.backlog, every=args.every)
+    try:
+        if not args.json:
+            print("  ".join(cell(key, title) for key, title in CDR_TABLE).rstrip(), flush=True)
+        for row in rows:
+            if args.json:
+                print(json.dumps(row, ensure_ascii=False), flush=True)
+            else:
+                line = _cdr_line(row)
+                print("  ".join(cell(key, line.get(key)) for key, _ in CDR_TABLE).rstrip(), flush=True)
+    except KeyboardInterrupt:
+        pass
 
 
 def cmd_serve_api(cfg, args):
     from callctl.api.app import serve
 
+    if args.config:  # the server (and each worker process) loads the same file
+        os.environ["CALLCTL_CONFIG"] = args.config
     serve(cfg)
 
 
@@ -316,6 +349,18 @@ def cmd_token_revoke(cfg, args):
     _print_json(revoke_token(_engine(cfg), args.token_id))
 
 
+def cmd_export_regulator(cfg, args):
+    from callctl import regulator
+
+    start, end = regulator.period(args.start, args.end)
+    rendered = regulator.RENDER[args.format](regulator.report(_engine(cfg), start, end))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(rendered)
+    else:
+        sys.stdout.write(rendered if rendered.endswith("\n") else rendered + "\n")
+
+
 def cmd_serve_asterisk(cfg, args):
     from callctl.asterisk.server import serve
 
@@ -323,6 +368,8 @@ def cmd_serve_asterisk(cfg, args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from callctl.core.decision import Reason
+
     parser = argparse.ArgumentParser(prog="callctl", description="Privacy-number call control")
     parser.add_argument("--config", help="config file (default conf/callctl.yaml or $CALLCTL_CONFIG)")
     top = parser.add_subparsers(dest="command", required=True)
@@ -453,9 +500,29 @@ def build_parser() -> argparse.ArgumentParser:
     cdr = top.add_parser("cdr", help="call detail records").add_subparsers(dest="sub", required=True)
     clist = cdr.add_parser("list", help="newest calls first")
     clist.add_argument("--limit", type=int, default=50)
-    clist.add_argument("--tenant")
-    clist.add_argument("--json", action="store_true", help="JSON for programs")
+    ctail = cdr.add_parser("tail", help="the last calls, then new ones as they are written (Ctrl-C stops)")
+    ctail.add_argument("--backlog", type=int, default=10, help="calls shown first (default 10)")
+    ctail.add_argument("--every", type=float, default=1.0, help="seconds between looks (default 1)")
+    for sub in (clist, ctail):
+        sub.add_argument("--tenant", help="tenant name")
+        sub.add_argument("--x", help="virtual number")
+        sub.add_argument("--binding", type=int, help="binding id")
+        sub.add_argument("--since", help="ISO date/date-time with zone, or an age: 15m, 2h, 7d")
+        sub.add_argument("--decision", choices=["bridged", "rejected"])
+        sub.add_argument("--reason", choices=[str(reason) for reason in Reason])
+        sub.add_argument("--json", action="store_true", help="JSON for programs (tail: one object per line)")
+    clist.add_argument("--until", help="exclusive end, same forms as --since")
     clist.set_defaults(func=cmd_cdr_list)
+    ctail.set_defaults(func=cmd_cdr_tail)
+
+    export = top.add_parser("export", help="exports").add_subparsers(dest="sub", required=True)
+    reg = export.add_parser("regulator", help="contact statistics per tenant, per day, findings and reveals")
+    reg.add_argument("--from", dest="start", required=True, help="ISO date (UTC) or date-time with zone")
+    reg.add_argument("--to", dest="end", required=True, help="exclusive end, same forms")
+    reg.add_argument("--format", choices=["csv", "json", "html"], default="csv",
+                     help="csv (default), json, or html: a self-contained report with charts")
+    reg.add_argument("--output", "-o", help="write to this file instead of standard output")
+    reg.set_defaults(func=cmd_export_regulator)
 
     serve = top.add_parser("serve", help="run the daemon").add_subparsers(dest="sub", required=True)
     serve.add_parser("asterisk", help="FastAGI server for Asterisk").set_defaults(func=cmd_serve_asterisk)

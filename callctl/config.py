@@ -51,6 +51,7 @@ class AgiConfig(Listener):
 
 class ApiConfig(Listener):
     listen: str = "127.0.0.1:8080"
+    workers: int = Field(1, ge=1, le=64)  # server processes sharing the listen socket
     access_log: bool = False  # uvicorn's per-request log lines (paths and status only)
 
 
@@ -85,6 +86,7 @@ ENV_OVERRIDES = {
     "CALLCTL_DB_TIMEOUT": (None, "db_timeout"),
     "CALLCTL_AGI_LISTEN": ("agi", "listen"),
     "CALLCTL_API_LISTEN": ("api", "listen"),
+    "CALLCTL_API_WORKERS": ("api", "workers"),
     "CALLCTL_LOG_FORMAT": ("log", "format"),
     "CALLCTL_LOG_LEVEL": ("log", "level"),
 }

@@ -28,6 +28,9 @@ class LabError(RuntimeError):
     pass
 
 
+_held_here = 0  # LabLocks this process holds (nested ones share the first's flock)
+
+
 class LabLock:
     """Exclusive use of the lab's fixed ports, machine-wide (flock: freed if we die)."""
 
@@ -36,12 +39,17 @@ class LabLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "LabLock":
+        global _held_here
+        if _held_here:  # this process has the lab already: a second flock would wait for itself
+            _held_here += 1
+            return self
         self._fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
         deadline = time.monotonic() + self.wait
         announced = False
         while True:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _held_here = 1
                 return self
             except BlockingIOError:
                 if time.monotonic() > deadline:
@@ -52,6 +60,8 @@ class LabLock:
                 time.sleep(0.5)
 
     def __exit__(self, *exc) -> None:
+        global _held_here
+        _held_here -= 1
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

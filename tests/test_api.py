@@ -67,7 +67,8 @@ def api(request, tmp_path_factory):
             for tenant, t in tokens.items()
         }
         clients["nobody"] = httpx.Client(base_url=server.url, event_hooks={"response": [keep]}, timeout=30)
-        yield {"kind": request.param, "cli": cli, "tokens": tokens, "server": server, "bodies": bodies, **clients}
+        yield {"kind": request.param, "cli": cli, "tokens": tokens, "server": server, "bodies": bodies, "url": url,
+               "workdir": workdir, **clients}
         for client in clients.values():
             client.close()
         log = server.output()
@@ -205,6 +206,15 @@ def test_openapi_document(api):
     assert {"/v1/bindings", "/v1/bindings/{binding_id}", "/v1/bindings/{binding_id}/extend", "/v1/pool"} <= set(paths)
     assert set(paths["/v1/bindings/{binding_id}"]) == {"get", "patch", "delete"}
     assert api["nobody"].get("/docs").status_code == 200
+
+
+def test_several_worker_processes_serve_the_same_api(api):
+    with ApiServer(api["url"], api["workdir"] / "workers", extra_env={"CALLCTL_API_WORKERS": "2"}) as server:
+        headers = {"Authorization": f"Bearer {api['tokens']['other']['token']}"}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
+            answers = [client.get("/v1/pool") for _ in range(20)]
+    assert all(a.status_code == 200 and a.json()["free"] + a.json()["bound"] + a.json()["quarantined"] == 1
+               for a in answers)
 
 
 def test_no_response_body_carried_a_real_number(api):

@@ -2,7 +2,8 @@
 
 Every request carries `Authorization: Bearer <token>` (`callctl token create`). A token
 has a role; the binding and pool endpoints take 'tenant' tokens and act only on that
-tenant's bindings: another tenant's binding is 404, exactly like a missing one. Real
+tenant's bindings: another tenant's binding is 404, exactly like a missing one.
+`GET /exports/regulator` takes 'regulator' tokens, and they can read nothing else. Real
 numbers go in (customer, other_party) and never come out: responses carry them masked.
 Every error is JSON `{"error": {"code": ..., "message": ...}}` with a stable code
 (the codes of callctl.store.provision.ProvisionError, plus the HTTP-level ones below).
@@ -15,13 +16,14 @@ from typing import Literal
 import structlog
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
+from callctl import regulator
 from callctl.store import blocks, provision
 from callctl.store.provision import ProvisionError
 from callctl.store.tokens import Principal, authenticate
@@ -172,6 +174,7 @@ def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", ext
 
     tenant = role("tenant")
     platform = role("platform")
+    regulator_role = role("regulator")
 
     @app.exception_handler(ApiError)
     def _api_error(_request: Request, exc: ApiError):
@@ -283,18 +286,44 @@ def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", ext
         log.info("block lifted", block=block_id)
         return lifted
 
+    @app.get("/exports/regulator", tags=["exports"],
+             responses={200: {"content": {media: {} for media in regulator.MEDIA_TYPES.values()}}})
+    def export_regulator(
+        start: str = Query(alias="from", max_length=40, description="ISO date (UTC) or date-time with zone"),
+        end: str = Query(alias="to", max_length=40, description="exclusive end, same forms"),
+        format: Literal["json", "csv", "html"] = "json",
+        who: Principal = Depends(regulator_role),
+    ):
+        """The regulator's export (`callctl export regulator`): contact statistics per tenant
+        and per day, findings and reveals. Regulator tokens only."""
+        first, last = regulator.period(start, end)
+        rendered = regulator.RENDER[format](regulator.report(engine, first, last))
+        log.info("regulator export read", token=who.token_id, start=first.isoformat(), end=last.isoformat(),
+                 format=format)
+        return Response(rendered, media_type=regulator.MEDIA_TYPES[format])
+
     return app
+
+
+def app_from_config() -> FastAPI:
+    """The app as configured (conf/callctl.yaml, CALLCTL_* variables): what each worker
+    process of `callctl serve api` runs."""
+    from callctl import config, logs
+    from callctl.store.db import make_engine
+
+    cfg = config.load()
+    logs.setup(cfg.log.format, cfg.log.level)
+    # db_timeout: no request waits on a dead or hung database longer than that.
+    engine = make_engine(cfg.database_url, pool_size=cfg.db_threads, timeout=cfg.db_timeout)
+    return create_app(engine, quarantine=timedelta(days=cfg.quarantine_days), region=cfg.region,
+                      extension_digits=cfg.axe_extension_digits)
 
 
 def serve(cfg) -> None:
     """`callctl serve api`: the API on cfg.api.listen until SIGTERM/SIGINT."""
     import uvicorn
 
-    from callctl.store.db import make_engine
-
-    engine = make_engine(cfg.database_url, pool_size=cfg.db_threads)
-    app = create_app(engine, quarantine=timedelta(days=cfg.quarantine_days), region=cfg.region,
-                     extension_digits=cfg.axe_extension_digits)
-    log.info("api listening", listen=cfg.api.listen)
-    uvicorn.run(app, host=cfg.api.host, port=cfg.api.port, access_log=cfg.api.access_log,
-                log_level="warning", server_header=False)
+    log.info("api listening", listen=cfg.api.listen, workers=cfg.api.workers)
+    uvicorn.run("callctl.api.app:app_from_config", factory=True, host=cfg.api.host, port=cfg.api.port,
+                workers=cfg.api.workers, access_log=cfg.api.access_log, log_level="warning",
+                server_header=False)

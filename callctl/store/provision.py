@@ -555,23 +555,8 @@ def _parties_on(session: Session, number_id: int, parties: list[str], except_id:
     return session.scalar(query.limit(1)) is not None
 
 
-CDR_COLUMNS = (
-    "id", "call_id", "tenant_id", "binding_id", "virtual_number", "direction",
-    "caller_masked", "callee_masked", "decision", "reject_reason", "started_at",
-    "answered_at", "ended_at", "ring_seconds", "talk_seconds", "dial_status",
-    "hangup_cause", "node",
-)
-
-
 def list_cdrs(engine: Engine, limit: int = 50, tenant_name: str | None = None) -> list[dict]:
-    """Newest CDRs first, as plain dicts (numbers are stored masked already)."""
-    with Session(engine) as session:
-        query = select(Cdr).order_by(Cdr.started_at.desc(), Cdr.id.desc()).limit(limit)
-        if tenant_name:
-            query = query.where(Cdr.tenant_id == _tenant(session, tenant_name).id)
-        rows = session.scalars(query).all()
-        return [
-            {c: (v.isoformat() if isinstance(v, datetime) else v)
-             for c in CDR_COLUMNS for v in [getattr(row, c)]}
-            for row in rows
-        ]
+    """Newest CDRs first, as plain dicts (callctl.store.cdrs has the filters)."""
+    from callctl.store import cdrs  # it imports this module
+
+    return cdrs.list_cdrs(engine, cdrs.CdrFilter(tenant=tenant_name or None), limit=limit)

@@ -1,0 +1,280 @@
+"""The regulator's export: contact behaviour per tenant over a period, and the findings.
+
+`report()` gathers it with set-based SQL (GROUP BY over the CDRs, the anomaly findings
+and the reveal audit); `as_json`, `as_csv` and `as_html` render it. Nothing in it can
+carry a real number: CDR numbers are not read at all, tenants appear by name, finding
+subjects are binding ids, tenants or keyed caller hashes.
+
+Findings come from the anomaly job's table `anomaly_findings`, reveals from the reveal
+audit log `reveal_audit` (one row per reveal: `tenant_id`, `created_at`). Either table
+may not exist yet on a given installation (other parts of callctl create them): its
+section is then empty and `sources` says it was not available, rather than the export
+failing or claiming zero.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from collections import defaultdict
+from datetime import date, datetime, timedelta, timezone
+
+from sqlalchemy import Date, and_, case, cast, func, inspect, select, text
+from sqlalchemy.engine import Engine
+
+from callctl.store.models import Cdr, Tenant
+from callctl.store.provision import ProvisionError
+
+FINDINGS_TABLE = "anomaly_findings"
+REVEALS_TABLE = "reveal_audit"
+MAX_DAYS = 366
+EXPORT_TIMEOUT_S = 300
+
+TENANT_COLUMNS = ("tenant", "calls", "answered", "bridged", "rejected", "blocked", "unavailable",
+                  "rejected_other", "findings", "findings_by_rule", "reveals")
+DAILY_COLUMNS = ("day", "tenant", "calls", "answered", "rejected", "findings")
+FINDING_COLUMNS = ("id", "tenant", "rule", "subject_kind", "subject", "window_start", "window_end", "calls",
+                   "measure", "threshold", "severity", "action", "evidence")
+
+
+def _day(engine: Engine, column):
+    """The UTC calendar day of a timestamp column, on either database."""
+    if engine.dialect.name == "postgresql":
+        return cast(func.timezone("UTC", column), Date)
+    return func.date(column)  # SQLite stores UTC already
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if isinstance(value, (datetime, date)) else value
+
+
+def period(start: str, end: str, now: datetime | None = None) -> tuple[datetime, datetime]:
+    """--from / --to as typed: ISO dates (UTC midnight) or date-times with zone, or ages."""
+    from callctl.store.cdrs import parse_time
+
+    now = now or datetime.now(timezone.utc)
+    try:
+        return parse_time(start, now, "from"), parse_time(end, now, "to")
+    except ProvisionError as exc:
+        raise ProvisionError("invalid_period", str(exc)) from None
+
+
+def report(engine: Engine, start: datetime, end: datetime, now: datetime | None = None) -> dict:
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ProvisionError("invalid_period", "--from and --to need a time zone")
+    if start >= end:
+        raise ProvisionError("invalid_period", "--from must be before --to")
+    if end - start > timedelta(days=MAX_DAYS):
+        raise ProvisionError("invalid_period", f"the period is at most {MAX_DAYS} days; export longer ones in parts")
+    tables = set(inspect(engine).get_table_names())
+    has_findings, has_reveals = FINDINGS_TABLE in tables, REVEALS_TABLE in tables
+    in_period = and_(Cdr.started_at >= start, Cdr.started_at < end)
+    answered = and_(Cdr.decision == "bridged", Cdr.dial_status == "ANSWER")
+    count_if = lambda condition: func.sum(case((condition, 1), else_=0))
+    day = _day(engine, Cdr.started_at)
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            # An engine made for the call path or the API (db_timeout) would cut a long
+            # period's GROUP BY short; an export may take its time, within reason.
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = '{EXPORT_TIMEOUT_S}s'")
+        names = dict(conn.execute(select(Tenant.id, Tenant.name)).all())
+        per_tenant = conn.execute(
+            select(Cdr.tenant_id, func.count(), count_if(answered), count_if(Cdr.decision == "bridged"),
+                   count_if(Cdr.decision == "rejected"), count_if(Cdr.reject_reason == "blocked"),
+                   count_if(Cdr.reject_reason == "unavailable"))
+            .where(in_period).group_by(Cdr.tenant_id)
+        ).all()
+        daily = conn.execute(
+            select(day, Cdr.tenant_id, func.count(), count_if(answered), count_if(Cdr.decision == "rejected"))
+            .where(in_period).group_by(day, Cdr.tenant_id)
+        ).all()
+        findings = _findings(conn, engine, start, end) if has_findings else []
+        reveals = dict(conn.execute(text(
+            f"SELECT tenant_id, count(*) FROM {REVEALS_TABLE}"
+            " WHERE created_at >= :start AND created_at < :end GROUP BY tenant_id"
+        ), {"start": start, "end": end}).all()) if has_reveals else {}
+
+    tenant_name = lambda tenant_id: names.get(tenant_id, "(no tenant: unknown X)") if tenant_id else "(no tenant: unknown X)"
+    rows: dict[str, dict] = {}
+
+    def tenant_row(name: str) -> dict:
+        return rows.setdefault(name, {
+            "tenant": name, "calls": 0, "answered": 0, "bridged": 0, "rejected": 0, "blocked": 0,
+            "unavailable": 0, "rejected_other": 0, "findings": 0, "findings_by_rule": {},
+            "reveals": 0 if has_reveals else None,
+        })
+
+    for tenant_id, calls, ans, bridged, rejected, blocked, unavailable in per_tenant:
+        row = tenant_row(tenant_name(tenant_id))
+        row.update(calls=row["calls"] + calls, answered=row["answered"] + ans, bridged=row["bridged"] + bridged,
+                   rejected=row["rejected"] + rejected, blocked=row["blocked"] + blocked,
+                   unavailable=row["unavailable"] + unavailable)
+        row["rejected_other"] = row["rejected"] - row["blocked"] - row["unavailable"]
+    for finding in findings:
+        row = tenant_row(finding["tenant"])
+        row["findings"] += 1
+        row["findings_by_rule"][finding["rule"]] = row["findings_by_rule"].get(finding["rule"], 0) + 1
+    for tenant_id, count in reveals.items():
+        tenant_row(tenant_name(tenant_id))["reveals"] = count
+
+    days: dict[tuple[str, str], dict] = {}
+    for when, tenant_id, calls, ans, rejected in daily:
+        key = (_iso(when) if not isinstance(when, str) else when, tenant_name(tenant_id))
+        entry = days.setdefault(key, {"day": key[0], "tenant": key[1], "calls": 0, "answered": 0, "rejected": 0,
+                                      "findings": 0})
+        entry.update(calls=entry["calls"] + calls, answered=entry["answered"] + ans,
+                     rejected=entry["rejected"] + rejected)
+    for finding in findings:
+        key = (finding["window_start"][:10], finding["tenant"])
+        days.setdefault(key, {"day": key[0], "tenant": key[1], "calls": 0, "answered": 0, "rejected": 0,
+                              "findings": 0})["findings"] += 1
+    return {
+        "period": {"from": start.isoformat(), "to": end.isoformat()},
+        "generated_at": (now or datetime.now(timezone.utc)).isoformat(),
+        "sources": {"findings": FINDINGS_TABLE if has_findings else None,
+                    "reveals": REVEALS_TABLE if has_reveals else None},
+        "tenants": sorted(rows.values(), key=lambda r: r["tenant"]),
+        "daily": sorted(days.values(), key=lambda r: (r["day"], r["tenant"])),
+        "findings": findings,
+    }
+
+
+def _findings(conn, engine: Engine, start: datetime, end: datetime) -> list[dict]:
+    """Findings whose window overlaps the period, as the anomaly job stored them."""
+    rows = conn.execute(text(
+        f"SELECT f.id, t.name AS tenant, f.rule, f.subject_kind, f.subject, f.window_start, f.window_end,"
+        f" f.calls, f.measure, f.threshold, f.severity, f.action, f.evidence"
+        f" FROM {FINDINGS_TABLE} f JOIN tenants t ON t.id = f.tenant_id"
+        f" WHERE f.window_start < :end AND f.window_end > :start ORDER BY f.window_start, f.id"
+    ), {"start": start, "end": end}).mappings().all()
+    out = []
+    for row in rows:
+        item = {key: row[key] for key in FINDING_COLUMNS}
+        for key in ("window_start", "window_end"):
+            value = item[key]
+            if isinstance(value, str):  # SQLite hands back text
+                value = datetime.fromisoformat(value)
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=timezone.utc)
+            item[key] = value.astimezone(timezone.utc).isoformat()
+        try:
+            item["evidence"] = json.loads(item["evidence"])
+        except (TypeError, ValueError):
+            pass
+        out.append(item)
+    return out
+
+
+# --- rendering ------------------------------------------------------------------------
+
+def as_json(data: dict) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False)
+
+
+def as_csv(data: dict) -> str:
+    """Three tables, one after the other, separated by an empty line. The first column of
+    every row names its table (tenants, daily, findings), so each can be split out."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    sections = (("tenants", TENANT_COLUMNS, data["tenants"]), ("daily", DAILY_COLUMNS, data["daily"]),
+                ("findings", FINDING_COLUMNS, data["findings"]))
+    for n, (name, columns, rows) in enumerate(sections):
+        if n:
+            out.write("\n")
+        writer.writerow(["section", *columns])
+        for row in rows:
+            writer.writerow([name, *(_cell(row[column]) for column in columns)])
+    return out.getvalue()
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return ";".join(f"{k}={v}" for k, v in sorted(value.items()))
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+        return "'" + value  # a spreadsheet must not run a tenant's name as a formula
+    return str(value)
+
+
+COLOURS = {"calls": "#4878a8", "rejected": "#d0743c", "findings": "#8c3b8c"}
+
+
+def as_html(data: dict) -> str:
+    """One self-contained page: a chart per tenant (calls, rejections and findings per
+    day, inline SVG), then the tables. No script, no stylesheet or font from elsewhere."""
+    period = data["period"]
+    start, end = (datetime.fromisoformat(period[k]).date() for k in ("from", "to"))
+    day_list = [start + timedelta(days=n) for n in range(max((end - start).days, 1))]
+    per_tenant: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in data["daily"]:
+        per_tenant[row["tenant"]][row["day"]] = row
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>callctl regulator report {esc(period['from'])} to {esc(period['to'])}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #bbb;padding:2px 8px;text-align:right}th{background:#eee}"
+        "td:first-child,th:first-child{text-align:left}.legend span{margin-right:1.5em}</style></head><body>",
+        "<h1>Contact behaviour report</h1>",
+        f"<p>Period: {esc(period['from'])} to {esc(period['to'])} (end exclusive, days in UTC). "
+        f"Generated {esc(data['generated_at'])}. No real phone number appears in this report.</p>",
+    ]
+    for what, source in data["sources"].items():
+        if source is None:
+            parts.append(f"<p><em>{esc(what.capitalize())}: not available on this installation "
+                         f"(its table does not exist); not counted.</em></p>")
+    parts.append('<p class="legend">' + "".join(
+        f'<span><svg width="12" height="12"><rect width="12" height="12" fill="{colour}"/></svg> {esc(name)}</span>'
+        for name, colour in COLOURS.items()) + " per day</p>")
+    for tenant in sorted(per_tenant):
+        parts.append(f"<h2>{esc(tenant)}</h2>")
+        parts.append(_chart(day_list, per_tenant[tenant]))
+    parts.append("<h2>Per tenant</h2>")
+    parts.append(_html_table(TENANT_COLUMNS, data["tenants"]))
+    parts.append("<h2>Findings</h2>")
+    parts.append(_html_table(FINDING_COLUMNS, data["findings"]) if data["findings"] else "<p>None.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _chart(days: list[date], by_day: dict[str, dict], height: int = 160) -> str:
+    """Grouped bars, one group per day: calls, rejected, findings."""
+    series = list(COLOURS)
+    top = max([max(row[s] for s in series) for row in by_day.values()] + [1])
+    group = max(3 * 6 + 4, min(3 * 14 + 6, 900 // max(len(days), 1)))
+    bar = (group - 4) / 3
+    left, bottom = 40, height - 30
+    width = left + group * len(days) + 10
+    scale = (bottom - 10) / top
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
+           f'<line x1="{left}" y1="{bottom}" x2="{width - 5}" y2="{bottom}" stroke="#888"/>',
+           f'<text x="{left - 4}" y="{bottom - (bottom - 10) + 4}" font-size="10" text-anchor="end">{top}</text>',
+           f'<text x="{left - 4}" y="{bottom + 4}" font-size="10" text-anchor="end">0</text>']
+    for n, day in enumerate(days):
+        row = by_day.get(day.isoformat(), {})
+        x0 = left + n * group + 2
+        for k, name in enumerate(series):
+            value = row.get(name, 0)
+            h = value * scale
+            out.append(f'<rect x="{x0 + k * bar:.1f}" y="{bottom - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}"'
+                       f' fill="{COLOURS[name]}"><title>{day} {name}: {value}</title></rect>')
+        if len(days) <= 31 or n % 7 == 0:
+            out.append(f'<text x="{x0 + group / 2 - 2:.1f}" y="{bottom + 14}" font-size="9"'
+                       f' text-anchor="middle">{day:%m-%d}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _html_table(columns, rows) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{esc(_cell(row[c]))}</td>" for c in columns) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+RENDER = {"json": as_json, "csv": as_csv, "html": as_html}
+MEDIA_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8", "html": "text/html; charset=utf-8"}

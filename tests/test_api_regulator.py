@@ -1,0 +1,116 @@
+"""The regulator's API role: `callctl serve api` as a subprocess on a real socket, tokens
+made with the real CLI. A regulator token reads GET /exports/regulator and nothing else;
+tenant tokens cannot read it."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import pytest
+from sqlalchemy import create_engine
+
+from callctl.service import CallService, FinishedCall
+from callctl.store.db import make_engine
+from callctl.store.spool import CdrSpool
+from lab.harness import ApiServer
+from tests import leaks, realnumbers
+from tests.test_cli import run
+
+AGENT, HOTLINE = realnumbers.tenant_line("+8613900000011", "+861058000011")
+CUSTOMER = realnumbers.person("+8613800000011")
+X = "+8617100000011"
+T0 = datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)
+PERIOD = {"from": "2026-11-20", "to": "2026-11-22"}
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def api(request, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp(f"api-regulator-{request.param}")
+    if request.param == "sqlite":
+        url = f"sqlite:///{workdir}/callctl.db"
+    else:
+        url = request.getfixturevalue("pg_url")
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        engine.dispose()
+    env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url}
+    cli = lambda *args: run(*args, env=env, cwd=workdir)  # noqa: E731
+    for args in (["db", "upgrade"], ["tenant", "add", "acme", "--hotline", HOTLINE, "--caller", AGENT],
+                 ["pool", "add", "--tenant", "acme", X], ["bind", "--tenant", "acme", "--customer", CUSTOMER]):
+        done = cli(*args)
+        assert done.returncode == 0, done.stderr
+    engine = make_engine(url)
+    service = CallService(engine, CdrSpool(workdir / "spool"))
+    for n, action in enumerate(["bridge", "reject", "bridge"]):
+        start = (T0 + timedelta(hours=n)).timestamp()
+        service.record(FinishedCall(f"lab-{start:.0f}.{n}", called=X, caller=AGENT, destination=CUSTOMER,
+                                    action=action, reason="blocked", tenant="1", start=f"{start:.3f}",
+                                    end=f"{start + 20:.3f}", dial_status="ANSWER" if action == "bridge" else "",
+                                    answered_ms="10000"))
+    engine.dispose()
+    tokens = {}
+    for name, args in (("regulator", ["--role", "regulator"]), ("tenant", ["--tenant", "acme"])):
+        made = cli("token", "create", *args, "--name", f"{name} token")
+        assert made.returncode == 0, made.stderr
+        tokens[name] = json.loads(made.stdout)["token"]
+    assert cli("token", "create", "--role", "regulator", "--tenant", "acme").returncode == 1  # takes no tenant
+
+    def keep(response: httpx.Response):
+        response.read()
+        leaks.record("api", f"{response.request.method} {response.request.url.path}", response.text)
+
+    with ApiServer(url, workdir) as server:
+        clients = {name: httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"},
+                                      event_hooks={"response": [keep]}, timeout=30)
+                   for name, token in tokens.items()}
+        clients["nobody"] = httpx.Client(base_url=server.url, event_hooks={"response": [keep]}, timeout=30)
+        yield clients
+        for client in clients.values():
+            client.close()
+
+
+def test_regulator_reads_the_export_in_every_format(api):
+    got = api["regulator"].get("/exports/regulator", params={**PERIOD, "format": "json"})
+    assert got.status_code == 200 and got.headers["content-type"].startswith("application/json")
+    (acme,) = got.json()["tenants"]
+    assert (acme["tenant"], acme["calls"], acme["answered"], acme["blocked"]) == ("acme", 3, 2, 1)
+    table = api["regulator"].get("/exports/regulator", params={**PERIOD, "format": "csv"})
+    assert table.headers["content-type"].startswith("text/csv")
+    assert next(csv.DictReader(io.StringIO(table.text.split("\n\n")[0])))["calls"] == "3"
+    page = api["regulator"].get("/exports/regulator", params={**PERIOD, "format": "html"})
+    assert page.headers["content-type"].startswith("text/html") and "<svg" in page.text
+    assert api["regulator"].get("/exports/regulator", params=PERIOD).json()["tenants"][0]["calls"] == 3  # json by default
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/v1/bindings"), ("GET", "/v1/bindings/1"), ("GET", "/v1/pool"), ("DELETE", "/v1/bindings/1"),
+])
+def test_regulator_token_reads_nothing_else(api, method, path):
+    got = api["regulator"].request(method, path)
+    assert got.status_code == 403 and got.json()["error"]["code"] == "forbidden"
+
+
+def test_regulator_token_cannot_create_bindings(api):
+    got = api["regulator"].post("/v1/bindings", json={"customer": "+8613800000012"})
+    assert got.status_code == 403
+
+
+def test_tenant_tokens_and_strangers_cannot_read_the_export(api):
+    assert api["tenant"].get("/exports/regulator", params=PERIOD).status_code == 403
+    assert api["nobody"].get("/exports/regulator", params=PERIOD).status_code == 401
+    assert api["tenant"].get("/v1/pool").status_code == 200  # the tenant token itself works
+
+
+@pytest.mark.parametrize("params, code", [
+    ({"from": "2026-11-22", "to": "2026-11-20"}, "invalid_period"),
+    ({"from": "yesterday", "to": "2026-11-20"}, "invalid_period"),
+    ({"from": "2026-11-20"}, "invalid_request"),
+    ({**PERIOD, "format": "pdf"}, "invalid_request"),
+])
+def test_bad_export_requests_are_clear_errors(api, params, code):
+    got = api["regulator"].get("/exports/regulator", params=params)
+    assert got.status_code == 422 and got.json()["error"]["code"] == code

@@ -7,20 +7,21 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
 import structlog
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
-from callctl.core.decision import Bridge, Decision, Reason, Reject, decide
+from callctl.core.decision import Bridge, CollectExtension, Decision, Reason, Reject, decide
 from callctl.core.numbers import caller_e164, mask
 from callctl.store.calls import call_facts, write_cdr, write_cdrs
 from callctl.store.spool import CdrSpool, encode
 
 log = structlog.get_logger("callctl.calls")
 _REASONS = {reason.value for reason in Reason}
+_MAX_EXTENSION = 8  # digits; the width of bindings.extension
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,11 @@ class CallService:
         self.write_timeout = write_timeout
         self._writes = ThreadPoolExecutor(max_workers=16, thread_name_prefix="callctl-cdr-write") if write_timeout else None
 
-    def route(self, called: str, caller: str, now: datetime | None = None) -> tuple[str | None, Decision]:
-        """Decide a call to `called` from `caller` (both as the PBX sent them).
+    def route(
+        self, called: str, caller: str, now: datetime | None = None, extension: str | None = None
+    ) -> tuple[str | None, Decision]:
+        """Decide a call to `called` from `caller` (both as the PBX sent them), and
+        for AXE the `extension` the caller keyed when prompted (None before that).
 
         Returns X in E.164 (None if unreadable) and the decision. Fails closed: a
         database that cannot answer gives Reject(unavailable), never a guess.
@@ -68,12 +72,16 @@ class CallService:
         if x is None:
             return None, Reject(Reason.UNKNOWN_NUMBER)
         caller_number = caller_e164(caller, self.region)
+        if extension is not None:
+            extension = extension.strip()
+            if not (extension.isascii() and extension.isdigit() and len(extension) <= _MAX_EXTENSION):
+                extension = ""  # keyed nothing, '*', '#' or garbage: matches no binding
         try:
-            facts = _reconnecting(call_facts, self.engine, x, caller_number, now)
+            facts = _reconnecting(call_facts, self.engine, x, caller_number, now, extension)
         except SQLAlchemyError as exc:
             log.error("database unavailable for routing", x=x, error=type(exc).__name__)
             return x, Reject(Reason.UNAVAILABLE)
-        return x, decide(caller_number, now, facts)
+        return x, decide(caller_number, now, facts, extension)
 
     def record(self, call: FinishedCall, now: datetime | None = None) -> str:
         """Make the CDR of a finished call durable: committed to the database, or else
@@ -127,6 +135,9 @@ class CallService:
 
     def cdr_row(self, call: FinishedCall, now: datetime) -> dict:
         bridged = call.action == "bridge"
+        if call.action == CollectExtension.action:
+            # The caller hung up at the extension prompt: no valid extension was keyed.
+            call = replace(call, reason=str(Reason.INVALID_EXTENSION))
         ended = _epoch(call.end) or now
         # started_at is part of the CDR's unique key: it must come out the same every
         # time the same call is reported, so fall back on the channel's creation time
@@ -169,24 +180,23 @@ def decision_variables(decision: Decision) -> dict[str, str]:
     half-way leaves no action and the dialplan fails closed.
     """
     if isinstance(decision, Bridge):
-        return {
+        values = {
             "dest": decision.destination,
             "clid": decision.present,
             "ring_timeout": str(decision.ring_timeout),
             "max_seconds": str(decision.max_seconds),
-            "binding": str(decision.binding_id),
-            "tenant": str(decision.tenant_id),
-            "direction": str(decision.direction),
-            "action": "bridge",
         }
-    values = {"reason": str(decision.reason)}
+    elif isinstance(decision, CollectExtension):
+        values = {"ext_digits": str(decision.digits), "ext_tries": str(decision.tries)}
+    else:
+        values = {"reason": str(decision.reason)}
     if decision.binding_id is not None:
         values["binding"] = str(decision.binding_id)
     if decision.tenant_id is not None:
         values["tenant"] = str(decision.tenant_id)
     if decision.direction is not None:
         values["direction"] = str(decision.direction)
-    values["action"] = "reject"
+    values["action"] = decision.action
     return values
 
 

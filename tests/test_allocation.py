@@ -198,3 +198,23 @@ def test_bound_pairs_route(engine, tmp_path):
     service = CallService(engine, CdrSpool(tmp_path / "spool"))
     decision = service.route(X[0], B)[1]
     assert isinstance(decision, Bridge) and decision.destination == A
+
+
+def test_a_pool_held_by_another_writer_is_a_clear_error_not_a_hang(engine):
+    """PostgreSQL: when the only X is locked by a transaction that does not finish, bind
+    waits a bounded time (LOCK_WAIT_SECONDS) and says so; once it is released, bind works."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: a held write lock is its busy_timeout")
+    pool(engine, 1)
+    holder = engine.connect()
+    try:
+        holder.begin()
+        holder.execute(text("SELECT id FROM virtual_numbers FOR UPDATE"))
+        started = time.monotonic()
+        assert code_of(lambda: provision.bind(engine, "acme", A)) == "pool_busy"
+        waited = time.monotonic() - started
+        assert provision.LOCK_WAIT_SECONDS - 0.5 <= waited < provision.LOCK_WAIT_SECONDS + 5
+    finally:
+        holder.rollback()
+        holder.close()
+    assert provision.bind(engine, "acme", A)["x"] == X[0]

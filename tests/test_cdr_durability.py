@@ -15,6 +15,7 @@ import socket
 import stat
 import subprocess
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from sqlalchemy import text
 
 from callctl.store import provision
 from callctl.store.db import make_engine, upgrade
+from callctl.store.partitions import cdr_partitions
 from lab import harness
 from tests.pg import PgCluster
 
@@ -227,3 +229,17 @@ def test_hung_database_fails_closed_in_time_and_spools(setup, cluster):
     wait_spool_empty(spool)
     assert cdr_counts(engine).get("frozen-1") == 1
     assert asyncio.run(route(port, "thawed"))[0]["CALLCTL_ACTION"] == "bridge"  # recovered on its own
+
+
+def test_daemon_makes_missing_day_partitions_at_start(setup):
+    engine, daemon, port, spool = setup
+    day = datetime.now(timezone.utc).date() + timedelta(days=3)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP TABLE cdr_partitions.cdrs_{day:%Y%m%d}")
+    daemon.start()
+    deadline = time.monotonic() + 15
+    while f"cdr_partitions.cdrs_{day:%Y%m%d}" not in {p["partition"] for p in cdr_partitions(engine)}:
+        assert time.monotonic() < deadline, "the daemon did not make the missing partition"
+        time.sleep(0.2)
+    created = [e for e in harness.json_events(daemon.output()) if e.get("event") == "CDR partition created"]
+    assert [e["day"] for e in created] == [day.isoformat()]

@@ -6,6 +6,7 @@ the From user, and that the other party's real number is in no header or SDP lin
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -69,20 +70,20 @@ class Lab:
         return rows
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def lab(request, lab_up, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp(f"lab-{request.param}")
+@contextmanager
+def running_lab(kind: str, workdir: Path, provision_numbers, lab_class=None):
+    """A fresh database of `kind` (sqlite | postgresql), provisioned by
+    provision_numbers(engine), and a daemon serving it; all gone afterwards."""
     database = None
-    if request.param == "sqlite":
+    if kind == "sqlite":
         url = f"sqlite:///{workdir}/callctl.db"
     else:
         database = TestDatabase()
         url = database.url
     engine = make_engine(url)
     upgrade(engine)
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT, AGENT_2])
-    provision.add_numbers(engine, "acme", POOL)
-    env = Lab(engine, url, workdir)
+    provision_numbers(engine)
+    env = (lab_class or Lab)(engine, url, workdir)
     env.daemon.start()
     try:
         yield env
@@ -91,6 +92,17 @@ def lab(request, lab_up, tmp_path_factory):
         engine.dispose()
         if database:
             database.drop()
+
+
+def _numbers(engine) -> None:
+    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT, AGENT_2])
+    provision.add_numbers(engine, "acme", POOL)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def lab(request, lab_up, tmp_path_factory):
+    with running_lab(request.param, tmp_path_factory.mktemp(f"lab-{request.param}"), _numbers) as env:
+        yield env
 
 
 def bound(lab: Lab, customer: str, **kw) -> dict:

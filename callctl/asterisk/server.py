@@ -16,7 +16,7 @@ import uvloop
 from sqlalchemy.exc import SQLAlchemyError
 
 from callctl.asterisk.fastagi import AgiSession, FastAgiServer
-from callctl.core.decision import Bridge, Reason, Reject
+from callctl.core.decision import Reason, Reject
 from callctl.core.numbers import caller_e164, mask
 from callctl.service import CallService, FinishedCall, decision_variables
 from callctl.store.partitions import ensure_cdr_partitions
@@ -61,11 +61,13 @@ class AsteriskAdapter:
         given = keyword_args(session.args)
         called = given.get("called", session.env.get("agi_extension", ""))
         caller = given.get("caller", session.env.get("agi_callerid", ""))
+        extension = given.get("extension")  # AXE: the digits keyed at the prompt
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
             x, decision = await asyncio.wait_for(
-                loop.run_in_executor(self.route_executor, self.service.route, called, caller), self.decision_timeout)
+                loop.run_in_executor(self.route_executor, self.service.route, called, caller, None, extension),
+                self.decision_timeout)
         except TimeoutError:
             log.error("no decision in time: rejected as unavailable", call_id=session.env.get("agi_uniqueid", ""),
                       seconds=self.decision_timeout)
@@ -80,7 +82,7 @@ class AsteriskAdapter:
             x=x,
             caller=mask(caller_e164(caller, self.service.region)),
             action=decision.action,
-            reason=None if isinstance(decision, Bridge) else str(decision.reason),
+            reason=str(decision.reason) if isinstance(decision, Reject) else None,
             binding=decision.binding_id,
             ms=round(decided_ms, 3),
         )

@@ -19,6 +19,7 @@ class Reason(StrEnum):
     BLOCKED = "blocked"
     OUTSIDE_HOURS = "outside_hours"  # the tenant called a customer outside its calling hours
     UNAVAILABLE = "unavailable"
+    INVALID_EXTENSION = "invalid_extension"  # AXE: wrong or no extension keyed
 
 
 class Direction(StrEnum):
@@ -33,6 +34,7 @@ class Mode(StrEnum):
 
 
 BLOCK_BOTH = "both"
+EXTENSION_TRIES = 2  # AXE: one retry after a wrong or missing extension, then reject
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class Bridge:
     present: str
     ring_timeout: int
     max_seconds: int
-    binding_id: int
+    binding_id: int | None  # None: a lenient tenant's stranger on a shared (AXE) X
     tenant_id: int
     direction: Direction
     action: str = "bridge"
@@ -105,15 +107,41 @@ class Reject:
     action: str = "reject"
 
 
-Decision = Bridge | Reject
+@dataclass(frozen=True)
+class CollectExtension:
+    """AXE: prompt the caller for the k-digit extension, then route again with it."""
+    digits: int
+    tries: int
+    tenant_id: int
+    direction: Direction = Direction.TO_CUSTOMER
+    binding_id: None = None
+    action: str = "extension"
 
 
-def decide(caller: str | None, now: datetime, facts: NumberFacts | None) -> Decision:
-    """Decide a call from `caller` (E.164 or None when withheld) to X at `now`."""
-    if facts is None or not facts.bindings:
+Decision = Bridge | Reject | CollectExtension
+
+
+def decide(
+    caller: str | None, now: datetime, facts: NumberFacts | None, extension: str | None = None
+) -> Decision:
+    """Decide a call from `caller` (E.164 or None when withheld) to X at `now`.
+
+    `extension`: what an AXE caller keyed when prompted ('' for nothing); None before.
+    """
+    if facts is None or (extension is None and not facts.bindings):
         return Reject(Reason.UNKNOWN_NUMBER, tenant_id=facts.tenant.id if facts else None)
     tenant = facts.tenant
-    found = _match(caller, tenant, facts.bindings)
+    bindings = facts.bindings
+    if extension is not None:
+        # Only agents are prompted (AXE); the keyed extension picks the customer.
+        if not tenant.caller_is_agent:
+            return Reject(Reason.UNKNOWN_CALLER, tenant_id=tenant.id)
+        bindings = tuple(b for b in bindings if b.mode == Mode.AXE and b.extension == extension)
+        if not bindings:
+            return Reject(Reason.INVALID_EXTENSION, tenant.id, direction=Direction.TO_CUSTOMER)
+    elif bindings[0].mode == Mode.AXE and _customer_binding(caller, bindings, now) is None:
+        return _axe_prompt(caller, now, facts)
+    found = _match(caller, tenant, bindings, now)
     if found is None:
         return Reject(Reason.UNKNOWN_CALLER, tenant_id=tenant.id)
     binding, direction, destination = found
@@ -123,17 +151,28 @@ def decide(caller: str | None, now: datetime, facts: NumberFacts | None) -> Deci
     if any(_blocks(block, binding, caller, direction, now) for block in facts.blocks):
         return reject(Reason.BLOCKED)
     if direction == Direction.TO_CUSTOMER:  # customers may always call the tenant
-        open_now = within_hours(now, tenant.time_zone, tenant.calls_from, tenant.calls_until)
-        if open_now is None:  # a zone this system does not know: fail closed
-            return reject(Reason.UNAVAILABLE)
-        if not open_now:
-            return reject(Reason.OUTSIDE_HOURS)
+        closed = _closed(tenant, now)
+        if closed is not None:
+            return reject(closed)
+    return _bridge(facts, destination, binding.id, direction)
+
+
+def _closed(tenant: TenantFacts, now: datetime) -> Reason | None:
+    """Why the tenant may not call customers now (outside its calling hours), or None."""
+    open_now = within_hours(now, tenant.time_zone, tenant.calls_from, tenant.calls_until)
+    if open_now is None:  # a zone this system does not know: fail closed
+        return Reason.UNAVAILABLE
+    return None if open_now else Reason.OUTSIDE_HOURS
+
+
+def _bridge(facts: NumberFacts, destination: str, binding_id: int | None, direction: Direction) -> Bridge:
+    tenant = facts.tenant
     return Bridge(
         destination=destination,
         present=facts.x,
         ring_timeout=tenant.ring_timeout,
         max_seconds=tenant.max_call_seconds,
-        binding_id=binding.id,
+        binding_id=binding_id,
         tenant_id=tenant.id,
         direction=direction,
     )
@@ -168,23 +207,65 @@ def _rejecter(tenant_id: int, binding_id: int, direction: Direction):
     return lambda reason: Reject(reason, tenant_id, binding_id, direction)
 
 
-def _match(
-    caller: str | None, tenant: TenantFacts, bindings: tuple[BindingFacts, ...]
-) -> tuple[BindingFacts, Direction, str] | None:
-    """Pick the binding the call belongs to, its direction and where it goes."""
-    mode = bindings[0].mode
-    if mode == Mode.AXB:
-        # (X, caller) picks the pair; nobody else reaches anyone through X.
-        for binding in bindings:
-            if caller is not None and caller == binding.party_a and binding.party_b:
-                return binding, Direction.FROM_CUSTOMER, binding.party_b
-            if caller is not None and caller == binding.party_b:
-                return binding, Direction.TO_CUSTOMER, binding.party_a
+def _axe_prompt(caller: str | None, now: datetime, facts: NumberFacts) -> Decision:
+    """Someone other than a customer calls a shared (AXE) X: prompt an agent for the
+    extension. A stranger never hears the prompt: a strict tenant rejects them, a
+    lenient one sends them to its hotline (no binding: X is shared)."""
+    tenant = facts.tenant
+    if tenant.caller_is_agent:
+        # Blocks that need no binding (caller, X, tenant) and calling hours stop the
+        # call before the prompt: it is answered (and charged) once prompted.
+        if any(_blocks(block, None, caller, Direction.TO_CUSTOMER, now) for block in facts.blocks):
+            return Reject(Reason.BLOCKED, tenant.id, direction=Direction.TO_CUSTOMER)
+        closed = _closed(tenant, now)
+        if closed is not None:
+            return Reject(closed, tenant.id, direction=Direction.TO_CUSTOMER)
+        digits = max(len(b.extension or "") for b in facts.bindings)
+        return CollectExtension(digits=digits, tries=EXTENSION_TRIES, tenant_id=tenant.id)
+    if tenant.strict:
+        return Reject(Reason.UNKNOWN_CALLER, tenant_id=tenant.id)
+    return _bridge(facts, tenant.hotline, None, Direction.FROM_CUSTOMER)
+
+
+def _live_first(bindings, now: datetime) -> BindingFacts | None:
+    """The first binding that has not expired, else the first expired one, else None:
+    a lapsed binding still marked active never shadows a live one of the same party."""
+    expired = None
+    for binding in bindings:
+        if binding.expires_at is None or now < binding.expires_at:
+            return binding
+        expired = expired or binding
+    return expired
+
+
+def _customer_binding(caller: str | None, bindings, now: datetime) -> BindingFacts | None:
+    if caller is None:
         return None
-    # AXN (and AXE once an extension has chosen the binding): one binding on X.
-    binding = bindings[0]
-    if caller is not None and caller == binding.party_a:
-        return binding, Direction.FROM_CUSTOMER, tenant.hotline
+    return _live_first((b for b in bindings if b.party_a == caller), now)
+
+
+def _match(
+    caller: str | None, tenant: TenantFacts, bindings: tuple[BindingFacts, ...], now: datetime
+) -> tuple[BindingFacts, Direction, str] | None:
+    """Pick the binding the call belongs to, its direction and where it goes.
+
+    Parties are compared here in Python, never in SQL: they may be encrypted at rest.
+    """
+    if bindings[0].mode == Mode.AXB:
+        # (X, caller) picks the pair; nobody else reaches anyone through X.
+        pair = None if caller is None else _live_first(
+            (b for b in bindings if b.party_b and caller in (b.party_a, b.party_b)), now
+        )
+        if pair is None:
+            return None
+        if caller == pair.party_a:
+            return pair, Direction.FROM_CUSTOMER, pair.party_b
+        return pair, Direction.TO_CUSTOMER, pair.party_a
+    # AXN: one binding on X; AXE: the binding the extension chose, or a customer's.
+    customer = _customer_binding(caller, bindings, now)
+    if customer is not None:
+        return customer, Direction.FROM_CUSTOMER, tenant.hotline
+    binding = _live_first(bindings, now)
     if tenant.caller_is_agent:
         return binding, Direction.TO_CUSTOMER, binding.party_a
     if tenant.strict:
@@ -195,7 +276,7 @@ def _match(
 
 def _blocks(
     block: BlockFacts,
-    binding: BindingFacts,
+    binding: BindingFacts | None,
     caller: str | None,
     direction: Direction,
     now: datetime,
@@ -205,7 +286,7 @@ def _blocks(
     if block.direction != BLOCK_BOTH and block.direction != direction:
         return False
     if block.scope == "binding":
-        return block.binding_id == binding.id
+        return binding is not None and block.binding_id == binding.id
     if block.scope == "caller":
         return caller is not None and block.caller == caller
     return block.scope in ("number", "tenant")  # the store fetched them for this X/tenant

@@ -50,6 +50,9 @@ _BINDINGS = (
     .order_by(Binding.id)
 )
 
+# AXE, once the caller keyed an extension: only that binding (X may hold 10^k of them).
+_BINDINGS_BY_EXTENSION = _BINDINGS.where(Binding.extension == bindparam("extension"))
+
 _BLOCKS = select(
     Block.scope, Block.direction, Block.binding_id, Block.caller, Block.starts_at, Block.ends_at
 ).where(
@@ -65,8 +68,12 @@ _BLOCKS = select(
 )
 
 
-def call_facts(engine: Engine, x: str, caller: str | None, now: datetime) -> NumberFacts | None:
-    """Everything the decision needs about a call to X from caller, or None if X is not ours."""
+def call_facts(
+    engine: Engine, x: str, caller: str | None, now: datetime, extension: str | None = None
+) -> NumberFacts | None:
+    """Everything the decision needs about a call to X from caller, or None if X is not ours.
+
+    With an extension (AXE, second request) only the bindings holding it are read."""
     with engine.connect() as conn:
         conn.execution_options(**READ_ONLY)
         row = conn.execute(_NUMBER, {"x": x, "caller": caller}).first()
@@ -79,7 +86,10 @@ def call_facts(engine: Engine, x: str, caller: str | None, now: datetime) -> Num
             return NumberFacts(x=x, tenant=tenant)
         bindings = tuple(
             BindingFacts(r.id, Mode(r.mode), r.party_a, r.party_b, r.extension, r.expires_at)
-            for r in conn.execute(_BINDINGS, {"number_id": number_id})
+            for r in (
+                conn.execute(_BINDINGS, {"number_id": number_id}) if extension is None
+                else conn.execute(_BINDINGS_BY_EXTENSION, {"number_id": number_id, "extension": extension})
+            )
         )
         if not bindings:
             return NumberFacts(x=x, tenant=tenant)

@@ -47,10 +47,11 @@ def ensure_cdr_partitions(engine: Engine, days_ahead: int = 7, today: date | Non
             moved = _create(engine, day)
         except DBAPIError as exc:
             # Another daemon made it first, or a lock was not free in time: next round.
-            log.warning("CDR partition not created", partition=partition_name(day), error=type(exc.orig).__name__)
+            log.warning("CDR partition not created", day=day.isoformat(), error=type(exc.orig).__name__)
             continue
         created.append(partition_name(day))
-        log.info("CDR partition created", partition=partition_name(day), rows_moved=moved)
+        # (by day, not name: the log's phone-number guard would mask cdrs_20261202's digits)
+        log.info("CDR partition created", day=day.isoformat(), rows_moved=moved)
     return created
 
 

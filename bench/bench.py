@@ -8,8 +8,10 @@
    dropped and created fresh, migrated with callctl's own migrations, one tenant made
    with callctl.store.provision.add_tenant (hotline + one agent caller), then N virtual
    numbers in state `bound` and N AXN bindings to distinct customer numbers, loaded with
-   set-based SQL (INSERT ... SELECT FROM generate_series), then VACUUM ANALYZE.
-2. In-process decision latency: CallService.route(X, agent) for random X on that DB.
+   set-based SQL (INSERT ... SELECT FROM generate_series; the customers' numbers
+   encrypted and hashed in Python and COPYed in), then VACUUM ANALYZE.
+2. In-process decision latency: CallService.route(X, agent) for random X on that DB,
+   and what encryption costs per decision (decrypt + lookup hash, microseconds).
 3. The lab (held under LabLock the whole time): Asterisk up, a SIPp UAS on 5070 answers
    every outbound leg, SIPp UAC calls from the agent to random bound X at stepped rates.
    Two FastAGI servers take turns on 4573, interleaved per step: `callctl serve asterisk`
@@ -29,6 +31,7 @@ customers, one agent): nothing here is anybody's phone number.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -50,6 +53,7 @@ from sqlalchemy import text  # noqa: E402
 from callctl import logs, sipp  # noqa: E402
 from callctl.core.decision import Bridge  # noqa: E402
 from callctl.service import CallService  # noqa: E402
+from callctl.store import crypto  # noqa: E402
 from callctl.store.db import make_engine, upgrade  # noqa: E402
 from callctl.store.provision import add_tenant  # noqa: E402
 from callctl.store.spool import CdrSpool  # noqa: E402
@@ -144,15 +148,21 @@ def prepare_database(admin_dsn: str, bench_url: str, n: int) -> dict:
             )
             times["virtual_numbers_s"] = time.perf_counter() - t1
             t2 = time.perf_counter()
+            # Customers' numbers are stored encrypted, as callctl stores them: sealed and
+            # hashed here, COPYed to a scratch table, joined to their X set-based.
+            load_customers(db, n)
+            times["encrypt_customers_s"] = time.perf_counter() - t2
             # Long-term policies: expire in a year; reference = a policy number.
             db.execute(
                 text(
-                    "INSERT INTO bindings (tenant_id, number_id, mode, party_a, reference, status, expires_at) "
-                    "SELECT v.tenant_id, v.id, 'AXN', :ap || substr(v.e164, 7), "
+                    "INSERT INTO bindings (tenant_id, number_id, mode, party_a, party_a_hash, reference, status, "
+                    "                      expires_at) "
+                    "SELECT v.tenant_id, v.id, 'AXN', c.party_a, c.party_a_hash, "
                     "       'POL-' || substr(v.e164, 7), 'active', now() + interval '365 days' "
-                    "FROM virtual_numbers v WHERE v.tenant_id = :tid"
+                    "FROM virtual_numbers v JOIN bench_customers c ON c.suffix = substr(v.e164, 7) "
+                    "WHERE v.tenant_id = :tid"
                 ),
-                {"ap": A_PREFIX, "tid": tenant["id"]},
+                {"tid": tenant["id"]},
             )
             times["bindings_s"] = time.perf_counter() - t2
             t2 = time.perf_counter()
@@ -170,7 +180,7 @@ def prepare_database(admin_dsn: str, bench_url: str, n: int) -> dict:
                 text(
                     "SELECT (SELECT count(*) FROM virtual_numbers WHERE state = 'bound'), "
                     "       (SELECT count(*) FROM bindings WHERE status = 'active' AND mode = 'AXN'), "
-                    "       (SELECT count(DISTINCT party_a) FROM bindings)"
+                    "       (SELECT count(DISTINCT party_a_hash) FROM bindings)"
                 )
             ).one()
     finally:
@@ -179,6 +189,49 @@ def prepare_database(admin_dsn: str, bench_url: str, n: int) -> dict:
         raise BenchError(f"bench data incomplete: bound X / AXN bindings / customers = {tuple(counts)}, wanted {n}")
     times = {k: round(v, 2) for k, v in times.items()}
     return {"bindings": n, "tenant_id": tenant["id"], "load_s": round(time.perf_counter() - t0, 2), "steps": times}
+
+
+def load_customers(db, n: int, chunk: int = 100_000) -> None:
+    """bench_customers(suffix, party_a, party_a_hash): customer i sealed and hashed with
+    the process's key ring, COPYed in chunks (a transaction-scoped scratch table)."""
+    ring = crypto.ring()
+    db.exec_driver_sql(
+        "CREATE TEMP TABLE bench_customers (suffix text PRIMARY KEY, party_a text, party_a_hash text) ON COMMIT DROP"
+    )
+    cursor = db.connection.dbapi_connection.cursor()
+    for start in range(1, n + 1, chunk):
+        lines = []
+        for i in range(start, min(start + chunk, n + 1)):
+            number = f"{A_PREFIX}{i:08d}"
+            lines.append(f"{i:08d}\t{ring.seal(number)}\t{ring.hash(number)}\n")
+        cursor.copy_expert("COPY bench_customers FROM STDIN", io.StringIO("".join(lines)))
+    db.exec_driver_sql("ANALYZE bench_customers")
+
+
+def crypto_cost(bench_url: str, samples: int) -> dict:
+    """What encryption adds to one call-time decision: decrypting the binding's stored
+    number(s) and hashing the caller for the caller-block lookup, in microseconds."""
+    engine = make_engine(bench_url, pool_size=1)
+    try:
+        with engine.connect() as db:
+            stored = [r[0] for r in db.exec_driver_sql(
+                f"SELECT party_a FROM bindings ORDER BY random() LIMIT {min(samples, 10_000)}")]
+    finally:
+        engine.dispose()
+    ring = crypto.ring()
+    decrypt_us, hash_us = [], []
+    for token in stored:
+        t = time.perf_counter()
+        number = ring.open(token)
+        t1 = time.perf_counter()
+        ring.hash(number)
+        t2 = time.perf_counter()
+        decrypt_us.append((t1 - t) * 1e6)
+        hash_us.append((t2 - t1) * 1e6)
+    per_call = [d + h for d, h in zip(decrypt_us, hash_us)]
+    return {"samples": len(stored), "decrypt_p50_us": sipp.percentile(decrypt_us, 50),
+            "hash_p50_us": sipp.percentile(hash_us, 50), "per_call_p50_us": sipp.percentile(per_call, 50),
+            "per_call_p99_us": sipp.percentile(per_call, 99), "per_call_mean_us": statistics.fmean(per_call)}
 
 
 def secondary_definitions(db, tables: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -469,6 +522,9 @@ def main(argv=None) -> int:
     # SIGTERM (make interrupted, CI cancel) unwinds like Ctrl-C: finally blocks clean up.
     signal.signal(signal.SIGTERM, _interrupt)
     rng = random.Random(args.seed)
+    # A throwaway key ring for the synthetic customers, unless one is configured; the
+    # daemon started below inherits it.
+    os.environ.setdefault(crypto.ENV_KEYS, f"{crypto.LOOKUP}={crypto.new_key()} bench={crypto.new_key()}")
     base = args.pg_admin.split("://", 1)[1].rsplit("/", 1)[0]
     bench_url = f"postgresql+psycopg2://{base}/{args.database}"
     OUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -497,6 +553,11 @@ def main(argv=None) -> int:
     inproc = in_process_latency(bench_url, args.bindings, args.samples, rng)
     result["in_process"] = inproc
     say(f"In-process: p50 {inproc['p50_ms']:.2f} ms, p99 {inproc['p99_ms']:.2f} ms, max {inproc['max_ms']:.1f} ms")
+    cost = crypto_cost(bench_url, args.samples)
+    result["crypto"] = cost
+    say(f"Encryption per decision (decrypt the customer's number + hash the caller): "
+        f"p50 {cost['per_call_p50_us']:.1f} us (decrypt {cost['decrypt_p50_us']:.1f} + hash "
+        f"{cost['hash_p50_us']:.1f}), p99 {cost['per_call_p99_us']:.1f} us, over {cost['samples']:,} stored numbers")
 
     engine = make_engine(bench_url, pool_size=1)
     servers = Servers(bench_url, OUT_DIR)

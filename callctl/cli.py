@@ -6,7 +6,7 @@ import getpass
 import json
 import os
 import sys
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from callctl import config as config_mod
 from callctl.anomaly.config import RULES as ANOMALY_RULES
@@ -370,6 +370,41 @@ def cmd_findings_list(cfg, args):
     print(f"({len(rows)} finding(s))")
 
 
+
+
+def cmd_keys_generate(cfg, args):
+    from callctl.store.crypto import append_key
+
+    key_id = args.id or "k" + datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
+    path = args.file or cfg.keys.file
+    append_key(path, key_id)
+    print(f"added key '{key_id}' to {path}; as the last key listed it is the current key "
+          "unless keys.current names another (docs/keys.md)")
+
+
+def cmd_keys_list(cfg, args):
+    from callctl.store import crypto
+    from callctl.store.reencrypt import key_usage
+
+    ring = crypto.ring()
+    usage = key_usage(_engine(cfg))
+    rows = [{"key": k, "role": "current (writes)" if k == ring.current else "read only",
+             "numbers": usage.get(k, 0)} for k in ring.keys]
+    rows += [{"key": k, "role": "MISSING from the ring" if k != "plaintext" else "not encrypted yet",
+              "numbers": n} for k, n in sorted(usage.items()) if k not in ring.keys]
+    print(_table(rows, [("key", "key"), ("role", "role"), ("numbers", "stored numbers")]))
+
+
+def cmd_keys_rotate(cfg, args):
+    from callctl.store import crypto
+    from callctl.store.reencrypt import reencrypt
+
+    def progress(table, count):
+        print(f"  {table}: {count} row(s) re-encrypted", file=sys.stderr)
+
+    done = reencrypt(_engine(cfg), batch=args.batch, rehash=args.rehash, progress=progress)
+    print(f"re-encrypted under key '{crypto.ring().current}': "
+          + ", ".join(f"{table} {count}" for table, count in done.items()))
 def cmd_cdr_tail(cfg, args):
     """Follow new CDRs. A table needs its widths up front: fixed ones, wide enough."""
     from callctl.store.cdrs import follow_cdrs
@@ -448,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     parts = db.add_parser("partitions", help="create the coming days' CDR partitions (PostgreSQL; the daemon does it hourly)")
     parts.add_argument("--days", type=_non_negative, default=7, help="days ahead (default 7)")
     parts.add_argument("--json", action="store_true", help="JSON for programs")
-    parts.set_defaults(func=cmd_db_partitions)
+    parts.set_defaults(func=cmd_db_partitions, needs_keys=False)  # touches no stored number
 
     tenant = top.add_parser("tenant", help="tenants (businesses)").add_subparsers(dest="sub", required=True)
     add = tenant.add_parser("add", help="add a tenant")
@@ -609,6 +644,20 @@ def build_parser() -> argparse.ArgumentParser:
     flist.add_argument("--json", action="store_true", help="JSON for programs")
     flist.set_defaults(func=cmd_findings_list)
 
+    keys = top.add_parser("keys", help="keys of the real numbers at rest (docs/keys.md)").add_subparsers(
+        dest="sub", required=True)
+    kgen = keys.add_parser("generate", help="create the key file or add a new (current) key to it")
+    kgen.add_argument("--file", help="key file (default: keys.file of the config)")
+    kgen.add_argument("--id", help="key id (default: k + UTC date and time)")
+    kgen.set_defaults(func=cmd_keys_generate, needs_keys=False)
+    keys.add_parser("list", help="keys in the ring and the stored numbers under each").set_defaults(
+        func=cmd_keys_list)
+    krot = keys.add_parser("rotate", help="re-encrypt stored numbers under the current key")
+    krot.add_argument("--batch", type=int, default=1000, help="rows per transaction (default 1000)")
+    krot.add_argument("--rehash", action="store_true",
+                      help="rewrite every row, hashes too (after the lookup secret changed)")
+    krot.set_defaults(func=cmd_keys_rotate)
+
     serve = top.add_parser("serve", help="run the daemon").add_subparsers(dest="sub", required=True)
     serve.add_parser("asterisk", help="FastAGI server for Asterisk").set_defaults(func=cmd_serve_asterisk)
     serve.add_parser("api", help="provisioning HTTP API (api.listen)").set_defaults(func=cmd_serve_api)
@@ -628,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from callctl.store import crypto
     from callctl.store.provision import ProvisionError
     from callctl.store.spool import SpoolError
     from sqlalchemy.exc import OperationalError, ProgrammingError
@@ -635,9 +685,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_mod.load(args.config)
         logs.setup(cfg.log.format, cfg.log.level)
+        if getattr(args, "needs_keys", True):
+            # At startup, so a missing or bad key stops us here and not at the first call.
+            crypto.install(crypto.load_ring(cfg.keys.file, cfg.keys.current))
         args.func(cfg, args)
     except (config_mod.ConfigError, SpoolError) as exc:
         print(f"callctl: config error: {exc}", file=sys.stderr)
+        return 2
+    except crypto.KeyConfigError as exc:
+        print(f"callctl: key error: {exc}", file=sys.stderr)
+        return 2
+    except crypto.DecryptError as exc:
+        print(f"callctl: key error: {exc} (is every key still in the ring? 'callctl keys list')",
+              file=sys.stderr)
         return 2
     except ProvisionError as exc:
         print(f"callctl: {exc} [{exc.code}]", file=sys.stderr)

@@ -60,6 +60,12 @@ class LogConfig(Strict):
     level: str = Field("info", pattern="^(debug|info|warning|error)$")
 
 
+class KeysConfig(Strict):
+    # The number key ring (docs/keys.md); $CALLCTL_KEYS, when set, replaces the file.
+    file: str = "var/callctl.keys"
+    current: str = ""  # key id for new writes; empty = the last key listed
+
+
 class Config(Strict):
     database_url: str = "sqlite:///var/callctl.db"
     region: str = Field("CN", min_length=2, max_length=2)  # how national numbers are read
@@ -75,6 +81,7 @@ class Config(Strict):
     agi: AgiConfig = AgiConfig()
     api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
+    keys: KeysConfig = KeysConfig()
 
 
 # Environment variable -> (section, key); section None is top level.
@@ -91,6 +98,8 @@ ENV_OVERRIDES = {
     "CALLCTL_API_WORKERS": ("api", "workers"),
     "CALLCTL_LOG_FORMAT": ("log", "format"),
     "CALLCTL_LOG_LEVEL": ("log", "level"),
+    "CALLCTL_KEY_FILE": ("keys", "file"),
+    "CALLCTL_KEY_CURRENT": ("keys", "current"),
 }
 
 

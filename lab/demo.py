@@ -38,6 +38,7 @@ from lab import harness  # noqa: E402
 WORK = REPO / "var" / "demo"
 DB_PATH = WORK / "callctl.db"
 DB_URL = f"sqlite:///{DB_PATH}"
+KEY_FILE = WORK / "callctl.keys"  # made by `callctl keys generate` below; numbers at rest use it
 TRACES = WORK / "sipp"
 CALLCTL = Path(sys.executable).with_name("callctl")
 LAB_CACHE = Path(os.environ.get("CALLCTL_LAB_CACHE", "/var/cache/callctl")) / "asterisk-sid"
@@ -100,6 +101,7 @@ CLI_ENV = {
     "CALLCTL_CONFIG": str(REPO / "conf" / "callctl.yaml"),
     "CALLCTL_DATABASE_URL": DB_URL,
     "CALLCTL_SPOOL_DIR": str(WORK / "spool"),
+    "CALLCTL_KEY_FILE": str(KEY_FILE),
 }
 
 
@@ -120,6 +122,7 @@ def out(text: str) -> None:
 
 def provision() -> dict:
     """Tenants, pools and bindings through the CLI. Returns the bindings by name."""
+    out(callctl("keys", "generate", "--id", "demo").strip())
     out(callctl("db", "upgrade").strip())
 
     t = json.loads(callctl(
@@ -478,7 +481,8 @@ def main() -> int:
     say("(all numbers are made up; real numbers are shown masked, as callctl shows them everywhere)")
     scenarios: list[Scenario] = []
     extra_checks: list[tuple[bool, str]] = []
-    daemon = harness.callctl_daemon(DB_URL, WORK, log_format="json")
+    daemon = harness.callctl_daemon(DB_URL, WORK, log_format="json",
+                                    extra_env={"CALLCTL_KEY_FILE": str(KEY_FILE)})
     waited = 0.0
     try:
         with harness.LabLock():

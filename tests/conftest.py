@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from callctl import logs
+from callctl.store.crypto import ENV_KEYS, LOOKUP, new_key
 from callctl.store.db import make_engine, upgrade
 
 from tests import leaks
@@ -10,6 +13,9 @@ from tests.leaks import pytest_configure, pytest_sessionfinish, pytest_terminal_
 from tests.pg import TestDatabase
 
 logs.setup("console", "warning")
+
+# One fresh number key ring for this test process and every daemon or CLI it starts.
+os.environ.setdefault(ENV_KEYS, f"{LOOKUP}={new_key()} test={new_key()}")
 
 
 @pytest.fixture(scope="session")

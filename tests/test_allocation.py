@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from callctl.core.decision import Bridge
 from callctl.service import CallService
-from callctl.store import provision
+from callctl.store import crypto, provision
 from callctl.store.db import make_engine
 from callctl.store.provision import ProvisionError
 from callctl.store.spool import CdrSpool
@@ -142,7 +142,8 @@ def assert_no_conflict(engine) -> None:
     with engine.connect() as conn:
         numbers = {r.id: r for r in conn.execute(text("SELECT id, tenant_id, state, mode FROM virtual_numbers"))}
         active = conn.execute(text(
-            "SELECT id, tenant_id, number_id, mode, party_a, party_b, extension FROM bindings WHERE status = 'active'"
+            "SELECT id, tenant_id, number_id, mode, party_a_hash, party_b_hash, extension FROM bindings"
+            " WHERE status = 'active'"
         )).all()
     by_number = defaultdict(list)
     for row in active:
@@ -155,7 +156,8 @@ def assert_no_conflict(engine) -> None:
         if number.mode == "AXN":
             assert len(rows) <= 1, f"X {number_id} serves {len(rows)} AXN customers"
         if number.mode == "AXB":
-            parties = Counter(p for r in rows for p in (r.party_a, r.party_b))
+            # Parties are stored encrypted (randomised): the same number has the same hash.
+            parties = Counter(p for r in rows for p in (r.party_a_hash, r.party_b_hash))
             assert max(parties.values(), default=1) == 1, f"X {number_id} has a party in two bindings"
         if number.mode == "AXE":
             extensions = Counter(r.extension for r in rows)
@@ -185,9 +187,9 @@ def test_the_table_check_catches_a_conflict(engine):
     provision.bind(engine, "acme", A, mode="AXB", other_party=B)
     with engine.begin() as conn:
         conn.execute(text(
-            "INSERT INTO bindings (tenant_id, number_id, mode, party_a, party_b, status)"
-            " SELECT tenant_id, number_id, mode, party_a, :c, status FROM bindings"
-        ), {"c": C})
+            "INSERT INTO bindings (tenant_id, number_id, mode, party_a, party_a_hash, party_b, party_b_hash, status)"
+            " SELECT tenant_id, number_id, mode, party_a, party_a_hash, :c, :c_hash, status FROM bindings"
+        ), {"c": crypto.ring().seal(C), "c_hash": crypto.number_hash(C)})
     with pytest.raises(AssertionError, match="party in two bindings"):
         assert_no_conflict(engine)
 

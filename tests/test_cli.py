@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ realnumbers.tenant_line(AGENT, HOTLINE)
 
 
 def run(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    env = {"CALLCTL_KEYS": os.environ["CALLCTL_KEYS"], **env}  # the session's key ring (conftest)
     done = subprocess.run([str(CALLCTL), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60)
     # Tenant views show the tenant's own lines to its administrator; all else is checked strictly.
     leaks.record("tenant" if args[:1] == ("tenant",) else "cli", " ".join(args[:2]), done.stdout + done.stderr)

@@ -2,11 +2,12 @@
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, insert, text
 
 from callctl.core.decision import Bridge, Direction, Reason, Reject
 from callctl.service import CallService, FinishedCall, decision_variables
 from callctl.store import provision
+from callctl.store.models import Block
 from callctl.store.provision import ProvisionError
 from callctl.store.spool import CdrSpool
 
@@ -76,11 +77,11 @@ def test_block_scopes_and_time_window(service, acme, scope, target, starts, ends
     provision.bind(acme, "acme", A)
     now = datetime.now(timezone.utc)
     with acme.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO blocks (tenant_id, scope, direction, number_id, caller, reason, created_by, starts_at, ends_at)"
-            " VALUES (1, :scope, 'both', :number, :caller, 'test', 'pytest', :starts, :ends)"
-        ), {"scope": scope, "number": 1 if target == "X" else None, "caller": AGENT if scope == "caller" else None,
-            "starts": now + timedelta(seconds=starts), "ends": now + timedelta(seconds=ends) if ends else None})
+        # Through the model: the caller is stored encrypted, with its lookup hash.
+        conn.execute(insert(Block), {
+            "tenant_id": 1, "scope": scope, "direction": "both", "reason": "test", "created_by": "pytest",
+            "number_id": 1 if target == "X" else None, "caller": AGENT if scope == "caller" else None,
+            "starts_at": now + timedelta(seconds=starts), "ends_at": now + timedelta(seconds=ends) if ends else None})
     assert (service.route(X1, AGENT)[1].action == "reject") == agent_blocked
     assert (service.route(X1, A)[1].action == "reject") == customer_blocked
     assert service.route(X1, "+861055500000")[1].action == ("reject" if scope in ("number", "tenant") and agent_blocked else "bridge")

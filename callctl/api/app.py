@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from callctl import regulator
-from callctl.store import provision
+from callctl.store import blocks, provision
 from callctl.store.provision import ProvisionError
 from callctl.store.tokens import Principal, authenticate
 
@@ -34,6 +34,9 @@ log = structlog.get_logger("callctl.api")
 STATUS = {
     "binding_not_found": 404,
     "tenant_not_found": 404,
+    "number_not_found": 404,
+    "block_not_found": 404,
+    "block_ended": 409,
     "binding_ended": 409,
     "conflict": 409,
     "party_conflict": 409,
@@ -103,6 +106,38 @@ class PoolOut(BaseModel):
     disabled: int
 
 
+class BlockIn(Body):
+    scope: Literal["binding", "caller", "number", "tenant"] = Field(
+        description="binding (binding_id), caller (tenant + caller), number (number = X), tenant (a suspension)")
+    direction: Literal["to_customer", "from_customer", "both"]
+    reason: str = Field(max_length=500, description="why; free text without phone numbers")
+    by: str = Field(min_length=1, max_length=80, description="the person who sets it")
+    tenant: str | None = Field(None, max_length=100)
+    binding_id: int | None = None
+    number: str | None = Field(None, max_length=40, description="the virtual number X")
+    caller: str | None = Field(None, max_length=40, description="the caller's real number")
+    starts_at: datetime | None = Field(None, description="ISO date-time with zone; default now")
+    ends_at: datetime | None = Field(None, description="ISO date-time with zone; default: until lifted")
+    duration_seconds: int | None = Field(None, description="or: seconds from the start")
+
+
+class BlockOut(BaseModel):
+    id: int
+    tenant: str
+    scope: str
+    direction: str
+    binding_id: int | None
+    x: str | None
+    caller: str | None = Field(description="masked")
+    reason: str
+    created_by: str
+    starts_at: datetime
+    ends_at: datetime | None
+    lifted_by: str | None
+    status: str = Field(description="scheduled, active or ended")
+    created_at: datetime | None
+
+
 class ErrorOut(BaseModel):
     error: dict[str, str]
 
@@ -138,6 +173,7 @@ def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", ext
         return check
 
     tenant = role("tenant")
+    platform = role("platform")
     regulator_role = role("regulator")
 
     @app.exception_handler(ApiError)
@@ -214,6 +250,41 @@ def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", ext
     def pool(who: Principal = Depends(tenant)):
         """How many of the tenant's virtual numbers are free, bound, quarantined, disabled."""
         return provision.pool_status(engine, who.tenant_name)
+
+    # Blocks: the platform's control, thin wrappers over callctl.store.blocks. In force on
+    # the very next call on every daemon (nothing is cached). No caller filter on GET:
+    # a real number does not belong in a URL (access logs).
+    @app.post("/v1/blocks", status_code=201, response_model=BlockOut, tags=["blocks"])
+    def add_block(body: BlockIn, who: Principal = Depends(platform)):
+        made = blocks.add_block(
+            engine, scope=body.scope, direction=body.direction, reason=body.reason,
+            created_by=f"{body.by} (api token {who.token_id})", tenant=body.tenant, binding_id=body.binding_id,
+            number=body.number, caller=body.caller, starts_at=body.starts_at, ends_at=body.ends_at,
+            duration_seconds=body.duration_seconds, region=region,
+        )
+        log.info("block added", block=made["id"], scope=made["scope"], direction=made["direction"])
+        return made
+
+    @app.get("/v1/blocks", response_model=list[BlockOut], tags=["blocks"])
+    def list_blocks(
+        tenant: str | None = Query(None, max_length=100),
+        scope: Literal["binding", "caller", "number", "tenant"] | None = None,
+        binding_id: int | None = None,
+        number: str | None = Query(None, max_length=40, description="the virtual number X"),
+        active: bool = Query(False, description="only blocks in force now"),
+        limit: int = Query(100, ge=1, le=10000),
+        who: Principal = Depends(platform),
+    ):
+        return blocks.list_blocks(engine, tenant=tenant, scope=scope, binding_id=binding_id, number=number,
+                                  active=active, limit=limit, region=region)
+
+    @app.delete("/v1/blocks/{block_id}", response_model=BlockOut, tags=["blocks"])
+    def lift_block(block_id: int, by: str = Query(min_length=1, max_length=80, description="the person who lifts it"),
+                   who: Principal = Depends(platform)):
+        """Lift the block: its end becomes now; the block stays on record as evidence."""
+        lifted = blocks.lift_block(engine, block_id, f"{by} (api token {who.token_id})")
+        log.info("block lifted", block=block_id)
+        return lifted
 
     @app.get("/exports/regulator", tags=["exports"],
              responses={200: {"content": {media: {} for media in regulator.MEDIA_TYPES.values()}}})

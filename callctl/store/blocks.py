@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from callctl.core.numbers import InvalidNumber, mask, to_e164
+from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, Block, Tenant, VirtualNumber, utcnow
 from callctl.store.provision import ProvisionError, _number, _tenant
 
@@ -200,7 +201,7 @@ def list_blocks(
         if number is not None:
             query = query.where(VirtualNumber.e164 == _number(number, "virtual number", region))
         if caller is not None:
-            query = query.where(Block.caller == _number(caller, "caller", region))
+            query = query.where(Block.caller_hash == number_hash(_number(caller, "caller", region)))
         if active:
             query = query.where(Block.starts_at <= now, (Block.ends_at.is_(None)) | (Block.ends_at > now))
         return [block_view(b, name, x, now) for b, name, x in session.execute(query)]

@@ -12,6 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from callctl.core.decision import BindingFacts, BlockFacts, Mode, NumberFacts, TenantFacts
+from callctl.store.crypto import number_hash
 from callctl.store.db import READ_ONLY
 from callctl.store.models import Binding, Block, Cdr, Tenant, TenantCaller, VirtualNumber
 
@@ -63,7 +64,8 @@ _BLOCKS = select(
         Block.scope == "tenant",
         and_(Block.scope == "number", Block.number_id == bindparam("number_id")),
         and_(Block.scope == "binding", Block.binding_id.in_(bindparam("binding_ids", expanding=True))),
-        and_(Block.scope == "caller", Block.caller == _CALLER),
+        # Caller blocks hold a (maybe customer's) number encrypted: found by its hash.
+        and_(Block.scope == "caller", Block.caller_hash == bindparam("caller_hash", type_=String)),
     ),
 )
 
@@ -96,7 +98,8 @@ def call_facts(
         blocks = tuple(
             BlockFacts(r.scope, r.direction, r.binding_id, r.caller, r.starts_at, r.ends_at)
             for r in conn.execute(_BLOCKS, {
-                "tenant_id": tenant_id, "now": now, "number_id": number_id, "caller": caller,
+                "tenant_id": tenant_id, "now": now, "number_id": number_id,
+                "caller_hash": number_hash(caller) if caller else None,
                 "binding_ids": [b.id for b in bindings],
             })
         )

@@ -106,6 +106,10 @@ def upgrade(engine: Engine) -> list[str]:
                 conn.exec_driver_sql(script)
             conn.execute(text("INSERT INTO schema_migrations (version) VALUES (:v)"), {"v": path.stem})
         applied.append(path.stem)
+    # Numbers stored before encryption (0010) are sealed now; a no-op once done.
+    from callctl.store.reencrypt import reencrypt
+
+    reencrypt(engine, only_plaintext=True)
     return applied
 
 

@@ -18,8 +18,11 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
+from sqlalchemy.sql import operators
 from sqlalchemy.types import TypeDecorator
+
+from callctl.store import crypto
 
 # SQLite has no BIGINT rowid alias; INTEGER keeps AUTOINCREMENT-free rowid ids there.
 Id = BigInteger().with_variant(Integer(), "sqlite")
@@ -45,6 +48,41 @@ class UTCDateTime(TypeDecorator):
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
+
+
+class EncryptedNumber(TypeDecorator):
+    """A person's real number: plain E.164 in Python, an AES-GCM ciphertext naming its
+    key in the database (callctl.store.crypto). Ciphertexts are randomised, so SQL can
+    only ask IS NULL of them: compare the `*_hash` column with number_hash() instead."""
+
+    impl = String(120)
+    cache_ok = True
+
+    class comparator_factory(TypeDecorator.Comparator):
+        def operate(self, op, *other, **kwargs):
+            if op not in (operators.is_, operators.is_not):
+                raise TypeError(
+                    f"{self.expr}: encrypted numbers cannot be compared in SQL; "
+                    "compare its _hash column with callctl.store.crypto.number_hash()"
+                )
+            return super().operate(op, *other, **kwargs)
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else crypto.ring().seal(value)
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else crypto.ring().open(value)
+
+
+def number_hash_of(column: str):
+    """Column default: the lookup hash of the row's `column`, for Core and ORM inserts
+    alike (ORM updates go through the @validates hooks below)."""
+
+    def default(context):
+        value = context.get_current_parameters().get(column)
+        return None if value is None else crypto.number_hash(value)
+
+    return default
 
 
 def utcnow() -> datetime:
@@ -123,19 +161,28 @@ class Binding(Base):
         ),
         Index("ix_binding_number_status", "number_id", "status"),
         Index("ix_binding_tenant_reference", "tenant_id", "reference"),
+        Index("ix_binding_party_a_hash", "party_a_hash"),
+        Index("ix_binding_party_b_hash", "party_b_hash"),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
     number_id: Mapped[int] = mapped_column(ForeignKey("virtual_numbers.id"))
     mode: Mapped[str] = mapped_column(String(3))
-    party_a: Mapped[str] = mapped_column(String(20))
-    party_b: Mapped[str | None] = mapped_column(String(20))
+    party_a: Mapped[str] = mapped_column(EncryptedNumber)
+    party_b: Mapped[str | None] = mapped_column(EncryptedNumber)
     extension: Mapped[str | None] = mapped_column(String(8))
     reference: Mapped[str | None] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(8), server_default=text("'active'"))
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    party_a_hash: Mapped[str | None] = mapped_column(String(64), default=number_hash_of("party_a"))
+    party_b_hash: Mapped[str | None] = mapped_column(String(64), default=number_hash_of("party_b"))
+
+    @validates("party_a", "party_b")
+    def _keep_hash(self, key, value):
+        setattr(self, f"{key}_hash", None if value is None else crypto.number_hash(value))
+        return value
 
 
 class Block(Base):
@@ -149,6 +196,7 @@ class Block(Base):
         Index("ix_block_number", "number_id"),
         Index("ix_block_binding", "binding_id"),
         Index("ux_block_finding", "finding_id", unique=True),
+        Index("ix_block_caller_hash", "caller_hash"),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
@@ -156,7 +204,7 @@ class Block(Base):
     direction: Mapped[str] = mapped_column(String(14))
     binding_id: Mapped[int | None] = mapped_column(ForeignKey("bindings.id"))
     number_id: Mapped[int | None] = mapped_column(ForeignKey("virtual_numbers.id"))
-    caller: Mapped[str | None] = mapped_column(String(20))
+    caller: Mapped[str | None] = mapped_column(EncryptedNumber)  # may be a customer's number
     reason: Mapped[str] = mapped_column(Text)
     created_by: Mapped[str] = mapped_column(String(100))
     starts_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -165,6 +213,12 @@ class Block(Base):
     lifted_by: Mapped[str | None] = mapped_column(String(100))  # lifting sets ends_at (0040)
     # Set on blocks the anomaly job made; unique, so re-runs never block twice.
     finding_id: Mapped[int | None] = mapped_column(ForeignKey("anomaly_findings.id"))
+    caller_hash: Mapped[str | None] = mapped_column(String(64), default=number_hash_of("caller"))
+
+    @validates("caller")
+    def _keep_hash(self, key, value):
+        self.caller_hash = None if value is None else crypto.number_hash(value)
+        return value
 
 
 class Cdr(Base):

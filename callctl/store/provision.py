@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from callctl.core.decision import Mode, known_zone
 from callctl.core.numbers import InvalidNumber, mask, to_e164
+from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, Cdr, Tenant, TenantCaller, VirtualNumber, utcnow
 
 
@@ -280,9 +281,10 @@ def _binding_input(mode: str, customer: str, other_party: str | None, extension_
 
 
 def _has_party(parties: list[str]):
-    """SQL: the binding has one of these numbers as a party. The one place that
-    compares parties in SQL (switch to the keyed-hash columns with the encryption)."""
-    return or_(Binding.party_a.in_(parties), Binding.party_b.in_(parties))
+    """SQL: the binding has one of these numbers as a party. Parties are stored
+    encrypted: compared by their keyed lookup hashes (docs/keys.md)."""
+    hashes = [number_hash(p) for p in parties]
+    return or_(Binding.party_a_hash.in_(hashes), Binding.party_b_hash.in_(hashes))
 
 
 def _allocate(session: Session, tenant_id: int, mode: str, pair: tuple[str, str | None],

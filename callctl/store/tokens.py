@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from callctl.store.models import ApiToken, Tenant, utcnow
 from callctl.store.provision import ProvisionError, _tenant
 
-ROLES = ("tenant", "regulator")  # regulator: reads the regulator export, nothing else
+ROLES = ("tenant", "regulator", "platform")  # regulator: reads the regulator export, nothing else; platform: the operator's staff (blocks)
 TENANT_ROLES = ("tenant",)  # the roles that act for one tenant
 PREFIX = "cc_"  # makes a leaked token easy to recognise (secret scanners)
 

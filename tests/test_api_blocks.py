@@ -1,0 +1,126 @@
+"""Blocks over the HTTP API (`callctl serve api` as a subprocess on a real socket) for a
+platform token, on SQLite and PostgreSQL: add, list, lift; tenant tokens are refused; bad
+input is a JSON error that changes nothing; a block added here rejects the next call."""
+from __future__ import annotations
+
+import json
+import tempfile
+
+import httpx
+import pytest
+from sqlalchemy import create_engine
+
+from callctl.core.decision import Bridge, Reason
+from callctl.service import CallService
+from callctl.store.db import make_engine
+from callctl.store.spool import CdrSpool
+from lab.harness import ApiServer
+from tests import leaks, realnumbers
+from tests.test_cli import run
+
+AGENT, HOTLINE = realnumbers.tenant_line("+8613900006001", "+861058006000")
+CUSTOMER, CALLER = realnumbers.person("+8613800006001", "+8613800006002")
+POOL = ["+8617100006001", "+8617100006002"]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def api(request, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp(f"api-blocks-{request.param}")
+    if request.param == "sqlite":
+        url = f"sqlite:///{workdir}/callctl.db"
+    else:
+        url = request.getfixturevalue("pg_url")
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        engine.dispose()
+    env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url}
+    cli = lambda *args: run(*args, env=env, cwd=workdir)  # noqa: E731
+    for args in (["db", "upgrade"], ["tenant", "add", "acme", "--hotline", HOTLINE, "--caller", AGENT,
+                                     "--hours", "00:00-24:00"],
+                 ["pool", "add", "--tenant", "acme", *POOL], ["bind", "--tenant", "acme", "--customer", CUSTOMER]):
+        assert cli(*args).returncode == 0
+    tokens = {role: json.loads(cli("token", "create", "--role", role, *(["--tenant", "acme"] if role == "tenant" else []),
+                                   "--name", f"{role} test").stdout)["token"] for role in ("platform", "tenant")}
+
+    def keep(response: httpx.Response):
+        response.read()
+        leaks.record("api", f"{response.request.method} {response.request.url.path}", response.text)
+
+    engine = make_engine(url)
+    with ApiServer(url, workdir) as server:
+        clients = {role: httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"},
+                                      event_hooks={"response": [keep]}, timeout=30)
+                   for role, token in tokens.items()}
+        yield {"engine": engine, **clients}
+        for client in clients.values():
+            client.close()
+    leaks.record("log", "callctl serve api", server.output())
+    engine.dispose()
+
+
+def route(engine, caller):
+    service = CallService(engine, CdrSpool(tempfile.mkdtemp(prefix="callctl-api-blocks-spool-")))
+    return service.route(POOL[0], caller)[1]
+
+
+def test_platform_adds_lists_and_lifts_a_block_effective_on_the_next_call(api):
+    client = api["platform"]
+    assert isinstance(route(api["engine"], AGENT), Bridge)
+    made = client.post("/v1/blocks", json={"scope": "number", "number": POOL[0], "direction": "to_customer",
+                                          "reason": "complaint C-9", "by": "ops:li", "duration_seconds": 3600})
+    assert made.status_code == 201, made.text
+    block = made.json()
+    assert (block["tenant"], block["x"], block["status"]) == ("acme", POOL[0], "active")
+    assert block["created_by"].startswith("ops:li (api token ")
+    assert route(api["engine"], AGENT).reason == Reason.BLOCKED
+    assert isinstance(route(api["engine"], CUSTOMER), Bridge)  # one way only
+    caller = client.post("/v1/blocks", json={"scope": "caller", "tenant": "acme", "caller": CALLER,
+                                            "direction": "both", "reason": "abuse", "by": "ops:li"}).json()
+    assert caller["caller"] == "+86138****6002"
+    listed = client.get("/v1/blocks", params={"tenant": "acme", "active": True})
+    assert [b["id"] for b in listed.json()] == [caller["id"], block["id"]]
+    assert [b["id"] for b in client.get("/v1/blocks", params={"number": POOL[0]}).json()] == [block["id"]]
+    lifted = client.delete(f"/v1/blocks/{block['id']}", params={"by": "ops:wang"})
+    assert lifted.status_code == 200 and lifted.json()["status"] == "ended"
+    assert lifted.json()["lifted_by"].startswith("ops:wang")
+    assert isinstance(route(api["engine"], AGENT), Bridge)
+    again = client.delete(f"/v1/blocks/{block['id']}", params={"by": "ops:wang"})
+    assert (again.status_code, again.json()["error"]["code"]) == (409, "block_ended")
+    assert client.delete(f"/v1/blocks/{caller['id']}", params={"by": "ops"}).status_code == 200
+
+
+def test_tenant_tokens_cannot_touch_blocks(api):
+    client = api["tenant"]
+    for response in (client.get("/v1/blocks"), client.delete("/v1/blocks/1", params={"by": "me"}),
+                     client.post("/v1/blocks", json={"scope": "tenant", "tenant": "acme", "direction": "both",
+                                                     "reason": "x", "by": "me"})):
+        assert (response.status_code, response.json()["error"]["code"]) == (403, "forbidden")
+    assert api["platform"].get("/v1/pool").status_code == 403  # and platform tokens are no tenant
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"scope": "tenant", "direction": "both", "reason": "x", "by": "ops"}, 422, "invalid_target"),
+    ({"scope": "tenant", "tenant": "acme", "direction": "up", "reason": "x", "by": "ops"}, 422, "invalid_request"),
+    ({"scope": "tenant", "tenant": "acme", "direction": "both", "reason": "x"}, 422, "invalid_request"),
+    ({"scope": "tenant", "tenant": "acme", "direction": "both", "reason": "x", "by": "o", "extra": 1}, 422,
+     "invalid_request"),
+    ({"scope": "caller", "tenant": "acme", "caller": "+86 138 0000 60", "direction": "both", "reason": "x",
+      "by": "ops"}, 422, "invalid_number"),
+    ({"scope": "tenant", "tenant": "acme", "direction": "both", "reason": "from 13800006002", "by": "ops"}, 422,
+     "invalid_reason"),
+    ({"scope": "number", "number": "+8617199996000", "direction": "both", "reason": "x", "by": "ops"}, 404,
+     "number_not_found"),
+    ({"scope": "tenant", "tenant": "ghost", "direction": "both", "reason": "x", "by": "ops"}, 404,
+     "tenant_not_found"),
+    ({"scope": "tenant", "tenant": "acme", "direction": "both", "reason": "x", "by": "ops",
+      "ends_at": "2020-01-01T00:00:00+08:00"}, 422, "invalid_time"),
+])
+def test_bad_blocks_get_json_errors_and_change_nothing(api, body, status, code):
+    before = api["platform"].get("/v1/blocks").json()
+    response = api["platform"].post("/v1/blocks", json=body)
+    assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text
+    assert "13800006002" not in response.text
+    assert api["platform"].get("/v1/blocks").json() == before
+    missing = api["platform"].delete("/v1/blocks/987654", params={"by": "ops"})
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "block_not_found")

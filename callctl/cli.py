@@ -633,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     arun.add_argument("--rules", help="rules file (default: anomaly_rules in the config)")
     arun.add_argument("--follow", action="store_true", help="keep consuming new CDRs until SIGTERM")
     arun.add_argument("--interval", type=float, help="--follow: seconds between passes (default from the rules file)")
-    arun.set_defaults(func=cmd_anomaly_run)
+    arun.set_defaults(func=cmd_anomaly_run, needs_keys=False)  # reads masked CDRs and hashes only
 
     findings = top.add_parser("findings", help="what the anomaly job found").add_subparsers(dest="sub", required=True)
     flist = findings.add_parser("list", help="newest first")
@@ -642,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     flist.add_argument("--since", help="ISO date-time with zone: findings whose last call is at or after it")
     flist.add_argument("--limit", type=int, default=100)
     flist.add_argument("--json", action="store_true", help="JSON for programs")
-    flist.set_defaults(func=cmd_findings_list)
+    flist.set_defaults(func=cmd_findings_list, needs_keys=False)
 
     keys = top.add_parser("keys", help="keys of the real numbers at rest (docs/keys.md)").add_subparsers(
         dest="sub", required=True)

@@ -465,6 +465,54 @@ def cmd_export_regulator(cfg, args):
         sys.stdout.write(rendered if rendered.endswith("\n") else rendered + "\n")
 
 
+def cmd_reveal_request(cfg, args):
+    from callctl.store import reveal
+
+    _print_json(reveal.request(_engine(cfg), args.binding, args.party, args.scenario, args.case, args.by,
+                               max_uses=args.uses, ttl_seconds=args.ttl))
+
+
+def cmd_reveal_decide(cfg, args):
+    from callctl.store import reveal
+
+    decide = reveal.approve if args.sub == "approve" else reveal.refuse
+    _print_json(decide(_engine(cfg), args.grant_id, args.by, note=args.note or ""))
+
+
+def cmd_reveal_use(cfg, args):
+    from callctl.store import reveal
+
+    _print_json(reveal.use(_engine(cfg), args.grant_id, args.by))
+
+
+def cmd_reveal_list(cfg, args):
+    from callctl.store import reveal
+
+    _print_json(reveal.list_grants(_engine(cfg), binding_id=args.binding))
+
+
+def cmd_audit_verify(cfg, args):
+    from callctl.store import reveal
+
+    result = reveal.verify(_engine(cfg))
+    if not result["ok"]:
+        print(f"audit log TAMPERED: row {result['bad_row']}: {result['problem']} "
+              f"({result['rows']} row(s) before it are intact)", file=sys.stderr)
+        raise SystemExit(4)
+    print(f"audit log intact: {result['rows']} row(s), head {result['head'][:16]}")
+
+
+def cmd_audit_export(cfg, args):
+    from callctl.store import reveal
+
+    data = reveal.export(_engine(cfg), args.format)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(data)
+    else:
+        sys.stdout.write(data)
+
+
 def cmd_serve_asterisk(cfg, args):
     from callctl.asterisk.server import serve
 
@@ -657,6 +705,39 @@ def build_parser() -> argparse.ArgumentParser:
     krot.add_argument("--rehash", action="store_true",
                       help="rewrite every row, hashes too (after the lookup secret changed)")
     krot.set_defaults(func=cmd_keys_rotate)
+
+    reveal = top.add_parser("reveal", help="audited reveals of a real number (docs/reveal.md)").add_subparsers(
+        dest="sub", required=True)
+    rreq = reveal.add_parser("request", help="ask for a grant to see one party's real number")
+    rreq.add_argument("--binding", type=int, required=True)
+    rreq.add_argument("--party", choices=["a", "b"], default="a", help="a: the customer (default); b: AXB's other")
+    rreq.add_argument("--scenario", choices=["claim", "complaint", "aml"], required=True)
+    rreq.add_argument("--case", required=True, help="the case reference")
+    rreq.add_argument("--by", required=True, help="your name (the requester)")
+    rreq.add_argument("--uses", type=int, default=1, help="reveals allowed (default 1)")
+    rreq.add_argument("--ttl", type=int, default=3600, help="seconds the grant lasts after approval (default 3600)")
+    rreq.set_defaults(func=cmd_reveal_request)
+    for name, what in (("approve", "approve a grant (a second person)"), ("refuse", "refuse a grant")):
+        rdec = reveal.add_parser(name, help=what)
+        rdec.add_argument("grant_id", type=int)
+        rdec.add_argument("--by", required=True, help="your name (not the requester's)")
+        rdec.add_argument("--note")
+        rdec.set_defaults(func=cmd_reveal_decide)
+    ruse = reveal.add_parser("use", help="see the real number under an active grant (audited)")
+    ruse.add_argument("grant_id", type=int)
+    ruse.add_argument("--by", required=True, help="your name (the requester)")
+    ruse.set_defaults(func=cmd_reveal_use)
+    rlist = reveal.add_parser("list", help="grants and their state")
+    rlist.add_argument("--binding", type=int)
+    rlist.set_defaults(func=cmd_reveal_list)
+
+    audit = top.add_parser("audit", help="the hash-chained audit log").add_subparsers(dest="sub", required=True)
+    audit.add_parser("verify", help="check the chain; names the first bad row (exit 4)").set_defaults(
+        func=cmd_audit_verify, needs_keys=False)
+    aexp = audit.add_parser("export", help="the whole log (no real numbers in it)")
+    aexp.add_argument("--format", choices=["json", "csv"], default="json")
+    aexp.add_argument("--output", "-o", help="file (default: standard output)")
+    aexp.set_defaults(func=cmd_audit_export, needs_keys=False)
 
     serve = top.add_parser("serve", help="run the daemon").add_subparsers(dest="sub", required=True)
     serve.add_parser("asterisk", help="FastAGI server for Asterisk").set_defaults(func=cmd_serve_asterisk)

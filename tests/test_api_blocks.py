@@ -13,6 +13,7 @@ from sqlalchemy import create_engine
 from callctl.core.decision import Bridge, Reason
 from callctl.service import CallService
 from callctl.store.db import make_engine
+from callctl.store import tokens
 from callctl.store.spool import CdrSpool
 from lab.harness import ApiServer
 from tests import leaks, realnumbers
@@ -40,18 +41,22 @@ def api(request, tmp_path_factory):
                                      "--hours", "00:00-24:00"],
                  ["pool", "add", "--tenant", "acme", *POOL], ["bind", "--tenant", "acme", "--customer", CUSTOMER]):
         assert cli(*args).returncode == 0
-    tokens = {role: json.loads(cli("token", "create", "--role", role, *(["--tenant", "acme"] if role == "tenant" else []),
+    issued = {role: json.loads(cli("token", "create", "--role", role, *(["--tenant", "acme"] if role == "tenant" else []),
                                    "--name", f"{role} test").stdout)["token"] for role in ("platform", "tenant")}
+    for person in ("ops:li", "ops:wang"):  # named platform tokens: reveals need two people
+        issued[person] = json.loads(cli("token", "create", "--role", "platform", "--name", person).stdout)["token"]
 
     def keep(response: httpx.Response):
         response.read()
-        leaks.record("api", f"{response.request.method} {response.request.url.path}", response.text)
+        path = response.request.url.path
+        audited = path.startswith("/v1/reveals/") and path.endswith("/use")  # the one audited way out
+        leaks.record("reveal" if audited else "api", f"{response.request.method} {path}", response.text)
 
     engine = make_engine(url)
     with ApiServer(url, workdir) as server:
         clients = {role: httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"},
                                       event_hooks={"response": [keep]}, timeout=30)
-                   for role, token in tokens.items()}
+                   for role, token in issued.items()}
         yield {"engine": engine, **clients}
         for client in clients.values():
             client.close()
@@ -124,3 +129,32 @@ def test_bad_blocks_get_json_errors_and_change_nothing(api, body, status, code):
     assert api["platform"].get("/v1/blocks").json() == before
     missing = api["platform"].delete("/v1/blocks/987654", params={"by": "ops"})
     assert (missing.status_code, missing.json()["error"]["code"]) == (404, "block_not_found")
+
+
+def test_reveal_needs_a_second_named_person_and_is_audited(api):
+    li, wang, tenant = api["ops:li"], api["ops:wang"], api["tenant"]
+    binding_id = tenant.get("/v1/bindings").json()["items"][0]["id"]
+    asked = li.post("/v1/reveals", json={"binding_id": binding_id, "scenario": "claim", "case_reference": "CLM-7",
+                                        "max_uses": 1, "ttl_seconds": 600})
+    assert asked.status_code == 201, asked.text
+    grant = asked.json()
+    assert (grant["requested_by"], grant["status"], grant["active"]) == ("ops:li", "requested", False)
+    assert li.post(f"/v1/reveals/{grant['id']}/use").json()["error"]["code"] == "grant_requested"
+    assert li.post(f"/v1/reveals/{grant['id']}/approve", json={}).json()["error"]["code"] == "self_approval"
+    unnamed = tokens.create_token(api["engine"], role="platform")["token"]  # no --name: no person
+    refused = li.get("/v1/reveals", headers={"Authorization": f"Bearer {unnamed}"})
+    assert (refused.status_code, refused.json()["error"]["code"]) == (403, "unnamed_token")
+    assert tenant.post(f"/v1/reveals/{grant['id']}/approve", json={}).status_code == 403
+    approved = wang.post(f"/v1/reveals/{grant['id']}/approve", json={"note": "claim checked"})
+    assert approved.status_code == 200 and approved.json()["decided_by"] == "ops:wang"
+    assert wang.post(f"/v1/reveals/{grant['id']}/use").json()["error"]["code"] == "not_the_requester"
+    shown = li.post(f"/v1/reveals/{grant['id']}/use")
+    assert shown.status_code == 200 and shown.json()["number"] == CUSTOMER
+    assert shown.headers["cache-control"] == "no-store"
+    assert li.post(f"/v1/reveals/{grant['id']}/use").json()["error"]["code"] == "grant_used_up"
+    audit = li.get("/v1/audit")
+    assert audit.headers["x-audit-verified"] == "true"
+    actions = [row["action"] for row in audit.json() if row["grant_id"] == grant["id"]]
+    assert actions == ["reveal_requested", "reveal_denied", "decision_refused", "reveal_approved",
+                       "reveal_denied", "reveal_used", "reveal_denied"]
+    assert CUSTOMER not in audit.text and CUSTOMER.removeprefix("+86") not in audit.text

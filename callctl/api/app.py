@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from callctl import regulator
-from callctl.store import blocks, provision
+from callctl.store import blocks, provision, reveal
 from callctl.store.provision import ProvisionError
 from callctl.store.tokens import Principal, authenticate
 
@@ -42,6 +42,16 @@ STATUS = {
     "party_conflict": 409,
     "pool_exhausted": 409,
     "pool_busy": 503,
+    "grant_not_found": 404,
+    "grant_decided": 409,
+    # A refused reveal (callctl.store.reveal): logged in the audit chain, then 403.
+    "self_approval": 403,
+    "no_grant": 403,
+    "not_the_requester": 403,
+    "grant_requested": 403,
+    "grant_refused": 403,
+    "grant_expired": 403,
+    "grant_used_up": 403,
 }
 HTTP_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
 
@@ -136,6 +146,42 @@ class BlockOut(BaseModel):
     lifted_by: str | None
     status: str = Field(description="scheduled, active or ended")
     created_at: datetime | None
+
+
+class RevealIn(Body):
+    binding_id: int
+    party: Literal["a", "b"] = Field("a", description="a: the customer; b: AXB's other party")
+    scenario: Literal["claim", "complaint", "aml"]
+    case_reference: str = Field(min_length=1, max_length=100)
+    max_uses: int = Field(1, ge=1, le=100)
+    ttl_seconds: int = Field(3600, ge=60, le=7 * 86400, description="how long the grant lasts once approved")
+
+
+class DecisionIn(Body):
+    note: str = Field("", max_length=500)
+
+
+class GrantOut(BaseModel):
+    id: int
+    binding_id: int
+    party: str
+    scenario: str
+    case_reference: str
+    requested_by: str
+    requested_at: str
+    status: str
+    decided_by: str | None
+    decided_at: str | None
+    expires_at: str | None
+    uses: int
+    max_uses: int
+    ttl_seconds: int
+    active: bool
+
+
+class RevealOut(BaseModel):
+    grant: GrantOut
+    number: str = Field(description="the real number, E.164: the only response that carries one")
 
 
 class ErrorOut(BaseModel):
@@ -285,6 +331,47 @@ def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", ext
         lifted = blocks.lift_block(engine, block_id, f"{by} (api token {who.token_id})")
         log.info("block lifted", block=block_id)
         return lifted
+
+    # Reveals: the one place a real number comes out, for a claim, complaint or AML case.
+    # The person is the one the platform token was issued to (`callctl token create
+    # --role platform --name NAME`), never a name typed into the request, so the
+    # second-person rule holds. Every step, refusals included, is in the audit chain.
+    def person(who: Principal = Depends(platform)) -> str:
+        if not who.name or who.name == "platform token":
+            raise ApiError(403, "unnamed_token", "reveals need a platform token issued to a named person")
+        return who.name
+
+    @app.post("/v1/reveals", status_code=201, response_model=GrantOut, tags=["reveals"])
+    def request_reveal(body: RevealIn, by: str = Depends(person)):
+        return reveal.request(engine, body.binding_id, body.party, body.scenario, body.case_reference, by,
+                              max_uses=body.max_uses, ttl_seconds=body.ttl_seconds)
+
+    @app.get("/v1/reveals", response_model=list[GrantOut], tags=["reveals"])
+    def list_reveals(binding_id: int | None = None, _by: str = Depends(person)):
+        return reveal.list_grants(engine, binding_id)
+
+    @app.post("/v1/reveals/{grant_id}/approve", response_model=GrantOut, tags=["reveals"])
+    def approve_reveal(grant_id: int, body: DecisionIn, by: str = Depends(person)):
+        """A second person approves: the grant is active from now for its ttl_seconds."""
+        return reveal.approve(engine, grant_id, by, body.note)
+
+    @app.post("/v1/reveals/{grant_id}/refuse", response_model=GrantOut, tags=["reveals"])
+    def refuse_reveal(grant_id: int, body: DecisionIn, by: str = Depends(person)):
+        return reveal.refuse(engine, grant_id, by, body.note)
+
+    @app.post("/v1/reveals/{grant_id}/use", response_model=RevealOut, tags=["reveals"])
+    def use_reveal(grant_id: int, by: str = Depends(person)):
+        """The real number, only under an active grant and only for its requester."""
+        shown = reveal.use(engine, grant_id, by)
+        log.info("reveal used", grant=grant_id, by=by)
+        return JSONResponse(shown, headers={"Cache-Control": "no-store"})
+
+    @app.get("/v1/audit", tags=["reveals"])
+    def audit_export(format: Literal["json", "csv"] = "json", _by: str = Depends(person)):
+        """The audit chain, with the result of verifying it (X-Audit-Verified)."""
+        checked = reveal.verify(engine)
+        return Response(reveal.export(engine, format), headers={"X-Audit-Verified": str(checked["ok"]).lower()},
+                        media_type="text/csv" if format == "csv" else "application/json")
 
     @app.get("/exports/regulator", tags=["exports"],
              responses={200: {"content": {media: {} for media in regulator.MEDIA_TYPES.values()}}})

@@ -320,3 +320,47 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RevealGrant(Base):
+    """Permission for one named person to see one party's real number of one binding,
+    for a claim, complaint or AML case: approved by a second person, time-limited,
+    limited in uses (callctl/store/reveal.py)."""
+
+    __tablename__ = "reveal_grants"
+    __table_args__ = (
+        CheckConstraint("party IN ('a','b')", name="ck_grant_party"),
+        CheckConstraint("scenario IN ('claim','complaint','aml')", name="ck_grant_scenario"),
+        CheckConstraint("status IN ('requested','approved','refused')", name="ck_grant_status"),
+        CheckConstraint("decided_by IS NULL OR decided_by <> requested_by", name="ck_grant_second_person"),
+        Index("ix_grant_binding", "binding_id"),
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    binding_id: Mapped[int] = mapped_column(ForeignKey("bindings.id"))
+    party: Mapped[str] = mapped_column(String(1))
+    scenario: Mapped[str] = mapped_column(String(10))
+    case_reference: Mapped[str] = mapped_column(String(100))
+    requested_by: Mapped[str] = mapped_column(String(100))
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    max_uses: Mapped[int] = mapped_column(Integer)
+    ttl_seconds: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(10), server_default=text("'requested'"))
+    decided_by: Mapped[str | None] = mapped_column(String(100))
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    uses: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+
+
+class AuditEntry(Base):
+    """The append-only, hash-chained audit log. `hash` covers `prev_hash` and the row's
+    canonical content (callctl.store.reveal.entry_hash); never a real number."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(30))
+    grant_id: Mapped[int | None] = mapped_column(Id)
+    detail: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

@@ -30,6 +30,7 @@ class Principal:
     role: str
     tenant_id: int | None
     tenant_name: str | None
+    name: str = ""  # whom the token was issued to: the person, for reveals
 
 
 def token_hash(token: str) -> str:
@@ -60,7 +61,7 @@ def authenticate(engine: Engine, token: str) -> Principal | None:
         return None
     with engine.connect() as conn:
         row = conn.execute(
-            select(ApiToken.id, ApiToken.role, ApiToken.tenant_id, Tenant.name)
+            select(ApiToken.id, ApiToken.role, ApiToken.tenant_id, Tenant.name, ApiToken.name)
             .outerjoin(Tenant, Tenant.id == ApiToken.tenant_id)
             .where(ApiToken.token_hash == token_hash(token), ApiToken.revoked_at.is_(None))
         ).first()

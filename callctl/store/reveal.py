@@ -1,0 +1,236 @@
+"""Audited reveals: the only way to read a customer's real number.
+
+A named person requests a grant (binding, party, scenario, case reference); a second,
+different person approves or refuses it; an approved grant works for ttl_seconds from
+approval and max_uses times, for the requester only. Every request, decision, reveal
+and refused attempt is appended to the hash-chained audit log, which never holds the
+real number. The CLI (and the API) are thin wrappers over these functions.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+from sqlalchemy.engine import Engine
+
+from callctl.core.numbers import mask
+from callctl.store.models import AuditEntry, Binding, RevealGrant, utcnow
+from callctl.store.provision import ProvisionError
+
+SCENARIOS = ("claim", "complaint", "aml")
+GENESIS = "0" * 64
+_CHAIN_LOCK = 0x63616C6C  # pg_advisory_xact_lock key: one appender at a time ("call")
+
+
+class RevealError(ProvisionError):
+    """A refused reveal step; the refusal is in the audit log already."""
+
+
+def _person(name: str, what: str) -> str:
+    name = (name or "").strip()
+    if not name or len(name) > 100:
+        raise ProvisionError("invalid_person", f"{what} must name a person (1-100 characters)")
+    return name
+
+
+# --- the audit log ----------------------------------------------------------------------
+
+def entry_hash(prev_hash: str, row: dict) -> str:
+    """SHA-256 over the previous hash and the row's canonical JSON (sorted keys)."""
+    content = json.dumps(
+        {"id": row["id"], "at": row["at"].isoformat(), "actor": row["actor"], "action": row["action"],
+         "grant_id": row["grant_id"], "detail": row["detail"]},
+        sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    )
+    return hashlib.sha256((prev_hash + content).encode()).hexdigest()
+
+
+def append(session: Session, actor: str, action: str, grant_id: int | None, detail: dict,
+           now: datetime | None = None) -> AuditEntry:
+    """Append one entry in the caller's transaction. Appends are serialised (PostgreSQL:
+    a transaction-scoped advisory lock; SQLite: the write lock taken at BEGIN), so two
+    entries never share a predecessor and the chain never forks."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CHAIN_LOCK})
+    last = session.execute(select(AuditEntry.id, AuditEntry.hash).order_by(AuditEntry.id.desc()).limit(1)).first()
+    row = {"id": (last.id + 1) if last else 1, "at": (now or utcnow()).replace(microsecond=0),
+           "actor": actor, "action": action, "grant_id": grant_id,
+           "detail": json.dumps(detail, sort_keys=True, ensure_ascii=False)}
+    prev = last.hash if last else GENESIS
+    entry = AuditEntry(**row, prev_hash=prev, hash=entry_hash(prev, row))
+    session.add(entry)
+    session.flush()
+    return entry
+
+
+def verify(engine: Engine) -> dict:
+    """Walk the chain. {"ok": True, "rows": n} or the first bad row and what is wrong."""
+    expected_prev, expected_id, count = GENESIS, 1, 0
+    with Session(engine) as session:
+        for entry in session.scalars(select(AuditEntry).order_by(AuditEntry.id)):
+            row = {c: getattr(entry, c) for c in ("id", "at", "actor", "action", "grant_id", "detail")}
+            problem = None
+            if entry.id != expected_id:
+                problem = f"expected row {expected_id} next (a row was removed or renumbered)"
+            elif entry.prev_hash != expected_prev:
+                problem = "its prev_hash is not the previous row's hash (rows removed or reordered)"
+            elif entry.hash != entry_hash(entry.prev_hash, row):
+                problem = "its content does not match its hash (the row was changed)"
+            if problem:
+                return {"ok": False, "rows": count, "bad_row": entry.id, "problem": problem}
+            expected_prev, expected_id, count = entry.hash, entry.id + 1, count + 1
+    return {"ok": True, "rows": count, "head": expected_prev}
+
+
+EXPORT_COLUMNS = ("id", "at", "actor", "action", "grant_id", "detail", "prev_hash", "hash")
+
+
+def export(engine: Engine, fmt: str = "json") -> str:
+    """The whole log, oldest first, as JSON or CSV (it holds no real number)."""
+    with Session(engine) as session:
+        rows = [{c: (v.isoformat() if isinstance(v, datetime) else v) for c in EXPORT_COLUMNS
+                 for v in [getattr(e, c)]} for e in session.scalars(select(AuditEntry).order_by(AuditEntry.id))]
+    if fmt == "json":
+        return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue()
+    raise ProvisionError("invalid_format", "format must be json or csv")
+
+
+# --- grants -----------------------------------------------------------------------------
+
+def grant_view(grant: RevealGrant, now: datetime | None = None) -> dict:
+    now = now or utcnow()
+    return {
+        "id": grant.id, "binding_id": grant.binding_id, "party": grant.party, "scenario": grant.scenario,
+        "case_reference": grant.case_reference, "requested_by": grant.requested_by,
+        "requested_at": grant.requested_at.isoformat(), "status": grant.status,
+        "decided_by": grant.decided_by, "decided_at": grant.decided_at.isoformat() if grant.decided_at else None,
+        "expires_at": grant.expires_at.isoformat() if grant.expires_at else None,
+        "uses": grant.uses, "max_uses": grant.max_uses, "ttl_seconds": grant.ttl_seconds,
+        "active": _refusal(grant, grant.requested_by, now) is None,
+    }
+
+
+def _detail(grant: RevealGrant, **more) -> dict:
+    return {"binding_id": grant.binding_id, "party": grant.party, "scenario": grant.scenario,
+            "case_reference": grant.case_reference, **more}
+
+
+def request(engine: Engine, binding_id: int, party: str, scenario: str, case_reference: str,
+            requested_by: str, *, max_uses: int = 1, ttl_seconds: int = 3600, now: datetime | None = None) -> dict:
+    now = now or utcnow()
+    requested_by = _person(requested_by, "the requester")
+    if scenario not in SCENARIOS:
+        raise ProvisionError("invalid_scenario", f"scenario must be one of {', '.join(SCENARIOS)}")
+    if party not in ("a", "b"):
+        raise ProvisionError("invalid_party", "party must be a (the customer) or b (AXB's other party)")
+    case_reference = (case_reference or "").strip()
+    if not case_reference or len(case_reference) > 100:
+        raise ProvisionError("invalid_case", "a case reference of 1-100 characters is required")
+    if not 1 <= max_uses <= 100:
+        raise ProvisionError("invalid_uses", "uses must be 1-100")
+    if not 60 <= ttl_seconds <= 7 * 86400:
+        raise ProvisionError("invalid_ttl", "a grant lasts 60 seconds to 7 days")
+    with Session(engine) as session, session.begin():
+        binding = session.get(Binding, binding_id)
+        if binding is None:
+            raise ProvisionError("binding_not_found", f"no binding {binding_id}")
+        if party == "b" and binding.party_b is None:
+            raise ProvisionError("invalid_party", f"binding {binding_id} has no party b")
+        grant = RevealGrant(binding_id=binding_id, party=party, scenario=scenario, case_reference=case_reference,
+                            requested_by=requested_by, requested_at=now, max_uses=max_uses,
+                            ttl_seconds=ttl_seconds, status="requested", uses=0)
+        session.add(grant)
+        session.flush()
+        append(session, requested_by, "reveal_requested", grant.id,
+               _detail(grant, max_uses=max_uses, ttl_seconds=ttl_seconds), now)
+        return grant_view(grant, now)
+
+
+def _decide(engine: Engine, grant_id: int, person: str, approve: bool, note: str, now: datetime | None) -> dict:
+    now = now or utcnow()
+    person = _person(person, "the approver" if approve else "the refuser")
+    refused: RevealError | None = None
+    with Session(engine) as session, session.begin():
+        grant = session.get(RevealGrant, grant_id, with_for_update=True)
+        if grant is None:
+            raise ProvisionError("grant_not_found", f"no reveal grant {grant_id}")
+        if grant.status != "requested":
+            refused = RevealError("grant_decided", f"grant {grant_id} was {grant.status} already")
+        elif person == grant.requested_by:
+            refused = RevealError("self_approval", "a second person must decide: the requester cannot")
+        if refused:
+            append(session, person, "decision_refused", grant.id, _detail(grant, reason=refused.code), now)
+        else:
+            grant.status, grant.decided_by, grant.decided_at = ("approved" if approve else "refused"), person, now
+            if approve:
+                grant.expires_at = now + timedelta(seconds=grant.ttl_seconds)
+            append(session, person, "reveal_approved" if approve else "reveal_refused", grant.id,
+                   _detail(grant, note=note or None), now)
+            view = grant_view(grant, now)
+    if refused:
+        raise refused
+    return view
+
+
+def approve(engine: Engine, grant_id: int, approver: str, note: str = "", now: datetime | None = None) -> dict:
+    return _decide(engine, grant_id, approver, True, note, now)
+
+
+def refuse(engine: Engine, grant_id: int, refuser: str, note: str = "", now: datetime | None = None) -> dict:
+    return _decide(engine, grant_id, refuser, False, note, now)
+
+
+def _refusal(grant: RevealGrant | None, person: str, now: datetime) -> str | None:
+    if grant is None:
+        return "no_grant"
+    if grant.status != "approved":
+        return f"grant_{grant.status}"
+    if person != grant.requested_by:
+        return "not_the_requester"
+    if now >= grant.expires_at:
+        return "grant_expired"
+    if grant.uses >= grant.max_uses:
+        return "grant_used_up"
+    return None
+
+
+def use(engine: Engine, grant_id: int, person: str, now: datetime | None = None) -> dict:
+    """The real number, if the grant is active for this person; else RevealError. Both
+    outcomes are audited; the log gets the masked number only."""
+    now = now or utcnow()
+    person = _person(person, "the person revealing")
+    with Session(engine) as session, session.begin():
+        grant = session.get(RevealGrant, grant_id, with_for_update=True)
+        reason = _refusal(grant, person, now)
+        if reason:
+            append(session, person, "reveal_denied", grant.id if grant else None,
+                   _detail(grant, reason=reason) if grant else {"grant": grant_id, "reason": reason}, now)
+        else:
+            binding = session.get(Binding, grant.binding_id)
+            number = binding.party_a if grant.party == "a" else binding.party_b
+            grant.uses += 1
+            append(session, person, "reveal_used", grant.id, _detail(grant, use=grant.uses, shown=mask(number)), now)
+            result = {"grant": grant_view(grant, now), "number": number}
+    if reason:
+        raise RevealError(reason, f"reveal refused ({reason.replace('_', ' ')}); the attempt is logged")
+    return result
+
+
+def list_grants(engine: Engine, binding_id: int | None = None, now: datetime | None = None) -> list[dict]:
+    now = now or utcnow()
+    with Session(engine) as session:
+        query = select(RevealGrant).order_by(RevealGrant.id)
+        if binding_id is not None:
+            query = query.where(RevealGrant.binding_id == binding_id)
+        return [grant_view(g, now) for g in session.scalars(query)]

@@ -1,7 +1,8 @@
 """Call policy through the real Asterisk 22 lab, on SQLite and PostgreSQL: blocks set
 with the `callctl` command while the daemon runs (seen on the very next call, one way
 only), tenant suspension, calling hours (480), the maximum call duration cut by the PBX
-(the phone sees Asterisk's BYE), and no identity header carrying a real number.
+(the phone sees Asterisk's BYE), the ring timeout (the PBX cancels the ringing phone), and no
+identity header carrying a real number.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ CUSTOMER, CUSTOMER_2, CUSTOMER_3, CUSTOMER_4, CUSTOMER_5, CUSTOMER_6, FORWARDER 
     "+8613800005001", "+8613800005002", "+8613800005003", "+8613800005004", "+8613800005005",
     "+8613800005006", "+8613800005099",
 )
+RINGING = realnumbers.person("+8613800005007")
 POOL = [f"+86171000050{i:02d}" for i in range(1, 11)]
 CALLCTL = Path(sys.executable).with_name("callctl")
 
@@ -146,6 +148,22 @@ def test_call_cut_at_the_maximum_duration_by_the_pbx(lab):
     cdr = lab.newest_cdr(before + 1)
     assert cdr["decision"] == "bridged" and cdr["dial_status"] == "ANSWER"
     assert 1.9 <= cdr["talk_seconds"] <= 4
+
+
+def test_unanswered_call_stops_ringing_at_the_tenant_ring_timeout(lab):
+    binding = provision.bind(lab.engine, "acme", RINGING)
+    x, before = binding["x"], len(lab.cdrs())
+    lab.callctl("tenant", "update", "acme", "--ring-timeout", "2")
+    try:
+        result, phone = lab.call(AGENT, x, expect_code=480, scenario="uas_no_answer")
+    finally:
+        lab.callctl("tenant", "update", "acme", "--ring-timeout", "30")
+    assert result.ok, result.summary()
+    assert phone.ok and phone.successful == 1, phone.summary()
+    assert 1900 <= phone.response_ms_mean(1) <= 4000  # INVITE -> the PBX's CANCEL
+    cdr = lab.newest_cdr(before + 1)
+    assert (cdr["decision"], cdr["dial_status"]) == ("bridged", "NOANSWER")
+    assert 1.9 <= cdr["ring_seconds"] <= 4 and cdr["talk_seconds"] == 0
 
 
 @pytest.mark.parametrize("caller, callee", [(CUSTOMER, "hotline"), (AGENT, "customer")])

@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from callctl.core.decision import Bridge, CollectExtension, Decision, Reason, Reject, decide
 from callctl.core.numbers import caller_e164, mask
 from callctl.store.calls import call_facts, write_cdr, write_cdrs
+from callctl.store.crypto import number_hash
 from callctl.store.spool import CdrSpool, encode
 
 log = structlog.get_logger("callctl.calls")
@@ -159,6 +160,8 @@ class CallService:
             "virtual_number": x,
             "direction": call.direction if call.direction in ("to_customer", "from_customer") else None,
             "caller_masked": mask(caller) if caller else "anonymous",
+            # Keyed, not reversible: lets the anomaly job count one caller's calls.
+            "caller_hash": number_hash(caller) if caller else None,
             "callee_masked": mask(callee) if callee else None,
             "decision": "bridged" if bridged else "rejected",
             "reject_reason": str(reason) if reason else None,

@@ -9,6 +9,7 @@ from callctl.service import CallService, FinishedCall, decision_variables
 from callctl.store import provision
 from callctl.store.models import Block
 from callctl.store.provision import ProvisionError
+from callctl.store.crypto import number_hash
 from callctl.store.spool import CdrSpool
 
 A, AGENT, HOTLINE = "+8613800000001", "+8613900000001", "+861058000000"
@@ -129,6 +130,8 @@ def test_cdr_written_once_masked(service, acme):
     assert row["answered_at"].startswith("2025-11-28T08:53:22.75")
     assert row["node"] == "test" and row["hangup_cause"] == 16
     assert A not in str(row) and AGENT not in str(row)
+    with acme.connect() as conn:  # the anomaly job's per-caller key: keyed hash, never the number
+        assert conn.execute(text("SELECT caller_hash FROM cdrs")).scalar() == number_hash(AGENT)
 
 
 def test_unanswered_bridge_rings_from_start_to_end(service, acme):

@@ -14,6 +14,8 @@ import uuid
 
 import psycopg2
 
+from callctl.store.db import make_engine
+
 SHARED = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -113,3 +115,16 @@ class TestDatabase:
                 time.sleep(0.5)
         if self.cluster:
             self.cluster.destroy()
+
+
+def empty_database_url(request, workdir) -> str:
+    """The URL of an empty database of the kind request.param names: a new SQLite file
+    in workdir, or the session's PostgreSQL database with its schema reset."""
+    if request.param == "sqlite":
+        return f"sqlite:///{workdir}/callctl.db"
+    url = request.getfixturevalue("pg_url")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    engine.dispose()
+    return url

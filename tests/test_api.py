@@ -10,9 +10,9 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from sqlalchemy import create_engine
 
 from lab.harness import ApiServer
+from tests.pg import empty_database_url
 from tests import leaks, realnumbers
 from tests.test_cli import run
 
@@ -31,14 +31,7 @@ BODIES: dict[str, list[str]] = {"sqlite": [], "postgresql": []}
 def api(request, tmp_path_factory):
     """A provisioned database, the API server on it, and a token per tenant."""
     workdir = tmp_path_factory.mktemp(f"api-{request.param}")
-    if request.param == "sqlite":
-        url = f"sqlite:///{workdir}/callctl.db"
-    else:
-        url = request.getfixturevalue("pg_url")
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-        engine.dispose()
+    url = empty_database_url(request, workdir)
     env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url}
     cli = lambda *args: run(*args, env=env, cwd=workdir)  # noqa: E731
     for args in (["db", "upgrade"],

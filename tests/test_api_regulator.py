@@ -10,12 +10,12 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from sqlalchemy import create_engine
 
 from callctl.service import CallService, FinishedCall
 from callctl.store.db import make_engine
 from callctl.store.spool import CdrSpool
 from lab.harness import ApiServer
+from tests.pg import empty_database_url
 from tests import leaks, realnumbers
 from tests.test_cli import run
 
@@ -29,14 +29,7 @@ PERIOD = {"from": "2026-11-20", "to": "2026-11-22"}
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def api(request, tmp_path_factory):
     workdir = tmp_path_factory.mktemp(f"api-regulator-{request.param}")
-    if request.param == "sqlite":
-        url = f"sqlite:///{workdir}/callctl.db"
-    else:
-        url = request.getfixturevalue("pg_url")
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-        engine.dispose()
+    url = empty_database_url(request, workdir)
     env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url}
     cli = lambda *args: run(*args, env=env, cwd=workdir)  # noqa: E731
     for args in (["db", "upgrade"], ["tenant", "add", "acme", "--hotline", HOTLINE, "--caller", AGENT],

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from callctl.config import ConfigError, load
+from tests.pg import empty_database_url
 from tests import leaks, realnumbers
 
 CALLCTL = Path(sys.executable).with_name("callctl")
@@ -27,16 +28,7 @@ def run(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def cli(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/callctl.db"
-    else:
-        from sqlalchemy import create_engine
-
-        url = request.getfixturevalue("pg_url")
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-        engine.dispose()
+    url = empty_database_url(request, tmp_path)
     env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url, "CALLCTL_SPOOL_DIR": str(tmp_path / "spool")}
     return lambda *args: run(*args, env=env, cwd=tmp_path)
 

@@ -54,7 +54,9 @@ def test_migration_converts_existing_cdrs_into_day_partitions(pg):
                 conn.execute(text("INSERT INTO schema_migrations (version) VALUES (:v)"), {"v": path.stem})
     old_days = [NOW - timedelta(days=40), NOW - timedelta(days=39), NOW - timedelta(days=2)]
     for n, started in enumerate(old_days):
-        assert write_cdr(pg, cdr(f"old-{n}", started))
+        old = cdr(f"old-{n}", started)
+        del old["caller_hash"]  # a column of 0069: the daemon of that schema did not write it
+        assert write_cdr(pg, old)
     assert upgrade(pg) == [p.stem for p in migrations("postgresql") if p.stem >= "0060"]
 
     with pg.connect() as conn:

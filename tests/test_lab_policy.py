@@ -18,11 +18,9 @@ import pytest
 
 from callctl import sipp
 from callctl.store import provision
-from callctl.store.db import make_engine, upgrade
 from lab import harness
 from tests import leaks, realnumbers
-from tests.pg import TestDatabase
-from tests.test_lab_calls import Lab
+from tests.test_lab_calls import Lab, running_lab
 
 pytestmark = pytest.mark.lab
 
@@ -55,29 +53,17 @@ class PolicyLab(Lab):
         return rows[0]
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def lab(request, lab_up, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp(f"policy-{request.param}")
-    database = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{workdir}/callctl.db"
-    else:
-        database = TestDatabase()
-        url = database.url
-    engine = make_engine(url)
-    upgrade(engine)
+def _numbers(engine) -> None:
     # All day to start with: each test sets the policy it is about.
     provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
     provision.add_numbers(engine, "acme", POOL)
-    env = PolicyLab(engine, url, workdir)
-    env.daemon.start()
-    try:
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def lab(request, lab_up, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp(f"policy-{request.param}")
+    with running_lab(request.param, workdir, _numbers, PolicyLab) as env:
         yield env
-    finally:
-        env.daemon.stop()
-        engine.dispose()
-        if database:
-            database.drop()
 
 
 def test_block_by_command_stops_the_next_call_one_way_only(lab):

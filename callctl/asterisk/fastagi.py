@@ -265,25 +265,6 @@ class AgiSession:
             raise ValueError("invalid channel variable name")
         return await self.command(f"SET VARIABLE {name} {quote_value(value)}")
 
-    async def set_variables(self, values: Mapping[str, str]) -> list[AgiResult]:
-        """Set several variables, one command at a time, in the mapping's order.
-
-        Everything is validated before anything is sent. Stops early (fewer results than
-        values) once the channel is reported gone (511).
-        """
-        lines = []
-        for name, value in values.items():
-            if not isinstance(name, str) or not _VAR_NAME.match(name):
-                raise ValueError("invalid channel variable name")
-            lines.append(f"SET VARIABLE {name} {quote_value(value)}")
-        results = []
-        for line in lines:
-            result = await self.command(line)
-            results.append(result)
-            if result.code == 511:
-                break
-        return results
-
     async def set_variables_at_once(self, values: Mapping[str, str]) -> AgiResult:
         """Set several variables in ONE command: ``EXEC MSet "A=1,B=2"``.
 

@@ -48,8 +48,10 @@ class FinishedCall:
 
 class CallService:
     def __init__(self, engine: Engine, spool: CdrSpool, region: str = "CN", node: str = "",
-                 write_timeout: float | None = None):
+                 write_timeout: float | None = None, reads: Engine | None = None):
         self.engine = engine
+        # Routing reads one statement per call: the daemon gives it an autocommit engine.
+        self.reads = reads or engine
         self.spool = spool
         self.region = region
         self.node = node
@@ -78,7 +80,7 @@ class CallService:
             if not (extension.isascii() and extension.isdigit() and len(extension) <= _MAX_EXTENSION):
                 extension = ""  # keyed nothing, '*', '#' or garbage: matches no binding
         try:
-            facts = _reconnecting(call_facts, self.engine, x, caller_number, now, extension)
+            facts = _reconnecting(call_facts, self.reads, x, caller_number, now, extension)
         except SQLAlchemyError as exc:
             log.error("database unavailable for routing", x=x, error=type(exc).__name__)
             return x, Reject(Reason.UNAVAILABLE)

@@ -12,6 +12,7 @@ from callctl.core.decision import (
 )
 from callctl.service import CallService, FinishedCall, decision_variables
 from callctl.store import provision
+from callctl.store.blocks import add_block
 from callctl.store.calls import call_facts
 from callctl.store.models import Binding, Tenant, VirtualNumber
 from callctl.store.spool import CdrSpool
@@ -180,6 +181,28 @@ def test_axe_second_request_reads_only_the_keyed_binding(shared):
     assert [b.id for b in call_facts(service.engine, X, AGENT, NOW).bindings] == [first, second]
     assert [b.id for b in call_facts(service.engine, X, AGENT, NOW, "468").bindings] == [second]
     assert call_facts(service.engine, X, AGENT, NOW, "999").bindings == ()
+
+
+def test_facts_hold_each_binding_and_block_once(shared):
+    """The facts are one query joining bindings to the blocks on them: every binding and
+    every block in force comes back once, whatever the join repeats."""
+    service, (first, second) = shared
+    now = datetime.now(timezone.utc)
+    add_block(service.engine, scope="tenant", tenant="acme", direction="both", reason="suspended",
+              created_by="test", now=now)
+    add_block(service.engine, scope="number", number=X, direction="to_customer", reason="abuse",
+              created_by="test", now=now)
+    add_block(service.engine, scope="binding", binding_id=first, direction="both", reason="abuse",
+              created_by="test", now=now)
+    add_block(service.engine, scope="binding", binding_id=second, direction="both", reason="over",
+              created_by="test", now=now - timedelta(days=2), duration_seconds=60)  # long over
+    facts = call_facts(service.engine, X, AGENT, now + timedelta(seconds=1))
+    assert [b.id for b in facts.bindings] == [first, second]
+    assert sorted((b.scope, b.binding_id) for b in facts.blocks) == [
+        ("binding", first), ("number", None), ("tenant", None)]
+    keyed = call_facts(service.engine, X, AGENT, now + timedelta(seconds=1), "468")
+    assert [b.id for b in keyed.bindings] == [second]
+    assert sorted(b.scope for b in keyed.blocks) == ["number", "tenant"]
 
 
 def test_axe_through_the_service(shared):

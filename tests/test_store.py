@@ -206,3 +206,53 @@ def test_call_path_survives_database_connections_killed(pg_url, tmp_path):
     assert service.record(call) == "written"
     assert not service.spool.pending()
     engine.dispose()
+
+
+def test_daemon_routes_with_one_prepared_statement_per_call(pg_url, tmp_path):
+    """As `callctl serve asterisk` sets it up on PostgreSQL: a call's facts are one
+    prepared statement on an autocommit connection, one round trip. A prepared statement
+    gone from the session, or made stale by a migration, is prepared again and the call
+    is still decided."""
+    from sqlalchemy import event
+
+    from callctl.store.db import make_engine, upgrade
+
+    engine = make_engine(pg_url, pool_size=1)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    upgrade(engine)
+    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
+    provision.add_numbers(engine, "acme", [X1])
+    provision.bind(engine, "acme", A)
+    reads = make_engine(pg_url, pool_size=1, pre_ping=False, autocommit=True)
+    service = CallService(engine, CdrSpool(tmp_path / "spool"), reads=reads)
+    sent = []
+    event.listen(reads, "before_cursor_execute", lambda conn, cursor, statement, *rest: sent.append(statement))
+    assert service.route(X1, AGENT)[1].destination == A
+    assert [s.split()[0] for s in sent] == ["PREPARE", "EXECUTE"]
+    sent.clear()
+    for _ in range(3):
+        assert service.route(X1, AGENT)[1].destination == A
+    assert len(sent) == 3 and all(s.startswith("EXECUTE callctl_call_facts(") for s in sent)
+    with reads.connect() as conn:
+        assert conn.connection.dbapi_connection.autocommit  # no BEGIN / ROLLBACK round trips
+        conn.exec_driver_sql("DEALLOCATE ALL")
+    assert service.route(X1, AGENT)[1].destination == A
+    with engine.begin() as conn:  # a result column's type changes under the prepared plan
+        conn.exec_driver_sql("ALTER TABLE tenants ALTER COLUMN hotline TYPE varchar(24)")
+    assert service.route(X1, AGENT)[1].destination == A
+    assert service.route("+8617199999999", AGENT)[1] == Reject(Reason.UNKNOWN_NUMBER)
+    reads.dispose()
+    engine.dispose()
+
+
+def test_a_bare_postgresql_url_uses_the_shipped_driver(pg_url):
+    """SQLAlchemy 2.1 reads postgresql:// as psycopg 3, which callctl does not ship: an
+    administrator's plain URL must still work, on psycopg2."""
+    from callctl.store.db import make_engine
+
+    bare = make_engine(pg_url.replace("postgresql+psycopg2://", "postgresql://"))
+    assert bare.dialect.driver == "psycopg2"
+    with bare.connect() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    bare.dispose()

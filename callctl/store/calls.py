@@ -1,15 +1,16 @@
 """Call-time queries: the facts for one decision, and the CDR write.
 
-Three short indexed queries per call; nothing is cached, so a block or an unbind is
-seen by every daemon on the very next call.
+One indexed query per call (one database round trip); nothing is cached, so a block
+or an unbind is seen by every daemon on the very next call.
 """
 from __future__ import annotations
 
 from datetime import datetime, time
 
-from sqlalchemy import String, and_, bindparam, exists, or_, select
+from sqlalchemy import String, and_, bindparam, column, exists, or_, select, text, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from callctl.core.decision import BindingFacts, BlockFacts, Mode, NumberFacts, TenantFacts
 from callctl.store.crypto import number_hash
@@ -17,57 +18,107 @@ from callctl.store.db import READ_ONLY
 from callctl.store.models import Binding, Block, Cdr, Tenant, TenantCaller, VirtualNumber
 
 
-# Statements are built once: constructing them per call cost more than running them.
-# A NULL caller (anonymous) matches no agent pattern and no caller block.
-_CALLER = bindparam("caller", type_=String)
+def _facts_statement(by_extension: bool):
+    """X's number and tenant, its active bindings and the blocks in force on them, as
+    one row per (binding, block) pair: blocks are rare, so mostly one row per binding.
 
-_NUMBER = (
-    select(
-        VirtualNumber.id,
-        VirtualNumber.state,
-        Tenant.id,
-        Tenant.hotline,
-        Tenant.strict,
-        Tenant.ring_timeout,
-        Tenant.max_call_seconds,
-        Tenant.time_zone,
-        Tenant.calls_from,
-        Tenant.calls_until,
-        exists().where(
-            TenantCaller.tenant_id == Tenant.id,
-            or_(
-                TenantCaller.pattern == _CALLER,
-                and_(TenantCaller.is_prefix, _CALLER.like(TenantCaller.pattern + "%")),
-            ),
-        ).label("agent"),
+    Statements are built once: constructing them per call cost more than running them.
+    A NULL caller (anonymous) matches no agent pattern and no caller block."""
+    caller = bindparam("caller", type_=String)
+    now = bindparam("now", type_=Block.starts_at.type)
+    agent = exists().where(
+        TenantCaller.tenant_id == Tenant.id,
+        or_(
+            TenantCaller.pattern == caller,
+            and_(TenantCaller.is_prefix, caller.like(TenantCaller.pattern + "%")),
+        ),
     )
-    .join(Tenant, Tenant.id == VirtualNumber.tenant_id)
-    .where(VirtualNumber.e164 == bindparam("x"))
-)
+    binding_on = and_(
+        Binding.number_id == VirtualNumber.id,
+        Binding.status == "active",
+        VirtualNumber.state == "bound",
+        # AXE, once the caller keyed an extension: only that binding (X may hold 10^k).
+        Binding.extension == bindparam("extension") if by_extension else true(),
+    )
+    block_on = and_(
+        Binding.id.is_not(None),  # no binding, no decision a block could change
+        Block.tenant_id == Tenant.id,
+        Block.starts_at <= now,
+        or_(Block.ends_at.is_(None), Block.ends_at > now),
+        or_(
+            Block.scope == "tenant",
+            and_(Block.scope == "number", Block.number_id == VirtualNumber.id),
+            and_(Block.scope == "binding", Block.binding_id == Binding.id),
+            # Caller blocks hold a (maybe customer's) number encrypted: found by its hash.
+            and_(Block.scope == "caller", Block.caller_hash == bindparam("caller_hash", type_=String)),
+        ),
+    )
+    return (
+        select(
+            VirtualNumber.state, Tenant.id, Tenant.hotline, Tenant.strict, Tenant.ring_timeout,
+            Tenant.max_call_seconds, Tenant.time_zone, Tenant.calls_from, Tenant.calls_until,
+            agent.label("agent"),
+            Binding.id.label("binding_id"), Binding.mode, Binding.party_a, Binding.party_b,
+            Binding.extension, Binding.expires_at,
+            Block.id.label("block_id"), Block.scope, Block.direction,
+            Block.binding_id.label("block_binding_id"), Block.caller, Block.starts_at, Block.ends_at,
+        )
+        .join(Tenant, Tenant.id == VirtualNumber.tenant_id)
+        .outerjoin(Binding, binding_on)
+        .outerjoin(Block, block_on)
+        .where(VirtualNumber.e164 == bindparam("x"))
+        .order_by(Binding.id, Block.id)
+    )
 
-_BINDINGS = (
-    select(Binding.id, Binding.mode, Binding.party_a, Binding.party_b, Binding.extension, Binding.expires_at)
-    .where(Binding.number_id == bindparam("number_id"), Binding.status == "active")
-    .order_by(Binding.id)
-)
 
-# AXE, once the caller keyed an extension: only that binding (X may hold 10^k of them).
-_BINDINGS_BY_EXTENSION = _BINDINGS.where(Binding.extension == bindparam("extension"))
+class _Prepared:
+    """A statement PostgreSQL plans once per connection (PREPARE), then only runs
+    (EXECUTE): planning this join took longer than running it. Elsewhere (SQLite) the
+    statement runs as it is."""
 
-_BLOCKS = select(
-    Block.scope, Block.direction, Block.binding_id, Block.caller, Block.starts_at, Block.ends_at
-).where(
-    Block.tenant_id == bindparam("tenant_id"),
-    Block.starts_at <= bindparam("now"),
-    or_(Block.ends_at.is_(None), Block.ends_at > bindparam("now")),
-    or_(
-        Block.scope == "tenant",
-        and_(Block.scope == "number", Block.number_id == bindparam("number_id")),
-        and_(Block.scope == "binding", Block.binding_id.in_(bindparam("binding_ids", expanding=True))),
-        # Caller blocks hold a (maybe customer's) number encrypted: found by its hash.
-        and_(Block.scope == "caller", Block.caller_hash == bindparam("caller_hash", type_=String)),
-    ),
-)
+    def __init__(self, name: str, statement):
+        self.name = name
+        self.statement = statement
+        compiled = statement.compile(dialect=postgresql.psycopg2.dialect(paramstyle="numeric_dollar"))
+        self.prepare = f"PREPARE {name} AS {compiled}"
+        self.constants = {key: value for key, value in compiled.params.items() if value is not None}
+        arguments = ", ".join(f":{key}" for key in compiled.positiontup)
+        # The same parameter and result types: values are converted as by the statement
+        # itself (UTC times, decrypted numbers).
+        self.execute = text(f"EXECUTE {name}({arguments})").bindparams(
+            *(bindparam(key, type_=compiled.binds[key].type) for key in compiled.positiontup)
+        ).columns(*(column(c.name, c.type) for c in statement.selected_columns))
+
+    def run(self, conn, params: dict):
+        if conn.dialect.name != "postgresql":
+            return conn.execute(self.statement, params)
+        try:
+            return self._execute(conn, params)
+        except DBAPIError as exc:
+            # Stale: gone from the session (a DEALLOCATE) or planned for columns a
+            # migration has since changed. Prepare afresh, once; the connection only
+            # ever read, so rolling back loses nothing.
+            if getattr(exc.orig, "pgcode", None) not in _STALE_PREPARED:
+                raise
+            conn.rollback()
+            conn.exec_driver_sql("DEALLOCATE ALL")
+            conn.connection.info.pop(_PREPARED_KEY, None)
+            return self._execute(conn, params)
+
+    def _execute(self, conn, params: dict):
+        # Statements prepared on this database connection (they live and die with it).
+        prepared = conn.connection.info.setdefault(_PREPARED_KEY, set())
+        if self.name not in prepared:
+            conn.exec_driver_sql(self.prepare)
+            prepared.add(self.name)
+        return conn.execute(self.execute, {**self.constants, **params})
+
+
+_PREPARED_KEY = "callctl_prepared"
+# invalid_sql_statement_name; feature_not_supported ("cached plan must not change result type")
+_STALE_PREPARED = {"26000", "0A000"}
+_FACTS = _Prepared("callctl_call_facts", _facts_statement(by_extension=False))
+_FACTS_BY_EXTENSION = _Prepared("callctl_call_facts_by_extension", _facts_statement(by_extension=True))
 
 
 def call_facts(
@@ -76,34 +127,27 @@ def call_facts(
     """Everything the decision needs about a call to X from caller, or None if X is not ours.
 
     With an extension (AXE, second request) only the bindings holding it are read."""
+    params = {"x": x, "caller": caller, "now": now,
+              "caller_hash": number_hash(caller) if caller else None}
     with engine.connect() as conn:
         conn.execution_options(**READ_ONLY)
-        row = conn.execute(_NUMBER, {"x": x, "caller": caller}).first()
-        if row is None:
-            return None
-        number_id, state, tenant_id, hotline, strict, ring, max_seconds, zone, calls_from, calls_until, agent = row
-        tenant = TenantFacts(tenant_id, hotline, bool(agent), bool(strict), ring, max_seconds,
-                             zone, time.fromisoformat(calls_from), time.fromisoformat(calls_until))
-        if state != "bound":
-            return NumberFacts(x=x, tenant=tenant)
-        bindings = tuple(
-            BindingFacts(r.id, Mode(r.mode), r.party_a, r.party_b, r.extension, r.expires_at)
-            for r in (
-                conn.execute(_BINDINGS, {"number_id": number_id}) if extension is None
-                else conn.execute(_BINDINGS_BY_EXTENSION, {"number_id": number_id, "extension": extension})
-            )
-        )
-        if not bindings:
-            return NumberFacts(x=x, tenant=tenant)
-        blocks = tuple(
-            BlockFacts(r.scope, r.direction, r.binding_id, r.caller, r.starts_at, r.ends_at)
-            for r in conn.execute(_BLOCKS, {
-                "tenant_id": tenant_id, "now": now, "number_id": number_id,
-                "caller_hash": number_hash(caller) if caller else None,
-                "binding_ids": [b.id for b in bindings],
-            })
-        )
-    return NumberFacts(x=x, tenant=tenant, bindings=bindings, blocks=blocks)
+        if extension is None:
+            rows = _FACTS.run(conn, params).all()
+        else:
+            rows = _FACTS_BY_EXTENSION.run(conn, {**params, "extension": extension}).all()
+    if not rows:
+        return None
+    first = rows[0]
+    tenant = TenantFacts(first.id, first.hotline, bool(first.agent), bool(first.strict), first.ring_timeout,
+                         first.max_call_seconds, first.time_zone,
+                         time.fromisoformat(first.calls_from), time.fromisoformat(first.calls_until))
+    # dicts keep the query's order and drop the repeats the join makes.
+    bindings = {r.binding_id: BindingFacts(r.binding_id, Mode(r.mode), r.party_a, r.party_b, r.extension,
+                                           r.expires_at)
+                for r in rows if r.binding_id is not None}
+    blocks = {r.block_id: BlockFacts(r.scope, r.direction, r.block_binding_id, r.caller, r.starts_at, r.ends_at)
+              for r in rows if r.block_id is not None}
+    return NumberFacts(x=x, tenant=tenant, bindings=tuple(bindings.values()), blocks=tuple(blocks.values()))
 
 
 # Built once, like the reads above. No conflict target: on PostgreSQL the CDR table is

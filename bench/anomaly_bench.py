@@ -72,7 +72,7 @@ def prepare(admin_dsn: str, url: str, n: int) -> dict:
     with admin.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,))
         exists = cur.fetchone() is not None
-    engine = make_engine(url, pool_size=1)
+    engine = make_engine(url, pool_size=4)
     have = 0
     if exists:
         upgrade(engine)
@@ -90,7 +90,7 @@ def prepare(admin_dsn: str, url: str, n: int) -> dict:
         cur.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
         cur.execute(f'CREATE DATABASE "{DB_NAME}"')
     admin.close()
-    engine = make_engine(url, pool_size=1)
+    engine = make_engine(url, pool_size=4)
     upgrade(engine)
     ensure_cdr_partitions(engine, days_ahead=DAYS + 1, today=START.date())  # a partition per day, as in production
     started = time.monotonic()

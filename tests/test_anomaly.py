@@ -406,3 +406,66 @@ def test_offset_segments_cut_at_the_change():
     change = datetime(2026, 10, 25, 1, 0, tzinfo=timezone.utc)
     assert offset_segments("Europe/Berlin", start, end) == [(start, change, 7_200_000), (change, end, 3_600_000)]
     assert offset_segments("Asia/Shanghai", start, end) == [(start, end, 28_800_000)]
+
+
+# --- rules side by side (PostgreSQL: one connection per worker, one shared snapshot) ----
+
+SOON = T0 + timedelta(hours=13)  # after the calls, while a day-long block is still in force
+
+
+def _history_for_three_rules(engine, world) -> AnomalyConfig:
+    acme, binding, _ = world["acme"]
+    add(engine, *span(acme, 4, 600, binding_id=binding),
+        cdr(acme, T0 + timedelta(hours=12), binding_id=binding))  # 22:00 in Shanghai: off hours
+    return {"rules": {
+        "caller_frequency": {"calls": 3}, "customer_frequency": {"calls": 3, "action": "block"},
+        "off_hours": {"attempts": 1},
+        **{r: {"enabled": False} for r in ("tenant_frequency", "ultra_short", "declined_repeat", "blast")}}}
+
+
+def _found(engine) -> list[tuple]:
+    return sorted((f["rule"], f["tenant"], f["subject"], f["window_start"], f["calls"], f["block_id"] is not None)
+                  for f in findings(engine))
+
+
+def _forget_everything(engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(Block.__table__.delete().where(Block.finding_id.is_not(None)))
+        conn.execute(AnomalyFinding.__table__.delete())
+        conn.execute(AnomalyState.__table__.delete())
+
+
+def test_rules_side_by_side_find_what_one_by_one_finds(engine, world):
+    spec = _history_for_three_rules(engine, world)
+    one = run_pass(engine, AnomalyConfig.model_validate({**spec, "workers": 1}), now=SOON)
+    expected = _found(engine)
+    assert {r for r, n in one.findings.items() if n} == {"caller_frequency", "customer_frequency", "off_hours"}
+    assert one.blocks == 1 and one.cdrs == 5
+    _forget_everything(engine)
+    many = run_pass(engine, AnomalyConfig.model_validate({**spec, "workers": 3}), now=SOON)
+    assert (many.findings, many.blocks, many.cdrs) == (one.findings, one.blocks, one.cdrs)
+    assert _found(engine) == expected
+
+
+def test_a_failing_rule_leaves_the_watermark_and_a_rerun_makes_each_finding_once(engine, world, monkeypatch):
+    from callctl.anomaly import job
+
+    config = AnomalyConfig.model_validate({**_history_for_three_rules(engine, world), "workers": 2})
+    real = job._run_rule
+
+    def off_hours_fails(conn, sql, config, name, *rest):
+        if name == "off_hours":
+            raise RuntimeError("disk full")
+        return real(conn, sql, config, name, *rest)
+
+    monkeypatch.setattr(job, "_run_rule", off_hours_fails)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_pass(engine, config, now=SOON)
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(AnomalyState)) == 0  # the watermark did not move
+    monkeypatch.undo()
+    again = run_pass(engine, config, now=SOON + timedelta(seconds=1))
+    assert again.cdrs == 5  # every CDR read again
+    assert [(rule, block) for rule, *_, block in _found(engine)] == [
+        ("caller_frequency", False), ("customer_frequency", True), ("off_hours", False)]
+    assert _counts(engine) == (3, 1)

@@ -11,13 +11,20 @@ and blocks have unique keys and are inserted with ON CONFLICT DO NOTHING.
 
 Each rule then re-evaluates, in the database, the started_at range those CDRs touch,
 widened by the rule's window on each side, so late CDRs join the windows they belong to.
-A pass is one transaction: findings, blocks and the watermark commit together.
+A pass reads one snapshot. On PostgreSQL the rules run side by side on `workers`
+connections that share the pass's snapshot (pg_export_snapshot); each commits its own
+findings and blocks, and the watermark moves only after every rule has. A pass that
+fails part-way leaves the watermark where it was: the next pass computes the same
+findings again, and the unique keys keep them single. On SQLite a pass is one
+transaction.
 """
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -60,9 +67,7 @@ def run_pass(engine: Engine, config: AnomalyConfig, now: datetime | None = None)
     # is exactly what its rules read.
     options = {"isolation_level": "REPEATABLE READ"} if sql.dialect == "postgresql" else {}
     with engine.connect().execution_options(**options) as conn, conn.begin():
-        if sql.dialect == "postgresql":
-            conn.exec_driver_sql("SET LOCAL work_mem = '256MB'")  # the rules' sorts and aggregates
-            conn.exec_driver_sql("SET LOCAL jit = off")  # compiling cost more than it saved here
+        _tune(conn)
         state = _lock_state(conn)
         lo = state.safe_id
         if state.seen_id > lo and _count(conn, lo, state.seen_id) == state.seen_count:
@@ -78,13 +83,22 @@ def run_pass(engine: Engine, config: AnomalyConfig, now: datetime | None = None)
             if count:
                 tenants = conn.execute(select(Tenant.id, Tenant.name, Tenant.time_zone, Tenant.calls_from,
                                               Tenant.calls_until)).all()
-                for name in RULES:
+
+                def apply(rule_conn: Connection, name: str) -> tuple[int, int]:
                     began = time.monotonic()
-                    result.findings[name] = _run_rule(
-                        conn, sql, config, name, tenants, first, last, lo, hi, now)
-                    result.blocks += _place_blocks(conn, config, name, tenants, now)
-                    log.debug("anomaly rule", rule=name, findings=result.findings[name],
-                              seconds=round(time.monotonic() - began, 3))
+                    found = _run_rule(rule_conn, sql, config, name, tenants, first, last, lo, hi, now)
+                    blocks = _place_blocks(rule_conn, config, name, tenants, now)
+                    log.debug("anomaly rule", rule=name, findings=found, seconds=round(time.monotonic() - began, 3))
+                    return found, blocks
+
+                if sql.dialect == "postgresql" and config.workers > 1:
+                    snapshot = conn.scalar(text("SELECT pg_export_snapshot()"))
+                    outcomes = _side_by_side(engine, snapshot, config.workers, apply)
+                else:
+                    outcomes = {name: apply(conn, name) for name in RULES}
+                for name in RULES:
+                    result.findings[name] = outcomes[name][0]
+                    result.blocks += outcomes[name][1]
         # Every id up to the checkpoint taken `overlap` ago has committed by now and was
         # read by this pass or an earlier one: it becomes the safe watermark.
         values = {"passes": state.passes + 1, "updated_at": now}
@@ -98,6 +112,45 @@ def run_pass(engine: Engine, config: AnomalyConfig, now: datetime | None = None)
     log.info("anomaly pass", cdrs=result.cdrs, from_id=lo, to_id=hi, findings=result.new_findings,
              blocks=result.blocks, seconds=round(result.seconds, 3))
     return result
+
+
+def _tune(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET LOCAL work_mem = '256MB'")  # the rules' sorts and aggregates
+        conn.exec_driver_sql("SET LOCAL jit = off")  # compiling cost more than it saved here
+
+
+def _side_by_side(engine: Engine, snapshot: str, workers: int, apply) -> dict[str, tuple[int, int]]:
+    """Every rule, on `workers` PostgreSQL connections at once (a rule is one statement,
+    which PostgreSQL runs on one core). Each connection reads the pass's snapshot, takes
+    the next rule until none is left, then commits; the first failure stops the rest and
+    is raised."""
+    pending: queue.SimpleQueue[str] = queue.SimpleQueue()
+    for name in RULES:
+        pending.put(name)
+    outcomes: dict[str, tuple[int, int]] = {}
+    failed = threading.Event()
+
+    def work() -> None:
+        try:
+            with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
+                conn.exec_driver_sql("SET TRANSACTION SNAPSHOT %s", (snapshot,))  # first, as it must be
+                _tune(conn)
+                while not failed.is_set():
+                    try:
+                        name = pending.get_nowait()
+                    except queue.Empty:
+                        return
+                    outcomes[name] = apply(conn, name)
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="callctl-anomaly") as pool:
+        running = [pool.submit(work) for _ in range(min(workers, len(RULES)))]
+    for done in running:
+        done.result()
+    return outcomes
 
 
 def _count(conn: Connection, above: int, upto: int) -> int:

@@ -5,8 +5,6 @@ come from callctl.core; facts and CDRs from callctl.store.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
@@ -48,18 +46,13 @@ class FinishedCall:
 
 class CallService:
     def __init__(self, engine: Engine, spool: CdrSpool, region: str = "CN", node: str = "",
-                 write_timeout: float | None = None, reads: Engine | None = None):
+                 reads: Engine | None = None):
         self.engine = engine
-        # Routing reads one statement per call: the daemon gives it an autocommit engine.
-        self.reads = reads or engine
         self.spool = spool
         self.region = region
         self.node = node
-        # A database that hangs without an error (stuck server, no RST) must not keep a
-        # CDR from the spool: past write_timeout the CDR is spooled. If the stuck write
-        # commits later, replay finds it there and skips it.
-        self.write_timeout = write_timeout
-        self._writes = ThreadPoolExecutor(max_workers=16, thread_name_prefix="callctl-cdr-write") if write_timeout else None
+        # Routing reads one statement per call: the daemon gives it an autocommit engine.
+        self.reads = reads or engine
 
     def route(
         self, called: str, caller: str, now: datetime | None = None, extension: str | None = None
@@ -90,19 +83,24 @@ class CallService:
         """Make the CDR of a finished call durable: committed to the database, or else
         fsync'd to the spool. Returns 'written', 'duplicate' or 'spooled'; raises
         SpoolError when neither could take it (the PBX must then not be told it is kept).
-        """
-        row = self.cdr_row(call, now or datetime.now(timezone.utc))
+
+        A database that hangs without an error is not cut short here: an adapter that
+        must answer in time gives write_row a deadline and calls spool_row past it."""
+        return self.write_row(self.cdr_row(call, now or datetime.now(timezone.utc)))
+
+    def write_row(self, row: dict) -> str:
         try:
-            if self._writes:
-                written = self._writes.submit(_reconnecting, write_cdr, self.engine, row).result(self.write_timeout)
-            else:
-                written = _reconnecting(write_cdr, self.engine, row)
-        except (SQLAlchemyError, FutureTimeout) as exc:
-            self.spool.append(row)
-            log.warning("database unavailable, CDR spooled", call_id=row["call_id"],
-                        error=type(exc).__name__)
-            return "spooled"
+            written = _reconnecting(write_cdr, self.engine, row)
+        except SQLAlchemyError as exc:
+            return self.spool_row(row, type(exc).__name__)
         return "written" if written else "duplicate"
+
+    def spool_row(self, row: dict, why: str) -> str:
+        """Spool a CDR the database did not take. Should a write that timed out commit
+        after all, replay finds the CDR there and skips it (unique call key)."""
+        self.spool.append(row)
+        log.warning("database unavailable, CDR spooled", call_id=row["call_id"], error=why)
+        return "spooled"
 
     def replay_spool(self) -> int:
         """Replay spooled CDRs if the database is back; returns rows replayed (0 if still down)."""

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 
 import structlog
 import uvloop
@@ -42,16 +43,19 @@ def keyword_args(args: list[str]) -> dict[str, str]:
 class AsteriskAdapter:
     """Routing and CDR writes run in separate thread pools: a call waiting for its
     decision never queues behind CDR writes (slow, or timing out while the database is
-    down)."""
+    down). Spooling has its own small pool, free while CDR writes hang."""
 
     def __init__(self, service: CallService, route_executor: ThreadPoolExecutor,
-                 cdr_executor: ThreadPoolExecutor, decision_timeout: float = 3.0):
+                 cdr_executor: ThreadPoolExecutor, spool_executor: ThreadPoolExecutor,
+                 decision_timeout: float = 3.0, write_timeout: float = 4.0):
         self.service = service
         self.route_executor = route_executor
         self.cdr_executor = cdr_executor
-        # The database calls have their own timeouts (db_timeout); this is the last
-        # guard, e.g. every worker stuck on a database that stopped answering.
+        self.spool_executor = spool_executor
+        # The database calls have their own timeouts (db_timeout); these are the last
+        # guard, e.g. a database that hangs without an error (stuck server, no RST).
         self.decision_timeout = decision_timeout
+        self.write_timeout = write_timeout
 
     @property
     def routes(self):
@@ -97,8 +101,15 @@ class AsteriskAdapter:
             log.warning("hangup without a call id ignored")
             return
         loop = asyncio.get_running_loop()
+        # The row is made once: a write that times out and its spooled copy carry the
+        # same call key, so replay cannot store the call twice.
+        row = self.service.cdr_row(call, datetime.now(timezone.utc))
         try:
-            outcome = await loop.run_in_executor(self.cdr_executor, self.service.record, call)
+            try:
+                outcome = await asyncio.wait_for(
+                    loop.run_in_executor(self.cdr_executor, self.service.write_row, row), self.write_timeout)
+            except TimeoutError:
+                outcome = await loop.run_in_executor(self.spool_executor, self.service.spool_row, row, "timeout")
         except SpoolError as exc:
             log.error("CDR not kept: database down and spool unusable", call_id=call.call_id, error=str(exc))
             return
@@ -120,11 +131,12 @@ async def run(cfg) -> None:
                         autocommit=True)
     spool = CdrSpool(cfg.spool_dir)
     spool.check_writable()
-    service = CallService(engine, spool, region=cfg.region, node=cfg.node, write_timeout=cfg.db_timeout + 1,
-                          reads=reads)
+    service = CallService(engine, spool, region=cfg.region, node=cfg.node, reads=reads)
     route_executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-route")
     cdr_executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-cdr")
-    adapter = AsteriskAdapter(service, route_executor, cdr_executor, decision_timeout=cfg.db_timeout + 1)
+    spool_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="callctl-spool")
+    adapter = AsteriskAdapter(service, route_executor, cdr_executor, spool_executor,
+                              decision_timeout=cfg.db_timeout + 1, write_timeout=cfg.db_timeout + 1)
     server = FastAgiServer(
         adapter.routes, cfg.agi.host, cfg.agi.port,
         env_timeout=cfg.agi.env_timeout, command_timeout=cfg.agi.command_timeout,
@@ -142,6 +154,7 @@ async def run(cfg) -> None:
     await replayer
     route_executor.shutdown(wait=True)
     cdr_executor.shutdown(wait=True)
+    spool_executor.shutdown(wait=True)
     engine.dispose()
     reads.dispose()
     log.info("stopped")

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from callctl import config as config_mod
 from callctl.anomaly.config import RULES as ANOMALY_RULES
@@ -425,6 +426,19 @@ def cmd_cdr_tail(cfg, args):
         pass
 
 
+def cmd_cdr_import_pbx(cfg, args):
+    from callctl.asterisk.fallback import import_fallback
+    from callctl.service import CallService
+
+    service = CallService(_engine(cfg), spool=None, region=cfg.region, node=cfg.node)
+    counts = import_fallback(service, Path(args.file))
+    if args.json:
+        _print_json(counts)
+    else:
+        print(f"imported from {args.file}: {counts['written']} written, {counts['duplicate']} already there"
+              + (f", {counts['unreadable']} unreadable line(s) skipped" if counts["unreadable"] else ""))
+
+
 def cmd_serve_api(cfg, args):
     from callctl.api.app import serve
 
@@ -666,6 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
     clist.add_argument("--until", help="exclusive end, same forms as --since")
     clist.set_defaults(func=cmd_cdr_list)
     ctail.set_defaults(func=cmd_cdr_tail)
+    cimp = cdr.add_parser("import-pbx", help="CDRs the dialplan kept while no daemon answered (CALLCTL_CDR_FALLBACK)")
+    cimp.add_argument("file", help="the PBX's file; removed once every line is in the database")
+    cimp.add_argument("--json", action="store_true")
+    cimp.set_defaults(func=cmd_cdr_import_pbx)
 
     export = top.add_parser("export", help="exports").add_subparsers(dest="sub", required=True)
     reg = export.add_parser("regulator", help="contact statistics per tenant, per day, findings and reveals")

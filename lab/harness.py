@@ -22,6 +22,9 @@ AGI_HOST, AGI_PORT = "127.0.0.1", 4573
 SIP_TARGET = "127.0.0.1:5060"
 PHONE_PORT = 5070  # every outbound leg goes to the SIPp phone here
 LOCK_FILE = Path(os.environ.get("CALLCTL_LAB_LOCK", "/tmp/callctl-lab.lock"))
+CHROOT = Path(os.environ.get("CALLCTL_LAB_CACHE", "/var/cache/callctl")) / "asterisk-sid"
+# The lab's CALLCTL_CDR_FALLBACK (conf/asterisk/extensions.conf), seen from the host.
+CDR_FALLBACK = CHROOT / "var/spool/asterisk/callctl-cdr-fallback.txt"
 
 
 class LabError(RuntimeError):

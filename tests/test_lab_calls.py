@@ -6,6 +6,12 @@ the From user, and that the other party's real number is in no header or SDP lin
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -171,14 +177,60 @@ def test_busy_customer_gives_486(lab):
 
 def test_daemon_down_fails_closed_with_503(lab):
     x = bound(lab, "+8613800000012")["x"]
+    harness.CDR_FALLBACK.unlink(missing_ok=True)
+    before = {row["call_id"] for row in lab.cdrs()}
     lab.daemon.stop()
     try:
         result, phone = lab.call(AGENT, x, expect_code=503, expect_ruri="nobody")
     finally:
         lab.daemon.start()
     assert result.ok and phone.attempted == 0, result.summary()
+    # The attempt's CDR was kept on the PBX; imported, it says what happened.
+    assert import_pbx(lab, harness.CDR_FALLBACK)["written"] == 1
+    (kept,) = [row for row in lab.cdrs() if row["call_id"] not in before]
+    assert (kept["decision"], kept["reject_reason"], kept["virtual_number"]) == ("rejected", "unavailable", x)
     # Back up: the same call goes through.
     assert lab.call(AGENT, x, expect_ruri="+8613800000012", expect_from=x)[0].ok
+
+
+def test_cdr_kept_by_the_pbx_while_the_daemon_is_down_is_imported_once(lab):
+    """The daemon goes away during a bridged call: the hangup AGI finds nobody, twice,
+    so the dialplan keeps the CDR in CALLCTL_CDR_FALLBACK; `callctl cdr import-pbx`
+    writes it, once, and removes the file."""
+    fallback = harness.CDR_FALLBACK
+    fallback.unlink(missing_ok=True)
+    x = bound(lab, "+8613800000016")["x"]
+    before = {row["call_id"] for row in lab.cdrs()}
+    talking = threading.Thread(target=lambda: outcome.append(
+        lab.call(AGENT, x, talk_ms=3000, expect_ruri="+8613800000016")[0]))
+    outcome: list = []
+    talking.start()
+    try:
+        time.sleep(1.5)  # answered by now, and 1.5 s of talk left
+        lab.daemon.stop()
+        talking.join(timeout=30)
+    finally:
+        lab.daemon.start()
+    assert outcome and outcome[0].ok, outcome
+    kept = fallback.read_text().splitlines()
+    assert len(kept) == 1 and kept[0].startswith("uniqueid=") and "action=bridge" in kept[0]
+    assert {row["call_id"] for row in lab.cdrs()} == before  # nobody wrote it
+    first = import_pbx(lab, fallback)
+    assert first == {"written": 1, "duplicate": 0, "unreadable": 0} and not fallback.exists()
+    (new,) = [row for row in lab.cdrs() if row["call_id"] not in before]
+    assert new["decision"] == "bridged" and new["virtual_number"] == x
+    assert new["callee_masked"] == "+86138****0016" and 2.5 <= new["talk_seconds"] <= 4.5
+    fallback.write_text(kept[0] + "\n")  # the same line again (a PBX retry, a restored file)
+    assert import_pbx(lab, fallback) == {"written": 0, "duplicate": 1, "unreadable": 0}
+    assert len([row for row in lab.cdrs() if row["call_id"] not in before]) == 1
+
+
+def import_pbx(lab: Lab, path: Path) -> dict:
+    env = {**os.environ, "CALLCTL_DATABASE_URL": lab.url, "CALLCTL_SPOOL_DIR": str(lab.workdir / "cli-spool")}
+    done = subprocess.run([str(Path(sys.executable).with_name("callctl")), "cdr", "import-pbx", str(path), "--json"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def test_every_attempt_has_a_masked_cdr_and_no_real_number_anywhere(lab):

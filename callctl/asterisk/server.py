@@ -40,6 +40,11 @@ def keyword_args(args: list[str]) -> dict[str, str]:
     return {key.strip(): value.strip() for key, sep, value in pairs if sep}
 
 
+def finished_call(call_id: str, given: dict[str, str]) -> FinishedCall:
+    """The hangup AGI's key=value arguments (docs/agi.md, section 2) as a FinishedCall."""
+    return FinishedCall(call_id=call_id, **{field: given.get(arg, "") for arg, field in _HANGUP_ARGS.items()})
+
+
 class AsteriskAdapter:
     """Routing and CDR writes run in separate thread pools: a call waiting for its
     decision never queues behind CDR writes (slow, or timing out while the database is
@@ -92,11 +97,7 @@ class AsteriskAdapter:
         )
 
     async def hangup(self, session: AgiSession) -> None:
-        given = keyword_args(session.args)
-        call = FinishedCall(
-            call_id=session.env.get("agi_uniqueid", ""),
-            **{field: given.get(arg, "") for arg, field in _HANGUP_ARGS.items()},
-        )
+        call = finished_call(session.env.get("agi_uniqueid", ""), keyword_args(session.args))
         if not call.call_id:
             log.warning("hangup without a call id ignored")
             return

@@ -46,13 +46,17 @@ class FinishedCall:
 
 class CallService:
     def __init__(self, engine: Engine, spool: CdrSpool, region: str = "CN", node: str = "",
-                 reads: Engine | None = None):
+                 reads: Engine | None = None, inserts: Engine | None = None):
         self.engine = engine
         self.spool = spool
         self.region = region
         self.node = node
-        # Routing reads one statement per call: the daemon gives it an autocommit engine.
+        # The call path's single statements (the routing read, one CDR insert) need no
+        # transaction around them: the daemon gives each an autocommit engine of its own
+        # (no BEGIN and COMMIT/ROLLBACK round trips; routing never waits for a CDR's
+        # connection).
         self.reads = reads or engine
+        self.inserts = inserts or engine
 
     def route(
         self, called: str, caller: str, now: datetime | None = None, extension: str | None = None
@@ -90,7 +94,7 @@ class CallService:
 
     def write_row(self, row: dict) -> str:
         try:
-            written = _reconnecting(write_cdr, self.engine, row)
+            written = _reconnecting(write_cdr, self.inserts, row)
         except SQLAlchemyError as exc:
             return self.spool_row(row, type(exc).__name__)
         return "written" if written else "duplicate"

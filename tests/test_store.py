@@ -212,7 +212,7 @@ def test_daemon_routes_with_one_prepared_statement_per_call(pg_url, tmp_path):
     """As `callctl serve asterisk` sets it up on PostgreSQL: a call's facts are one
     prepared statement on an autocommit connection, one round trip. A prepared statement
     gone from the session, or made stale by a migration, is prepared again and the call
-    is still decided."""
+    is still decided. Its CDR is one INSERT on another autocommit connection."""
     from sqlalchemy import event
 
     from callctl.store.db import make_engine, upgrade
@@ -242,8 +242,17 @@ def test_daemon_routes_with_one_prepared_statement_per_call(pg_url, tmp_path):
         conn.exec_driver_sql("ALTER TABLE tenants ALTER COLUMN hotline TYPE varchar(24)")
     assert service.route(X1, AGENT)[1].destination == A
     assert service.route("+8617199999999", AGENT)[1] == Reject(Reason.UNKNOWN_NUMBER)
-    reads.dispose()
-    engine.dispose()
+    # A CDR is one INSERT on an autocommit connection: committed when it returns.
+    inserts = make_engine(pg_url, pool_size=1, pre_ping=False, autocommit=True)
+    service.inserts = inserts
+    written = []
+    event.listen(inserts, "before_cursor_execute", lambda conn, cursor, statement, *rest: written.append(statement))
+    call = FinishedCall(call_id="autocommit.1", called=X1, caller=AGENT, action="bridge", destination=A)
+    assert service.record(call) == "written"
+    assert len(written) == 1 and written[0].startswith("INSERT INTO cdrs")
+    assert [r["call_id"] for r in provision.list_cdrs(engine)] == ["autocommit.1"]
+    for pooled in (reads, inserts, engine):
+        pooled.dispose()
 
 
 def test_a_bare_postgresql_url_uses_the_shipped_driver(pg_url):

@@ -127,12 +127,12 @@ async def run(cfg) -> None:
     # another thread computes: that wait was most of the decision's p99 under load.
     sys.setswitchinterval(0.0005)
     engine = make_engine(cfg.database_url, pool_size=cfg.db_threads, pre_ping=False, timeout=cfg.db_timeout)
-    # Routing's own pool, one statement per call and no transaction round trips.
-    reads = make_engine(cfg.database_url, pool_size=cfg.db_threads, pre_ping=False, timeout=cfg.db_timeout,
-                        autocommit=True)
+    # The call path's single statements, each on a pool of its own: no transaction round trips.
+    reads, inserts = (make_engine(cfg.database_url, pool_size=cfg.db_threads, pre_ping=False,
+                                  timeout=cfg.db_timeout, autocommit=True) for _ in range(2))
     spool = CdrSpool(cfg.spool_dir)
     spool.check_writable()
-    service = CallService(engine, spool, region=cfg.region, node=cfg.node, reads=reads)
+    service = CallService(engine, spool, region=cfg.region, node=cfg.node, reads=reads, inserts=inserts)
     route_executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-route")
     cdr_executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-cdr")
     spool_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="callctl-spool")
@@ -158,6 +158,7 @@ async def run(cfg) -> None:
     spool_executor.shutdown(wait=True)
     engine.dispose()
     reads.dispose()
+    inserts.dispose()
     log.info("stopped")
 
 

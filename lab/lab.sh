@@ -149,6 +149,8 @@ cmd_down() {
         sleep 0.2
     fi
     rm -f "$PIDFILE" "$ASTRUN/asterisk.ctl" "$ASTRUN/asterisk.pid" 2>/dev/null || true
+    # CDRs the dialplan kept while no daemon answered (CALLCTL_CDR_FALLBACK): lab calls only.
+    rm -f "$ROOT/var/spool/asterisk/callctl-cdr-fallback.txt"* 2>/dev/null || true
     say "stopped"
 }
 

@@ -92,9 +92,13 @@ class CallService:
         must answer in time gives write_row a deadline and calls spool_row past it."""
         return self.write_row(self.cdr_row(call, now or datetime.now(timezone.utc)))
 
+    def store_row(self, row: dict) -> bool:
+        """Insert one CDR row; True if it was new. Database errors are raised."""
+        return _reconnecting(write_cdr, self.inserts, row)
+
     def write_row(self, row: dict) -> str:
         try:
-            written = _reconnecting(write_cdr, self.inserts, row)
+            written = self.store_row(row)
         except SQLAlchemyError as exc:
             return self.spool_row(row, type(exc).__name__)
         return "written" if written else "duplicate"

@@ -9,13 +9,13 @@ import removes it once every line is in the database.
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 import structlog
 
 from callctl.asterisk.server import finished_call, keyword_args
-from callctl.service import CallService, _reconnecting
-from callctl.store.calls import write_cdr
+from callctl.service import CallService
 
 log = structlog.get_logger("callctl.asterisk")
 
@@ -35,6 +35,7 @@ def import_fallback(service: CallService, path: Path) -> dict[str, int]:
                 path.rename(importing)
             except FileNotFoundError:
                 break
+        written_at = _file_time(importing)
         for number, line in enumerate(importing.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
@@ -44,14 +45,12 @@ def import_fallback(service: CallService, path: Path) -> dict[str, int]:
                 counts["unreadable"] += 1  # the line is not repeated: it holds real numbers
                 log.warning("unreadable line in the PBX's CDR file skipped", file=str(importing), line=number)
                 continue
-            row = service.cdr_row(finished_call(call_id, given), _file_time(importing))
-            counts["written" if _reconnecting(write_cdr, service.engine, row) else "duplicate"] += 1
+            row = service.cdr_row(finished_call(call_id, given), written_at)
+            counts["written" if service.store_row(row) else "duplicate"] += 1
         importing.unlink()
     return counts
 
 
-def _file_time(path: Path):
+def _file_time(path: Path) -> datetime:
     """'now' for a kept CDR without an end time: when the PBX last wrote the file."""
-    from datetime import datetime, timezone
-
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)

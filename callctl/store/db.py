@@ -16,7 +16,8 @@ if not SQL_DIR.is_dir():
 def make_engine(url: str, pool_size: int = 8, pre_ping: bool = True, timeout: float | None = None,
                 autocommit: bool = False) -> Engine:
     """autocommit=True (PostgreSQL) runs each statement on its own, without BEGIN and
-    ROLLBACK round trips around it: for the call path's single-statement reads.
+    COMMIT/ROLLBACK round trips around it: for the call path's single statements (the
+    routing read, a CDR insert); never for work that needs a transaction.
     pre_ping=False saves a round trip per checkout; the caller must then retry once
     on a dead connection (as callctl.service does on the call path). With `timeout`
     (seconds; the daemon's db_timeout) no database call waits longer than that for a

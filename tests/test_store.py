@@ -174,19 +174,25 @@ def test_database_down_fails_closed_and_spools_then_replays_once(acme, tmp_path)
     assert sorted(r["call_id"] for r in provision.list_cdrs(acme)) == ["lab-3.1", "lab-3.2"]
 
 
-def test_call_path_survives_database_connections_killed(pg_url, tmp_path):
-    """The daemon's engine skips the pre-checkout ping: a pooled connection killed by a
-    database restart or failover is retried once, so the next call is still decided
-    and its CDR written (not rejected as unavailable, not spooled)."""
+def bound_on_postgresql(pg_url: str, **engine_options):
+    """A fresh schema on the shared PostgreSQL with acme, X1 and X1 bound to A."""
     from callctl.store.db import make_engine, upgrade
 
-    engine = make_engine(pg_url, pool_size=2, pre_ping=False)
+    engine = make_engine(pg_url, **engine_options)
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     upgrade(engine)
     provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
     provision.add_numbers(engine, "acme", [X1])
     provision.bind(engine, "acme", A)
+    return engine
+
+
+def test_call_path_survives_database_connections_killed(pg_url, tmp_path):
+    """The daemon's engine skips the pre-checkout ping: a pooled connection killed by a
+    database restart or failover is retried once, so the next call is still decided
+    and its CDR written (not rejected as unavailable, not spooled)."""
+    engine = bound_on_postgresql(pg_url, pool_size=2, pre_ping=False)
     service = CallService(engine, CdrSpool(tmp_path / "spool"))
     assert isinstance(service.route(X1, AGENT)[1], Bridge)  # the pool now holds a connection
     admin = create_engine(pg_url)
@@ -215,15 +221,9 @@ def test_daemon_routes_with_one_prepared_statement_per_call(pg_url, tmp_path):
     is still decided. Its CDR is one INSERT on another autocommit connection."""
     from sqlalchemy import event
 
-    from callctl.store.db import make_engine, upgrade
+    from callctl.store.db import make_engine
 
-    engine = make_engine(pg_url, pool_size=1)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    upgrade(engine)
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
-    provision.add_numbers(engine, "acme", [X1])
-    provision.bind(engine, "acme", A)
+    engine = bound_on_postgresql(pg_url, pool_size=1)
     reads = make_engine(pg_url, pool_size=1, pre_ping=False, autocommit=True)
     service = CallService(engine, CdrSpool(tmp_path / "spool"), reads=reads)
     sent = []

@@ -12,9 +12,8 @@ import httpx
 import pytest
 
 from lab.harness import ApiServer
-from tests.pg import empty_database_url
 from tests import leaks, realnumbers
-from tests.test_cli import run
+from tests.apiclients import clients as api_clients, provisioned
 
 AGENT, HOTLINE = realnumbers.tenant_line("+8613900000001", "+861058000000")
 realnumbers.tenant_line("+861058000001")  # tenant "other"'s hotline
@@ -30,17 +29,12 @@ BODIES: dict[str, list[str]] = {"sqlite": [], "postgresql": []}
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def api(request, tmp_path_factory):
     """A provisioned database, the API server on it, and a token per tenant."""
-    workdir = tmp_path_factory.mktemp(f"api-{request.param}")
-    url = empty_database_url(request, workdir)
-    env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url}
-    cli = lambda *args: run(*args, env=env, cwd=workdir)  # noqa: E731
-    for args in (["db", "upgrade"],
-                 ["tenant", "add", "acme", "--hotline", HOTLINE, "--caller", AGENT],
-                 ["tenant", "add", "other", "--hotline", "+861058000001"],
-                 ["pool", "add", "--tenant", "acme", *X_ACME],
-                 ["pool", "add", "--tenant", "other", X_OTHER]):
-        done = cli(*args)
-        assert done.returncode == 0, done.stderr
+    workdir, url, cli = provisioned(
+        request, tmp_path_factory, "api",
+        ["tenant", "add", "acme", "--hotline", HOTLINE, "--caller", AGENT],
+        ["tenant", "add", "other", "--hotline", "+861058000001"],
+        ["pool", "add", "--tenant", "acme", *X_ACME],
+        ["pool", "add", "--tenant", "other", X_OTHER])
     tokens = {}
     for tenant in ("acme", "other"):
         made = cli("token", "create", "--tenant", tenant, "--name", f"{tenant} policy system")
@@ -54,12 +48,7 @@ def api(request, tmp_path_factory):
         leaks.record("api", f"{response.request.method} {response.request.url.path}", response.text)
 
     with ApiServer(url, workdir) as server:
-        clients = {
-            tenant: httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {t['token']}"},
-                                 event_hooks={"response": [keep]}, timeout=30)
-            for tenant, t in tokens.items()
-        }
-        clients["nobody"] = httpx.Client(base_url=server.url, event_hooks={"response": [keep]}, timeout=30)
+        clients = api_clients(server.url, {tenant: t["token"] for tenant, t in tokens.items()}, keep, nobody=True)
         yield {"kind": request.param, "cli": cli, "tokens": tokens, "server": server, "bodies": bodies, "url": url,
                "workdir": workdir, **clients}
         for client in clients.values():

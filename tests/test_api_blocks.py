@@ -15,9 +15,8 @@ from callctl.store.db import make_engine
 from callctl.store import tokens
 from callctl.store.spool import CdrSpool
 from lab.harness import ApiServer
-from tests.pg import empty_database_url
 from tests import leaks, realnumbers
-from tests.test_cli import run
+from tests.apiclients import clients as api_clients, provisioned
 
 AGENT, HOTLINE = realnumbers.tenant_line("+8613900006001", "+861058006000")
 CUSTOMER, CALLER = realnumbers.person("+8613800006001", "+8613800006002")
@@ -26,14 +25,10 @@ POOL = ["+8617100006001", "+8617100006002"]
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def api(request, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp(f"api-blocks-{request.param}")
-    url = empty_database_url(request, workdir)
-    env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url}
-    cli = lambda *args: run(*args, env=env, cwd=workdir)  # noqa: E731
-    for args in (["db", "upgrade"], ["tenant", "add", "acme", "--hotline", HOTLINE, "--caller", AGENT,
-                                     "--hours", "00:00-24:00"],
-                 ["pool", "add", "--tenant", "acme", *POOL], ["bind", "--tenant", "acme", "--customer", CUSTOMER]):
-        assert cli(*args).returncode == 0
+    workdir, url, cli = provisioned(
+        request, tmp_path_factory, "api-blocks",
+        ["tenant", "add", "acme", "--hotline", HOTLINE, "--caller", AGENT, "--hours", "00:00-24:00"],
+        ["pool", "add", "--tenant", "acme", *POOL], ["bind", "--tenant", "acme", "--customer", CUSTOMER])
     issued = {role: json.loads(cli("token", "create", "--role", role, *(["--tenant", "acme"] if role == "tenant" else []),
                                    "--name", f"{role} test").stdout)["token"] for role in ("platform", "tenant")}
     for person in ("ops:li", "ops:wang"):  # named platform tokens: reveals need two people
@@ -47,9 +42,7 @@ def api(request, tmp_path_factory):
 
     engine = make_engine(url)
     with ApiServer(url, workdir) as server:
-        clients = {role: httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"},
-                                      event_hooks={"response": [keep]}, timeout=30)
-                   for role, token in issued.items()}
+        clients = api_clients(server.url, issued, keep)
         yield {"engine": engine, **clients}
         for client in clients.values():
             client.close()

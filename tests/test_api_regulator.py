@@ -15,9 +15,8 @@ from callctl.service import CallService, FinishedCall
 from callctl.store.db import make_engine
 from callctl.store.spool import CdrSpool
 from lab.harness import ApiServer
-from tests.pg import empty_database_url
 from tests import leaks, realnumbers
-from tests.test_cli import run
+from tests.apiclients import clients as api_clients, provisioned
 
 AGENT, HOTLINE = realnumbers.tenant_line("+8613900000011", "+861058000011")
 CUSTOMER = realnumbers.person("+8613800000011")
@@ -28,14 +27,10 @@ PERIOD = {"from": "2026-11-20", "to": "2026-11-22"}
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def api(request, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp(f"api-regulator-{request.param}")
-    url = empty_database_url(request, workdir)
-    env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url}
-    cli = lambda *args: run(*args, env=env, cwd=workdir)  # noqa: E731
-    for args in (["db", "upgrade"], ["tenant", "add", "acme", "--hotline", HOTLINE, "--caller", AGENT],
-                 ["pool", "add", "--tenant", "acme", X], ["bind", "--tenant", "acme", "--customer", CUSTOMER]):
-        done = cli(*args)
-        assert done.returncode == 0, done.stderr
+    workdir, url, cli = provisioned(
+        request, tmp_path_factory, "api-regulator",
+        ["tenant", "add", "acme", "--hotline", HOTLINE, "--caller", AGENT],
+        ["pool", "add", "--tenant", "acme", X], ["bind", "--tenant", "acme", "--customer", CUSTOMER])
     engine = make_engine(url)
     service = CallService(engine, CdrSpool(workdir / "spool"))
     for n, action in enumerate(["bridge", "reject", "bridge"]):
@@ -57,10 +52,7 @@ def api(request, tmp_path_factory):
         leaks.record("api", f"{response.request.method} {response.request.url.path}", response.text)
 
     with ApiServer(url, workdir) as server:
-        clients = {name: httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"},
-                                      event_hooks={"response": [keep]}, timeout=30)
-                   for name, token in tokens.items()}
-        clients["nobody"] = httpx.Client(base_url=server.url, event_hooks={"response": [keep]}, timeout=30)
+        clients = api_clients(server.url, tokens, keep, nobody=True)
         yield clients
         for client in clients.values():
             client.close()

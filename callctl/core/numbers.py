@@ -5,6 +5,8 @@ through an audited reveal; everywhere else they are shown with `mask`.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import phonenumbers
 
 
@@ -37,6 +39,13 @@ def caller_e164(raw: str | None, region: str = "CN") -> str | None:
     """A caller id as E.164, or None when withheld, anonymous or unreadable."""
     if not raw or not any(ch.isdigit() for ch in raw):
         return None
+    return _call_time_e164(raw, region)
+
+
+# Parsing is the costliest step of a call in Python, and numbers come back: a call's
+# numbers again when it ends (its CDR), agents and regular callers on every call.
+@lru_cache(maxsize=16384)
+def _call_time_e164(raw: str, region: str) -> str | None:
     try:
         return to_e164(raw, region, strict=False)
     except InvalidNumber:
@@ -54,14 +63,20 @@ def mask(number: str | None) -> str:
     if not number.startswith("+"):
         digits = "".join(ch for ch in number if ch.isdigit())
         return "*" * max(len(digits) - 2, 0) + digits[-2:] if digits else "?"
-    try:
-        parsed = phonenumbers.parse(number, None)
-        country = str(parsed.country_code)
-        national = number[1 + len(country):]
-    except phonenumbers.NumberParseException:
-        country, national = "", number[1:]
+    country = _country_code(number[1:])
+    national = number[1 + len(country):]
     if len(national) >= 9:
         shown = national[:3] + "*" * (len(national) - 7) + national[-4:]
     else:
         shown = "*" * max(len(national) - 2, 0) + national[-2:]
     return f"+{country}{shown}"
+
+
+def _country_code(digits: str) -> str:
+    """The country calling code that `digits` (E.164 without '+') starts with, or ''.
+    Codes are prefix-free, 1 to 3 digits: the first known prefix is the one."""
+    for length in (1, 2, 3):
+        code = digits[:length]
+        if code.isdigit() and code[0] != "0" and int(code) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            return code
+    return ""

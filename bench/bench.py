@@ -10,7 +10,7 @@
    numbers in state `bound` and N AXN bindings to distinct customer numbers, loaded with
    set-based SQL (INSERT ... SELECT FROM generate_series; the customers' numbers
    encrypted and hashed in Python and COPYed in), then VACUUM ANALYZE.
-2. In-process decision latency: CallService.route(X, agent) for random X on that DB,
+2. In-process decision latency: CallService.route_on_loop(X, agent) for random X on that DB,
    and what encryption costs per decision (decrypt + lookup hash, microseconds).
 3. The lab (held under LabLock the whole time): Asterisk up, a SIPp UAS on 5070 answers
    every outbound leg, SIPp UAC calls from the agent to random bound X at stepped rates.
@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import psycopg2  # noqa: E402
+import uvloop  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
 from callctl import logs, sipp  # noqa: E402
@@ -55,6 +56,7 @@ from callctl.core.decision import Bridge  # noqa: E402
 from callctl.service import CallService  # noqa: E402
 from callctl.store import crypto  # noqa: E402
 from callctl.store.db import make_engine, upgrade  # noqa: E402
+from callctl.store.pgcalls import PgCallStore  # noqa: E402
 from callctl.store.provision import add_tenant  # noqa: E402
 from callctl.store.spool import CdrSpool  # noqa: E402
 from lab.harness import (  # noqa: E402
@@ -273,22 +275,26 @@ def cdr_count(engine) -> int:
 # ---------------------------------------------------------------------------- in-process
 
 def in_process_latency(bench_url: str, n_bindings: int, samples: int, rng: random.Random) -> dict:
-    """CallService.route(X, agent) on the bench DB, as the daemon calls it (one thread,
-    the daemon's autocommit engine for routing reads)."""
-    engine = make_engine(bench_url, pre_ping=False, autocommit=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix="callctl-bench-spool-") as spool:
-            service = CallService(engine, CdrSpool(spool), reads=engine)
+    """CallService.route_on_loop(X, agent) on the bench DB, as the daemon calls it (its
+    event loop, its asyncpg pool), one call at a time."""
+    async def measure(spool: str) -> tuple[list[float], int]:
+        store = await PgCallStore.open(bench_url, size=1, timeout=5.0)
+        try:
+            service = CallService(None, CdrSpool(spool), pg=store)
             for i in rng.sample(range(1, n_bindings + 1), min(200, n_bindings)):  # warm-up (pool, caches)
-                service.route(x_number(i), AGENT)
+                await service.route_on_loop(x_number(i), AGENT)
             ms, bridged = [], 0
             for i in rng.choices(range(1, n_bindings + 1), k=samples):
                 t = time.perf_counter()
-                _, decision = service.route(x_number(i), AGENT)
+                _, decision = await service.route_on_loop(x_number(i), AGENT)
                 ms.append((time.perf_counter() - t) * 1000)
                 bridged += isinstance(decision, Bridge)
-    finally:
-        engine.dispose()
+            return ms, bridged
+        finally:
+            await store.close()
+
+    with tempfile.TemporaryDirectory(prefix="callctl-bench-spool-") as spool:
+        ms, bridged = uvloop.run(measure(spool))
     if bridged != samples:
         raise BenchError(f"in-process check: only {bridged} of {samples} calls to bound X were bridged")
     return {"samples": samples, "p50_ms": sipp.percentile(ms, 50), "p99_ms": sipp.percentile(ms, 99),
@@ -550,7 +556,7 @@ def main(argv=None) -> int:
     if args.only == "provisioning":
         return bench_provisioning(args, bench_url, result, started)
 
-    say(f"In-process: CallService.route() for {args.samples:,} random X ...")
+    say(f"In-process: CallService.route_on_loop() for {args.samples:,} random X ...")
     inproc = in_process_latency(bench_url, args.bindings, args.samples, rng)
     result["in_process"] = inproc
     say(f"In-process: p50 {inproc['p50_ms']:.2f} ms, p99 {inproc['p99_ms']:.2f} ms, max {inproc['max_ms']:.1f} ms")

@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from callctl.core.decision import Bridge, CollectExtension, Decision, Reason, Reject, decide
 from callctl.core.numbers import caller_e164, mask
 from callctl.store.calls import call_facts, write_cdr, write_cdrs
+from callctl.store.pgcalls import PgCallStore, PgUnavailable
 from callctl.store.crypto import number_hash
 from callctl.store.spool import CdrSpool, encode
 
@@ -46,17 +47,14 @@ class FinishedCall:
 
 class CallService:
     def __init__(self, engine: Engine, spool: CdrSpool, region: str = "CN", node: str = "",
-                 reads: Engine | None = None, inserts: Engine | None = None):
+                 pg: PgCallStore | None = None):
         self.engine = engine
         self.spool = spool
         self.region = region
         self.node = node
-        # The call path's single statements (the routing read, one CDR insert) need no
-        # transaction around them: the daemon gives each an autocommit engine of its own
-        # (no BEGIN and COMMIT/ROLLBACK round trips; routing never waits for a CDR's
-        # connection).
-        self.reads = reads or engine
-        self.inserts = inserts or engine
+        # The daemon on PostgreSQL: the call path's two statements run on its event loop
+        # (route_on_loop, store_row_on_loop) instead of in threads.
+        self.pg = pg
 
     def route(
         self, called: str, caller: str, now: datetime | None = None, extension: str | None = None
@@ -68,20 +66,37 @@ class CallService:
         database that cannot answer gives Reject(unavailable), never a guess.
         """
         now = now or datetime.now(timezone.utc)
-        x = caller_e164(called, self.region)
+        x, caller_number, extension = self._read_call(called, caller, extension)
         if x is None:
             return None, Reject(Reason.UNKNOWN_NUMBER)
+        try:
+            facts = _reconnecting(call_facts, self.engine, x, caller_number, now, extension)
+        except SQLAlchemyError as exc:
+            return x, _unavailable(x, type(exc).__name__)
+        return x, decide(caller_number, now, facts, extension)
+
+    async def route_on_loop(
+        self, called: str, caller: str, now: datetime | None = None, extension: str | None = None
+    ) -> tuple[str | None, Decision]:
+        """route(), its database read run on the event loop (self.pg)."""
+        now = now or datetime.now(timezone.utc)
+        x, caller_number, extension = self._read_call(called, caller, extension)
+        if x is None:
+            return None, Reject(Reason.UNKNOWN_NUMBER)
+        try:
+            facts = await self.pg.facts(x, caller_number, now, extension)
+        except PgUnavailable as exc:
+            return x, _unavailable(x, str(exc))
+        return x, decide(caller_number, now, facts, extension)
+
+    def _read_call(self, called: str, caller: str, extension: str | None):
+        x = caller_e164(called, self.region)
         caller_number = caller_e164(caller, self.region)
         if extension is not None:
             extension = extension.strip()
             if not (extension.isascii() and extension.isdigit() and len(extension) <= _MAX_EXTENSION):
                 extension = ""  # keyed nothing, '*', '#' or garbage: matches no binding
-        try:
-            facts = _reconnecting(call_facts, self.reads, x, caller_number, now, extension)
-        except SQLAlchemyError as exc:
-            log.error("database unavailable for routing", x=x, error=type(exc).__name__)
-            return x, Reject(Reason.UNAVAILABLE)
-        return x, decide(caller_number, now, facts, extension)
+        return x, caller_number, extension
 
     def record(self, call: FinishedCall, now: datetime | None = None) -> str:
         """Make the CDR of a finished call durable: committed to the database, or else
@@ -94,7 +109,12 @@ class CallService:
 
     def store_row(self, row: dict) -> bool:
         """Insert one CDR row; True if it was new. Database errors are raised."""
-        return _reconnecting(write_cdr, self.inserts, row)
+        return _reconnecting(write_cdr, self.engine, row)
+
+    async def store_row_on_loop(self, row: dict) -> bool:
+        """store_row() on the event loop (self.pg). PgUnavailable when the database did
+        not take the row: the adapter spools it then, off the loop (spooling fsyncs)."""
+        return await self.pg.write_cdr(row)
 
     def write_row(self, row: dict) -> str:
         try:
@@ -209,6 +229,12 @@ def decision_variables(decision: Decision) -> dict[str, str]:
         values["direction"] = str(decision.direction)
     values["action"] = decision.action
     return values
+
+
+def _unavailable(x: str, error: str) -> Reject:
+    """Fail closed: no decision without the facts."""
+    log.error("database unavailable for routing", x=x, error=error)
+    return Reject(Reason.UNAVAILABLE)
 
 
 def _reconnecting(query, engine: Engine, *args):

@@ -214,47 +214,6 @@ def test_call_path_survives_database_connections_killed(pg_url, tmp_path):
     engine.dispose()
 
 
-def test_daemon_routes_with_one_prepared_statement_per_call(pg_url, tmp_path):
-    """As `callctl serve asterisk` sets it up on PostgreSQL: a call's facts are one
-    prepared statement on an autocommit connection, one round trip. A prepared statement
-    gone from the session, or made stale by a migration, is prepared again and the call
-    is still decided. Its CDR is one INSERT on another autocommit connection."""
-    from sqlalchemy import event
-
-    from callctl.store.db import make_engine
-
-    engine = bound_on_postgresql(pg_url, pool_size=1)
-    reads = make_engine(pg_url, pool_size=1, pre_ping=False, autocommit=True)
-    service = CallService(engine, CdrSpool(tmp_path / "spool"), reads=reads)
-    sent = []
-    event.listen(reads, "before_cursor_execute", lambda conn, cursor, statement, *rest: sent.append(statement))
-    assert service.route(X1, AGENT)[1].destination == A
-    assert [s.split()[0] for s in sent] == ["PREPARE", "EXECUTE"]
-    sent.clear()
-    for _ in range(3):
-        assert service.route(X1, AGENT)[1].destination == A
-    assert len(sent) == 3 and all(s.startswith("EXECUTE callctl_call_facts(") for s in sent)
-    with reads.connect() as conn:
-        assert conn.connection.dbapi_connection.autocommit  # no BEGIN / ROLLBACK round trips
-        conn.exec_driver_sql("DEALLOCATE ALL")
-    assert service.route(X1, AGENT)[1].destination == A
-    with engine.begin() as conn:  # a result column's type changes under the prepared plan
-        conn.exec_driver_sql("ALTER TABLE tenants ALTER COLUMN hotline TYPE varchar(24)")
-    assert service.route(X1, AGENT)[1].destination == A
-    assert service.route("+8617199999999", AGENT)[1] == Reject(Reason.UNKNOWN_NUMBER)
-    # A CDR is one INSERT on an autocommit connection: committed when it returns.
-    inserts = make_engine(pg_url, pool_size=1, pre_ping=False, autocommit=True)
-    service.inserts = inserts
-    written = []
-    event.listen(inserts, "before_cursor_execute", lambda conn, cursor, statement, *rest: written.append(statement))
-    call = FinishedCall(call_id="autocommit.1", called=X1, caller=AGENT, action="bridge", destination=A)
-    assert service.record(call) == "written"
-    assert len(written) == 1 and written[0].startswith("INSERT INTO cdrs")
-    assert [r["call_id"] for r in provision.list_cdrs(engine)] == ["autocommit.1"]
-    for pooled in (reads, inserts, engine):
-        pooled.dispose()
-
-
 def test_a_bare_postgresql_url_uses_the_shipped_driver(pg_url):
     """SQLAlchemy 2.1 reads postgresql:// as psycopg 3, which callctl does not ship: an
     administrator's plain URL must still work, on psycopg2."""

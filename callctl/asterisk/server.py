@@ -1,7 +1,8 @@
 """Asterisk adapter: FastAGI scripts `route` and `hangup` (docs/agi.md).
 
-Translates the AGI session to CallService calls and back, nothing more. Database
-work runs in a thread pool so the event loop keeps serving other calls.
+Translates the AGI session to CallService calls and back, nothing more. Database work
+never blocks the event loop that serves other calls: on PostgreSQL it is asynchronous
+(asyncpg), on SQLite it runs in thread pools.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from callctl.core.decision import Reason, Reject
 from callctl.core.numbers import caller_e164, mask
 from callctl.service import CallService, FinishedCall, decision_variables
 from callctl.store.partitions import ensure_cdr_partitions
+from callctl.store.pgcalls import PgCallStore, PgUnavailable
 from callctl.store.spool import SpoolError
 
 log = structlog.get_logger("callctl.asterisk")
@@ -46,9 +48,10 @@ def finished_call(call_id: str, given: dict[str, str]) -> FinishedCall:
 
 
 class AsteriskAdapter:
-    """Routing and CDR writes run in separate thread pools: a call waiting for its
+    """On PostgreSQL routing and CDR writes run on the event loop (service.pg, two
+    connection pools); on SQLite in two thread pools. Either way a call waiting for its
     decision never queues behind CDR writes (slow, or timing out while the database is
-    down). Spooling has its own small pool, free while CDR writes hang."""
+    down). Spooling has its own small thread pool, free while CDR writes hang."""
 
     def __init__(self, service: CallService, route_executor: ThreadPoolExecutor,
                  cdr_executor: ThreadPoolExecutor, spool_executor: ThreadPoolExecutor,
@@ -72,11 +75,13 @@ class AsteriskAdapter:
         caller = given.get("caller", session.env.get("agi_callerid", ""))
         extension = given.get("extension")  # AXE: the digits keyed at the prompt
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         try:
-            x, decision = await asyncio.wait_for(
-                loop.run_in_executor(self.route_executor, self.service.route, called, caller, None, extension),
-                self.decision_timeout)
+            async with asyncio.timeout(self.decision_timeout):
+                if self.service.pg is not None:
+                    x, decision = await self.service.route_on_loop(called, caller, None, extension)
+                else:
+                    x, decision = await asyncio.get_running_loop().run_in_executor(
+                        self.route_executor, self.service.route, called, caller, None, extension)
         except TimeoutError:
             log.error("no decision in time: rejected as unavailable", call_id=session.env.get("agi_uniqueid", ""),
                       seconds=self.decision_timeout)
@@ -107,10 +112,14 @@ class AsteriskAdapter:
         row = self.service.cdr_row(call, datetime.now(timezone.utc))
         try:
             try:
-                outcome = await asyncio.wait_for(
-                    loop.run_in_executor(self.cdr_executor, self.service.write_row, row), self.write_timeout)
-            except TimeoutError:
-                outcome = await loop.run_in_executor(self.spool_executor, self.service.spool_row, row, "timeout")
+                async with asyncio.timeout(self.write_timeout):
+                    if self.service.pg is not None:
+                        outcome = "written" if await self.service.store_row_on_loop(row) else "duplicate"
+                    else:  # write_row spools, in its thread, what the database refuses
+                        outcome = await loop.run_in_executor(self.cdr_executor, self.service.write_row, row)
+            except (TimeoutError, PgUnavailable) as exc:
+                why = str(exc) if isinstance(exc, PgUnavailable) else "timeout"
+                outcome = await loop.run_in_executor(self.spool_executor, self.service.spool_row, row, why)
         except SpoolError as exc:
             log.error("CDR not kept: database down and spool unusable", call_id=call.call_id, error=str(exc))
             return
@@ -127,12 +136,13 @@ async def run(cfg) -> None:
     # another thread computes: that wait was most of the decision's p99 under load.
     sys.setswitchinterval(0.0005)
     engine = make_engine(cfg.database_url, pool_size=cfg.db_threads, pre_ping=False, timeout=cfg.db_timeout)
-    # The call path's single statements, each on a pool of its own: no transaction round trips.
-    reads, inserts = (make_engine(cfg.database_url, pool_size=cfg.db_threads, pre_ping=False,
-                                  timeout=cfg.db_timeout, autocommit=True) for _ in range(2))
     spool = CdrSpool(cfg.spool_dir)
     spool.check_writable()
-    service = CallService(engine, spool, region=cfg.region, node=cfg.node, reads=reads, inserts=inserts)
+    # PostgreSQL: the call path's statements on this event loop (callctl.store.pgcalls);
+    # SQLite: in the thread pools below.
+    pg = (await PgCallStore.open(cfg.database_url, cfg.db_threads, cfg.db_timeout)
+          if engine.dialect.name == "postgresql" else None)
+    service = CallService(engine, spool, region=cfg.region, node=cfg.node, pg=pg)
     route_executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-route")
     cdr_executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-cdr")
     spool_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="callctl-spool")
@@ -156,9 +166,9 @@ async def run(cfg) -> None:
     route_executor.shutdown(wait=True)
     cdr_executor.shutdown(wait=True)
     spool_executor.shutdown(wait=True)
+    if pg is not None:
+        await pg.close()
     engine.dispose()
-    reads.dispose()
-    inserts.dispose()
     log.info("stopped")
 
 

@@ -1,16 +1,16 @@
 """Call-time queries: the facts for one decision, and the CDR write.
 
 One indexed query per call (one database round trip); nothing is cached, so a block
-or an unbind is seen by every daemon on the very next call.
+or an unbind is seen by every daemon on the very next call. The daemon on PostgreSQL
+runs these same statements on its event loop (callctl.store.pgcalls).
 """
 from __future__ import annotations
 
 from datetime import datetime, time
 
-from sqlalchemy import String, and_, bindparam, column, exists, or_, select, text, true
+from sqlalchemy import String, and_, bindparam, exists, or_, select, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 
 from callctl.core.decision import BindingFacts, BlockFacts, Mode, NumberFacts, TenantFacts
 from callctl.store.crypto import number_hash
@@ -71,54 +71,8 @@ def _facts_statement(by_extension: bool):
     )
 
 
-class _Prepared:
-    """A statement PostgreSQL plans once per connection (PREPARE), then only runs
-    (EXECUTE): planning this join took longer than running it. Elsewhere (SQLite) the
-    statement runs as it is."""
-
-    def __init__(self, name: str, statement):
-        self.name = name
-        self.statement = statement
-        compiled = statement.compile(dialect=postgresql.psycopg2.dialect(paramstyle="numeric_dollar"))
-        self.prepare = f"PREPARE {name} AS {compiled}"
-        self.constants = {key: value for key, value in compiled.params.items() if value is not None}
-        arguments = ", ".join(f":{key}" for key in compiled.positiontup)
-        # The same parameter and result types: values are converted as by the statement
-        # itself (UTC times, decrypted numbers).
-        self.execute = text(f"EXECUTE {name}({arguments})").bindparams(
-            *(bindparam(key, type_=compiled.binds[key].type) for key in compiled.positiontup)
-        ).columns(*(column(c.name, c.type) for c in statement.selected_columns))
-
-    def run(self, conn, params: dict):
-        if conn.dialect.name != "postgresql":
-            return conn.execute(self.statement, params)
-        try:
-            return self._execute(conn, params)
-        except DBAPIError as exc:
-            # Stale: gone from the session (a DEALLOCATE) or planned for columns a
-            # migration has since changed. Prepare afresh, once; the connection only
-            # ever read, so rolling back loses nothing.
-            if getattr(exc.orig, "pgcode", None) not in _STALE_PREPARED:
-                raise
-            conn.rollback()
-            conn.exec_driver_sql("DEALLOCATE ALL")
-            conn.connection.info.pop(_PREPARED_KEY, None)
-            return self._execute(conn, params)
-
-    def _execute(self, conn, params: dict):
-        # Statements prepared on this database connection (they live and die with it).
-        prepared = conn.connection.info.setdefault(_PREPARED_KEY, set())
-        if self.name not in prepared:
-            conn.exec_driver_sql(self.prepare)
-            prepared.add(self.name)
-        return conn.execute(self.execute, {**self.constants, **params})
-
-
-_PREPARED_KEY = "callctl_prepared"
-# invalid_sql_statement_name; feature_not_supported ("cached plan must not change result type")
-_STALE_PREPARED = {"26000", "0A000"}
-_FACTS = _Prepared("callctl_call_facts", _facts_statement(by_extension=False))
-_FACTS_BY_EXTENSION = _Prepared("callctl_call_facts_by_extension", _facts_statement(by_extension=True))
+_FACTS = _facts_statement(by_extension=False)
+_FACTS_BY_EXTENSION = _facts_statement(by_extension=True)
 
 
 def call_facts(
@@ -127,14 +81,22 @@ def call_facts(
     """Everything the decision needs about a call to X from caller, or None if X is not ours.
 
     With an extension (AXE, second request) only the bindings holding it are read."""
-    params = {"x": x, "caller": caller, "now": now,
-              "caller_hash": number_hash(caller) if caller else None}
+    params = facts_params(x, caller, now, extension)
     with engine.connect() as conn:
         conn.execution_options(**READ_ONLY)
-        if extension is None:
-            rows = _FACTS.run(conn, params).all()
-        else:
-            rows = _FACTS_BY_EXTENSION.run(conn, {**params, "extension": extension}).all()
+        rows = conn.execute(_FACTS if extension is None else _FACTS_BY_EXTENSION, params).all()
+    return facts_from_rows(x, rows)
+
+
+def facts_params(x: str, caller: str | None, now: datetime, extension: str | None) -> dict:
+    params = {"x": x, "caller": caller, "now": now, "caller_hash": number_hash(caller) if caller else None}
+    if extension is not None:
+        params["extension"] = extension
+    return params
+
+
+def facts_from_rows(x: str, rows) -> NumberFacts | None:
+    """The facts statement's rows (named like its columns) as NumberFacts."""
     if not rows:
         return None
     first = rows[0]
@@ -154,7 +116,7 @@ def call_facts(
 # partitioned by day and its unique key is (call_id, started_at); started_at of a call
 # never changes between a first write, a spool replay or a PBX retry (service.cdr_row).
 _CDR_INSERT = {
-    "postgresql": postgresql.insert(Cdr.__table__).on_conflict_do_nothing(),
+    "postgresql": postgresql.insert(Cdr.__table__).on_conflict_do_nothing(),  # and callctl.store.pgcalls
     "sqlite": sqlite.insert(Cdr.__table__).on_conflict_do_nothing(),
 }
 

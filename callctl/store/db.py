@@ -13,12 +13,8 @@ if not SQL_DIR.is_dir():
     SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 
 
-def make_engine(url: str, pool_size: int = 8, pre_ping: bool = True, timeout: float | None = None,
-                autocommit: bool = False) -> Engine:
-    """autocommit=True (PostgreSQL) runs each statement on its own, without BEGIN and
-    COMMIT/ROLLBACK round trips around it: for the call path's single statements (the
-    routing read, a CDR insert); never for work that needs a transaction.
-    pre_ping=False saves a round trip per checkout; the caller must then retry once
+def make_engine(url: str, pool_size: int = 8, pre_ping: bool = True, timeout: float | None = None) -> Engine:
+    """pre_ping=False saves a round trip per checkout; the caller must then retry once
     on a dead connection (as callctl.service does on the call path). With `timeout`
     (seconds; the daemon's db_timeout) no database call waits longer than that for a
     connection, a reply or a lock, so a dead or hung database turns into an error the
@@ -61,7 +57,6 @@ def make_engine(url: str, pool_size: int = 8, pre_ping: bool = True, timeout: fl
         pool_timeout=timeout or 30,
         pool_pre_ping=pre_ping,  # a restarted database costs one failed ping, not a failed request
         connect_args=connect_args,
-        isolation_level="AUTOCOMMIT" if autocommit else None,
     )
 
 

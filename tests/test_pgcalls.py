@@ -1,0 +1,168 @@
+"""The daemon's call path on PostgreSQL (callctl.store.pgcalls, asyncpg on the event
+loop) against the threaded path every other caller uses: the same facts, the same
+decisions, the same CDR rows; one prepared statement per connection; connections the
+server dropped replaced; a database that is not there fails closed, in time."""
+import asyncio
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import insert, select, text
+
+from callctl.core.decision import Reason, Reject
+from callctl.service import CallService, FinishedCall
+from callctl.store import provision
+from callctl.store.calls import call_facts
+from callctl.store.models import Block, Cdr
+from callctl.store.pgcalls import PgCallStore, PgUnavailable
+from callctl.store.spool import CdrSpool
+from test_store import AGENT, HOTLINE, X1, A, bound_on_postgresql
+
+X2, X3, B = "+8617100000002", "+8617100000003", "+8613800000002"
+NOW = datetime.now(timezone.utc)
+
+
+def on_loop(coroutine_fn):
+    """Run `coroutine_fn(store)` with a fresh PgCallStore on the test's database."""
+    async def main(url):
+        store = await PgCallStore.open(url, size=2, timeout=2.0)
+        try:
+            return await coroutine_fn(store)
+        finally:
+            await store.close()
+    return main
+
+
+@pytest.fixture
+def rich(pg_url):
+    """acme with agents (exact and prefix), AXN, AXB and AXE bindings, blocks in force
+    of three scopes, and tenant blocks lifted and not yet in force."""
+    engine = bound_on_postgresql(pg_url)  # X1 bound to A (AXN)
+    provision.add_tenant(engine, "beta", "+861058000001", callers=["+8613900000002"], caller_prefixes=["+8610555"])
+    provision.add_numbers(engine, "acme", [X2, X3])
+    axb = provision.bind(engine, "acme", A, mode="AXB", other_party=B)
+    extensions = [provision.bind(engine, "acme", customer, mode="AXE")["extension"] for customer in (B, A)]
+    with engine.begin() as conn:
+        conn.execute(insert(Block), [
+            {"tenant_id": 1, "scope": scope, "direction": direction, "reason": "test", "created_by": "pytest",
+             "number_id": number, "binding_id": binding, "caller": caller,
+             "starts_at": NOW + timedelta(seconds=starts), "ends_at": NOW + timedelta(seconds=ends) if ends else None}
+            for scope, direction, number, binding, caller, starts, ends in [
+                ("caller", "both", None, None, "+8613700000009", -60, None),
+                ("binding", "to_customer", None, axb["id"], None, -60, 3600),
+                ("number", "from_customer", 3, None, None, -60, None),
+                ("tenant", "both", None, None, None, -60, -1),  # lifted: in no facts
+                ("tenant", "both", None, None, None, 60, None),  # not yet in force: in no facts
+            ]])
+    yield engine, extensions
+    engine.dispose()
+
+
+def test_facts_and_decisions_match_the_threaded_path(rich, pg_url, tmp_path):
+    rich, extensions = rich
+    cases = [(x, caller, extension)
+             for x in (X1, X2, X3, "+8617199999999")
+             for caller in (AGENT, A, B, "+8613700000009", "+861055512345", None)
+             for extension in (None, "", "99999999", *extensions)]
+    threaded = CallService(rich, CdrSpool(tmp_path / "spool"))
+
+    async def compare(store):
+        on_loop_service = CallService(rich, CdrSpool(tmp_path / "spool"), pg=store)
+        for x, caller, extension in cases:
+            expected = call_facts(rich, x, caller, NOW, extension)
+            assert await store.facts(x, caller, NOW, extension) == expected, (x, caller, extension)
+            assert (await on_loop_service.route_on_loop(x, caller or "anonymous", NOW, extension)
+                    == threaded.route(x, caller or "anonymous", NOW, extension))
+        return True
+
+    assert asyncio.run(on_loop(compare)(pg_url))
+    # The cases reach every kind of fact: bindings of each mode, blocks, agents.
+    seen = [call_facts(rich, x, c, NOW, e) for x, c, e in cases]
+    assert {b.mode.value for f in seen if f for b in f.bindings} == {"AXN", "AXB", "AXE"}
+    assert {k.scope for f in seen if f for k in f.blocks} == {"caller", "binding", "number"}
+    assert {f.tenant.caller_is_agent for f in seen if f} == {True, False}
+
+
+def test_cdr_rows_written_once_and_read_back_alike(pg_url, tmp_path):
+    engine = bound_on_postgresql(pg_url)
+    service = CallService(engine, CdrSpool(tmp_path / "spool"))
+    start = time.time() - 30
+    call = FinishedCall(call_id="loop-1795887084.7", called=X1, caller=AGENT, destination=A, action="bridge",
+                        binding="1", tenant="1", direction="to_customer", start=f"{start:.3f}",
+                        end=f"{start + 20:.3f}", dial_status="ANSWER", dialed_ms="20000", answered_ms="15000",
+                        hangup_cause="16", node="lab")
+    row = service.cdr_row(call, datetime.now(timezone.utc))
+
+    async def write_twice(store):
+        on_loop_service = CallService(engine, service.spool, pg=store)
+        return [await on_loop_service.store_row_on_loop(row) for _ in range(2)]
+
+    assert asyncio.run(on_loop(write_twice)(pg_url)) == [True, False]
+    # The threaded path sees the very call as written already: same key, same values.
+    assert service.store_row(row) is False
+    with engine.connect() as conn:  # read back through the model: every value as given
+        (stored,) = conn.execute(select(*(Cdr.__table__.c[key] for key in row))).mappings().all()
+    assert dict(stored) == row
+    assert row["talk_seconds"] == 15.0 and row["callee_masked"] == "+86138****0001"
+    engine.dispose()
+
+
+def test_one_prepared_statement_per_connection_and_stale_plans_replaced(pg_url):
+    """asyncpg prepares the facts statement once per connection and then only runs it;
+    a migration that changes a result column's type under the plan costs nothing but a
+    new plan."""
+    engine = bound_on_postgresql(pg_url)
+
+    async def calls(store):
+        for _ in range(5):
+            assert (await store.facts(X1, AGENT, NOW)).bindings[0].party_a == A
+        async with store.reads.acquire() as conn:
+            prepared = await conn.fetch("SELECT statement FROM pg_prepared_statements")
+        facts_plans = [r["statement"] for r in prepared if "FROM virtual_numbers" in r["statement"]]
+        assert len(facts_plans) == 1
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE tenants ALTER COLUMN hotline TYPE varchar(24)")
+        assert (await store.facts(X1, A, NOW)).tenant.hotline == HOTLINE
+        return True
+
+    assert asyncio.run(on_loop(calls)(pg_url))
+    engine.dispose()
+
+
+def test_connections_the_server_dropped_are_replaced(pg_url):
+    engine = bound_on_postgresql(pg_url)
+
+    async def calls(store):
+        await asyncio.gather(*(store.facts(X1, AGENT, NOW) for _ in range(4)))  # both connections made
+        with engine.begin() as conn:
+            killed = conn.execute(text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " AND application_name <> 'psql'")).scalar()
+        assert killed >= 2  # this engine's own connection is spared (pg_backend_pid)
+        assert (await store.facts(X1, AGENT, NOW)).bindings[0].party_a == A
+        return True
+
+    engine.pool.dispose()
+    assert asyncio.run(on_loop(calls)(pg_url))
+    engine.dispose()
+
+
+def test_no_database_fails_closed_in_time_without_numbers(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"postgresql://postgres@127.0.0.1:{sock.getsockname()[1]}/nothing"
+
+    async def calls(store):
+        service = CallService(None, CdrSpool(tmp_path / "spool"), pg=store)
+        started = time.monotonic()
+        decision = await service.route_on_loop(X1, AGENT)
+        with pytest.raises(PgUnavailable) as info:
+            await store.write_cdr({"call_id": "x.1", "started_at": NOW, "decision": "bridged"})
+        return decision, str(info.value), time.monotonic() - started
+
+    decision, error, took = asyncio.run(on_loop(calls)(url))
+    assert decision == (X1, Reject(Reason.UNAVAILABLE))
+    assert error in ("ConnectionRefusedError", "OSError") and took < 4.0

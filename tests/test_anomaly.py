@@ -331,7 +331,8 @@ def test_cdr_committed_late_below_the_watermark_is_not_skipped(engine, world):
 def test_block_stops_the_next_call(engine, world, tmp_path):
     acme, binding, x = world["acme"]
     service = CallService(engine, CdrSpool(tmp_path / "spool"))
-    now = datetime.now(timezone.utc)
+    # 10:00 in Shanghai: the calls an hour later are within the tenant's calling hours too.
+    now = datetime.now(timezone.utc).replace(hour=2, minute=0)
     assert service.route(x, AGENT, now=now)[1].action == "bridge"
     add(engine, *span(acme, 3, 60, binding_id=binding, start=now - timedelta(minutes=5)))
     run_pass(engine, rules("customer_frequency", calls=3, action="block",

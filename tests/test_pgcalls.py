@@ -19,7 +19,8 @@ from callctl.store.spool import CdrSpool
 from test_store import AGENT, HOTLINE, X1, A, bound_on_postgresql
 
 X2, X3, B = "+8617100000002", "+8617100000003", "+8613800000002"
-NOW = datetime.now(timezone.utc)
+# 10:00 in Shanghai, within the tenants' calling hours: the decisions compared are real ones.
+NOW = datetime.now(timezone.utc).replace(hour=2, minute=0)
 
 
 def on_loop(coroutine_fn):

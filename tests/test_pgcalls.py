@@ -14,7 +14,7 @@ from callctl.service import CallService, FinishedCall
 from callctl.store import provision
 from callctl.store.calls import call_facts
 from callctl.store.models import Block, Cdr
-from callctl.store.pgcalls import PgCallStore, PgUnavailable
+from callctl.store.pgcalls import _FACTS_SQL, PgCallStore, PgUnavailable
 from callctl.store.spool import CdrSpool
 from test_store import AGENT, HOTLINE, X1, A, bound_on_postgresql
 
@@ -109,14 +109,19 @@ def test_cdr_rows_written_once_and_read_back_alike(pg_url, tmp_path):
 
 
 def test_one_prepared_statement_per_connection_and_stale_plans_replaced(pg_url):
-    """asyncpg prepares the facts statement once per connection and then only runs it;
-    a migration that changes a result column's type under the plan costs nothing but a
+    """asyncpg prepares the facts statement once per connection and then only runs it,
+    with no session reset after it; a migration that changes a result column's type under the plan costs nothing but a
     new plan."""
     engine = bound_on_postgresql(pg_url)
 
     async def calls(store):
         for _ in range(5):
             assert (await store.facts(X1, AGENT, NOW)).bindings[0].party_a == A
+        async with store.reads.acquire() as conn:
+            pid = conn.get_server_pid()  # (sends nothing)
+        with engine.connect() as conn:  # nothing ran after the call: no reset round trip
+            last = conn.execute(text("SELECT query FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}).scalar()
+        assert len(last) > 500 and _FACTS_SQL.sql.startswith(last)  # (cut at track_activity_query_size)
         async with store.reads.acquire() as conn:
             prepared = await conn.fetch("SELECT statement FROM pg_prepared_statements")
         facts_plans = [r["statement"] for r in prepared if "FROM virtual_numbers" in r["statement"]]

@@ -80,7 +80,8 @@ class PgCallStore:
         ms = str(int(timeout * 1000))
         dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         pools = [asyncpg.create_pool(dsn, min_size=0, max_size=size, timeout=timeout, command_timeout=timeout,
-                                     server_settings={"statement_timeout": ms, "lock_timeout": ms})
+                                     server_settings={"statement_timeout": ms, "lock_timeout": ms},
+                                     reset=_session_unchanged)
                  for _ in range(2)]
         return cls(*[await pool for pool in pools])
 
@@ -107,6 +108,12 @@ class PgCallStore:
             statement = self._inserts_by_keys[keys] = _Statement(_CDR_INSERT["postgresql"], column_keys=list(keys))
         status = await _run(self.inserts, "execute", statement.sql, statement.args(row))
         return status == "INSERT 0 1"
+
+
+async def _session_unchanged(connection: asyncpg.Connection) -> None:
+    """Handed back to its pool as it is: these connections only ever run the two
+    statements, outside transactions, so asyncpg's default reset (advisory locks,
+    cursors, LISTEN, settings) would be one more round trip per call for nothing."""
 
 
 async def _run(pool: asyncpg.Pool, method: str, sql: str, args: list):

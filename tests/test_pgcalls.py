@@ -172,3 +172,18 @@ def test_no_database_fails_closed_in_time_without_numbers(tmp_path):
     decision, error, took = asyncio.run(on_loop(calls)(url))
     assert decision == (X1, Reject(Reason.UNAVAILABLE))
     assert error in ("ConnectionRefusedError", "OSError") and took < 4.0
+
+
+def test_a_url_with_libpq_options_works_on_the_loop_too(pg_url):
+    """Administrators write libpq URLs: client-side options (connect_timeout, keepalives)
+    are db_timeout's business here, and `options` settings reach the server."""
+    engine = bound_on_postgresql(pg_url)
+    url = pg_url + "?connect_timeout=3&keepalives=1&application_name=callctl-test&options=-c%20work_mem%3D7MB"
+
+    async def calls(store):
+        assert (await store.facts(X1, AGENT, NOW)).bindings[0].party_a == A
+        async with store.reads.acquire() as conn:
+            return await conn.fetchval("SHOW work_mem"), await conn.fetchval("SHOW application_name")
+
+    assert asyncio.run(on_loop(calls)(url)) == ("7MB", "callctl-test")
+    engine.dispose()

@@ -78,9 +78,9 @@ class PgCallStore:
         starts (and spools CDRs) while the database is down. No call waits on the
         database longer than `timeout` seconds: connect, statement or lock."""
         ms = str(int(timeout * 1000))
-        dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        dsn, settings = _asyncpg_dsn(url)
         pools = [asyncpg.create_pool(dsn, min_size=0, max_size=size, timeout=timeout, command_timeout=timeout,
-                                     server_settings={"statement_timeout": ms, "lock_timeout": ms},
+                                     server_settings={**settings, "statement_timeout": ms, "lock_timeout": ms},
                                      reset=_session_unchanged)
                  for _ in range(2)]
         return cls(*[await pool for pool in pools])
@@ -108,6 +108,26 @@ class PgCallStore:
             statement = self._inserts_by_keys[keys] = _Statement(_CDR_INSERT["postgresql"], column_keys=list(keys))
         status = await _run(self.inserts, "execute", statement.sql, statement.args(row))
         return status == "INSERT 0 1"
+
+
+# libpq's client-side options that asyncpg would send the server as settings (and the
+# server refuse): here db_timeout bounds connecting and waiting instead.
+_LIBPQ_ONLY = {"connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+               "tcp_user_timeout", "options"}
+
+
+def _asyncpg_dsn(url: str) -> tuple[str, dict[str, str]]:
+    """The SQLAlchemy URL as an asyncpg DSN, and the server settings its libpq
+    `options` ("-c name=value ...") asked for."""
+    parsed = make_url(url)
+    settings = {}
+    tokens = str(parsed.query.get("options", "")).replace("-c ", "-c").split()
+    for token in tokens:
+        name, sep, value = token.removeprefix("-c").partition("=")
+        if token.startswith("-c") and sep:
+            settings[name] = value
+    parsed = parsed.set(drivername="postgresql").difference_update_query(_LIBPQ_ONLY)
+    return parsed.render_as_string(hide_password=False), settings
 
 
 async def _session_unchanged(connection: asyncpg.Connection) -> None:

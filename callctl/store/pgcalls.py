@@ -81,7 +81,10 @@ class PgCallStore:
         dsn, settings = _asyncpg_dsn(url)
         pools = [asyncpg.create_pool(dsn, min_size=0, max_size=size, timeout=timeout, command_timeout=timeout,
                                      server_settings={**settings, "statement_timeout": ms, "lock_timeout": ms},
-                                     reset=_session_unchanged)
+                                     reset=_session_unchanged,
+                                     # Kept while idle, as SQLAlchemy's pools do: on a quiet
+                                     # system the next call must not pay for a new connection.
+                                     max_inactive_connection_lifetime=0)
                  for _ in range(2)]
         return cls(*[await pool for pool in pools])
 

@@ -15,8 +15,8 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from callctl.core.decision import Bridge, CollectExtension, Decision, Reason, Reject, decide
 from callctl.core.numbers import caller_e164, mask
 from callctl.store.calls import call_facts, write_cdr, write_cdrs
-from callctl.store.pgcalls import PgCallStore, PgUnavailable
 from callctl.store.crypto import number_hash
+from callctl.store.pgcalls import PgCallStore, PgUnavailable
 from callctl.store.spool import CdrSpool, encode
 
 log = structlog.get_logger("callctl.calls")

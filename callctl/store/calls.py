@@ -116,7 +116,8 @@ def facts_from_rows(x: str, rows) -> NumberFacts | None:
 # partitioned by day and its unique key is (call_id, started_at); started_at of a call
 # never changes between a first write, a spool replay or a PBX retry (service.cdr_row).
 _CDR_INSERT = {
-    "postgresql": postgresql.insert(Cdr.__table__).on_conflict_do_nothing(),  # and callctl.store.pgcalls
+    # (the daemon compiles this one for its event loop: callctl.store.pgcalls)
+    "postgresql": postgresql.insert(Cdr.__table__).on_conflict_do_nothing(),
     "sqlite": sqlite.insert(Cdr.__table__).on_conflict_do_nothing(),
 }
 

@@ -345,6 +345,24 @@ class Servers:
             return f.read().decode(errors="replace")
 
 
+def box_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system, all threads) used so far by Asterisk and by all of
+    PostgreSQL's processes: with the FastAGI server's, where the box's CPU goes per call.
+    Sampled while the step's daemon runs: its database backends exit with it."""
+    totals = {"asterisk": 0.0, "postgres": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name, rest = stat.read_text().split(" (", 1)[1].rsplit(")", 1)
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        key = "postgres" if name == "postgres" else "asterisk" if name == "asterisk" else None
+        if key:
+            fields = rest.split()
+            totals[key] += (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
 def place_calls(pairs: list[tuple[str, str]], rate: float, talk_ms: int, what: str) -> sipp.SippResult:
     """One SIPp UAC run at `rate` calls/s over `pairs`, with a fresh UAS answering."""
     count = len(pairs)
@@ -377,9 +395,10 @@ def run_steps(args, servers: Servers, engine, n_bindings: int, rng: random.Rando
     unclean_run = {s: 0 for s in SERVERS}
     order_flip = 0
     header = (f"{'rate':>5}  {'server':<16}{'rep':>3}  {'attempted':>9}{'ok':>7}{'failed':>7}  "
-              f"{'setup mean':>10}{'p95':>7}  {'CPU/call':>8}  {'AGI p50':>7}{'p99':>7}  {'CDRs':>6}  clean")
+              f"{'setup mean':>10}{'p95':>7}  {'CPU/call':>8}{'Ast':>6}{'PG':>6}  {'AGI p50':>7}{'p99':>7}  {'CDRs':>6}  clean")
     say("\nLoad steps. setup = SIPp INVITE -> 200 OK (ms); CPU/call = the FastAGI server's CPU ms per call\n"
-        "(route + hangup sessions); AGI = the daemon's 'call routed' ms; CDRs = rows written in the step.")
+        "(route + hangup sessions), Ast and PG the same for Asterisk and PostgreSQL; AGI = the daemon's\n"
+        "'call routed' ms; CDRs = rows written in the step.")
     say(header)
     say("-" * len(header))
     for rate in args.rates:
@@ -402,9 +421,9 @@ def run_steps(args, servers: Servers, engine, n_bindings: int, rng: random.Rando
                                          f"(sipp files in {w.workdir}):\n{servers.procs[name].output()[-1500:]}")
                 offset = servers.log_size(name)
                 cdrs_before = cdr_count(engine) if name == "callctl" else 0
-                t0, cpu0 = time.monotonic(), servers.cpu_s()
+                t0, cpu0, box0 = time.monotonic(), servers.cpu_s(), box_cpu_s()
                 res = place_calls(pairs, rate, args.talk_ms, f"{name} at {rate}/s")
-                wall, cpu1 = time.monotonic() - t0, servers.cpu_s()
+                wall, cpu1, box1 = time.monotonic() - t0, servers.cpu_s(), box_cpu_s()
                 servers.stop()  # flushes the daemon's log; next step starts the other server
                 row = {
                     "rate": rate, "server": name, "repeat": rep + 1, "calls": count,
@@ -417,6 +436,8 @@ def run_steps(args, servers: Servers, engine, n_bindings: int, rng: random.Rando
                     # the FastAGI server's own CPU per call (route + hangup AGI sessions)
                     "server_cpu_ms_per_call": round((cpu1 - cpu0) * 1000 / max(res.created, 1), 2)
                     if cpu0 is not None and cpu1 is not None else None,
+                    **{f"{part}_cpu_ms_per_call": round((box1[part] - box0[part]) * 1000 / max(res.created, 1), 2)
+                       for part in box0},
                 }
                 row["clean"] = step_is_clean(res, count)
                 agi = ""
@@ -460,7 +481,8 @@ def run_steps(args, servers: Servers, engine, n_bindings: int, rng: random.Rando
                         why.append(f"sipp {res.status}")
                     note += " (" + "; ".join(why) + ")"
                 say(f"{rate:>5g}  {LABEL[name]:<16}{rep + 1:>3}  {res.created:>9}{res.successful:>7}{res.failed:>7}  "
-                    f"{fmt(res.setup_ms_mean):>10}{fmt(res.setup_ms_p95):>7}  {fmt(row['server_cpu_ms_per_call'], 2):>8}  "
+                    f"{fmt(res.setup_ms_mean):>10}{fmt(res.setup_ms_p95):>7}  {fmt(row['server_cpu_ms_per_call'], 2):>8}"
+                    f"{fmt(row['asterisk_cpu_ms_per_call'], 2):>6}{fmt(row['postgres_cpu_ms_per_call'], 2):>6}  "
                     f"{agi}  {note}")
         verdict = ", ".join(f"{LABEL[n]} {'clean' if any(c) else 'NOT clean'}" for n, c in per_server.items())
         say(f"{'':>5}  rate {rate:g}/s (best of {args.repeats}): {verdict}")
@@ -664,6 +686,9 @@ def summarize(args, steps, routed_ms, inproc, db) -> dict:
         cpu = [s["server_cpu_ms_per_call"] for s in steps
                if s["server"] == name and s.get("server_cpu_ms_per_call") is not None]
         best[name]["cpu_ms_per_call_median"] = statistics.median(cpu) if cpu else None
+        for part in ("asterisk", "postgres"):
+            used = [s[f"{part}_cpu_ms_per_call"] for s in steps if s["server"] == name]
+            best[name][f"{part}_cpu_ms_per_call_median"] = statistics.median(used) if used else None
     c, m = best["callctl"]["highest_clean_rate"], best["minimal"]["highest_clean_rate"]
     ratio = (c / m) if c and m else None
     return {
@@ -722,6 +747,10 @@ def print_summary(s: dict, run_s: float, out: Path) -> None:
             f"{rate:g}/s {fmt(p99, 1)}" for rate, p99 in s["daemon_route_p99_ms_by_rate"].items()) + " ms",
         f"FastAGI server CPU per call   callctl {fmt(s['servers']['callctl']['cpu_ms_per_call_median'], 2)} ms, "
         f"minimal {fmt(s['servers']['minimal']['cpu_ms_per_call_median'], 2)} ms (median over steps; route + hangup)",
+        f"Asterisk CPU per call         with callctl {fmt(s['servers']['callctl']['asterisk_cpu_ms_per_call_median'], 2)} ms, "
+        f"with minimal {fmt(s['servers']['minimal']['asterisk_cpu_ms_per_call_median'], 2)} ms (median over steps)",
+        f"PostgreSQL CPU per call       with callctl {fmt(s['servers']['callctl']['postgres_cpu_ms_per_call_median'], 2)} ms, "
+        f"with minimal {fmt(s['servers']['minimal']['postgres_cpu_ms_per_call_median'], 2)} ms (median over steps)",
         f"in-process route() latency    p50 {fmt(ip['p50'], 2)} ms, p99 {fmt(ip['p99'], 2)} ms over {ip['calls']:,} random X",
         f"run time                      {run_s:.0f} s; JSON: {out.relative_to(REPO)}",
         "=" * 78,

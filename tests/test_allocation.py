@@ -21,10 +21,11 @@ from callctl.store.spool import CdrSpool
 HOTLINE, AGENT = "+861058000000", "+8613900000001"
 A, B, C, D = "+8613800000001", "+8613800000002", "+8613800000003", "+8613800000004"
 X = [f"+86171000000{i:02d}" for i in range(1, 11)]
+ALL_DAY = "00:00-24:00"  # calling hours must not make these tests depend on the time of day
 
 
 def pool(engine, size):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
+    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
     provision.add_numbers(engine, "acme", X[:size])
     return engine
 

@@ -21,6 +21,7 @@ STRANGER = "+8613700000002"  # a harasser's number, blocked by caller
 CALLCTL = Path(sys.executable).with_name("callctl")
 LOOKUP = f"lookup={new_key()}"
 K1, K2 = f"k1={new_key()}", f"k2={new_key()}"
+ALL_DAY = "00:00-24:00"  # calling hours must not make these tests depend on the time of day
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def ring():
 
 @pytest.fixture
 def acme(engine):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
+    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
     provision.add_numbers(engine, "acme", [X1])
     return engine
 

@@ -14,11 +14,13 @@ from callctl.store.spool import CdrSpool
 
 A, AGENT, HOTLINE = "+8613800000001", "+8613900000001", "+861058000000"
 X1, X2 = "+8617100000001", "+8617100000002"
+ALL_DAY = "00:00-24:00"
 
 
 @pytest.fixture
 def acme(engine):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], caller_prefixes=["+8610555"])
+    # Calling hours (test_policy.py) must not make these tests depend on the time of day.
+    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], caller_prefixes=["+8610555"], hours=ALL_DAY)
     provision.add_numbers(engine, "acme", [X1, X2])
     return engine
 
@@ -182,7 +184,7 @@ def bound_on_postgresql(pg_url: str, **engine_options):
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     upgrade(engine)
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
+    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
     provision.add_numbers(engine, "acme", [X1])
     provision.bind(engine, "acme", A)
     return engine

@@ -120,6 +120,11 @@ def out(text: str) -> None:
     say(f"       {text}")
 
 
+# The demo shows the same calls whenever it runs: its tenants may call customers all day
+# (the default is 08:00-21:00 in the tenant's zone; tests/test_lab_policy.py shows that rule).
+DEMO_HOURS = "00:00-24:00"
+
+
 def provision() -> dict:
     """Tenants, pools and bindings through the CLI. Returns the bindings by name."""
     out(callctl("keys", "generate", "--id", "demo").strip())
@@ -128,13 +133,16 @@ def provision() -> dict:
     t = json.loads(callctl(
         "tenant", "add", ACME, "--hotline", ACME_HOTLINE,
         *[a for agent in ACME_AGENTS for a in ("--caller", agent)], "--strict", "--max-call-seconds", "600",
+        "--hours", DEMO_HOURS,
         shown=f"tenant add {ACME} --hotline {ACME_HOTLINE} "
-              + " ".join(f"--caller {m(a)}" for a in ACME_AGENTS) + " --strict --max-call-seconds 600"))
+              + " ".join(f"--caller {m(a)}" for a in ACME_AGENTS) + f" --strict --max-call-seconds 600 --hours {DEMO_HOURS}"))
     out(f"tenant {t['id']} {t['name']}: hotline {t['hotline']}, agents "
         f"{', '.join(m(c) for c in t['callers'])}, strict (strangers are rejected)")
     t = json.loads(callctl(
         "tenant", "add", BLUESKY, "--hotline", BLUESKY_HOTLINE, "--caller-prefix", BLUESKY_PREFIX, "--no-strict",
-        shown=f"tenant add {BLUESKY} --hotline {BLUESKY_HOTLINE} --caller-prefix {BLUESKY_PREFIX} --no-strict"))
+        "--hours", DEMO_HOURS,
+        shown=f"tenant add {BLUESKY} --hotline {BLUESKY_HOTLINE} --caller-prefix {BLUESKY_PREFIX} --no-strict "
+              f"--hours {DEMO_HOURS}"))
     out(f"tenant {t['id']} {t['name']}: hotline {t['hotline']}, agents {t['caller_prefixes'][0]}..., "
         f"lenient (strangers go to the hotline, never to a customer)")
 

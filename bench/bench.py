@@ -331,10 +331,9 @@ class Servers:
         """CPU seconds (user + system, all threads) the running server has used so far."""
         proc = self.procs[self.running].proc if self.running else None
         try:
-            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return process_cpu_s(Path(f"/proc/{proc.pid}/stat").read_text())[1]
         except (AttributeError, OSError):
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def log_size(self, name: str) -> int:
         p = self.procs[name].log_path
@@ -351,17 +350,21 @@ def box_cpu_s() -> dict[str, float]:
     PostgreSQL's processes: with the FastAGI server's, where the box's CPU goes per call.
     Sampled while the step's daemon runs: its database backends exit with it."""
     totals = {"asterisk": 0.0, "postgres": 0.0}
-    tick = os.sysconf("SC_CLK_TCK")
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            name, rest = stat.read_text().split(" (", 1)[1].rsplit(")", 1)
-        except (OSError, IndexError, ValueError):
+            name, seconds = process_cpu_s(stat.read_text())
+        except OSError:
             continue  # gone meanwhile
-        key = "postgres" if name == "postgres" else "asterisk" if name == "asterisk" else None
-        if key:
-            fields = rest.split()
-            totals[key] += (int(fields[11]) + int(fields[12])) / tick
+        if name in totals:
+            totals[name] += seconds
     return totals
+
+
+def process_cpu_s(stat: str) -> tuple[str, float]:
+    """A /proc/PID/stat line as (command name, CPU seconds used: user + system, all threads)."""
+    head, _, rest = stat.rpartition(")")
+    fields = rest.split()
+    return head.partition(" (")[2], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def place_calls(pairs: list[tuple[str, str]], rate: float, talk_ms: int, what: str) -> sipp.SippResult:

@@ -15,6 +15,7 @@ import pytest
 
 from callctl.asterisk.fastagi import (
     AgiConnectionClosed,
+    _Lines,
     AgiProtocolError,
     AgiTimeout,
     FastAgiServer,
@@ -472,6 +473,74 @@ async def test_a_dead_channel_answer_marks_the_session_hung_up():
         agi.close()
     assert [r.code for r in got["results"]] == [200, 511]
     assert got["hungup"] is True
+
+
+@aio
+async def test_input_arriving_while_the_handler_works_is_read_in_order():
+    """Lines that come while the handler is busy (HANGUP notices, an early answer) wait
+    for it, in order; a flood meanwhile ends that session only."""
+    got = []
+    busy = asyncio.Event()
+
+    async def handler(session):
+        await busy.wait()  # e.g. a slow database
+        got.append((await session.command("ANSWER"), session.hungup))
+
+    async with serving({"route": handler}, max_env_bytes=4096) as (server, log):
+        agi = await FakeAsterisk.connect(server.port)
+        await agi.send(env_block() + b"HANGUP\n" * 3 + b"200 result=0 (early)\n")
+        await asyncio.sleep(0.05)
+        busy.set()
+        assert await agi.command() == b"ANSWER\n"
+        await agi.closed_after()
+        agi.close()
+        busy.clear()
+        agi = await FakeAsterisk.connect(server.port)
+        await agi.send(env_block() + b"HANGUP\n" * 3000)  # 21,000 bytes: five limits
+        await asyncio.sleep(0.05)
+        busy.set()
+        await agi.command()
+        await agi.closed_after()
+        agi.close()
+    ((result, hungup),) = got
+    assert result.code == 200 and result.data == "early" and hungup
+    assert [kw["error"] for _, kw in log.named("agi bad answer")] == ["answer too large"]
+
+
+def test_connection_stops_reading_while_too_much_waits_unread():
+    """The memory guard: past two limits unread, reading pauses until the reader is
+    back under one; a line longer than the limit is refused."""
+    class Transport:
+        paused = False
+
+        def pause_reading(self):
+            self.paused = True
+
+        def resume_reading(self):
+            self.paused = False
+
+        def is_closing(self):
+            return False
+
+    conn = _Lines(1024, lambda _: None)
+    conn.connection_made(transport := Transport())
+    conn.data_received(b"x" * 100 + b"\n" + b"y" * 500)
+    assert not transport.paused
+    conn.data_received(b"y" * 500 + b"\n" + b"HANGUP\n" * 200)
+    assert transport.paused  # 2,502 bytes unread
+
+    async def read(count):
+        return [await conn.readline() for _ in range(count)]
+
+    lines = asyncio.run(read(2))
+    assert lines == [b"x" * 100 + b"\n", b"y" * 1000 + b"\n"]
+    assert transport.paused  # 1,400 bytes still unread
+    assert asyncio.run(read(54)) == [b"HANGUP\n"] * 54
+    assert not transport.paused  # 1,022
+    conn.data_received(b"z" * 1100)
+    assert len(asyncio.run(read(146))) == 146
+    with pytest.raises(ValueError):
+        asyncio.run(read(1))
 
 
 @aio

@@ -1,13 +1,15 @@
 """FastAGI server: the wire protocol between Asterisk's res_agi and callctl.
 
-Built on asyncio streams in the shape of panoramisk's ``fast_agi`` (routes keyed by
-``agi_network_script``, one handler coroutine per connection), but written out here
+In the shape of panoramisk's ``fast_agi`` (routes keyed by ``agi_network_script``, one
+handler coroutine per connection), but written out here
 because panoramisk 1.4's ``Application.handler`` cannot be used as is: it spins forever
 when the peer closes while the environment is being read, has no timeouts or size
 limits, relies on ``asyncio.coroutine`` (removed in Python 3.11) and reads exactly one
 extra line after a multi-line ``520-`` answer. Its ``parse_agi_result`` drops the result
 on ``200 result=-1``, loses an empty ``result=`` and keeps no raw lines, so results are
-parsed here as well.
+parsed here as well. Connections are a small ``asyncio.Protocol`` that splits what
+arrives into lines in one pass (``_Lines``): asyncio's streams cost a coroutine step
+per line, and a call's two sessions carry some fifty lines.
 
 Protocol, as res_agi speaks it:
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 from urllib.parse import urlsplit
@@ -156,23 +159,101 @@ def _verb(line: str) -> str:
     return " ".join(words) or "?"
 
 
+class _Lines(asyncio.Protocol):
+    """One connection's bytes as lines, for the session coroutine that reads them.
+
+    ``readline()`` has StreamReader.readline's contract: a line with its newline, or at
+    end of input the unterminated rest (b"" when none); ValueError for a line longer than
+    ``limit``. Reading pauses while more than two limits' worth waits unread.
+    """
+
+    def __init__(self, limit: int, on_connect: Callable[["_Lines"], None]):
+        self.limit = limit
+        self._on_connect = on_connect
+        self.transport: asyncio.Transport | None = None
+        self.received_any = False
+        self._lines: deque[bytes] = deque()
+        self._partial = b""
+        self._buffered = 0
+        self._paused = False
+        self._eof = False
+        self._waiter: asyncio.Future | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.received_any = True
+        self._buffered += len(data)
+        if self._partial:
+            data = self._partial + data
+        *complete, self._partial = data.split(b"\n")
+        self._lines.extend(line + b"\n" for line in complete)
+        if self._buffered > 2 * self.limit and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True  # half-closed: what we still write (an answer) is delivered
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+
+    @property
+    def closed(self) -> bool:
+        return self._eof or self.transport.is_closing()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def readline(self) -> bytes:
+        while not self._lines:
+            if len(self._partial) > self.limit:
+                raise ValueError("line longer than the limit")
+            if self._eof:
+                rest, self._partial = self._partial, b""
+                return rest
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        line = self._lines.popleft()
+        self._buffered -= len(line)
+        if self._paused and self._buffered <= self.limit:
+            self._paused = False
+            self.transport.resume_reading()
+        if len(line) > self.limit + 1:
+            raise ValueError("line longer than the limit")
+        return line
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionResetError("peer closed the connection")
+        self.transport.write(data)
+
+
 class AgiSession:
     """One FastAGI connection, handed to the route handler after the environment is read."""
 
     __slots__ = (
         "env", "args", "script", "hungup", "peer",
-        "_reader", "_writer", "_timeout", "_max_bytes", "_log", "_busy", "_broken",
+        "_conn", "_timeout", "_max_bytes", "_log", "_busy", "_broken",
     )
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 peer: str, command_timeout: float, max_bytes: int, log: Any):
+    def __init__(self, conn: _Lines, *, peer: str, command_timeout: float, max_bytes: int, log: Any):
         self.env: dict[str, str] = {}
         self.args: list[str] = []
         self.script: str = ""
         self.hungup = False
         self.peer = peer
-        self._reader = reader
-        self._writer = writer
+        self._conn = conn
         self._timeout = command_timeout
         self._max_bytes = max_bytes
         self._log = log
@@ -204,15 +285,14 @@ class AgiSession:
         answered = False
         try:
             async with asyncio.timeout(self._timeout):
-                self._writer.write(line.encode() + b"\n")
-                await self._writer.drain()
+                self._conn.write(line.encode() + b"\n")  # a line: far below any high-water mark
                 result = await self._read_answer()
             answered = True
         except TimeoutError:
             raise AgiTimeout(f"no answer to {_verb(line)} within {self._timeout}s") from None
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        except ConnectionError as exc:
             raise AgiConnectionClosed("peer closed the connection") from exc
-        except ValueError as exc:  # StreamReader limit overrun
+        except ValueError as exc:  # line limit overrun
             raise AgiProtocolError("answer line too long") from exc
         finally:
             self._busy = False
@@ -231,7 +311,7 @@ class AgiSession:
         return result
 
     async def _read_answer(self) -> AgiResult:
-        reader = self._reader
+        reader = self._conn
         budget = self._max_bytes
         block: list[str] | None = None  # lines of a multi-line answer ("520-...")
         block_end = ""
@@ -335,10 +415,8 @@ class FastAgiServer:
         return len(self._tasks)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self.port,
-            limit=max(self.max_env_bytes, 1024), backlog=self.backlog,
-        )
+        self._server = await asyncio.get_running_loop().create_server(
+            self._connection, self.host, self.port, backlog=self.backlog)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -366,19 +444,26 @@ class FastAgiServer:
 
     # -- one connection ---------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
+    def _connection(self) -> _Lines:
+        return _Lines(max(self.max_env_bytes, 1024), self._start_session)
+
+    def _start_session(self, conn: _Lines) -> None:
+        """A connection is made: one task serves it (close() waits for these)."""
+        task = asyncio.get_running_loop().create_task(self._serve(conn))
         self._tasks.add(task)
-        peername = writer.get_extra_info("peername")
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: _Lines) -> None:
+        task = asyncio.current_task()
+        peername = conn.transport.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
-        session = AgiSession(reader, writer, peer=peer, command_timeout=self.command_timeout,
+        session = AgiSession(conn, peer=peer, command_timeout=self.command_timeout,
                              max_bytes=self.max_env_bytes, log=self.log)
         clean = False
         try:
             clean = await self._run(session)
         except asyncio.CancelledError:
-            # Only close() cancels these tasks. End normally: asyncio 3.11's stream
-            # callback would report a cancelled connection task as an error.
+            # Only close() cancels these tasks: end normally, the log line says it.
             if task is not None:
                 task.uncancel()
             self.log.info("agi session cancelled", script=session.script or None, peer=peer,
@@ -387,11 +472,10 @@ class FastAgiServer:
             self.log.exception("agi session failed", script=session.script or None, peer=peer,
                                uniqueid=session.uniqueid)
         finally:
-            self._tasks.discard(task)
             if clean:
-                writer.close()
+                conn.transport.close()
             else:
-                writer.transport.abort()
+                conn.transport.abort()
 
     async def _run(self, session: AgiSession) -> bool:
         """Read the environment, dispatch, run the handler. True when it ended cleanly."""
@@ -405,10 +489,6 @@ class FastAgiServer:
             return False
         except _EnvError as err:
             getattr(log, err.level)(err.event, peer=session.peer, uniqueid=session.uniqueid, **err.kw)
-            return False
-        except ConnectionError:
-            log.info("agi peer closed before environment end", peer=session.peer,
-                     uniqueid=session.uniqueid, lines=len(session.env))
             return False
 
         env = session.env
@@ -451,7 +531,7 @@ class FastAgiServer:
         return True
 
     async def _read_env(self, session: AgiSession) -> None:
-        reader = session._reader
+        reader = session._conn
         env = session.env
         budget = self.max_env_bytes
         numbered: dict[int, str] = {}
@@ -466,7 +546,7 @@ class FastAgiServer:
                 # Connect-and-close without a byte is a health check (load balancer,
                 # monitoring): not worth a line at info level.
                 raise _EnvError("agi peer closed before environment end",
-                                level="info" if raw or line_no > 1 else "debug", lines=len(env))
+                                level="info" if reader.received_any else "debug", lines=len(env))
             budget -= len(raw)
             if budget < 0:
                 raise _EnvError("agi environment too large", limit=self.max_env_bytes)

@@ -187,3 +187,46 @@ def test_a_url_with_libpq_options_works_on_the_loop_too(pg_url):
 
     assert asyncio.run(on_loop(calls)(url)) == ("7MB", "callctl-test")
     engine.dispose()
+
+
+def test_connections_are_lent_one_statement_at_a_time_and_never_leak(pg_url):
+    """The call path's own connection lending: never more than `size` connections; a
+    statement that failed or was cut off half-way (timeout, cancel) costs its connection,
+    a waiter that gives up costs nothing."""
+    engine = bound_on_postgresql(pg_url)
+
+    def backends():
+        with engine.connect() as conn:
+            return conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).scalar()
+
+    async def calls(store):
+        facts = await asyncio.gather(*(store.facts(X1, AGENT, NOW) for _ in range(20)))
+        assert all(f.bindings[0].party_a == A for f in facts)
+        assert backends() == 2  # size=2 for reads; inserts made none yet
+        with pytest.raises(Exception) as refused:
+            async with store.reads.acquire() as conn:
+                refusing = conn.get_server_pid()
+                await conn.fetch("SELEC 1")
+        assert type(refused.value).__name__ == "PostgresSyntaxError"
+        async with store.reads.acquire() as first, store.reads.acquire() as second:
+            assert refusing not in (first.get_server_pid(), second.get_server_pid())
+            # every connection lent: a third caller waits, then gives up
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(store.facts(X1, AGENT, NOW), 0.2)
+        with pytest.raises(TimeoutError):  # cut off half-way through a statement
+            async with store.reads.acquire() as conn:
+                cut = conn.get_server_pid()
+                await asyncio.wait_for(conn.fetch("SELECT pg_sleep(1)"), 0.2)
+        await asyncio.sleep(1.3)  # its backend ends once the sleep is over
+        assert backends() == 1  # the cut-off one is gone; the other is kept
+        assert (await store.facts(X1, AGENT, NOW)).bindings[0].party_a == A
+        await asyncio.gather(*(store.facts(X1, AGENT, NOW) for _ in range(20)))
+        assert backends() == 2  # the waiter that gave up took no slot with it
+        async with store.reads.acquire() as first, store.reads.acquire() as second:
+            assert cut not in (first.get_server_pid(), second.get_server_pid())
+        return True
+
+    assert asyncio.run(on_loop(calls)(pg_url))
+    engine.dispose()

@@ -230,3 +230,40 @@ def test_connections_are_lent_one_statement_at_a_time_and_never_leak(pg_url):
 
     assert asyncio.run(on_loop(calls)(pg_url))
     engine.dispose()
+
+
+def test_warm_connections_are_open_before_the_first_call(pg_url):
+    """A started daemon opens its first call-path connections before any call needs one;
+    the first calls then open none."""
+    engine = bound_on_postgresql(pg_url)
+
+    def backends():
+        with engine.connect() as conn:
+            return conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).scalar()
+
+    async def calls(store):
+        assert backends() == 0
+        await store.warm(2)
+        assert backends() == 4  # two for routing, two for CDRs
+        await asyncio.gather(*(store.facts(X1, AGENT, NOW) for _ in range(2)))
+        return backends()
+
+    assert asyncio.run(on_loop(calls)(pg_url)) == 4
+    engine.dispose()
+
+
+def test_warming_with_no_database_is_one_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"postgresql://postgres@127.0.0.1:{sock.getsockname()[1]}/nothing"
+
+    async def calls(store):
+        with pytest.raises(PgUnavailable) as info:
+            await store.warm(2)
+        return str(info.value)
+
+    assert asyncio.run(on_loop(calls)(url)) in ("ConnectionRefusedError", "OSError")

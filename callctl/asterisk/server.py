@@ -26,6 +26,7 @@ from callctl.store.pgcalls import PgCallStore, PgUnavailable
 from callctl.store.spool import SpoolError
 
 log = structlog.get_logger("callctl.asterisk")
+WARM_CONNECTIONS = 2  # per kind (routing, CDRs) opened at start; more when calls need them
 
 # AGI argument name -> FinishedCall field (docs/agi.md, section 2).
 _HANGUP_ARGS = {
@@ -174,9 +175,16 @@ async def run(cfg) -> None:
 
 async def _housekeeping(service: CallService, executor, stop: asyncio.Event, every: float = 5.0) -> None:
     """Replay spooled CDRs whenever the database is back (at start, then every few
-    seconds); keep the coming days' CDR partitions made (at start, then hourly)."""
+    seconds); keep the coming days' CDR partitions made (at start, then hourly). On
+    PostgreSQL, first open a few call-path connections, so the first calls after a
+    start do not each pay for one."""
     loop = asyncio.get_running_loop()
     next_partitions = 0.0
+    if service.pg is not None:
+        try:
+            await service.pg.warm(WARM_CONNECTIONS)
+        except PgUnavailable as exc:  # down at start: connections are made when it is back
+            log.info("database not reachable at start", error=str(exc))
     while not stop.is_set():
         await loop.run_in_executor(executor, service.replay_spool)
         if time.monotonic() >= next_partitions:

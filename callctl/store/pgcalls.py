@@ -149,6 +149,18 @@ class _Connections:
                 waiter.set_result(None)
                 return
 
+    async def warm(self, count: int) -> None:
+        """Open up to `count` connections now, not on the first calls: each new one
+        costs its call a connection set-up (a backend start, authentication)."""
+        taken = await asyncio.gather(*(self._take() for _ in range(min(count, self._size))),
+                                     return_exceptions=True)
+        errors = [conn for conn in taken if isinstance(conn, BaseException)]
+        for conn in taken:
+            if not isinstance(conn, BaseException):
+                self._give(conn)
+        if errors:
+            raise errors[0]
+
     def expire(self) -> None:
         """Close the idle connections: the server dropped one, the others went with it."""
         idle, self._idle = self._idle, []
@@ -187,6 +199,15 @@ class PgCallStore:
             return asyncpg.connect(dsn, timeout=timeout, command_timeout=timeout, server_settings=settings)
 
         return cls(_Connections(connect, size), _Connections(connect, size))
+
+    async def warm(self, count: int) -> None:
+        """Open `count` connections of each kind before the first calls need them
+        (PgUnavailable if the database does not answer: they are made later then)."""
+        try:
+            for connections in (self.reads, self.inserts):
+                await connections.warm(count)
+        except _ERRORS as exc:
+            raise PgUnavailable(type(exc).__name__) from exc
 
     async def close(self, timeout: float = 5.0) -> None:
         for connections in (self.reads, self.inserts):

@@ -159,10 +159,12 @@ class Binding(Base):
             postgresql_where=text("status = 'active' AND mode = 'AXE'"),
             sqlite_where=text("status = 'active' AND mode = 'AXE'"),
         ),
-        Index("ix_binding_number_status", "number_id", "status"),
+        # X's active bindings; the longest AXE extension last (the prompt's width, 0070).
+        Index("ix_binding_number_status", "number_id", "status", text("length(extension)")),
         Index("ix_binding_tenant_reference", "tenant_id", "reference"),
-        Index("ix_binding_party_a_hash", "party_a_hash"),
-        Index("ix_binding_party_b_hash", "party_b_hash"),
+        # A party's bindings, and its bindings on one X (the call-time facts, 0070).
+        Index("ix_binding_party_a_hash", "party_a_hash", "number_id", "status"),
+        Index("ix_binding_party_b_hash", "party_b_hash", "number_id", "status"),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))

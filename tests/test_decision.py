@@ -14,7 +14,7 @@ def facts(agent=True, strict=True, bindings=None, blocks=()):
     tenant = TenantFacts(7, HOTLINE, agent, strict, ring_timeout=25, max_call_seconds=600)
     if bindings is None:
         bindings = (BindingFacts(11, Mode.AXN, A),)
-    return NumberFacts(X, tenant, tuple(bindings), tuple(blocks))
+    return NumberFacts(X, tenant, tuple(bindings), tuple(blocks), mode=bindings[0].mode if bindings else None)
 
 
 def test_agent_reaches_customer_presenting_x():

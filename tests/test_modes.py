@@ -24,8 +24,15 @@ C1, C2 = "+8613800000011", "+8613800000012"
 
 
 def facts(bindings, agent=False, strict=True, blocks=()):
+    """Facts with every binding on X (a superset of what the store reads for one caller)."""
     tenant = TenantFacts(7, HOTLINE, agent, strict, ring_timeout=25, max_call_seconds=600)
-    return NumberFacts(X, tenant, tuple(bindings), tuple(blocks))
+    return NumberFacts(X, tenant, tuple(bindings), tuple(blocks), **described(bindings))
+
+
+def described(bindings) -> dict:
+    """What the store says of X itself: its mode and its longest extension."""
+    return {"mode": bindings[0].mode if bindings else None,
+            "extension_digits": max((len(b.extension or "") for b in bindings), default=0)}
 
 
 def bridge(destination, binding_id, direction):
@@ -130,7 +137,7 @@ def test_axe_blocks_that_need_no_binding_stop_the_call_before_the_prompt(block):
 
 def test_axe_outside_calling_hours_is_rejected_before_the_prompt():
     tenant = TenantFacts(7, HOTLINE, True, True, 25, 600, "Asia/Shanghai", time(8, 0), time(9, 0))
-    f = NumberFacts(X, tenant, AXE_SHARED)
+    f = NumberFacts(X, tenant, AXE_SHARED, **described(AXE_SHARED))
     assert decide(AGENT, NOW, f) == Reject(Reason.OUTSIDE_HOURS, 7, None, Direction.TO_CUSTOMER)
     assert decide(C1, NOW, f).destination == HOTLINE  # customers may always call
 
@@ -176,11 +183,16 @@ def shared(engine, tmp_path):
     return CallService(engine, CdrSpool(tmp_path / "spool")), ids
 
 
-def test_axe_second_request_reads_only_the_keyed_binding(shared):
+def test_axe_reads_only_the_callers_or_the_keyed_binding(shared):
+    """The agent's first request reads no customer's binding, only what X is; the
+    second reads the keyed extension's; a customer's, its own."""
     service, (first, second) = shared
-    assert [b.id for b in call_facts(service.engine, X, AGENT, NOW).bindings] == [first, second]
+    prompt = call_facts(service.engine, X, AGENT, NOW)
+    assert (prompt.bindings, prompt.mode, prompt.extension_digits) == ((), Mode.AXE, 3)
     assert [b.id for b in call_facts(service.engine, X, AGENT, NOW, "468").bindings] == [second]
     assert call_facts(service.engine, X, AGENT, NOW, "999").bindings == ()
+    assert [b.id for b in call_facts(service.engine, X, C1, NOW).bindings] == [first]
+    assert call_facts(service.engine, X, None, NOW).bindings == ()
 
 
 def test_facts_hold_each_binding_and_block_once(shared):
@@ -196,10 +208,13 @@ def test_facts_hold_each_binding_and_block_once(shared):
               created_by="test", now=now)
     add_block(service.engine, scope="binding", binding_id=second, direction="both", reason="over",
               created_by="test", now=now - timedelta(days=2), duration_seconds=60)  # long over
-    facts = call_facts(service.engine, X, AGENT, now + timedelta(seconds=1))
-    assert [b.id for b in facts.bindings] == [first, second]
+    facts = call_facts(service.engine, X, C1, now + timedelta(seconds=1))  # first's customer
+    assert [b.id for b in facts.bindings] == [first]
     assert sorted((b.scope, b.binding_id) for b in facts.blocks) == [
         ("binding", first), ("number", None), ("tenant", None)]
+    # The agent, prompted, is a party to no binding: the blocks that need none still come.
+    prompt = call_facts(service.engine, X, AGENT, now + timedelta(seconds=1))
+    assert prompt.bindings == () and sorted(b.scope for b in prompt.blocks) == ["number", "tenant"]
     keyed = call_facts(service.engine, X, AGENT, now + timedelta(seconds=1), "468")
     assert [b.id for b in keyed.bindings] == [second]
     assert sorted(b.scope for b in keyed.blocks) == ["number", "tenant"]

@@ -62,7 +62,7 @@ def tenant_facts(**kw):
     values = dict(id=7, hotline=HOTLINE, caller_is_agent=True, strict=True, ring_timeout=25,
                   max_call_seconds=600)
     values.update(kw)
-    return NumberFacts(POOL[0], TenantFacts(**values), (BindingFacts(11, Mode.AXN, CUSTOMER),))
+    return NumberFacts(POOL[0], TenantFacts(**values), (BindingFacts(11, Mode.AXN, CUSTOMER),), mode=Mode.AXN)
 
 
 def test_outside_hours_rejects_calls_to_customers_only():

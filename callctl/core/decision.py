@@ -79,11 +79,17 @@ class BlockFacts:
 
 @dataclass(frozen=True)
 class NumberFacts:
-    """What the store knows about X at call time. None when X is not ours."""
+    """What the store knows about X at call time. None when X is not ours.
+
+    Of X's bindings only those that can decide the call: an AXN X's one binding; on an
+    AXB or AXE X (shared by 10^k), the caller's, where the caller is a party; after an
+    AXE prompt, the keyed extension's. `mode` and `extension_digits` describe X itself."""
     x: str
     tenant: TenantFacts
-    bindings: tuple[BindingFacts, ...] = ()  # active bindings on X
+    bindings: tuple[BindingFacts, ...] = ()  # in id order
     blocks: tuple[BlockFacts, ...] = field(default=())  # candidate blocks (filtered here)
+    mode: Mode | None = None  # the mode X serves; None: no active binding on X
+    extension_digits: int = 0  # AXE: digits of X's longest extension (the prompt's)
 
 
 @dataclass(frozen=True)
@@ -128,10 +134,11 @@ def decide(
 
     `extension`: what an AXE caller keyed when prompted ('' for nothing); None before.
     """
-    if facts is None or (extension is None and not facts.bindings):
+    if facts is None or (extension is None and facts.mode is None):
         return Reject(Reason.UNKNOWN_NUMBER, tenant_id=facts.tenant.id if facts else None)
     tenant = facts.tenant
     bindings = facts.bindings
+    mode = facts.mode
     if extension is not None:
         # Only agents are prompted (AXE); the keyed extension picks the customer.
         if not tenant.caller_is_agent:
@@ -139,9 +146,10 @@ def decide(
         bindings = tuple(b for b in bindings if b.mode == Mode.AXE and b.extension == extension)
         if not bindings:
             return Reject(Reason.INVALID_EXTENSION, tenant.id, direction=Direction.TO_CUSTOMER)
-    elif bindings[0].mode == Mode.AXE and _customer_binding(caller, bindings, now) is None:
+        mode = Mode.AXE
+    elif mode == Mode.AXE and _customer_binding(caller, bindings, now) is None:
         return _axe_prompt(caller, now, facts)
-    found = _match(caller, tenant, bindings, now)
+    found = _match(caller, tenant, mode, bindings, now)
     if found is None:
         return Reject(Reason.UNKNOWN_CALLER, tenant_id=tenant.id)
     binding, direction, destination = found
@@ -220,8 +228,7 @@ def _axe_prompt(caller: str | None, now: datetime, facts: NumberFacts) -> Decisi
         closed = _closed(tenant, now)
         if closed is not None:
             return Reject(closed, tenant.id, direction=Direction.TO_CUSTOMER)
-        digits = max(len(b.extension or "") for b in facts.bindings)
-        return CollectExtension(digits=digits, tries=EXTENSION_TRIES, tenant_id=tenant.id)
+        return CollectExtension(digits=facts.extension_digits, tries=EXTENSION_TRIES, tenant_id=tenant.id)
     if tenant.strict:
         return Reject(Reason.UNKNOWN_CALLER, tenant_id=tenant.id)
     return _bridge(facts, tenant.hotline, None, Direction.FROM_CUSTOMER)
@@ -245,13 +252,14 @@ def _customer_binding(caller: str | None, bindings, now: datetime) -> BindingFac
 
 
 def _match(
-    caller: str | None, tenant: TenantFacts, bindings: tuple[BindingFacts, ...], now: datetime
+    caller: str | None, tenant: TenantFacts, mode: Mode, bindings: tuple[BindingFacts, ...], now: datetime
 ) -> tuple[BindingFacts, Direction, str] | None:
     """Pick the binding the call belongs to, its direction and where it goes.
 
-    Parties are compared here in Python, never in SQL: they may be encrypted at rest.
+    Parties are compared here in Python: the store found the caller's bindings by
+    their lookup hashes, which say nothing of which party the caller is.
     """
-    if bindings[0].mode == Mode.AXB:
+    if mode == Mode.AXB:
         # (X, caller) picks the pair; nobody else reaches anyone through X.
         pair = None if caller is None else _live_first(
             (b for b in bindings if b.party_b and caller in (b.party_a, b.party_b)), now

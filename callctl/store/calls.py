@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from datetime import datetime, time
 
-from sqlalchemy import String, and_, bindparam, exists, or_, select, true
+from sqlalchemy import String, and_, bindparam, exists, func, literal_column, or_, select, true, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import aliased
 
 from callctl.core.decision import BindingFacts, BlockFacts, Mode, NumberFacts, TenantFacts
 from callctl.store.crypto import number_hash
@@ -18,13 +19,30 @@ from callctl.store.db import READ_ONLY
 from callctl.store.models import Binding, Block, Cdr, Tenant, TenantCaller, VirtualNumber
 
 
+# Constants written into the SQL, not sent as parameters: a prepared statement's generic
+# plan can then use the partial indexes (WHERE status = 'active' AND mode = ...).
+_ACTIVE, _BOUND = literal_column("'active'"), literal_column("'bound'")
+_AXN, _AXE = literal_column("'AXN'"), literal_column("'AXE'")
+
+
 def _facts_statement(by_extension: bool):
-    """X's number and tenant, its active bindings and the blocks in force on them, as
-    one row per (binding, block) pair: blocks are rare, so mostly one row per binding.
+    """X's number and tenant, what X serves, the caller's bindings on X and the blocks in
+    force, as one row per (binding, block) pair: blocks are rare, so mostly one row per
+    binding, and one row when the caller has none.
+
+    Bounded by the caller, not by X: an AXB or AXE X may carry 10^k bindings, of which
+    the caller is a party to one or two. The bindings read are X's AXN binding (an AXN
+    X has one), the AXB/AXE bindings with the caller as a party (found by the parties'
+    lookup hashes) or, once an AXE caller keyed an extension, that extension's binding;
+    each branch is one index lookup (sql/*/0070). Of X itself, index probes that read
+    no binding's numbers give the mode X serves (NULL: no active binding) and the width
+    of its AXE extensions (the longest).
 
     Statements are built once: constructing them per call cost more than running them.
-    A NULL caller (anonymous) matches no agent pattern and no caller block."""
+    A NULL caller (anonymous) matches no agent pattern, no party and no caller block."""
+    x = bindparam("x", type_=String)
     caller = bindparam("caller", type_=String)
+    caller_hash = bindparam("caller_hash", type_=String)
     now = bindparam("now", type_=Block.starts_at.type)
     agent = exists().where(
         TenantCaller.tenant_id == Tenant.id,
@@ -33,41 +51,62 @@ def _facts_statement(by_extension: bool):
             and_(TenantCaller.is_prefix, caller.like(TenantCaller.pattern + "%")),
         ),
     )
-    binding_on = and_(
-        Binding.number_id == VirtualNumber.id,
-        Binding.status == "active",
-        VirtualNumber.state == "bound",
-        # AXE, once the caller keyed an extension: only that binding (X may hold 10^k).
-        Binding.extension == bindparam("extension") if by_extension else true(),
-    )
+    # Uncorrelated, so each runs once per call; NULL when X is not ours or not bound.
+    x_id = select(VirtualNumber.id).where(VirtualNumber.e164 == x, VirtualNumber.state == _BOUND)
+    x_id = x_id.correlate(None).scalar_subquery()
+    probe = aliased(Binding)
+    on_x = and_(probe.number_id == x_id, probe.status == _ACTIVE)
+    one = literal_column("1")  # LIMIT 1 in the SQL text, not a parameter a plan must allow for
+    # Any one active binding tells X's mode: an X never mixes modes (provision._claim).
+    x_mode = select(probe.mode).where(on_x).limit(one).correlate(None).scalar_subquery()
+    first_id = select(probe.id).where(on_x).limit(one).correlate(None).scalar_subquery()
+    # The prompt asks for as many digits as X's longest extension.
+    width = func.length(probe.extension)
+    x_width = select(width).where(on_x).order_by(width.desc()).limit(one).correlate(None).scalar_subquery()
+
+    def bindings(*where):
+        return select(Binding.id, Binding.mode, Binding.party_a, Binding.party_b, Binding.extension,
+                      Binding.expires_at).where(*where)
+
+    if by_extension:
+        mine = bindings(Binding.number_id == x_id, Binding.status == _ACTIVE, Binding.mode == _AXE,
+                        Binding.extension == bindparam("extension"))
+    else:
+        mine = union_all(
+            bindings(Binding.id == first_id, Binding.mode == _AXN),  # an AXN X has that one binding
+            *(bindings(party == caller_hash, Binding.number_id == x_id, Binding.status == _ACTIVE,
+                       Binding.mode != _AXN)
+              for party in (Binding.party_a_hash, Binding.party_b_hash)),
+        )
+    mine = mine.subquery("mine")
     block_on = and_(
-        Binding.id.is_not(None),  # no binding, no decision a block could change
+        x_mode.is_not(None),  # no binding on X, no decision a block could change
         Block.tenant_id == Tenant.id,
         Block.starts_at <= now,
         or_(Block.ends_at.is_(None), Block.ends_at > now),
         or_(
             Block.scope == "tenant",
             and_(Block.scope == "number", Block.number_id == VirtualNumber.id),
-            and_(Block.scope == "binding", Block.binding_id == Binding.id),
+            and_(Block.scope == "binding", Block.binding_id == mine.c.id),
             # Caller blocks hold a (maybe customer's) number encrypted: found by its hash.
-            and_(Block.scope == "caller", Block.caller_hash == bindparam("caller_hash", type_=String)),
+            and_(Block.scope == "caller", Block.caller_hash == caller_hash),
         ),
     )
     return (
         select(
             VirtualNumber.state, Tenant.id, Tenant.hotline, Tenant.strict, Tenant.ring_timeout,
             Tenant.max_call_seconds, Tenant.time_zone, Tenant.calls_from, Tenant.calls_until,
-            agent.label("agent"),
-            Binding.id.label("binding_id"), Binding.mode, Binding.party_a, Binding.party_b,
-            Binding.extension, Binding.expires_at,
+            agent.label("agent"), x_mode.label("x_mode"), x_width.label("x_extension_digits"),
+            mine.c.id.label("binding_id"), mine.c.mode, mine.c.party_a, mine.c.party_b,
+            mine.c.extension, mine.c.expires_at,
             Block.id.label("block_id"), Block.scope, Block.direction,
             Block.binding_id.label("block_binding_id"), Block.caller, Block.starts_at, Block.ends_at,
         )
         .join(Tenant, Tenant.id == VirtualNumber.tenant_id)
-        .outerjoin(Binding, binding_on)
+        .outerjoin(mine, true())
         .outerjoin(Block, block_on)
-        .where(VirtualNumber.e164 == bindparam("x"))
-        .order_by(Binding.id, Block.id)
+        .where(VirtualNumber.e164 == x)
+        .order_by(mine.c.id, Block.id)
     )
 
 
@@ -80,7 +119,8 @@ def call_facts(
 ) -> NumberFacts | None:
     """Everything the decision needs about a call to X from caller, or None if X is not ours.
 
-    With an extension (AXE, second request) only the bindings holding it are read."""
+    The bindings read are X's AXN binding or the caller's on X (_facts_statement); with
+    an extension (AXE, second request), the binding holding it."""
     params = facts_params(x, caller, now, extension)
     with engine.connect() as conn:
         conn.execution_options(**READ_ONLY)
@@ -109,7 +149,9 @@ def facts_from_rows(x: str, rows) -> NumberFacts | None:
                 for r in rows if r.binding_id is not None}
     blocks = {r.block_id: BlockFacts(r.scope, r.direction, r.block_binding_id, r.caller, r.starts_at, r.ends_at)
               for r in rows if r.block_id is not None}
-    return NumberFacts(x=x, tenant=tenant, bindings=tuple(bindings.values()), blocks=tuple(blocks.values()))
+    return NumberFacts(x=x, tenant=tenant, bindings=tuple(bindings.values()), blocks=tuple(blocks.values()),
+                       mode=Mode(first.x_mode) if first.x_mode else None,
+                       extension_digits=first.x_extension_digits or 0)
 
 
 # Built once, like the reads above. No conflict target: on PostgreSQL the CDR table is

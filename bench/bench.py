@@ -11,7 +11,12 @@
    set-based SQL (INSERT ... SELECT FROM generate_series; the customers' numbers
    encrypted and hashed in Python and COPYed in), then VACUUM ANALYZE.
 2. In-process decision latency: CallService.route_on_loop(X, agent) for random X on that DB,
-   and what encryption costs per decision (decrypt + lookup hash, microseconds).
+   and what encryption costs per decision (decrypt + lookup hash, microseconds). Beside
+   each of those calls, in turn, the same for an agent's first call to an AXE X shared by
+   10,000 customers (the extension prompt) and a random party's call on an AXB X shared
+   by 10,000 pairs (both loaded set-based too, +86172... X), with their ratio to AXN.
+   `--only inprocess` runs steps 1 and 2 alone (no lab):
+       .venv/bin/python bench/bench.py --only inprocess --database callctl_bench_inprocess
 3. The lab (held under LabLock the whole time): Asterisk up, a SIPp UAS on 5070 answers
    every outbound leg, SIPp UAC calls from the agent to random bound X at stepped rates.
    Two FastAGI servers take turns on 4573, interleaved per step: `callctl serve asterisk`
@@ -52,7 +57,7 @@ import uvloop  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
 from callctl import logs, sipp  # noqa: E402
-from callctl.core.decision import Bridge  # noqa: E402
+from callctl.core.decision import Bridge, CollectExtension  # noqa: E402
 from callctl.service import CallService  # noqa: E402
 from callctl.store import crypto  # noqa: E402
 from callctl.store.db import make_engine, upgrade  # noqa: E402
@@ -275,31 +280,129 @@ def cdr_count(engine) -> int:
 
 # ---------------------------------------------------------------------------- in-process
 
-def in_process_latency(bench_url: str, n_bindings: int, samples: int, rng: random.Random) -> dict:
+# Shared X for the in-process part: an AXE X with SHARED_BINDINGS customers and an AXB X
+# with SHARED_BINDINGS pairs, beside the AXN range (+86172..., outside +86171 + 1..N).
+SHARED_BINDINGS = 10_000
+SHARED_X = {"AXE": "+8617200000001", "AXB": "+8617200000002"}
+AXE_CUSTOMER, AXB_A, AXB_B = "+86137", "+86136", "+86135"  # + 8 digits (1..SHARED_BINDINGS)
+
+
+def shared_party(prefix: str, j: int) -> str:
+    return f"{prefix}{j:08d}"
+
+
+def load_shared(bench_url: str, tenant_id: int, k: int = SHARED_BINDINGS) -> float:
+    """The two shared X and their k bindings each, loaded set-based like the AXN ones
+    (numbers sealed and hashed here, COPYed, joined in); AXE extensions 0..k-1, all of
+    one width. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    ring = crypto.ring()
+    digits = len(str(k - 1))
+    engine = make_engine(bench_url, pool_size=1)
+    try:
+        with engine.begin() as db:
+            db.execute(text("INSERT INTO virtual_numbers (e164, tenant_id, state, mode) "
+                            "VALUES (:axe, :tid, 'bound', 'AXE'), (:axb, :tid, 'bound', 'AXB')"),
+                       {"axe": SHARED_X["AXE"], "axb": SHARED_X["AXB"], "tid": tenant_id})
+            db.exec_driver_sql("CREATE TEMP TABLE bench_shared (j int PRIMARY KEY, c text, c_hash text, "
+                               "a text, a_hash text, b text, b_hash text) ON COMMIT DROP")
+            lines = []
+            for j in range(1, k + 1):
+                numbers = (shared_party(prefix, j) for prefix in (AXE_CUSTOMER, AXB_A, AXB_B))
+                lines.append("\t".join([str(j), *(v for n in numbers for v in (ring.seal(n), ring.hash(n)))]) + "\n")
+            db.connection.dbapi_connection.cursor().copy_expert("COPY bench_shared FROM STDIN", io.StringIO("".join(lines)))
+            db.execute(text(
+                "INSERT INTO bindings (tenant_id, number_id, mode, party_a, party_a_hash, extension, reference, status) "
+                "SELECT v.tenant_id, v.id, 'AXE', s.c, s.c_hash, lpad((s.j - 1)::text, :digits, '0'), "
+                "       'POL-AXE-' || s.j, 'active' "
+                "FROM bench_shared s CROSS JOIN virtual_numbers v WHERE v.e164 = :axe"),
+                {"digits": digits, "axe": SHARED_X["AXE"]})
+            db.execute(text(
+                "INSERT INTO bindings (tenant_id, number_id, mode, party_a, party_a_hash, party_b, party_b_hash, "
+                "                      reference, status) "
+                "SELECT v.tenant_id, v.id, 'AXB', s.a, s.a_hash, s.b, s.b_hash, 'POL-AXB-' || s.j, 'active' "
+                "FROM bench_shared s CROSS JOIN virtual_numbers v WHERE v.e164 = :axb"),
+                {"axb": SHARED_X["AXB"]})
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as db:
+            db.exec_driver_sql("ANALYZE virtual_numbers, bindings")
+    finally:
+        engine.dispose()
+    return time.perf_counter() - t0
+
+
+def in_process_latency(bench_url: str, n_bindings: int, samples: int, rng: random.Random,
+                       shared_rng: random.Random | None = None) -> dict:
     """CallService.route_on_loop(X, agent) on the bench DB, as the daemon calls it (its
-    event loop, its asyncpg pool), one call at a time."""
-    async def measure(spool: str) -> tuple[list[float], int]:
+    event loop, its asyncpg pool), one call at a time. With shared_rng (the shared X
+    loaded: load_shared), each sample also times, in turn with it, an agent's first call
+    to the AXE X (the extension prompt) and a random party's call on the AXB X."""
+    shared = shared_rng is not None
+
+    async def timed(service, x: str, caller: str):
+        t = time.perf_counter()
+        _, decision = await service.route_on_loop(x, caller)
+        return (time.perf_counter() - t) * 1000, decision
+
+    def axb_call() -> tuple[str, str]:
+        j = shared_rng.randint(1, SHARED_BINDINGS)
+        a, b = shared_party(AXB_A, j), shared_party(AXB_B, j)
+        return (a, b) if shared_rng.random() < 0.5 else (b, a)
+
+    async def measure(spool: str) -> dict[str, list[float]]:
         store = await PgCallStore.open(bench_url, size=1, timeout=5.0)
         try:
             service = CallService(None, CdrSpool(spool), pg=store)
             for i in rng.sample(range(1, n_bindings + 1), min(200, n_bindings)):  # warm-up (pool, caches)
                 await service.route_on_loop(x_number(i), AGENT)
-            ms, bridged = [], 0
+                if shared:
+                    await service.route_on_loop(SHARED_X["AXE"], AGENT)
+                    await service.route_on_loop(SHARED_X["AXB"], axb_call()[0])
+            ms: dict[str, list[float]] = {"AXN": [], "AXE": [], "AXB": []}
+            wrong = {"AXN": 0, "AXE": 0, "AXB": 0}
             for i in rng.choices(range(1, n_bindings + 1), k=samples):
-                t = time.perf_counter()
-                _, decision = await service.route_on_loop(x_number(i), AGENT)
-                ms.append((time.perf_counter() - t) * 1000)
-                bridged += isinstance(decision, Bridge)
-            return ms, bridged
+                took, decision = await timed(service, x_number(i), AGENT)
+                ms["AXN"].append(took)
+                wrong["AXN"] += not isinstance(decision, Bridge)
+                if shared:
+                    took, decision = await timed(service, SHARED_X["AXE"], AGENT)
+                    ms["AXE"].append(took)
+                    wrong["AXE"] += not isinstance(decision, CollectExtension)
+                    caller, other = axb_call()
+                    took, decision = await timed(service, SHARED_X["AXB"], caller)
+                    ms["AXB"].append(took)
+                    wrong["AXB"] += not (isinstance(decision, Bridge) and decision.destination == other)
+            if any(wrong.values()):
+                raise BenchError(f"in-process check: decisions not as expected per mode: {wrong}")
+            return ms
         finally:
             await store.close()
 
+    def stats(ms: list[float]) -> dict:
+        return {"samples": len(ms), "p50_ms": sipp.percentile(ms, 50), "p99_ms": sipp.percentile(ms, 99),
+                "mean_ms": statistics.fmean(ms), "max_ms": max(ms)}
+
     with tempfile.TemporaryDirectory(prefix="callctl-bench-spool-") as spool:
-        ms, bridged = uvloop.run(measure(spool))
-    if bridged != samples:
-        raise BenchError(f"in-process check: only {bridged} of {samples} calls to bound X were bridged")
-    return {"samples": samples, "p50_ms": sipp.percentile(ms, 50), "p99_ms": sipp.percentile(ms, 99),
-            "mean_ms": statistics.fmean(ms), "max_ms": max(ms)}
+        ms = uvloop.run(measure(spool))
+    result = stats(ms["AXN"])
+    if shared:
+        result["shared"] = {"bindings_per_x": SHARED_BINDINGS}
+        for mode in ("AXE", "AXB"):
+            s = stats(ms[mode])
+            s["p50_over_axn"] = s["p50_ms"] / result["p50_ms"]
+            s["p99_over_axn"] = s["p99_ms"] / result["p99_ms"]
+            result["shared"][mode] = s
+    return result
+
+
+def say_in_process(inproc: dict) -> None:
+    say(f"In-process: p50 {inproc['p50_ms']:.2f} ms, p99 {inproc['p99_ms']:.2f} ms, max {inproc['max_ms']:.1f} ms")
+    shared = inproc.get("shared")
+    if shared:
+        for mode, what in (("AXE", "agent's first call (prompt)"), ("AXB", "a party's call")):
+            s = shared[mode]
+            say(f"In-process, {mode} X with {shared['bindings_per_x']:,} bindings, {what}: p50 {s['p50_ms']:.2f} ms "
+                f"({s['p50_over_axn']:.2f}x AXN), p99 {s['p99_ms']:.2f} ms ({s['p99_over_axn']:.2f}x AXN), "
+                f"max {s['max_ms']:.1f} ms")
 
 
 # ---------------------------------------------------------------------------- SIPp steps
@@ -523,9 +626,10 @@ def parse_args(argv=None):
     p.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres",
                    help="DSN used to drop/create the bench database")
     p.add_argument("--database", default=DB_NAME, help=f"the bench database, dropped and made afresh (default {DB_NAME})")
-    p.add_argument("--only", choices=["calls", "provisioning", "anomaly"],
-                   help="run one part: calls (SIPp through the lab), provisioning (bulk and API throughput) "
-                        "or anomaly (the anomaly job over CDRs)")
+    p.add_argument("--only", choices=["calls", "provisioning", "anomaly", "inprocess"],
+                   help="run one part: calls (SIPp through the lab), provisioning (bulk and API throughput), "
+                        "anomaly (the anomaly job over CDRs) or inprocess (the in-process decision latency "
+                        "of AXN, AXE and AXB calls, no lab)")
     p.add_argument("--bulk-rows", type=int, help="bindings in the bulk file (default 50,000; quick 10,000)")
     p.add_argument("--api-requests", type=int, help="POST /v1/bindings requests (default 3,000; quick 1,000)")
     p.add_argument("--api-concurrency", type=int, default=16, help="concurrent API clients (default 16)")
@@ -582,15 +686,24 @@ def main(argv=None) -> int:
     if args.only == "provisioning":
         return bench_provisioning(args, bench_url, result, started)
 
-    say(f"In-process: CallService.route_on_loop() for {args.samples:,} random X ...")
-    inproc = in_process_latency(bench_url, args.bindings, args.samples, rng)
+    loaded = load_shared(bench_url, db["tenant_id"])
+    say(f"PostgreSQL: an AXE X with {SHARED_BINDINGS:,} customers and an AXB X with {SHARED_BINDINGS:,} pairs "
+        f"loaded in {loaded:.1f} s")
+    say(f"In-process: CallService.route_on_loop() for {args.samples:,} random X, each beside an agent's call "
+        f"to the AXE X and a party's call on the AXB X ...")
+    inproc = in_process_latency(bench_url, args.bindings, args.samples, rng, random.Random(args.seed + 1))
     result["in_process"] = inproc
-    say(f"In-process: p50 {inproc['p50_ms']:.2f} ms, p99 {inproc['p99_ms']:.2f} ms, max {inproc['max_ms']:.1f} ms")
+    say_in_process(inproc)
     cost = crypto_cost(bench_url, args.samples)
     result["crypto"] = cost
     say(f"Encryption per decision (decrypt the customer's number + hash the caller): "
         f"p50 {cost['per_call_p50_us']:.1f} us (decrypt {cost['decrypt_p50_us']:.1f} + hash "
         f"{cost['hash_p50_us']:.1f}), p99 {cost['per_call_p99_us']:.1f} us, over {cost['samples']:,} stored numbers")
+    if args.only == "inprocess":
+        out = OUT_DIR / "in_process.json"
+        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        say(f"JSON: {out.relative_to(REPO)}")
+        return 0
 
     engine = make_engine(bench_url, pool_size=1)
     servers = Servers(bench_url, OUT_DIR)

@@ -51,31 +51,32 @@ def _facts_statement(by_extension: bool):
             and_(TenantCaller.is_prefix, caller.like(TenantCaller.pattern + "%")),
         ),
     )
-    # Uncorrelated, so each runs once per call; NULL when X is not ours or not bound.
-    x_id = select(VirtualNumber.id).where(VirtualNumber.e164 == x, VirtualNumber.state == _BOUND)
-    x_id = x_id.correlate(None).scalar_subquery()
-    probe = aliased(Binding)
-    on_x = and_(probe.number_id == x_id, probe.status == _ACTIVE)
+    # Each read once per call (CTEs, used several times): X's id, NULL when X is not ours
+    # or not bound; and one active binding on X, which tells X's mode (an X never mixes
+    # modes, provision._claim) and is an AXN X's binding (it has one).
     one = literal_column("1")  # LIMIT 1 in the SQL text, not a parameter a plan must allow for
-    # Any one active binding tells X's mode: an X never mixes modes (provision._claim).
-    x_mode = select(probe.mode).where(on_x).limit(one).correlate(None).scalar_subquery()
-    first_id = select(probe.id).where(on_x).limit(one).correlate(None).scalar_subquery()
-    # The prompt asks for as many digits as X's longest extension.
+    x_row = select(VirtualNumber.id).where(VirtualNumber.e164 == x, VirtualNumber.state == _BOUND).cte("x")
+    x_id = select(x_row.c.id).scalar_subquery()
+    columns = (Binding.id, Binding.mode, Binding.party_a, Binding.party_b, Binding.extension, Binding.expires_at)
+    first = select(*columns).where(Binding.number_id == x_id, Binding.status == _ACTIVE).limit(one).cte("first_on_x")
+    x_mode = select(first.c.mode).scalar_subquery()
+    # The prompt asks for as many digits as X's longest extension (NULL unless AXE). Not
+    # gated on the mode: SQLite would test the gate on every binding of X, not once.
+    probe = aliased(Binding)
     width = func.length(probe.extension)
-    x_width = select(width).where(on_x).order_by(width.desc()).limit(one).correlate(None).scalar_subquery()
+    x_width = (select(width).where(probe.number_id == x_id, probe.status == _ACTIVE)
+               .order_by(width.desc()).limit(one).scalar_subquery())
 
     def bindings(*where):
-        return select(Binding.id, Binding.mode, Binding.party_a, Binding.party_b, Binding.extension,
-                      Binding.expires_at).where(*where)
+        return select(*columns).where(Binding.number_id == x_id, Binding.status == _ACTIVE, *where)
 
     if by_extension:
-        mine = bindings(Binding.number_id == x_id, Binding.status == _ACTIVE, Binding.mode == _AXE,
-                        Binding.extension == bindparam("extension"))
+        mine = bindings(Binding.mode == _AXE, Binding.extension == bindparam("extension"))
     else:
         mine = union_all(
-            bindings(Binding.id == first_id, Binding.mode == _AXN),  # an AXN X has that one binding
-            *(bindings(party == caller_hash, Binding.number_id == x_id, Binding.status == _ACTIVE,
-                       Binding.mode != _AXN)
+            select(first).where(first.c.mode == _AXN),  # an AXN X has that one binding
+            # AXB, AXE: the caller's, by its lookup hash (not looked up on an AXN X).
+            *(bindings(party == caller_hash, x_mode != _AXN)
               for party in (Binding.party_a_hash, Binding.party_b_hash)),
         )
     mine = mine.subquery("mine")

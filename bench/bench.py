@@ -23,7 +23,9 @@
    on the bench database, and bench/minimal_fastagi.py (the floor of AGI cost here).
    A step is clean when every call succeeds and the mean INVITE->200 setup time is under
    100 ms; a rate is clean for a server when its best repeat is clean. A server stops
-   stepping after two consecutive unclean rates.
+   stepping after two consecutive unclean rates. The ratio of the two highest clean
+   rates means something only once the minimal server found its limit: the default
+   rates go on until both have (on this 2-core box: 325-350 and 400-450 calls/s).
 4. Prints a table per step and a summary; writes var/bench/result.json.
 5. Provisioning throughput on the same database (bench/provisioning_bench.py): pool
    import, `callctl bind --bulk`, and POST /v1/bindings through `callctl serve api`,
@@ -615,7 +617,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="short check: 100,000 bindings, rates 50,100,200, 1 repeat, 3 s steps")
-    p.add_argument("--rates", help="comma-separated offered call rates, calls/s (default 25,50,100,150,175,200,225,250)")
+    p.add_argument("--rates", help="comma-separated offered call rates, calls/s (default 25,50,100,150,200,250,275,300,325,350,375,400,425,450,500,550,600)")
     p.add_argument("--seconds", type=float, help="seconds of calls per step (default 5)")
     p.add_argument("--repeats", type=int, help="repeats per rate and server (default 2)")
     p.add_argument("--bindings", type=int, help="bindings to load (default 1,000,000)")
@@ -638,7 +640,7 @@ def parse_args(argv=None):
     p.add_argument("--anomaly-cdrs", type=int, default=10_000_000,
                    help="CDRs in the anomaly job's database (default 10,000,000)")
     a = p.parse_args(argv)
-    a.rates = [float(r) for r in (a.rates or ("50,100,200" if a.quick else "25,50,100,150,175,200,225,250")).split(",") if r.strip()]
+    a.rates = [float(r) for r in (a.rates or ("50,100,200" if a.quick else "25,50,100,150,200,250,275,300,325,350,375,400,425,450,500,550,600")).split(",") if r.strip()]
     if not a.rates or any(r <= 0 for r in a.rates):
         p.error("--rates must be positive numbers")
     a.seconds = a.seconds or (3.0 if a.quick else 5.0)
@@ -808,13 +810,16 @@ def summarize(args, steps, routed_ms, inproc, db) -> dict:
             best[name][f"{part}_cpu_ms_per_call_median"] = statistics.median(used) if used else None
     c, m = best["callctl"]["highest_clean_rate"], best["minimal"]["highest_clean_rate"]
     ratio = (c / m) if c and m else None
+    # Below the minimal server's limit the ratio says nothing: the floor may go higher.
+    determined = ratio is not None and best["minimal"]["limit_reached"]
     return {
         "bindings": db["bindings"],
         "load_s": db["load_s"],
         "servers": best,
         "ratio_callctl_over_minimal": ratio,
         "ratio_target": 0.95,
-        "ratio_met": ratio is not None and ratio >= 0.95,
+        "ratio_determined": determined,
+        "ratio_met": determined and ratio >= 0.95,
         "daemon_route_ms": {"calls": len(routed_ms), "p50": sipp.percentile(routed_ms, 50), "p99": sipp.percentile(routed_ms, 99),
                             "max": max(routed_ms) if routed_ms else None},
         "daemon_route_ms_clean_steps": _route_stats([s for s in steps if s["server"] == "callctl" and s["clean"]]),
@@ -844,6 +849,8 @@ def print_summary(s: dict, run_s: float, out: Path) -> None:
 
     d, dc, ip = s["daemon_route_ms"], s["daemon_route_ms_clean_steps"], s["in_process_route_ms"]
     ratio = s["ratio_callctl_over_minimal"]
+    verdict = ("met" if s["ratio_met"] else "NOT met") if s["ratio_determined"] else \
+        "not determined: the minimal FastAGI's limit was not reached, offer higher --rates"
     best_of = f"best of {s['repeats']} repeat{'s' if s['repeats'] != 1 else ''}"
     lines = [
         "",
@@ -855,7 +862,7 @@ def print_summary(s: dict, run_s: float, out: Path) -> None:
         f"                              its {best_of} is clean",
         f"highest clean rate, callctl   {rate_text('callctl')}",
         f"highest clean rate, minimal   {rate_text('minimal')}",
-        f"ratio callctl / minimal       {fmt(ratio, 2)}  (target >= 0.95: {'met' if s['ratio_met'] else 'NOT met'})",
+        f"ratio callctl / minimal       {fmt(ratio, 2)}  (target >= 0.95: {verdict})",
         f"daemon decision latency       p50 {fmt(d['p50'], 2)} ms, p99 {fmt(d['p99'], 2)} ms, max {fmt(d['max'], 1)} ms "
         f"over {d['calls']:,} calls",
         f"  (log 'call routed' ms)      target p99 < 5 ms: {'met' if s['daemon_p99_met'] else 'NOT met'}",

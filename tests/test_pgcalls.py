@@ -34,6 +34,14 @@ def on_loop(coroutine_fn):
     return main
 
 
+def client_backends(engine) -> int:
+    """Client connections to the test's database, other than the one asking."""
+    with engine.connect() as conn:
+        return conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).scalar()
+
+
 @pytest.fixture
 def rich(pg_url):
     """acme with agents (exact and prefix), AXN, AXB and AXE bindings, blocks in force
@@ -195,16 +203,10 @@ def test_connections_are_lent_one_statement_at_a_time_and_never_leak(pg_url):
     a waiter that gives up costs nothing."""
     engine = bound_on_postgresql(pg_url)
 
-    def backends():
-        with engine.connect() as conn:
-            return conn.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).scalar()
-
     async def calls(store):
         facts = await asyncio.gather(*(store.facts(X1, AGENT, NOW) for _ in range(20)))
         assert all(f.bindings[0].party_a == A for f in facts)
-        assert backends() == 2  # size=2 for reads; inserts made none yet
+        assert client_backends(engine) == 2  # size=2 for reads; inserts made none yet
         with pytest.raises(Exception) as refused:
             async with store.reads.acquire() as conn:
                 refusing = conn.get_server_pid()
@@ -220,10 +222,10 @@ def test_connections_are_lent_one_statement_at_a_time_and_never_leak(pg_url):
                 cut = conn.get_server_pid()
                 await asyncio.wait_for(conn.fetch("SELECT pg_sleep(1)"), 0.2)
         await asyncio.sleep(1.3)  # its backend ends once the sleep is over
-        assert backends() == 1  # the cut-off one is gone; the other is kept
+        assert client_backends(engine) == 1  # the cut-off one is gone; the other is kept
         assert (await store.facts(X1, AGENT, NOW)).bindings[0].party_a == A
         await asyncio.gather(*(store.facts(X1, AGENT, NOW) for _ in range(20)))
-        assert backends() == 2  # the waiter that gave up took no slot with it
+        assert client_backends(engine) == 2  # the waiter that gave up took no slot with it
         async with store.reads.acquire() as first, store.reads.acquire() as second:
             assert cut not in (first.get_server_pid(), second.get_server_pid())
         return True
@@ -237,18 +239,12 @@ def test_warm_connections_are_open_before_the_first_call(pg_url):
     the first calls then open none."""
     engine = bound_on_postgresql(pg_url)
 
-    def backends():
-        with engine.connect() as conn:
-            return conn.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).scalar()
-
     async def calls(store):
-        assert backends() == 0
+        assert client_backends(engine) == 0
         await store.warm(2)
-        assert backends() == 4  # two for routing, two for CDRs
+        assert client_backends(engine) == 4  # two for routing, two for CDRs
         await asyncio.gather(*(store.facts(X1, AGENT, NOW) for _ in range(2)))
-        return backends()
+        return client_backends(engine)
 
     assert asyncio.run(on_loop(calls)(pg_url)) == 4
     engine.dispose()

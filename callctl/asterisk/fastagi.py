@@ -198,7 +198,9 @@ class _Lines(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
-        return True  # half-closed: what we still write (an answer) is delivered
+        # Keep the transport: the session task closes it (cleanly or by abort) when it
+        # ends. Commands are refused from now on (write): no answer could come back.
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True

@@ -9,7 +9,7 @@ import re
 import secrets
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, exists, func, or_, select, text
+from sqlalchemy import and_, case, exists, func, or_, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -210,6 +210,7 @@ def binding_view(binding: Binding, x: str, tenant_name: str) -> dict:
 
 MODES = tuple(m.value for m in Mode)
 LOCK_WAIT_SECONDS = 5  # the second allocation pass waits at most this long for a row lock
+ALLOCATION_ROUNDS = 50  # looks for an X before `pool_busy` (each round follows a change by another writer)
 
 
 def bind(
@@ -236,21 +237,13 @@ def bind(
     now = now or utcnow()
     pair = _binding_input(mode, customer, other_party, extension_digits, region)
     expires_at = _expiry_from(expires_at, ttl_seconds, now)
-    reference = _reference(reference)
+    # Built (its lookup hashes computed, the key ring loaded) before any row is locked.
+    binding = Binding(mode=mode, party_a=pair[0], party_b=pair[1], reference=_reference(reference),
+                      expires_at=expires_at, created_at=now)
     with Session(engine) as session, session.begin():
         tenant = _tenant(session, tenant_name)
         number, extension = _allocate(session, tenant.id, mode, pair, extension_digits, now)
-        binding = Binding(
-            tenant_id=tenant.id,
-            number_id=number.id,
-            mode=mode,
-            party_a=pair[0],
-            party_b=pair[1],
-            extension=extension,
-            reference=reference,
-            expires_at=expires_at,
-            created_at=now,
-        )
+        binding.tenant_id, binding.number_id, binding.extension = tenant.id, number.id, extension
         session.add(binding)
         try:
             session.flush()
@@ -293,10 +286,15 @@ def _allocate(session: Session, tenant_id: int, mode: str, pair: tuple[str, str 
 
     Every binding is created while its X row is locked (PostgreSQL: FOR UPDATE;
     SQLite: the write lock taken at BEGIN IMMEDIATE), so the checks made after the lock
-    see every committed binding on that X. The first pass skips rows other writers
-    hold (SKIP LOCKED: parallel binds take different numbers instead of queueing); only
-    if it finds nothing does a second pass wait, for at most LOCK_WAIT_SECONDS, for the
-    rows others hold, so that a pool is reported exhausted only when it is.
+    see every committed binding on that X. Deadlock-free and exact on PostgreSQL:
+    - an X is locked inside a savepoint; one that cannot take the binding after all is
+      let go at once (rollback to the savepoint releases its row lock), so a writer
+      holds at most the one X it takes, and waits only while it holds none;
+    - the first look skips rows others hold (SKIP LOCKED: parallel binds take different
+      numbers instead of queueing); if it finds nothing, the second waits (at most
+      LOCK_WAIT_SECONDS) for a row others hold, whatever it has become meanwhile (a free
+      X another writer just bound AXE can take this AXE binding too);
+    - `pool_exhausted` only when, after that, no X of the pool could take it.
     """
     in_use = and_(Binding.number_id == VirtualNumber.id, Binding.status == "active")
     capacity = 10 ** extension_digits
@@ -310,32 +308,46 @@ def _allocate(session: Session, tenant_id: int, mode: str, pair: tuple[str, str 
                                select(func.count()).where(in_use).scalar_subquery() < capacity))
     candidates.append(VirtualNumber.state == "free")
     candidates.append(and_(VirtualNumber.state == "quarantined", VirtualNumber.quarantined_until <= now))
-    tried: set[int] = set()
-    for wait in (False, True):
-        if wait and session.get_bind().dialect.name == "postgresql":
-            session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT_SECONDS}s'"))
-        for condition in candidates:
-            while True:
-                query = select(VirtualNumber).where(VirtualNumber.tenant_id == tenant_id, condition)
-                if tried:
-                    query = query.where(VirtualNumber.id.not_in(tried))
-                try:
-                    number = session.scalar(
-                        query.order_by(VirtualNumber.id).limit(1)
-                        .with_for_update(skip_locked=not wait)
-                        .execution_options(populate_existing=True)
-                    )
-                except OperationalError as exc:
-                    if getattr(exc.orig, "pgcode", None) == "55P03":  # lock_not_available
-                        raise ProvisionError("pool_busy", "the pool is busy; retry") from None
-                    raise
-                if number is None:
-                    break
-                extension = _claim(session, number, mode, parties, capacity, extension_digits)
-                if extension is not False:
-                    return number, extension
-                tried.add(number.id)  # changed under us before we held its lock
-    raise ProvisionError("pool_exhausted", f"no virtual number in the pool can take this {mode} binding")
+    preference = case(*((c, rank) for rank, c in enumerate(candidates)), else_=len(candidates))
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT_SECONDS}s'"))
+    tried: set[int] = set()  # X turned down under their lock
+    for _ in range(ALLOCATION_ROUNDS):
+        for wait in (False, True):
+            query = select(VirtualNumber).where(VirtualNumber.tenant_id == tenant_id, or_(*candidates))
+            if tried:
+                query = query.where(VirtualNumber.id.not_in(tried))
+            savepoint = session.begin_nested()
+            try:
+                number = session.scalar(
+                    query.order_by(preference, VirtualNumber.id).limit(1)
+                    .with_for_update(skip_locked=not wait)
+                    .execution_options(populate_existing=True)
+                )
+                extension = False if number is None else _claim(session, number, mode, parties, capacity,
+                                                                 extension_digits)
+            except OperationalError as exc:
+                savepoint.rollback()
+                if getattr(exc.orig, "pgcode", None) == "55P03":  # lock_not_available
+                    raise ProvisionError("pool_busy", "the pool is busy; retry") from None
+                raise
+            if extension is not False:
+                savepoint.commit()
+                return number, extension
+            savepoint.rollback()  # lets go of an X turned down
+            if number is not None:
+                tried.add(number.id)
+                break  # look again from the first candidate
+        else:
+            # Neither look found an X. A row that changed while we waited for it is not
+            # returned (e.g. free -> bound AXE): whether anything can still take the
+            # binding is asked afresh, and only "nothing" is exhaustion.
+            query = select(VirtualNumber.id).where(VirtualNumber.tenant_id == tenant_id, or_(*candidates))
+            if tried:
+                query = query.where(VirtualNumber.id.not_in(tried))
+            if session.scalar(query.limit(1)) is None:
+                raise ProvisionError("pool_exhausted", f"no virtual number in the pool can take this {mode} binding")
+    raise ProvisionError("pool_busy", "the pool is busy; retry")
 
 
 def _claim(session: Session, number: VirtualNumber, mode: str, parties: list[str], capacity: int,

@@ -9,11 +9,14 @@ import sys
 
 import structlog
 
-from callctl.core.numbers import mask
+from callctl.core.numbers import PHONE_LIKE as _PHONE_LIKE, call_identifier, mask
 
-# Keys whose values are ours and not personal: virtual numbers, ids, timings.
-_SAFE_KEYS = {"x", "call_id", "uniqueid", "binding", "tenant", "ms", "port", "pid", "count"}
-_PHONE_LIKE = re.compile(r"\+?\d{7,15}")
+# Keys whose values are ours and not personal: virtual numbers (callers log an X that is
+# not ours masked), ids, timings.
+_SAFE_KEYS = {"x", "binding", "tenant", "ms", "port", "pid", "count"}
+# A PBX's call ids: shown, but short, and with no number in them (call_identifier).
+_IDENTIFIERS = {"call_id", "uniqueid"}
+_MAX_IDENTIFIER = 64
 
 
 def _scrub(value):
@@ -24,7 +27,9 @@ def _scrub(value):
 
 def scrub_numbers(_logger, _name, event_dict):
     for key, value in event_dict.items():
-        if key not in _SAFE_KEYS and key != "timestamp":
+        if key in _IDENTIFIERS and isinstance(value, str):
+            event_dict[key] = call_identifier(value, _MAX_IDENTIFIER)
+        elif key not in _SAFE_KEYS and key != "timestamp":
             event_dict[key] = _scrub(value)
     return event_dict
 

@@ -5,6 +5,7 @@ come from callctl.core; facts and CDRs from callctl.store.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
@@ -13,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from callctl.core.decision import Bridge, CollectExtension, Decision, Reason, Reject, decide
-from callctl.core.numbers import caller_e164, mask
+from callctl.core.numbers import call_identifier, caller_e164, mask
 from callctl.store.calls import call_facts, write_cdr, write_cdrs
 from callctl.store.crypto import number_hash
 from callctl.store.pgcalls import PgCallStore, PgUnavailable
@@ -22,6 +23,11 @@ from callctl.store.spool import CdrSpool, encode
 log = structlog.get_logger("callctl.calls")
 _REASONS = {reason.value for reason in Reason}
 _MAX_EXTENSION = 8  # digits; the width of bindings.extension
+_CALL_ID_WIDTH, _NODE_WIDTH = 150, 64  # cdrs.call_id, cdrs.node
+_DIAL_STATUS = re.compile(r"[A-Z]{1,20}\Z")  # ANSWER, BUSY, NOANSWER, CHANUNAVAIL...
+_MAX_CAUSE = 999  # Q.850 causes are 0-127; anything past 999 is not a cause
+_SKEW = timedelta(minutes=1)  # a start this much before the uniqueid's time: clocks
+_LONGEST_WAIT = timedelta(days=1)  # from channel creation to callctl, or end past now
 
 
 @dataclass(frozen=True)
@@ -167,22 +173,34 @@ class CallService:
         if call.action == CollectExtension.action:
             # The caller hung up at the extension prompt: no valid extension was keyed.
             call = replace(call, reason=str(Reason.INVALID_EXTENSION))
-        ended = _epoch(call.end) or now
-        # started_at is part of the CDR's unique key: it must come out the same every
-        # time the same call is reported, so fall back on the channel's creation time
-        # that Asterisk writes into the uniqueid ("node-1795887084.12") before "now".
-        started = _epoch(call.start) or _epoch(_uniqueid_epoch(call.call_id)) or ended
-        talk = _seconds(call.answered_ms)
+        # Every value is checked and clamped (the PBX, or anyone on its port, may send
+        # anything); a value that makes no sense is dropped, the CDR is always kept.
+        #
+        # started_at is part of the CDR's key (callctl.store.calls.cdr_insert): every
+        # report of one call must give a start within CDR_WINDOW of the others. Asterisk
+        # writes the channel's creation time into the uniqueid ("node-1795887084.12"):
+        # a start not within a day after it is garbage, and that time is used instead.
+        created = _epoch(_uniqueid_epoch(call.call_id))
+        started = _epoch(call.start)
+        if created and not (started and created - _SKEW <= started <= created + _LONGEST_WAIT):
+            started = created
+        end = _epoch(call.end)
+        if end is None or end > now + _LONGEST_WAIT:
+            end = now
+        started = started or end
+        ended = max(end, started)
+        duration = (ended - started).total_seconds()
+        talk = min(_seconds(call.answered_ms), duration)
         # Asterisk leaves DIALEDTIME_MS empty unless the callee answered: then the
         # whole attempt (routing is a few ms of it) was ringing.
-        dialed = _seconds(call.dialed_ms) or (ended - started).total_seconds()
+        dialed = min(_seconds(call.dialed_ms) or duration, duration)
         answered_at = ended - timedelta(seconds=talk) if talk else None
         reason = None if bridged else (call.reason if call.reason in _REASONS else Reason.UNAVAILABLE)
         x = caller_e164(call.called, self.region)
         caller = caller_e164(call.caller, self.region)
         callee = caller_e164(call.destination, self.region) if bridged else None
         return {
-            "call_id": call.call_id[:150],
+            "call_id": call_identifier(call.call_id, _CALL_ID_WIDTH),
             "tenant_id": _int(call.tenant),
             "binding_id": _int(call.binding),
             "virtual_number": x,
@@ -198,9 +216,9 @@ class CallService:
             "ended_at": ended,
             "ring_seconds": round(max(dialed - talk, 0.0), 3) if bridged else None,
             "talk_seconds": round(talk, 3) if bridged else None,
-            "dial_status": call.dial_status[:20] or None,
-            "hangup_cause": _int(call.hangup_cause),
-            "node": (call.node or self.node)[:64] or None,
+            "dial_status": call.dial_status if _DIAL_STATUS.match(call.dial_status) else None,
+            "hangup_cause": cause if (cause := _int(call.hangup_cause)) is not None and cause <= _MAX_CAUSE else None,
+            "node": call_identifier(call.node or self.node, _NODE_WIDTH) or None,
         }
 
 
@@ -233,7 +251,8 @@ def decision_variables(decision: Decision) -> dict[str, str]:
 
 def _unavailable(x: str, error: str) -> Reject:
     """Fail closed: no decision without the facts."""
-    log.error("database unavailable for routing", x=x, error=error)
+    # X masked: it was not found to be ours (it may be a person's number).
+    log.error("database unavailable for routing", x=mask(x), error=error)
     return Reject(Reason.UNAVAILABLE)
 
 
@@ -250,11 +269,11 @@ def _reconnecting(query, engine: Engine, *args):
 
 
 def _int(value: str) -> int | None:
-    return int(value) if value.isdigit() and len(value) < 18 else None
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 18 else None
 
 
 def _seconds(ms: str) -> float:
-    return int(ms) / 1000.0 if ms.isdigit() and len(ms) < 12 else 0.0
+    return int(ms) / 1000.0 if ms.isascii() and ms.isdigit() and len(ms) < 12 else 0.0
 
 
 def _uniqueid_epoch(call_id: str) -> str:

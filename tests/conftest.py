@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
 
 from callctl import logs
 from callctl.store.crypto import ENV_KEYS, LOOKUP, new_key
@@ -13,6 +14,12 @@ from tests.leaks import pytest_configure, pytest_sessionfinish, pytest_terminal_
 from tests.pg import TestDatabase
 
 logs.setup("console", "warning")
+
+# Property-based fuzz tests (Hypothesis): a modest run in the normal suite; longer runs
+# with `--hypothesis-profile fuzz-long`, a failure replayed with `--hypothesis-seed N`.
+settings.register_profile("callctl", max_examples=40, deadline=None)
+settings.register_profile("fuzz-long", max_examples=2000, deadline=None)
+settings.load_profile("callctl")
 
 # One fresh number key ring for this test process and every daemon or CLI it starts.
 os.environ.setdefault(ENV_KEYS, f"{LOOKUP}={new_key()} test={new_key()}")

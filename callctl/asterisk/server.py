@@ -94,7 +94,8 @@ class AsteriskAdapter:
         log.info(
             "call routed",
             call_id=session.env.get("agi_uniqueid", ""),
-            x=x,
+            # X as it is only once found to be ours: a number that is not may be a person's.
+            x=x if decision.tenant_id is not None else mask(x) or None,
             caller=mask(caller_e164(caller, self.service.region)),
             action=decision.action,
             reason=str(decision.reason) if isinstance(decision, Reject) else None,

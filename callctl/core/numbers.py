@@ -5,6 +5,7 @@ through an audited reveal; everywhere else they are shown with `mask`.
 """
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 import phonenumbers
@@ -80,3 +81,26 @@ def _country_code(digits: str) -> str:
         if code.isdigit() and code[0] != "0" and int(code) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
             return code
     return ""
+
+
+# Digit runs a log line or a stored call id must not show as they are (logs.py masks the
+# same runs in every other logged value).
+PHONE_LIKE = re.compile(r"\+?\d{7,15}")
+# Asterisk's uniqueid ends in the channel's creation time and a sequence number
+# ("lab-1795887084.12"); FreeSWITCH's is a UUID. Neither holds a phone number.
+_UNIQUEID_TAIL = re.compile(r"\d{9,11}\.\d{1,12}\Z")
+_UUID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}\Z")
+
+
+def call_identifier(value: str, limit: int) -> str:
+    """A call id or node name from a PBX as it may be stored or logged: at most `limit`
+    characters (the end kept: it tells calls apart), printable ASCII only, and any digit
+    run that could be a phone number masked, except an Asterisk uniqueid's time and
+    sequence. The same input always gives the same output (a call's CDR key)."""
+    if _UUID.match(value):
+        return value
+    tail = _UNIQUEID_TAIL.search(value)
+    head, tail = (value[:tail.start()], tail.group()) if tail else (value, "")
+    head = "".join(ch if ch.isascii() and ch.isprintable() else "?" for ch in head[-2 * limit:])
+    head = PHONE_LIKE.sub(lambda m: mask(m.group() if m.group().startswith("+") else "+" + m.group()), head)
+    return (head + tail)[-limit:]

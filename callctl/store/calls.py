@@ -6,14 +6,17 @@ runs these same statements on its event loop (callctl.store.pgcalls).
 """
 from __future__ import annotations
 
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 
-from sqlalchemy import String, and_, bindparam, exists, func, literal_column, or_, select, true, union_all
+from sqlalchemy import (
+    String, and_, bindparam, case, cast, exists, func, literal_column, null, or_, select, true, union_all,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
 from callctl.core.decision import BindingFacts, BlockFacts, Mode, NumberFacts, TenantFacts
+from callctl.core.numbers import mask
 from callctl.store.crypto import number_hash
 from callctl.store.db import READ_ONLY
 from callctl.store.models import Binding, Block, Cdr, Tenant, TenantCaller, VirtualNumber
@@ -155,14 +158,62 @@ def facts_from_rows(x: str, rows) -> NumberFacts | None:
                        extension_digits=first.x_extension_digits or 0)
 
 
-# Built once, like the reads above. No conflict target: on PostgreSQL the CDR table is
-# partitioned by day and its unique key is (call_id, started_at); started_at of a call
-# never changes between a first write, a spool replay or a PBX retry (service.cdr_row).
-_CDR_INSERT = {
-    # (the daemon compiles this one for its event loop: callctl.store.pgcalls)
-    "postgresql": postgresql.insert(Cdr.__table__).on_conflict_do_nothing(),
-    "sqlite": sqlite.insert(Cdr.__table__).on_conflict_do_nothing(),
-}
+# One CDR per call: a call is its PBX call id and node, whatever else a report says. On
+# PostgreSQL the CDR table is partitioned by day on started_at and a unique key must hold
+# it, so the key (call_id, started_at) only catches a report repeated exactly (a spool
+# replay, a write that timed out and was spooled). A report of the same call with another
+# start is caught by looking first, in the same statement: the index on (call_id,
+# started_at) finds an earlier CDR of the call within CDR_WINDOW of this one's start, a
+# few partitions at most. service.cdr_row keeps every start of one call inside that
+# window (the Asterisk uniqueid carries the channel's creation time).
+CDR_WINDOW = timedelta(days=2)
+_CDR_INSERTS: dict[tuple, object] = {}
+
+
+def cdr_insert(dialect: str, keys: tuple[str, ...]):
+    """The INSERT of one CDR with these columns (built once per dialect and key set).
+
+    Also masks X unless it is one of our pool's numbers (a call to an unknown X may
+    carry a person's number there), and keeps a tenant or binding id only if it is one
+    (an id field may hold any digits, a phone number too). Its parameters: cdr_params(row)."""
+    statement = _CDR_INSERTS.get((dialect, keys))
+    if statement is not None:
+        return statement
+    table = Cdr.__table__
+
+    def param(name, type_):
+        value = bindparam(name, type_=type_)
+        # PostgreSQL types the parameters of INSERT ... SELECT as text unless told
+        # (SQLite's CAST AS DATETIME would make a number of the text).
+        return cast(value, type_) if dialect == "postgresql" else value
+
+    values = {key: param(key, table.c[key].type) for key in keys}
+    if "virtual_number" in values:
+        x = values["virtual_number"]
+        values["virtual_number"] = case((exists().where(VirtualNumber.e164 == x), x),
+                                        else_=param("virtual_number_masked", String()))
+    for key, model in (("tenant_id", Tenant), ("binding_id", Binding)):
+        if key in values:
+            values[key] = select(model.id).where(model.id == values[key]).scalar_subquery()
+    earlier = table.alias("earlier")
+    node = values.get("node", null())
+    same_call = exists().where(
+        earlier.c.call_id == values["call_id"], earlier.c.node.is_not_distinct_from(node),
+        earlier.c.started_at >= param("window_from", table.c.started_at.type),
+        earlier.c.started_at <= param("window_to", table.c.started_at.type),
+    )
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(table).from_select(list(keys), select(*values.values()).where(~same_call))
+    statement = _CDR_INSERTS[(dialect, keys)] = statement.on_conflict_do_nothing()
+    return statement
+
+
+def cdr_params(row: dict) -> dict:
+    started = row.get("started_at")
+    if not isinstance(started, datetime):  # a broken row: the database refuses it
+        return {**row, "window_from": None, "window_to": None, "virtual_number_masked": None}
+    return {**row, "window_from": started - CDR_WINDOW, "window_to": started + CDR_WINDOW,
+            "virtual_number_masked": mask(row.get("virtual_number")) or None}
 
 
 def write_cdr(engine: Engine, row: dict) -> bool:
@@ -172,6 +223,6 @@ def write_cdr(engine: Engine, row: dict) -> bool:
 
 def write_cdrs(engine: Engine, rows: list[dict]) -> int:
     """Insert CDRs in one transaction (all or none); returns how many were new."""
-    insert = _CDR_INSERT[engine.dialect.name]
+    dialect = engine.dialect.name
     with engine.begin() as conn:
-        return sum(conn.execute(insert, row).rowcount for row in rows)
+        return sum(conn.execute(cdr_insert(dialect, tuple(row)), cdr_params(row)).rowcount for row in rows)

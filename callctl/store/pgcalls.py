@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 
 from callctl.core.decision import NumberFacts
-from callctl.store.calls import _CDR_INSERT, _FACTS, _FACTS_BY_EXTENSION, facts_from_rows, facts_params
+from callctl.store.calls import _FACTS, _FACTS_BY_EXTENSION, facts_from_rows, facts_params, cdr_insert, cdr_params
 
 _DIALECT = postgresql.psycopg2.dialect(paramstyle="numeric_dollar")
 # A pooled connection the server closed (restart, failover, pg_terminate_backend): the
@@ -226,8 +226,8 @@ class PgCallStore:
         keys = tuple(row)
         statement = self._inserts_by_keys.get(keys)
         if statement is None:
-            statement = self._inserts_by_keys[keys] = _Statement(_CDR_INSERT["postgresql"], column_keys=list(keys))
-        status = await _run(self.inserts, "execute", statement.sql, statement.args(row))
+            statement = self._inserts_by_keys[keys] = _Statement(cdr_insert("postgresql", keys))
+        status = await _run(self.inserts, "execute", statement.sql, statement.args(cdr_params(row)))
         return status == "INSERT 0 1"
 
 

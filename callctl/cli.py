@@ -404,6 +404,10 @@ def cmd_keys_rotate(cfg, args):
         print(f"  {table}: {count} row(s) re-encrypted", file=sys.stderr)
 
     done = reencrypt(_engine(cfg), batch=args.batch, rehash=args.rehash, progress=progress)
+    if args.rehash:  # every hash is under the ring's lookup secret now: it is the database's
+        from callctl.store import keycheck
+
+        keycheck.store_lookup(_engine(cfg))
     print(f"re-encrypted under key '{crypto.ring().current}': "
           + ", ".join(f"{table} {count}" for table, count in done.items()))
 def cmd_cdr_tail(cfg, args):
@@ -508,12 +512,18 @@ def cmd_reveal_list(cfg, args):
 def cmd_audit_verify(cfg, args):
     from callctl.store import reveal
 
-    result = reveal.verify(_engine(cfg))
+    try:
+        result = reveal.verify(_engine(cfg), args.checkpoint)
+    except reveal.CheckpointError as exc:
+        print(f"audit log NOT VERIFIED: {exc}", file=sys.stderr)
+        raise SystemExit(4) from None
     if not result["ok"]:
         print(f"audit log TAMPERED: row {result['bad_row']}: {result['problem']} "
               f"({result['rows']} row(s) before it are intact)", file=sys.stderr)
         raise SystemExit(4)
     print(f"audit log intact: {result['rows']} row(s), head {result['head'][:16]}")
+    if result["rows"]:  # a copy kept elsewhere is what `--checkpoint FILE` reads back
+        print(f"checkpoint: {reveal.checkpoint_line(result['rows'], result['head'])}")
 
 
 def cmd_audit_export(cfg, args):
@@ -541,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="command", required=True)
 
     db = top.add_parser("db", help="database schema").add_subparsers(dest="sub", required=True)
-    db.add_parser("upgrade", help="create or migrate the schema").set_defaults(func=cmd_db_upgrade)
+    db.add_parser("upgrade", help="create or migrate the schema").set_defaults(
+        func=cmd_db_upgrade, checks_keys=False)  # it checks the ring once the schema has its table
     parts = db.add_parser("partitions", help="create the coming days' CDR partitions (PostgreSQL; the daemon does it hourly)")
     parts.add_argument("--days", type=_non_negative, default=7, help="days ahead (default 7)")
     parts.add_argument("--json", action="store_true", help="JSON for programs")
@@ -750,15 +761,18 @@ def build_parser() -> argparse.ArgumentParser:
     rlist.set_defaults(func=cmd_reveal_list)
 
     audit = top.add_parser("audit", help="the hash-chained audit log").add_subparsers(dest="sub", required=True)
-    audit.add_parser("verify", help="check the chain; names the first bad row (exit 4)").set_defaults(
-        func=cmd_audit_verify, needs_keys=False)
+    averify = audit.add_parser("verify", help="check the chain and the checkpoints; names the first bad row (exit 4)")
+    averify.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                         help="also hold the log against this checkpoint (a copy kept elsewhere); repeatable")
+    averify.set_defaults(func=cmd_audit_verify)
     aexp = audit.add_parser("export", help="the whole log (no real numbers in it)")
     aexp.add_argument("--format", choices=["json", "csv"], default="json")
     aexp.add_argument("--output", "-o", help="file (default: standard output)")
     aexp.set_defaults(func=cmd_audit_export, needs_keys=False)
 
     serve = top.add_parser("serve", help="run the daemon").add_subparsers(dest="sub", required=True)
-    serve.add_parser("asterisk", help="FastAGI server for Asterisk").set_defaults(func=cmd_serve_asterisk)
+    serve.add_parser("asterisk", help="FastAGI server for Asterisk").set_defaults(
+        func=cmd_serve_asterisk, checks_keys=False)  # checks the ring itself: the database may be down at start
     serve.add_parser("api", help="provisioning HTTP API (api.listen)").set_defaults(func=cmd_serve_api)
 
     token = top.add_parser("token", help="provisioning API tokens").add_subparsers(dest="sub", required=True)
@@ -776,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from callctl.store import crypto
+    from callctl.store import crypto, reveal
     from callctl.store.provision import ProvisionError
     from callctl.store.spool import SpoolError
     from sqlalchemy.exc import OperationalError, ProgrammingError
@@ -787,6 +801,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "needs_keys", True):
             # At startup, so a missing or bad key stops us here and not at the first call.
             crypto.install(crypto.load_ring(cfg.keys.file, cfg.keys.current))
+            if getattr(args, "checks_keys", True):  # the ring must be the database's (keycheck.py)
+                from callctl.store import keycheck
+
+                keycheck.verify(_engine(cfg), new_lookup=getattr(args, "rehash", False))
+        reveal.use_checkpoint(cfg.audit_checkpoint)
         args.func(cfg, args)
     except (config_mod.ConfigError, SpoolError) as exc:
         print(f"callctl: config error: {exc}", file=sys.stderr)

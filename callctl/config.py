@@ -10,6 +10,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from callctl import netacl
+
 DEFAULT_PATH = "conf/callctl.yaml"
 
 
@@ -47,12 +49,22 @@ class AgiConfig(Listener):
     listen: str = "127.0.0.1:4573"
     env_timeout: float = Field(5.0, gt=0)
     command_timeout: float = Field(5.0, gt=0)
+    # Peers that may connect (the PBX): CIDRs; anyone else is dropped at connect
+    # (callctl/netacl.py). $CALLCTL_AGI_ALLOW: comma-separated.
+    allow: list[str] = list(netacl.LOOPBACK)
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _cidrs(cls, value):
+        return netacl.parse_cidrs(value)
 
 
 class ApiConfig(Listener):
     listen: str = "127.0.0.1:8080"
     workers: int = Field(1, ge=1, le=64)  # server processes sharing the listen socket
     access_log: bool = False  # uvicorn's per-request log lines (paths and status only)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)  # larger: 413
+    body_timeout: float = Field(10.0, gt=0, le=300)  # seconds for a whole body to arrive: 408
 
 
 class LogConfig(Strict):
@@ -78,6 +90,8 @@ class Config(Strict):
     # call is rejected as unavailable and its CDR goes to the spool.
     db_timeout: float = Field(2.0, gt=0, le=30)
     anomaly_rules: str = "conf/anomaly.yaml"  # the anomaly job's rules (callctl anomaly run)
+    # The audit log's signed head, kept outside the database (docs/reveal.md).
+    audit_checkpoint: str = "var/callctl.audit-head"
     agi: AgiConfig = AgiConfig()
     api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
@@ -93,9 +107,13 @@ ENV_OVERRIDES = {
     "CALLCTL_QUARANTINE_DAYS": (None, "quarantine_days"),
     "CALLCTL_DB_TIMEOUT": (None, "db_timeout"),
     "CALLCTL_ANOMALY_RULES": (None, "anomaly_rules"),
+    "CALLCTL_AUDIT_CHECKPOINT": (None, "audit_checkpoint"),
     "CALLCTL_AGI_LISTEN": ("agi", "listen"),
+    "CALLCTL_AGI_ALLOW": ("agi", "allow"),
     "CALLCTL_API_LISTEN": ("api", "listen"),
     "CALLCTL_API_WORKERS": ("api", "workers"),
+    "CALLCTL_API_MAX_BODY_BYTES": ("api", "max_body_bytes"),
+    "CALLCTL_API_BODY_TIMEOUT": ("api", "body_timeout"),
     "CALLCTL_LOG_FORMAT": ("log", "format"),
     "CALLCTL_LOG_LEVEL": ("log", "level"),
     "CALLCTL_KEY_FILE": ("keys", "file"),

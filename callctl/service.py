@@ -61,6 +61,10 @@ class CallService:
         # The daemon on PostgreSQL: the call path's two statements run on its event loop
         # (route_on_loop, store_row_on_loop) instead of in threads.
         self.pg = pg
+        # False until the key ring was checked against the database (the daemon starts
+        # while it is down): calls are rejected as unavailable meanwhile, never decided
+        # with a ring that may not be the database's (callctl/store/keycheck.py).
+        self.keys_checked = True
 
     def route(
         self, called: str, caller: str, now: datetime | None = None, extension: str | None = None
@@ -75,6 +79,8 @@ class CallService:
         x, caller_number, extension = self._read_call(called, caller, extension)
         if x is None:
             return None, Reject(Reason.UNKNOWN_NUMBER)
+        if not self.keys_checked:
+            return x, _unavailable(x, "key ring not checked against the database yet")
         try:
             facts = _reconnecting(call_facts, self.engine, x, caller_number, now, extension)
         except SQLAlchemyError as exc:
@@ -89,6 +95,8 @@ class CallService:
         x, caller_number, extension = self._read_call(called, caller, extension)
         if x is None:
             return None, Reject(Reason.UNKNOWN_NUMBER)
+        if not self.keys_checked:
+            return x, _unavailable(x, "key ring not checked against the database yet")
         try:
             facts = await self.pg.facts(x, caller_number, now, extension)
         except PgUnavailable as exc:

@@ -204,7 +204,7 @@ def test_cli_reveal_and_audit(bound, tmp_path):
     assert [r["action"] for r in json.loads(cli("audit", "export").stdout)][-1] == "reveal_used"
     tamper(engine, "UPDATE audit_log SET actor = 'mallory' WHERE id = 2")
     broken = cli("audit", "verify")
-    assert broken.returncode == 4 and "row 2: its content does not match its hash" in broken.stderr
+    assert broken.returncode == 4 and "row 2: its content does not match its MAC" in broken.stderr
 
 
 def reveal_cli(env: dict, cwd, grant: int) -> str:

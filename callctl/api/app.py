@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from callctl import regulator
+from callctl.api.limits import BODY_TIMEOUT, MAX_BODY_BYTES, BodyGuard
 from callctl.store import blocks, provision, reveal
 from callctl.store.provision import ProvisionError
 from callctl.store.tokens import Principal, authenticate
@@ -188,19 +189,26 @@ class ErrorOut(BaseModel):
     error: dict[str, str]
 
 
-ERRORS = {s: {"model": ErrorOut} for s in (401, 403, 404, 409, 422, 503)}
+ERRORS = {s: {"model": ErrorOut} for s in (401, 403, 404, 408, 409, 413, 422, 503)}
 
 
-def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", extension_digits: int = 4) -> FastAPI:
+def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", extension_digits: int = 4,
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT) -> FastAPI:
     app = FastAPI(
         title="callctl provisioning API",
         version="1",
         description=__doc__,
         responses=ERRORS,
     )
+    # A body is read only after its token checks out, capped and timed (limits.py).
+    app.add_middleware(BodyGuard, authenticate=lambda token: authenticate(engine, token),
+                       max_bytes=max_body_bytes, timeout=body_timeout)
     bearer = HTTPBearer(auto_error=False)
 
-    def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+    def principal(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        checked = getattr(request.state, "principal", None)  # by BodyGuard, before the body
+        if checked is not None:
+            return checked
         if credentials is None:
             raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
         found = authenticate(engine, credentials.credentials)
@@ -400,10 +408,12 @@ def app_from_config() -> FastAPI:
 
     cfg = config.load()
     logs.setup(cfg.log.format, cfg.log.level)
+    reveal.use_checkpoint(cfg.audit_checkpoint)  # reveals advance the audit checkpoint
     # db_timeout: no request waits on a dead or hung database longer than that.
     engine = make_engine(cfg.database_url, pool_size=cfg.db_threads, timeout=cfg.db_timeout)
     return create_app(engine, quarantine=timedelta(days=cfg.quarantine_days), region=cfg.region,
-                      extension_digits=cfg.axe_extension_digits)
+                      extension_digits=cfg.axe_extension_digits, max_body_bytes=cfg.api.max_body_bytes,
+                      body_timeout=cfg.api.body_timeout)
 
 
 def serve(cfg) -> None:

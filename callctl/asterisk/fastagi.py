@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from callctl.netacl import AllowList
+
 __all__ = [
     "AgiError",
     "AgiProtocolError",
@@ -157,6 +159,10 @@ def _verb(line: str) -> str:
             break
         words.append(word)
     return " ".join(words) or "?"
+
+
+def _peer(peername) -> str:
+    return f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
 
 
 class _Lines(asyncio.Protocol):
@@ -394,7 +400,7 @@ class FastAgiServer:
     def __init__(self, routes: Mapping[str, Handler], host: str = "127.0.0.1", port: int = 4573, *,
                  env_timeout: float = 5.0, command_timeout: float = 5.0,
                  max_env_bytes: int = 64 * 1024, shutdown_timeout: float = 10.0,
-                 backlog: int = 1024, log: Any = None):
+                 backlog: int = 1024, log: Any = None, allow: AllowList | None = None):
         self.routes: dict[str, Handler] = {}
         for name, handler in routes.items():
             if not callable(handler):
@@ -407,6 +413,7 @@ class FastAgiServer:
         self.max_env_bytes = max_env_bytes
         self.shutdown_timeout = shutdown_timeout
         self.backlog = backlog
+        self.allow = allow  # peers that may connect (callctl.netacl); None: anyone
         self.log = log if log is not None else structlog.get_logger("callctl.agi")
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -450,15 +457,20 @@ class FastAgiServer:
         return _Lines(max(self.max_env_bytes, 1024), self._start_session)
 
     def _start_session(self, conn: _Lines) -> None:
-        """A connection is made: one task serves it (close() waits for these)."""
+        """A connection is made: one task serves it (close() waits for these). A peer
+        outside the allow-list is dropped first, before a byte is read or written."""
+        peername = conn.transport.get_extra_info("peername")
+        if self.allow is not None and not self.allow.allows_peername(peername):
+            conn.transport.abort()
+            self.log.warning("agi peer refused", peer=_peer(peername))
+            return
         task = asyncio.get_running_loop().create_task(self._serve(conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, conn: _Lines) -> None:
         task = asyncio.current_task()
-        peername = conn.transport.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        peer = _peer(conn.transport.get_extra_info("peername"))
         session = AgiSession(conn, peer=peer, command_timeout=self.command_timeout,
                              max_bytes=self.max_env_bytes, log=self.log)
         clean = False

@@ -20,7 +20,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from callctl.asterisk.fastagi import AgiSession, FastAgiServer
 from callctl.core.decision import Reason, Reject
 from callctl.core.numbers import caller_e164, mask
+from callctl.netacl import AllowList
 from callctl.service import CallService, FinishedCall, decision_variables
+from callctl.store import keycheck
+from callctl.store.keycheck import KeyMismatch
 from callctl.store.partitions import ensure_cdr_partitions
 from callctl.store.pgcalls import PgCallStore, PgUnavailable
 from callctl.store.spool import SpoolError
@@ -145,6 +148,9 @@ async def run(cfg) -> None:
     pg = (await PgCallStore.open(cfg.database_url, cfg.db_threads, cfg.db_timeout)
           if engine.dialect.name == "postgresql" else None)
     service = CallService(engine, spool, region=cfg.region, node=cfg.node, pg=pg)
+    # A ring that is not the database's stops the daemon here (exit 2); a database that
+    # is down at start: calls are refused until housekeeping could check it.
+    service.keys_checked = _check_keys(engine)
     route_executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-route")
     cdr_executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-cdr")
     spool_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="callctl-spool")
@@ -153,18 +159,22 @@ async def run(cfg) -> None:
     server = FastAgiServer(
         adapter.routes, cfg.agi.host, cfg.agi.port,
         env_timeout=cfg.agi.env_timeout, command_timeout=cfg.agi.command_timeout,
+        allow=AllowList.of(cfg.agi.allow),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await server.start()
-    log.info("serving FastAGI", listen=f"{cfg.agi.host}:{server.port}", database=engine.dialect.name)
+    log.info("serving FastAGI", listen=f"{cfg.agi.host}:{server.port}", allow=cfg.agi.allow,
+             database=engine.dialect.name)
     replayer = asyncio.create_task(_housekeeping(service, cdr_executor, stop))
     await stop.wait()
+    if replayer.done() and replayer.exception():
+        log.error("stopping: the key ring is not this database's", error=str(replayer.exception()))
     log.info("stopping: finishing sessions in progress")
     await server.close()
-    await replayer
+    await replayer  # raises KeyMismatch if that is why we stop: exit 2
     route_executor.shutdown(wait=True)
     cdr_executor.shutdown(wait=True)
     spool_executor.shutdown(wait=True)
@@ -187,6 +197,14 @@ async def _housekeeping(service: CallService, executor, stop: asyncio.Event, eve
         except PgUnavailable as exc:  # down at start: connections are made when it is back
             log.info("database not reachable at start", error=str(exc))
     while not stop.is_set():
+        if not service.keys_checked:
+            try:
+                service.keys_checked = await loop.run_in_executor(executor, _check_keys, service.engine)
+            except KeyMismatch:
+                stop.set()
+                raise
+            if service.keys_checked:
+                log.info("key ring checked against the database: routing calls")
         await loop.run_in_executor(executor, service.replay_spool)
         if time.monotonic() >= next_partitions:
             try:
@@ -199,6 +217,18 @@ async def _housekeeping(service: CallService, executor, stop: asyncio.Event, eve
             await asyncio.wait_for(stop.wait(), every)
         except TimeoutError:
             pass
+
+
+def _check_keys(engine) -> bool:
+    """True once the ring matches the database; False while it cannot answer;
+    KeyMismatch if the ring is not the database's."""
+    try:
+        keycheck.verify(engine)
+        return True
+    except SQLAlchemyError as exc:
+        log.warning("key ring not checked yet: database not reachable; calls are refused until it is",
+                    error=type(exc).__name__)
+        return False
 
 
 def serve(cfg) -> None:

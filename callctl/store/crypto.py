@@ -9,8 +9,14 @@ secret: it is not rotated with the encryption keys, so hashes stay stable and un
 indexes over them keep working (docs/keys.md).
 
 Key ring text (CALLCTL_KEYS, or the key file): `id=base64` entries separated by blanks,
-commas or newlines; `#` starts a comment. `lookup=...` is the lookup secret; every
-other entry is an encryption key; the current one is `keys.current` or the last listed.
+commas or newlines; `#` starts a comment. `lookup=...` is the lookup secret; `audit=...`
+(optional) keys the audit chain, which otherwise derives its key from the lookup secret;
+every other entry is an encryption key; the current one is `keys.current` or the last
+listed.
+
+Each secret has a check value (`checks`): an HMAC of a fixed label under it, which tells
+whether a ring holds the same secrets as the ones a database was written with without
+revealing them (callctl/store/keycheck.py compares them at startup).
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import os
 import re
 import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -31,11 +37,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 LOOKUP = "lookup"
+AUDIT = "audit"
 KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12
 ENV_KEYS = "CALLCTL_KEYS"
 _LOOKUP_INFO = b"callctl number lookup hmac-sha256 v1"
+_AUDIT_INFO = b"callctl audit chain hmac-sha256 v1"
+_CHECK_LABEL = b"callctl key check v1 "
 
 
 class KeyConfigError(Exception):
@@ -50,11 +59,18 @@ def new_key() -> str:
     return base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode()
 
 
+def _check(name: str, secret: bytes) -> str:
+    return hmac.new(secret, _CHECK_LABEL + name.encode(), hashlib.sha256).hexdigest()
+
+
 @dataclass(frozen=True)
 class KeyRing:
     keys: dict[str, AESGCM]
     current: str
     lookup_key: bytes
+    audit_key: bytes = b""
+    # "key:<id>", "lookup", "audit" -> check value (see the module's doc)
+    checks: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str, current: str = "", source: str = ENV_KEYS) -> "KeyRing":
@@ -75,13 +91,17 @@ class KeyRing:
         if LOOKUP not in entries:
             raise KeyConfigError(f"{source}: no '{LOOKUP}=' secret (it keys the number lookup hashes)")
         lookup = entries.pop(LOOKUP)
+        audit = entries.pop(AUDIT, lookup)
         if not entries:
             raise KeyConfigError(f"{source}: no encryption key besides '{LOOKUP}'")
         current = current or list(entries)[-1]
         if current not in entries:
             raise KeyConfigError(f"{source}: the current key '{current}' is not in the ring")
-        derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_LOOKUP_INFO).derive(lookup)
-        return cls({k: AESGCM(v) for k, v in entries.items()}, current, derived)
+        derive = lambda secret, info: HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+        checks = {f"key:{k}": _check(f"key:{k}", v) for k, v in entries.items()}
+        checks.update({LOOKUP: _check(LOOKUP, lookup), AUDIT: _check(AUDIT, audit)})
+        return cls({k: AESGCM(v) for k, v in entries.items()}, current, derive(lookup, _LOOKUP_INFO),
+                   derive(audit, _AUDIT_INFO), checks)
 
     def seal(self, plaintext: str) -> str:
         nonce = os.urandom(NONCE_BYTES)
@@ -140,8 +160,8 @@ def load_ring(key_file: str, current: str = "", environ=os.environ) -> KeyRing:
 def append_key(path: str | os.PathLike, key_id: str) -> None:
     """Add a new encryption key (it becomes current: the last listed) to a key file,
     created 0600 with a lookup secret if new."""
-    if not KEY_ID.fullmatch(key_id) or key_id == LOOKUP:
-        raise KeyConfigError(f"key id '{key_id}': use 1-32 of A-Z a-z 0-9 _ -, not '{LOOKUP}'")
+    if not KEY_ID.fullmatch(key_id) or key_id in (LOOKUP, AUDIT):
+        raise KeyConfigError(f"key id '{key_id}': use 1-32 of A-Z a-z 0-9 _ -, not '{LOOKUP}' or '{AUDIT}'")
     file = Path(path)
     text = read_key_file(file) if file.exists() else ""
     ring_ids = {t.partition("=")[0] for t in _tokens(text)}

@@ -110,9 +110,15 @@ def upgrade(engine: Engine) -> list[str]:
                 conn.exec_driver_sql(script)
             conn.execute(text("INSERT INTO schema_migrations (version) VALUES (:v)"), {"v": path.stem})
         applied.append(path.stem)
-    # Numbers stored before encryption (0010) are sealed now; a no-op once done.
+    from callctl.store import keycheck, reveal
     from callctl.store.reencrypt import reencrypt
 
+    if keycheck.TABLE_MIGRATION in done or keycheck.TABLE_MIGRATION in applied:
+        # The ring must be this database's before anything is written with it (0085);
+        # an audit chain from before the audit key is sealed under it.
+        keycheck.verify(engine)
+        reveal.seal_legacy(engine)
+    # Numbers stored before encryption (0010) are sealed now; a no-op once done.
     reencrypt(engine, only_plaintext=True)
     return applied
 

@@ -366,3 +366,13 @@ class AuditEntry(Base):
     detail: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class KeyCheck(Base):
+    """The check value of one key ring secret ("key:<id>", "lookup", "audit"): compared
+    at startup, so a wrong secret fails closed (callctl/store/keycheck.py)."""
+
+    __tablename__ = "key_checks"
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    check_value: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))

@@ -237,6 +237,8 @@ class ApiServer:
             "CALLCTL_DATABASE_URL": database_url,
             "CALLCTL_API_LISTEN": f"127.0.0.1:{self.port}",
             "CALLCTL_LOG_FORMAT": "json",
+            # one checkpoint per database (the default is relative to the repository)
+            "CALLCTL_AUDIT_CHECKPOINT": str(Path(workdir) / "callctl.audit-head"),
             **(extra_env or {}),
         }
         self.proc: subprocess.Popen | None = None

@@ -5,7 +5,9 @@ tried on its data; rotation and a deliberate lookup change keep working (issue #
 item 6). SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -15,9 +17,12 @@ from callctl.store import crypto, keycheck, provision
 from callctl.store.crypto import ENV_KEYS, KeyRing, new_key
 from callctl.store.keycheck import KeyMismatch
 from callctl.store.models import Block
+from callctl.store.db import make_engine, upgrade
 from callctl.store.reencrypt import reencrypt
 from lab import harness
 from tests import realnumbers
+from tests import test_cdr_durability as durability
+from tests.test_cdr_durability import cluster, route as route_call  # noqa: F401 (a fixture)
 from tests.test_cli import run
 
 X = "+8617100000051"
@@ -109,3 +114,33 @@ def test_rotation_and_a_deliberate_lookup_change_keep_working(acme, tmp_path):
         assert reencrypt(acme) == {"bindings": 0, "blocks": 0}
     finally:
         crypto.install(KeyRing.parse(SESSION))
+
+
+def test_daemon_started_while_the_database_is_down_checks_the_ring_when_it_returns(cluster, tmp_path):
+    """Up: it routes once the ring checked out. Wrong ring: it stops (exit 2) instead of
+    routing a single call with it."""
+    url = "postgresql+psycopg2://" + cluster.dsn.split("://", 1)[1]
+    engine = make_engine(url)
+    upgrade(engine)
+    provision.add_tenant(engine, "acme", durability.HOTLINE, callers=[durability.AGENT], hours="00:00-24:00")
+    provision.add_numbers(engine, "acme", [durability.X])  # the numbers route_call dials
+    provision.bind(engine, "acme", durability.CUSTOMER)
+    engine.dispose()
+    for ring, expected in ((SESSION, "bridge"), (ring_text(lookup=new_key()), None)):
+        cluster.stop()
+        port = harness.free_port()
+        daemon = harness.callctl_daemon(url, tmp_path, port=port, extra_env={ENV_KEYS: ring, "CALLCTL_DB_TIMEOUT": "1"})
+        with daemon:
+            variables, _ = asyncio.run(route_call(port, "down"))
+            assert variables["CALLCTL_REASON"] == "unavailable"
+            cluster.start()
+            if expected:
+                for _ in range(120):  # housekeeping checks every 5 s; a bound, not a timing claim
+                    if (asyncio.run(route_call(port, "back"))[0] or {}).get("CALLCTL_REASON") != "unavailable":
+                        break
+                    assert daemon.proc.poll() is None
+                    time.sleep(0.5)
+                assert asyncio.run(route_call(port, "back"))[0]["CALLCTL_ACTION"] == expected
+            else:
+                assert daemon.proc.wait(60) == 2
+                assert "the lookup secret ('lookup=') is not the one" in daemon.output()

@@ -162,7 +162,8 @@ def cmd_bind(cfg, args):
         bind(
             _engine(cfg), args.tenant, args.customer, mode=args.mode, other_party=args.other_party,
             reference=args.reference, expires_at=_expiry(args.expires), ttl_seconds=args.ttl,
-            region=cfg.region, extension_digits=cfg.axe_extension_digits,
+            region=cfg.region, extension_digits=cfg.axe_extension_digits, purposes=args.purpose,
+            profile=args.profile, quarantine=timedelta(days=cfg.quarantine_days),
         )
     )
 
@@ -606,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "AXE: X shared through an extension")
     bind.add_argument("--other-party", help="AXB: the other party's real number (B)")
     bind.add_argument("--reference", help="external reference, e.g. a policy number")
+    bind.add_argument("--purpose", action="append", choices=["service", "claims", "renewal", "marketing"],
+                      help="a purpose of calls the customer accepts (repeatable; default: all but marketing)")
+    bind.add_argument("--profile", choices=["elderly", "claims"], help="protection profile (tighter hours)")
     expiry = bind.add_mutually_exclusive_group()
     expiry.add_argument("--expires", help="ISO date-time with zone")
     expiry.add_argument("--ttl", type=int, help="seconds from now")
@@ -656,12 +660,14 @@ def build_parser() -> argparse.ArgumentParser:
     blist.add_argument("--tenant")
     blist.add_argument("--reference", help="external reference, e.g. a policy number")
     blist.add_argument("--status", choices=["active", "expired", "ended"],
-                       help="active: in force; expired: past its expiry, not ended; ended: unbound")
+                       help="active: in force; expired: past its expiry (its X released by housekeeping); "
+                            "ended: unbound")
     blist.add_argument("--after", type=int, default=0, help="show ids after this one (paging)")
     blist.add_argument("--limit", type=int, default=100, help="1-1000 (default 100)")
     blist.add_argument("--json", action="store_true", help="JSON for programs")
     blist.set_defaults(func=cmd_binding_list)
-    bext = binding.add_parser("extend", help="set a new expiry (renewal)")
+    bext = binding.add_parser("extend", help="set a new expiry (renewal; an expired binding is revived on "
+                                             "its X unless X serves someone else now)")
     bext.add_argument("binding_id", type=int)
     new_expiry = bext.add_mutually_exclusive_group()
     new_expiry.add_argument("--expires", help="ISO date-time with zone")
@@ -785,6 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
     trevoke = token.add_parser("revoke", help="stop a token working, at once")
     trevoke.add_argument("token_id", type=int)
     trevoke.set_defaults(func=cmd_token_revoke)
+    from callctl import cli_customers
+
+    cli_customers.add_parsers(top, tenant, binding)
     return parser
 
 

@@ -78,6 +78,13 @@ class KeysConfig(Strict):
     current: str = ""  # key id for new writes; empty = the last key listed
 
 
+class WebhookConfig(Strict):
+    """`callctl webhook deliver`: retries double from retry_seconds up to max_retry_seconds."""
+    retry_seconds: float = Field(5.0, gt=0, le=3600)
+    max_retry_seconds: float = Field(3600.0, gt=0, le=86400)
+    timeout: float = Field(5.0, gt=0, le=60)  # seconds an endpoint has to answer
+
+
 class Config(Strict):
     database_url: str = "sqlite:///var/callctl.db"
     region: str = Field("CN", min_length=2, max_length=2)  # how national numbers are read
@@ -92,10 +99,30 @@ class Config(Strict):
     anomaly_rules: str = "conf/anomaly.yaml"  # the anomaly job's rules (callctl anomaly run)
     # The audit log's signed head, kept outside the database (docs/reveal.md).
     audit_checkpoint: str = "var/callctl.audit-head"
+    # Numbers of the customers' self-service line (E.164): the daemon answers calls to them
+    # with its menu instead of routing them (dialplan context callctl-selfservice).
+    selfservice_numbers: list[str] = []
+    housekeeping_seconds: float = Field(5.0, gt=0, le=3600)  # expiry, spool replay: how often
+
+    @field_validator("selfservice_numbers", mode="before")
+    @classmethod
+    def _number_list(cls, value):
+        if isinstance(value, str):  # from the environment: comma-separated
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("selfservice_numbers")
+    @classmethod
+    def _e164(cls, value: list[str]) -> list[str]:
+        for number in value:
+            if not (number.startswith("+") and number[1:].isdigit() and 3 <= len(number) <= 16):
+                raise ValueError("each must be an E.164 number, e.g. +8695500")
+        return value
     agi: AgiConfig = AgiConfig()
     api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
     keys: KeysConfig = KeysConfig()
+    webhooks: WebhookConfig = WebhookConfig()
 
 
 # Environment variable -> (section, key); section None is top level.
@@ -108,6 +135,8 @@ ENV_OVERRIDES = {
     "CALLCTL_DB_TIMEOUT": (None, "db_timeout"),
     "CALLCTL_ANOMALY_RULES": (None, "anomaly_rules"),
     "CALLCTL_AUDIT_CHECKPOINT": (None, "audit_checkpoint"),
+    "CALLCTL_SELFSERVICE_NUMBERS": (None, "selfservice_numbers"),
+    "CALLCTL_HOUSEKEEPING_SECONDS": (None, "housekeeping_seconds"),
     "CALLCTL_AGI_LISTEN": ("agi", "listen"),
     "CALLCTL_AGI_ALLOW": ("agi", "allow"),
     "CALLCTL_API_LISTEN": ("api", "listen"),
@@ -118,6 +147,8 @@ ENV_OVERRIDES = {
     "CALLCTL_LOG_LEVEL": ("log", "level"),
     "CALLCTL_KEY_FILE": ("keys", "file"),
     "CALLCTL_KEY_CURRENT": ("keys", "current"),
+    "CALLCTL_WEBHOOK_RETRY_SECONDS": ("webhooks", "retry_seconds"),
+    "CALLCTL_WEBHOOK_MAX_RETRY_SECONDS": ("webhooks", "max_retry_seconds"),
 }
 
 

@@ -13,8 +13,9 @@ import structlog
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
-from callctl.core.decision import Bridge, CollectExtension, Decision, Reason, Reject, decide
+from callctl.core.decision import Bridge, CollectExtension, Decision, Reason, Reject, SelfService, decide
 from callctl.core.numbers import call_identifier, caller_e164, mask
+from callctl.store import customers
 from callctl.store.calls import call_facts, write_cdr, write_cdrs
 from callctl.store.crypto import number_hash
 from callctl.store.pgcalls import PgCallStore, PgUnavailable
@@ -53,8 +54,9 @@ class FinishedCall:
 
 class CallService:
     def __init__(self, engine: Engine, spool: CdrSpool, region: str = "CN", node: str = "",
-                 pg: PgCallStore | None = None):
+                 pg: PgCallStore | None = None, selfservice: frozenset[str] = frozenset()):
         self.engine = engine
+        self.selfservice = selfservice  # the self-service line's numbers: no routing, a menu
         self.spool = spool
         self.region = region
         self.node = node
@@ -81,6 +83,8 @@ class CallService:
             return None, Reject(Reason.UNKNOWN_NUMBER)
         if not self.keys_checked:
             return x, _unavailable(x, "key ring not checked against the database yet")
+        if x in self.selfservice:
+            return x, SelfService()
         try:
             facts = _reconnecting(call_facts, self.engine, x, caller_number, now, extension)
         except SQLAlchemyError as exc:
@@ -97,6 +101,8 @@ class CallService:
             return None, Reject(Reason.UNKNOWN_NUMBER)
         if not self.keys_checked:
             return x, _unavailable(x, "key ring not checked against the database yet")
+        if x in self.selfservice:
+            return x, SelfService()
         try:
             facts = await self.pg.facts(x, caller_number, now, extension)
         except PgUnavailable as exc:
@@ -176,6 +182,23 @@ class CallService:
         if new != len(rows):
             log.info("spooled CDRs already in the database skipped", count=len(rows) - new)
 
+    def selfservice_menu(self, caller: str) -> dict[str, str]:
+        """The self-service menu for `caller` as channel variables: CALLCTL_SS_COUNT
+        insurers, CALLCTL_SS_<key> each one's state (allowed | none | service_only)."""
+        number = caller_e164(caller, self.region)
+        menu = customers.selfservice_menu(self.engine, number) if number else []
+        return {"SS_COUNT": str(len(menu)), **{f"SS_{m['key']}": m["calls"] for m in menu}}
+
+    def selfservice_key(self, caller: str, key: str) -> dict[str, str]:
+        """The caller keyed `key`: that insurer's calls stopped (none) or allowed again;
+        CALLCTL_SS_RESULT says which, or invalid."""
+        number = caller_e164(caller, self.region)
+        done = customers.selfservice_toggle(self.engine, number, key) if number and key.isdigit() else None
+        if done is not None:
+            log.info("customer set a preference on the self-service line", caller=mask(number),
+                     tenant=done["tenant"], calls=done["calls"])
+        return {"SS_RESULT": done["calls"] if done else "invalid"}
+
     def cdr_row(self, call: FinishedCall, now: datetime) -> dict:
         bridged = call.action == "bridge"
         if call.action == CollectExtension.action:
@@ -217,8 +240,9 @@ class CallService:
             # Keyed, not reversible: lets the anomaly job count one caller's calls.
             "caller_hash": number_hash(caller) if caller else None,
             "callee_masked": mask(callee) if callee else None,
-            "decision": "bridged" if bridged else "rejected",
-            "reject_reason": str(reason) if reason else None,
+            # "self": a call to the self-service line (not routed, neither bridged nor refused)
+            "decision": "bridged" if bridged else "self" if call.action == SelfService.action else "rejected",
+            "reject_reason": str(reason) if reason and call.action != SelfService.action else None,
             "started_at": started,
             "answered_at": answered_at,
             "ended_at": ended,
@@ -245,6 +269,8 @@ def decision_variables(decision: Decision) -> dict[str, str]:
         }
     elif isinstance(decision, CollectExtension):
         values = {"ext_digits": str(decision.digits), "ext_tries": str(decision.tries)}
+    elif isinstance(decision, SelfService):
+        values = {}
     else:
         values = {"reason": str(decision.reason)}
     if decision.binding_id is not None:

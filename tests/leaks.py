@@ -40,7 +40,7 @@ from tests import realnumbers
 CAPTURE_ENV = "CALLCTL_TEST_CAPTURE"
 CHANNELS = ("log", "cli", "api", "export", "cdr", "file", "tenant", "reveal")
 # Tables whose rows are shown to people (CLI, API, exports): they must hold masked numbers.
-SCANNED_TABLES = ("cdrs",)
+SCANNED_TABLES = ("cdrs", "events")  # events: the webhooks outbox (masked bodies)
 _SIPP_MARKERS = ("stat.csv", "calls.csv")  # a SIPp work directory (callctl/sipp.py)
 _MAX_BYTES = 64 * 1024 * 1024
 _INPUTS: set[Path] = set()  # files a test gave the product (see test_input)

@@ -30,14 +30,15 @@ from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
-from sqlalchemy import String, bindparam, func, select, text
+from sqlalchemy import String, bindparam, func, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from callctl.anomaly.config import RULES, AnomalyConfig, Rule
 from callctl.anomaly.rules import Sql, constants, finding_insert
-from callctl.store.models import AnomalyFinding, AnomalyState, Cdr, Tenant, UTCDateTime
+from callctl.store import events
+from callctl.store.models import AnomalyFinding, AnomalyState, Block, Cdr, Event, Tenant, UTCDateTime
 
 log = structlog.get_logger("callctl.anomaly")
 JOB = "anomaly"
@@ -81,6 +82,8 @@ def run_pass(engine: Engine, config: AnomalyConfig, now: datetime | None = None)
             ).one()
             result.cdrs = count
             if count:
+                above = (conn.scalar(select(func.coalesce(func.max(AnomalyFinding.id), 0))),
+                         conn.scalar(select(func.coalesce(func.max(Block.id), 0))))
                 tenants = conn.execute(select(Tenant.id, Tenant.name, Tenant.time_zone, Tenant.calls_from,
                                               Tenant.calls_until)).all()
 
@@ -88,6 +91,8 @@ def run_pass(engine: Engine, config: AnomalyConfig, now: datetime | None = None)
                     began = time.monotonic()
                     found = _run_rule(rule_conn, sql, config, name, tenants, first, last, lo, hi, now)
                     blocks = _place_blocks(rule_conn, config, name, tenants, now)
+                    if found or blocks:
+                        _record_events(rule_conn, name, *above, now)
                     log.debug("anomaly rule", rule=name, findings=found, seconds=round(time.monotonic() - began, 3))
                     return found, blocks
 
@@ -284,11 +289,28 @@ def follow(engine: Engine, config: AnomalyConfig, stop: threading.Event, interva
     return passes
 
 
+def _record_events(conn: Connection, name: str, finding_above: int, block_above: int, now: datetime) -> None:
+    """Events for the tenants' webhooks (the outbox), in the rule's transaction: the
+    findings this pass raised and the automatic blocks it placed. No caller hashes."""
+    f = AnomalyFinding
+    rows = []
+    for finding in conn.execute(select(f).where(f.rule == name, f.id > finding_above)):
+        body = {"id": finding.id, "rule": finding.rule, "subject_kind": finding.subject_kind,
+                "binding_id": finding.binding_id, "window_start": finding.window_start,
+                "window_end": finding.window_end, "calls": finding.calls, "severity": finding.severity,
+                "action": finding.action}
+        rows.append({"tenant_id": finding.tenant_id, "kind": str(events.Kind.FINDING_RAISED), "body": body})
+    for block in conn.execute(select(Block).where(Block.created_by == f"anomaly:{name}", Block.id > block_above)):
+        body = {"id": block.id, "scope": block.scope, "direction": block.direction, "binding_id": block.binding_id,
+                "starts_at": block.starts_at, "ends_at": block.ends_at, "finding_id": block.finding_id}
+        rows.append({"tenant_id": block.tenant_id, "kind": str(events.Kind.BLOCK_PLACED), "body": body})
+    if rows:
+        conn.execute(insert(Event), [{**row, "occurred_at": now, "body": events.dumps(row["body"])} for row in rows])
+
+
 def list_findings(engine: Engine, tenant: str | None = None, rule: str | None = None,
                   since: datetime | None = None, limit: int = 100) -> list[dict]:
     """Newest findings first, with the tenant's name and any block they caused."""
-    from callctl.store.models import Block
-
     query = (
         select(AnomalyFinding, Tenant.name.label("tenant"), Block.id.label("block_id"),
                Block.ends_at.label("block_ends_at"))

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import structlog
 import uvloop
@@ -25,6 +25,7 @@ from callctl.service import CallService, FinishedCall, decision_variables
 from callctl.store import keycheck
 from callctl.store.keycheck import KeyMismatch
 from callctl.store.partitions import ensure_cdr_partitions
+from callctl.store.provision import expire_due
 from callctl.store.pgcalls import PgCallStore, PgUnavailable
 from callctl.store.spool import SpoolError
 
@@ -71,7 +72,24 @@ class AsteriskAdapter:
 
     @property
     def routes(self):
-        return {"route": self.route, "hangup": self.hangup}
+        return {"route": self.route, "hangup": self.hangup, "selfservice": self.selfservice}
+
+    async def selfservice(self, session: AgiSession) -> None:
+        """The customers' self-service line (dialplan context callctl-selfservice): without
+        key=, the caller's menu; with key=, that insurer's calls switched. Not the call
+        path: SQLAlchemy in the routing threads, on either database."""
+        given = keyword_args(session.args)
+        caller = given.get("caller", session.env.get("agi_callerid", ""))
+        key = given.get("key")
+        work = self.service.selfservice_menu if key is None else self.service.selfservice_key
+        args = (caller,) if key is None else (caller, key)
+        try:
+            async with asyncio.timeout(self.decision_timeout):
+                values = await asyncio.get_running_loop().run_in_executor(self.route_executor, work, *args)
+        except (TimeoutError, SQLAlchemyError) as exc:
+            log.error("self-service line: database unavailable", error=type(exc).__name__)
+            return  # no CALLCTL_SS_* set: the dialplan plays the unavailable prompt
+        await session.set_variables_at_once({f"CALLCTL_{name}": value for name, value in values.items()})
 
     async def route(self, session: AgiSession) -> None:
         given = keyword_args(session.args)
@@ -147,7 +165,8 @@ async def run(cfg) -> None:
     # SQLite: in the thread pools below.
     pg = (await PgCallStore.open(cfg.database_url, cfg.db_threads, cfg.db_timeout)
           if engine.dialect.name == "postgresql" else None)
-    service = CallService(engine, spool, region=cfg.region, node=cfg.node, pg=pg)
+    service = CallService(engine, spool, region=cfg.region, node=cfg.node, pg=pg,
+                          selfservice=frozenset(cfg.selfservice_numbers))
     # A ring that is not the database's stops the daemon here (exit 2); a database that
     # is down at start: calls are refused until housekeeping could check it.
     service.keys_checked = _check_keys(engine)
@@ -168,7 +187,8 @@ async def run(cfg) -> None:
     await server.start()
     log.info("serving FastAGI", listen=f"{cfg.agi.host}:{server.port}", allow=cfg.agi.allow,
              database=engine.dialect.name)
-    replayer = asyncio.create_task(_housekeeping(service, cdr_executor, stop))
+    replayer = asyncio.create_task(_housekeeping(service, cdr_executor, stop, cfg.housekeeping_seconds,
+                                                 timedelta(days=cfg.quarantine_days)))
     await stop.wait()
     if replayer.done() and replayer.exception():
         log.error("stopping: the key ring is not this database's", error=str(replayer.exception()))
@@ -184,9 +204,12 @@ async def run(cfg) -> None:
     log.info("stopped")
 
 
-async def _housekeeping(service: CallService, executor, stop: asyncio.Event, every: float = 5.0) -> None:
+async def _housekeeping(service: CallService, executor, stop: asyncio.Event, every: float = 5.0,
+                        quarantine: timedelta = timedelta(days=30)) -> None:
     """Replay spooled CDRs whenever the database is back (at start, then every few
-    seconds); keep the coming days' CDR partitions made (at start, then hourly). On
+    seconds); release expired bindings, their X to quarantine (every few seconds; every
+    daemon does it, each taking rows the others do not hold); keep the coming days' CDR
+    partitions made (at start, then hourly). On
     PostgreSQL, first open a few call-path connections, so the first calls after a
     start do not each pay for one."""
     loop = asyncio.get_running_loop()
@@ -206,6 +229,12 @@ async def _housekeeping(service: CallService, executor, stop: asyncio.Event, eve
             if service.keys_checked:
                 log.info("key ring checked against the database: routing calls")
         await loop.run_in_executor(executor, service.replay_spool)
+        try:
+            expired = await loop.run_in_executor(executor, expire_due, service.engine, quarantine)
+            if expired:
+                log.info("expired bindings released", count=expired)
+        except SQLAlchemyError as exc:
+            log.warning("expired bindings not released: database unavailable", error=type(exc).__name__)
         if time.monotonic() >= next_partitions:
             try:
                 await loop.run_in_executor(executor, ensure_cdr_partitions, service.engine)

@@ -20,6 +20,35 @@ class Reason(StrEnum):
     OUTSIDE_HOURS = "outside_hours"  # the tenant called a customer outside its calling hours
     UNAVAILABLE = "unavailable"
     INVALID_EXTENSION = "invalid_extension"  # AXE: wrong or no extension keyed
+    OPTED_OUT = "opted_out"  # the customer said no to this tenant's calls (or not now)
+    PURPOSE_NOT_ALLOWED = "purpose_not_allowed"  # the caller's purpose is not one the customer accepts
+
+
+class Purpose(StrEnum):
+    """Why an agent calls: the purpose of the caller group its number belongs to."""
+    SERVICE = "service"
+    CLAIMS = "claims"
+    RENEWAL = "renewal"
+    MARKETING = "marketing"
+
+
+# What a binding accepts unless told otherwise: everything but marketing.
+DEFAULT_PURPOSES = frozenset(p.value for p in Purpose if p != Purpose.MARKETING)
+
+
+class Calls(StrEnum):
+    """The customer's word on one tenant's calls."""
+    ALLOWED = "allowed"
+    NONE = "none"
+    SERVICE_ONLY = "service_only"
+
+
+class Channel(StrEnum):
+    """How the customer prefers the tenant to reach them."""
+    PHONE = "phone"
+    APP = "app"
+    SMS = "sms"
+    NONE = "none"
 
 
 class Direction(StrEnum):
@@ -50,6 +79,7 @@ class TenantFacts:
     time_zone: str = "Asia/Shanghai"
     calls_from: time = time(8, 0)
     calls_until: time = time(21, 0)
+    caller_purpose: str | None = None  # the agent's caller group's purpose (None: not an agent)
 
 
 @dataclass(frozen=True)
@@ -60,6 +90,10 @@ class BindingFacts:
     party_b: str | None = None  # AXB: the other party
     extension: str | None = None  # AXE
     expires_at: datetime | None = None
+    purposes: frozenset[str] | None = None  # the purposes the customer accepts; None: DEFAULT_PURPOSES
+    calls: str | None = None  # the customer's preference for this tenant (Calls); None: allowed
+    quiet: tuple[time, time] | None = None  # the customer's own quiet hours, tenant's time zone
+    profile: str | None = None  # protection profile (tighter hours: decide's profile_hours)
 
 
 @dataclass(frozen=True)
@@ -124,15 +158,27 @@ class CollectExtension:
     action: str = "extension"
 
 
-Decision = Bridge | Reject | CollectExtension
+@dataclass(frozen=True)
+class SelfService:
+    """A call to the customers' self-service number: the dialplan runs its menu."""
+    tenant_id: None = None
+    binding_id: None = None
+    direction: None = None
+    action: str = "selfservice"
+
+
+Decision = Bridge | Reject | CollectExtension | SelfService
 
 
 def decide(
-    caller: str | None, now: datetime, facts: NumberFacts | None, extension: str | None = None
+    caller: str | None, now: datetime, facts: NumberFacts | None, extension: str | None = None,
+    profile_hours: dict[str, tuple[time, time]] | None = None,
 ) -> Decision:
     """Decide a call from `caller` (E.164 or None when withheld) to X at `now`.
 
     `extension`: what an AXE caller keyed when prompted ('' for nothing); None before.
+    `profile_hours`: protection profile -> the hours its customers may be called, within
+    the tenant's own (both must allow the call).
     """
     if facts is None or (extension is None and facts.mode is None):
         return Reject(Reason.UNKNOWN_NUMBER, tenant_id=facts.tenant.id if facts else None)
@@ -159,10 +205,28 @@ def decide(
     if any(_blocks(block, binding, caller, direction, now) for block in facts.blocks):
         return reject(Reason.BLOCKED)
     if direction == Direction.TO_CUSTOMER:  # customers may always call the tenant
-        closed = _closed(tenant, now)
-        if closed is not None:
-            return reject(closed)
+        refusal = _customer_refuses(binding, tenant, now) or _closed(tenant, now)
+        if refusal is None and binding.profile and profile_hours and binding.profile in profile_hours:
+            start, end = profile_hours[binding.profile]
+            if not within_hours(now, tenant.time_zone, start, end):
+                refusal = Reason.OUTSIDE_HOURS
+        if refusal is not None:
+            return reject(refusal)
     return _bridge(facts, destination, binding.id, direction)
+
+
+def _customer_refuses(binding: BindingFacts, tenant: TenantFacts, now: datetime) -> Reason | None:
+    """The customer's word on this call: their preference (no calls, service only, not
+    in their quiet hours) outranks the tenant, then the purposes they accept. A caller
+    that is no agent of the tenant (AXB's other party) calls for the service itself."""
+    purpose = tenant.caller_purpose or Purpose.SERVICE
+    if binding.calls == Calls.NONE or (binding.calls == Calls.SERVICE_ONLY and purpose != Purpose.SERVICE):
+        return Reason.OPTED_OUT
+    if binding.quiet is not None and within_hours(now, tenant.time_zone, *binding.quiet) is not False:
+        return Reason.OPTED_OUT  # (an unknown zone reads as quiet: fail closed)
+    if purpose not in (binding.purposes if binding.purposes is not None else DEFAULT_PURPOSES):
+        return Reason.PURPOSE_NOT_ALLOWED
+    return None
 
 
 def _closed(tenant: TenantFacts, now: datetime) -> Reason | None:

@@ -6,7 +6,7 @@ runs these same statements on its event loop (callctl.store.pgcalls).
 """
 from __future__ import annotations
 
-from datetime import datetime, time, timedelta
+from datetime import datetime, time, timedelta, timezone
 
 from sqlalchemy import (
     String, and_, bindparam, case, cast, exists, func, literal_column, null, or_, select, true, union_all,
@@ -19,7 +19,8 @@ from callctl.core.decision import BindingFacts, BlockFacts, Mode, NumberFacts, T
 from callctl.core.numbers import mask
 from callctl.store.crypto import number_hash
 from callctl.store.db import READ_ONLY
-from callctl.store.models import Binding, Block, Cdr, Tenant, TenantCaller, VirtualNumber
+from callctl.store.events import write_call_event
+from callctl.store.models import Binding, Block, Cdr, CustomerPreference, Tenant, TenantCaller, VirtualNumber
 
 
 # Constants written into the SQL, not sent as parameters: a prepared statement's generic
@@ -47,20 +48,29 @@ def _facts_statement(by_extension: bool):
     caller = bindparam("caller", type_=String)
     caller_hash = bindparam("caller_hash", type_=String)
     now = bindparam("now", type_=Block.starts_at.type)
-    agent = exists().where(
-        TenantCaller.tenant_id == Tenant.id,
-        or_(
-            TenantCaller.pattern == caller,
-            and_(TenantCaller.is_prefix, caller.like(TenantCaller.pattern + "%")),
-        ),
+    one = literal_column("1")  # LIMIT 1 in the SQL text, not a parameter a plan must allow for
+    # The agent's purpose (its caller group's), NULL when the caller is no agent: an
+    # exact number before a prefix, a longer prefix before a shorter one.
+    purpose = (
+        select(TenantCaller.purpose)
+        .where(
+            TenantCaller.tenant_id == Tenant.id,
+            or_(
+                TenantCaller.pattern == caller,
+                and_(TenantCaller.is_prefix, caller.like(TenantCaller.pattern + "%")),
+            ),
+        )
+        .order_by(TenantCaller.is_prefix, func.length(TenantCaller.pattern).desc())
+        .limit(one)
+        .scalar_subquery()
     )
     # Each read once per call (CTEs, used several times): X's id, NULL when X is not ours
     # or not bound; and one active binding on X, which tells X's mode (an X never mixes
     # modes, provision._claim) and is an AXN X's binding (it has one).
-    one = literal_column("1")  # LIMIT 1 in the SQL text, not a parameter a plan must allow for
     x_row = select(VirtualNumber.id).where(VirtualNumber.e164 == x, VirtualNumber.state == _BOUND).cte("x")
     x_id = select(x_row.c.id).scalar_subquery()
-    columns = (Binding.id, Binding.mode, Binding.party_a, Binding.party_b, Binding.extension, Binding.expires_at)
+    columns = (Binding.id, Binding.mode, Binding.party_a, Binding.party_b, Binding.extension, Binding.expires_at,
+               Binding.purposes, Binding.profile, Binding.party_a_hash)
     first = select(*columns).where(Binding.number_id == x_id, Binding.status == _ACTIVE).limit(one).cte("first_on_x")
     x_mode = select(first.c.mode).scalar_subquery()
     # The prompt asks for as many digits as X's longest extension (NULL unless AXE). Not
@@ -96,18 +106,22 @@ def _facts_statement(by_extension: bool):
             and_(Block.scope == "caller", Block.caller_hash == caller_hash),
         ),
     )
+    # The customer's word on this tenant: one unique-index probe per binding (0090).
+    pref_on = and_(CustomerPreference.customer_hash == mine.c.party_a_hash, CustomerPreference.tenant_id == Tenant.id)
     return (
         select(
             VirtualNumber.state, Tenant.id, Tenant.hotline, Tenant.strict, Tenant.ring_timeout,
             Tenant.max_call_seconds, Tenant.time_zone, Tenant.calls_from, Tenant.calls_until,
-            agent.label("agent"), x_mode.label("x_mode"), x_width.label("x_extension_digits"),
+            purpose.label("caller_purpose"), x_mode.label("x_mode"), x_width.label("x_extension_digits"),
             mine.c.id.label("binding_id"), mine.c.mode, mine.c.party_a, mine.c.party_b,
-            mine.c.extension, mine.c.expires_at,
+            mine.c.extension, mine.c.expires_at, mine.c.purposes, mine.c.profile,
+            CustomerPreference.calls, CustomerPreference.quiet_from, CustomerPreference.quiet_until,
             Block.id.label("block_id"), Block.scope, Block.direction,
             Block.binding_id.label("block_binding_id"), Block.caller, Block.starts_at, Block.ends_at,
         )
         .join(Tenant, Tenant.id == VirtualNumber.tenant_id)
         .outerjoin(mine, true())
+        .outerjoin(CustomerPreference, pref_on)
         .outerjoin(Block, block_on)
         .where(VirtualNumber.e164 == x)
         .order_by(mine.c.id, Block.id)
@@ -144,12 +158,14 @@ def facts_from_rows(x: str, rows) -> NumberFacts | None:
     if not rows:
         return None
     first = rows[0]
-    tenant = TenantFacts(first.id, first.hotline, bool(first.agent), bool(first.strict), first.ring_timeout,
-                         first.max_call_seconds, first.time_zone,
-                         time.fromisoformat(first.calls_from), time.fromisoformat(first.calls_until))
+    tenant = TenantFacts(first.id, first.hotline, first.caller_purpose is not None, bool(first.strict),
+                         first.ring_timeout, first.max_call_seconds, first.time_zone,
+                         time.fromisoformat(first.calls_from), time.fromisoformat(first.calls_until),
+                         caller_purpose=first.caller_purpose)
     # dicts keep the query's order and drop the repeats the join makes.
     bindings = {r.binding_id: BindingFacts(r.binding_id, Mode(r.mode), r.party_a, r.party_b, r.extension,
-                                           r.expires_at)
+                                           r.expires_at, _purposes(r.purposes), r.calls,
+                                           _quiet(r.quiet_from, r.quiet_until), r.profile)
                 for r in rows if r.binding_id is not None}
     blocks = {r.block_id: BlockFacts(r.scope, r.direction, r.block_binding_id, r.caller, r.starts_at, r.ends_at)
               for r in rows if r.block_id is not None}
@@ -216,13 +232,28 @@ def cdr_params(row: dict) -> dict:
             "virtual_number_masked": mask(row.get("virtual_number")) or None}
 
 
+def _purposes(text: str | None) -> frozenset[str] | None:
+    return None if text is None else frozenset(p for p in text.split(",") if p)
+
+
+def _quiet(start: str | None, end: str | None) -> tuple[time, time] | None:
+    return None if not (start and end) else (time.fromisoformat(start), time.fromisoformat(end))
+
+
 def write_cdr(engine: Engine, row: dict) -> bool:
     """Insert one CDR; a second write of the same call changes nothing. True if new."""
     return write_cdrs(engine, [row]) == 1
 
 
 def write_cdrs(engine: Engine, rows: list[dict]) -> int:
-    """Insert CDRs in one transaction (all or none); returns how many were new."""
+    """Insert CDRs in one transaction (all or none), each new one with its event for the
+    tenant's webhooks (callctl.store.events); returns how many were new."""
     dialect = engine.dialect.name
+    now = datetime.now(timezone.utc)
+    new = 0
     with engine.begin() as conn:
-        return sum(conn.execute(cdr_insert(dialect, tuple(row)), cdr_params(row)).rowcount for row in rows)
+        for row in rows:
+            if conn.execute(cdr_insert(dialect, tuple(row)), cdr_params(row)).rowcount:
+                new += 1
+                write_call_event(conn, row, now)
+    return new

@@ -118,6 +118,8 @@ class TenantCaller(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
     pattern: Mapped[str] = mapped_column(String(20))
     is_prefix: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Why agents on this number or prefix call: their caller group's purpose (0090).
+    purpose: Mapped[str] = mapped_column(String(16), server_default=text("'service'"))
 
 
 class VirtualNumber(Base):
@@ -165,6 +167,9 @@ class Binding(Base):
         # A party's bindings, and its bindings on one X (the call-time facts, 0070).
         Index("ix_binding_party_a_hash", "party_a_hash", "number_id", "status"),
         Index("ix_binding_party_b_hash", "party_b_hash", "number_id", "status"),
+        # Housekeeping's lapsed bindings (0090).
+        Index("ix_binding_expiry", "expires_at", postgresql_where=text("status = 'active'"),
+              sqlite_where=text("status = 'active'")),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
@@ -180,6 +185,10 @@ class Binding(Base):
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     party_a_hash: Mapped[str | None] = mapped_column(String(64), default=number_hash_of("party_a"))
     party_b_hash: Mapped[str | None] = mapped_column(String(64), default=number_hash_of("party_b"))
+    # status 'ended' by itself past expires_at: 'expired'; by unbind: 'unbound' (0090).
+    end_reason: Mapped[str | None] = mapped_column(String(8))
+    purposes: Mapped[str | None] = mapped_column(String(200))  # accepted, comma-separated; NULL: default
+    profile: Mapped[str | None] = mapped_column(String(16))  # protection profile, e.g. elderly
 
     @validates("party_a", "party_b")
     def _keep_hash(self, key, value):
@@ -376,3 +385,66 @@ class KeyCheck(Base):
     name: Mapped[str] = mapped_column(String(40), primary_key=True)
     check_value: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
+class CustomerPreference(Base):
+    """The customer's own word about one tenant's calls, keyed by the lookup hash of the
+    customer's number (0090). It outranks the tenant: "my contact, my decision"."""
+
+    __tablename__ = "customer_preferences"
+    __table_args__ = (
+        CheckConstraint("calls IN ('allowed','none','service_only')", name="ck_pref_calls"),
+        CheckConstraint("channel IN ('phone','app','sms','none')", name="ck_pref_channel"),
+        Index("ux_pref_customer", "customer_hash", "tenant_id", unique=True),
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    customer_hash: Mapped[str] = mapped_column(String(64))
+    calls: Mapped[str] = mapped_column(String(12), server_default=text("'allowed'"))
+    quiet_from: Mapped[str | None] = mapped_column(String(5))  # the customer's own quiet hours
+    quiet_until: Mapped[str | None] = mapped_column(String(5))
+    channel: Mapped[str] = mapped_column(String(5), server_default=text("'phone'"))
+    consent_source: Mapped[str | None] = mapped_column(String(100))
+    consent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_by: Mapped[str] = mapped_column(String(100))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Event(Base):
+    """The outbox: one row per event insurers (webhooks) and the regulator are told of,
+    written in the transaction of what it reports; `body` is masked JSON (0090)."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_tenant", "tenant_id", "id"), {"sqlite_autoincrement": True})
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Id)
+    kind: Mapped[str] = mapped_column(String(24))
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    body: Mapped[str] = mapped_column(Text)
+
+
+class Webhook(Base):
+    __tablename__ = "webhooks"
+    __table_args__ = (Index("ix_webhooks_tenant", "tenant_id"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    url: Mapped[str] = mapped_column(String(500))
+    secret: Mapped[str] = mapped_column(String(200))  # sealed with the key ring
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    queued_upto: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+
+class WebhookDelivery(Base):
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("webhook_id", "event_id", name="uq_delivery"),
+        Index("ix_delivery_due", "next_attempt_at", postgresql_where=text("delivered_at IS NULL"),
+              sqlite_where=text("delivered_at IS NULL")),
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id"))
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(200))

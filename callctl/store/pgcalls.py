@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque, namedtuple
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
 import asyncpg
@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 from callctl.core.decision import NumberFacts
 from callctl.store.calls import _FACTS, _FACTS_BY_EXTENSION, facts_from_rows, facts_params, cdr_insert, cdr_params
+from callctl.store.events import PG_CALL_EVENT, call_event
 
 _DIALECT = postgresql.psycopg2.dialect(paramstyle="numeric_dollar")
 # A pooled connection the server closed (restart, failover, pg_terminate_backend): the
@@ -222,13 +223,17 @@ class PgCallStore:
         return facts_from_rows(x, statement.rows(records))
 
     async def write_cdr(self, row: dict) -> bool:
-        """write_cdr(), on the event loop: True if new, False if the call was written before."""
+        """write_cdr(), on the event loop: True if new, False if the call was written before.
+        A new CDR's event for the tenant's webhooks goes in the same statement."""
         keys = tuple(row)
         statement = self._inserts_by_keys.get(keys)
         if statement is None:
             statement = self._inserts_by_keys[keys] = _Statement(cdr_insert("postgresql", keys))
-        status = await _run(self.inserts, "execute", statement.sql, statement.args(cdr_params(row)))
-        return status == "INSERT 0 1"
+            n = len(statement.keys)
+            statement.sql = PG_CALL_EVENT.format(insert=statement.sql, k=n + 1, n=n + 2, b=n + 3)
+        kind, body = call_event(row) or (None, None)
+        args = statement.args(cdr_params(row)) + [kind, datetime.now(timezone.utc), body]
+        return await _run(self.inserts, "fetchval", statement.sql, args) == 1
 
 
 # libpq's client-side options that asyncpg would send the server as settings (and the

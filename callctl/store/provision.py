@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from callctl.core.decision import Mode, known_zone
+from callctl.core.decision import DEFAULT_PURPOSES, Mode, Purpose, known_zone
 from callctl.core.numbers import InvalidNumber, mask, to_e164
 from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, Cdr, Tenant, TenantCaller, VirtualNumber, utcnow
@@ -74,8 +74,12 @@ def _tenant(session: Session, name: str) -> Tenant:
 
 def tenant_view(session: Session, tenant: Tenant) -> dict:
     callers = session.execute(
-        select(TenantCaller.pattern, TenantCaller.is_prefix).where(TenantCaller.tenant_id == tenant.id)
+        select(TenantCaller.pattern, TenantCaller.is_prefix, TenantCaller.purpose)
+        .where(TenantCaller.tenant_id == tenant.id)
     ).all()
+    groups: dict[str, list[str]] = {}
+    for pattern, _, purpose in sorted(callers):
+        groups.setdefault(purpose, []).append(pattern)
     return {
         "id": tenant.id,
         "name": tenant.name,
@@ -85,8 +89,9 @@ def tenant_view(session: Session, tenant: Tenant) -> dict:
         "max_call_seconds": tenant.max_call_seconds,
         "time_zone": tenant.time_zone,
         "hours": f"{tenant.calls_from}-{tenant.calls_until}",
-        "callers": sorted(p for p, is_prefix in callers if not is_prefix),
-        "caller_prefixes": sorted(p for p, is_prefix in callers if is_prefix),
+        "callers": sorted(p for p, is_prefix, _ in callers if not is_prefix),
+        "caller_prefixes": sorted(p for p, is_prefix, _ in callers if is_prefix),
+        "caller_groups": groups,  # purpose -> numbers and prefixes
     }
 
 
@@ -191,6 +196,15 @@ def pool_status(engine: Engine, tenant_name: str) -> dict:
     return {s: counts.get(s, 0) for s in ("free", "bound", "quarantined", "disabled")}
 
 
+def binding_status(binding: Binding, now: datetime | None = None) -> str:
+    """active, expired (past its expiry, whether or not housekeeping has released it yet)
+    or ended (unbound)."""
+    if binding.status == "active":
+        lapsed = binding.expires_at is not None and binding.expires_at <= (now or utcnow())
+        return "expired" if lapsed else "active"
+    return "expired" if binding.end_reason == EXPIRED else "ended"
+
+
 def binding_view(binding: Binding, x: str, tenant_name: str) -> dict:
     return {
         "id": binding.id,
@@ -201,7 +215,9 @@ def binding_view(binding: Binding, x: str, tenant_name: str) -> dict:
         "other_party": mask(binding.party_b) if binding.party_b else None,
         "extension": binding.extension,
         "reference": binding.reference,
-        "status": binding.status,
+        "status": binding_status(binding),
+        "purposes": sorted(_accepted(binding.purposes)),
+        "profile": binding.profile,
         "expires_at": binding.expires_at.isoformat() if binding.expires_at else None,
         "created_at": binding.created_at.isoformat() if binding.created_at else None,
         "ended_at": binding.ended_at.isoformat() if binding.ended_at else None,
@@ -209,6 +225,7 @@ def binding_view(binding: Binding, x: str, tenant_name: str) -> dict:
 
 
 MODES = tuple(m.value for m in Mode)
+PURPOSES = tuple(p.value for p in Purpose)
 LOCK_WAIT_SECONDS = 5  # the second allocation pass waits at most this long for a row lock
 ALLOCATION_ROUNDS = 50  # looks for an X before `pool_busy` (each round follows a change by another writer)
 
@@ -226,6 +243,9 @@ def bind(
     region: str = "CN",
     extension_digits: int = 4,
     now: datetime | None = None,
+    purposes: list[str] | None = None,
+    profile: str | None = None,
+    quarantine: timedelta | None = None,
 ) -> dict:
     """Bind an X of the tenant's pool to the customer.
 
@@ -233,16 +253,25 @@ def bind(
     which has either party, else a free X. AXE: a free extension of `extension_digits`
     digits on an X already serving AXE, else a free X. A pool with nothing to give is
     `pool_exhausted`; concurrent binds never share what they must not (_allocate).
+    With `quarantine`, the pool's lapsed bindings are released first when nothing else
+    is left (housekeeping does it too, every few seconds).
     """
     now = now or utcnow()
     pair = _binding_input(mode, customer, other_party, extension_digits, region)
     expires_at = _expiry_from(expires_at, ttl_seconds, now)
     # Built (its lookup hashes computed, the key ring loaded) before any row is locked.
     binding = Binding(mode=mode, party_a=pair[0], party_b=pair[1], reference=_reference(reference),
-                      expires_at=expires_at, created_at=now)
+                      expires_at=expires_at, created_at=now, purposes=_purposes_input(purposes),
+                      profile=_profile_input(profile))
     with Session(engine) as session, session.begin():
         tenant = _tenant(session, tenant_name)
-        number, extension = _allocate(session, tenant.id, mode, pair, extension_digits, now)
+        try:
+            number, extension = _allocate(session, tenant.id, mode, pair, extension_digits, now)
+        except ProvisionError as exc:
+            if exc.code != "pool_exhausted" or quarantine is None or not _expire(session, now, quarantine,
+                                                                                   tenant_id=tenant.id):
+                raise
+            number, extension = _allocate(session, tenant.id, mode, pair, extension_digits, now)
         binding.tenant_id, binding.number_id, binding.extension = tenant.id, number.id, extension
         session.add(binding)
         try:
@@ -388,20 +417,61 @@ def unbind(
     now = now or utcnow()
     with Session(engine) as session, session.begin():
         binding = _active_binding(session, binding_id, tenant_id)
-        binding.status = "ended"
-        binding.ended_at = now
-        number = session.get(VirtualNumber, binding.number_id, with_for_update=True)
-        still_used = session.scalar(
-            select(func.count()).where(
-                Binding.number_id == number.id, Binding.status == "active", Binding.id != binding.id
-            )
-        )
-        if not still_used:
-            number.state = "quarantined"
-            number.mode = None
-            number.quarantined_until = now + quarantine
-        session.flush()
+        _end(session, binding, now, quarantine, UNBOUND)
         return _view(session, binding)
+
+
+UNBOUND, EXPIRED = "unbound", "expired"  # bindings.end_reason
+EXPIRE_BATCH = 200  # lapsed bindings released per transaction
+
+
+def _end(session: Session, binding: Binding, now: datetime, quarantine: timedelta, reason: str) -> None:
+    """End a binding (its row locked); when it was the last on its X, X rests in
+    quarantine. X's row lock serialises this with allocation and other ends on X."""
+    binding.status = "ended"
+    binding.end_reason = reason
+    binding.ended_at = now if reason == UNBOUND else min(now, binding.expires_at)
+    number = session.get(VirtualNumber, binding.number_id, with_for_update=True)
+    still_used = session.scalar(
+        select(func.count()).where(
+            Binding.number_id == number.id, Binding.status == "active", Binding.id != binding.id
+        )
+    )
+    if not still_used:
+        number.state = "quarantined"
+        number.mode = None
+        number.quarantined_until = now + quarantine
+    session.flush()
+
+
+def expire_due(engine: Engine, quarantine: timedelta, now: datetime | None = None) -> int:
+    """Release bindings past their expiry (status expired, X to quarantine when free),
+    one batch per transaction until none are left; returns how many. Safe with several
+    daemons at once: each takes rows the others do not hold (SKIP LOCKED)."""
+    now = now or utcnow()
+    total = 0
+    while True:
+        with Session(engine) as session, session.begin():
+            count = _expire(session, now, quarantine)
+        total += count
+        if count < EXPIRE_BATCH:
+            return total
+
+
+def _expire(session: Session, now: datetime, quarantine: timedelta, tenant_id: int | None = None) -> int:
+    from callctl.store import events  # it imports this module
+
+    query = select(Binding).where(Binding.status == "active", Binding.expires_at <= now)
+    if tenant_id is not None:
+        query = query.where(Binding.tenant_id == tenant_id)
+    lapsed = session.scalars(query.order_by(Binding.expires_at).limit(EXPIRE_BATCH)
+                             .with_for_update(skip_locked=True)).all()
+    for binding in lapsed:
+        _end(session, binding, now, quarantine, EXPIRED)
+        view = _view(session, binding)
+        events.record(session, binding.tenant_id, events.Kind.BINDING_EXPIRED,
+                      {key: view[key] for key in ("id", "x", "mode", "customer", "reference", "expires_at")}, now)
+    return len(lapsed)
 
 
 def _expiry_from(expires_at: datetime | None, ttl_seconds: int | None, now: datetime) -> datetime | None:
@@ -419,6 +489,68 @@ def _expiry_from(expires_at: datetime | None, ttl_seconds: int | None, now: date
             raise ProvisionError("invalid_expiry", "expiry is in the past")
         expires_at = expires_at.astimezone(timezone.utc)  # shown as stored: UTC
     return expires_at
+
+
+PROFILES = ("elderly", "claims")  # protection profiles (conf/anomaly.yaml: profiles)
+
+
+def _accepted(stored: str | None) -> frozenset[str]:
+    return DEFAULT_PURPOSES if stored is None else frozenset(p for p in stored.split(",") if p)
+
+
+def _purpose(value: str) -> str:
+    if value not in PURPOSES:
+        raise ProvisionError("invalid_purpose", f"purpose must be one of {', '.join(PURPOSES)}")
+    return value
+
+
+def _purposes_input(purposes: list[str] | None) -> str | None:
+    """The stored form of the purposes a customer accepts; None keeps the default."""
+    if purposes is None:
+        return None
+    return ",".join(sorted({_purpose(p.strip()) for p in purposes}))
+
+
+def _profile_input(profile: str | None) -> str | None:
+    if profile is not None and profile not in PROFILES:
+        raise ProvisionError("invalid_profile", f"profile must be one of {', '.join(PROFILES)}")
+    return profile
+
+
+def set_binding_policy(engine: Engine, binding_id: int, *, purposes: list[str] | None = None,
+                       profile: str | None = None, clear_profile: bool = False,
+                       tenant_id: int | None = None) -> dict:
+    """Change which purposes the customer accepts and/or the protection profile."""
+    accepted = _purposes_input(purposes)
+    profile = _profile_input(profile)
+    with Session(engine) as session, session.begin():
+        binding = _active_binding(session, binding_id, tenant_id)
+        if accepted is not None:
+            binding.purposes = accepted
+        if profile is not None or clear_profile:
+            binding.profile = profile
+        session.flush()
+        return _view(session, binding)
+
+
+def add_callers(engine: Engine, tenant_name: str, *, callers: list[str] = (), caller_prefixes: list[str] = (),
+                purpose: str = "service", region: str = "CN") -> dict:
+    """Add agents' numbers or prefixes to the tenant, in the caller group of `purpose`;
+    ones it has already move to that group."""
+    purpose = _purpose(purpose)
+    patterns = {_number(c, "caller", region): False for c in callers}
+    patterns |= {_prefix(p): True for p in caller_prefixes}
+    if not patterns:
+        raise ProvisionError("missing_callers", "give --caller or --caller-prefix")
+    with Session(engine) as session, session.begin():
+        tenant = _tenant(session, tenant_name)
+        known = {c.pattern: c for c in session.scalars(select(TenantCaller).where(TenantCaller.tenant_id == tenant.id))}
+        for pattern, is_prefix in patterns.items():
+            row = known.get(pattern) or TenantCaller(tenant_id=tenant.id, pattern=pattern, is_prefix=is_prefix)
+            row.purpose = purpose
+            session.add(row)
+        session.flush()
+        return tenant_view(session, tenant)
 
 
 def _reference(reference: str | None) -> str | None:
@@ -498,12 +630,13 @@ def list_bindings(
     if reference is not None:
         query = query.where(Binding.reference == _reference(reference))
     in_force = or_(Binding.expires_at.is_(None), Binding.expires_at > now)
+    expired_end = and_(Binding.status == "ended", Binding.end_reason == EXPIRED)
     if status == "ended":
-        query = query.where(Binding.status == "ended")
+        query = query.where(Binding.status == "ended", ~expired_end)
     elif status == "active":
         query = query.where(Binding.status == "active", in_force)
     elif status == "expired":
-        query = query.where(Binding.status == "active", ~in_force)
+        query = query.where(or_(and_(Binding.status == "active", ~in_force), expired_end))
     with Session(engine) as session:
         rows = session.execute(query).all()
     items = [binding_view(b, x, t) for b, x, t in rows[:limit]]
@@ -519,15 +652,48 @@ def extend_binding(
     tenant_id: int | None = None,
     now: datetime | None = None,
 ) -> dict:
-    """Give an active binding a new expiry (a date, a TTL from now, or None: no expiry).
-    Works on a binding that has just expired too (a late renewal), not on an ended one."""
+    """Give a binding a new expiry (a date, a TTL from now, or None: no expiry).
+
+    A late renewal of an expired binding revives it on the same X when X can still take
+    it (X in quarantine, or a shared X with its extension or parties still free): the
+    customer keeps the number they know. Once X was given to someone else: binding_expired
+    (bind again). An unbound binding is never revived (binding_ended)."""
     now = now or utcnow()
     new_expiry = _expiry_from(expires_at, ttl_seconds, now)
     with Session(engine) as session, session.begin():
-        binding = _active_binding(session, binding_id, tenant_id)
+        binding = _scoped_binding(session, binding_id, tenant_id, lock=True)
+        if binding.status != "active" and binding.end_reason == EXPIRED:
+            _revive(session, binding)
+        elif binding.status != "active":
+            raise ProvisionError("binding_ended", f"binding {binding_id} has ended already")
         binding.expires_at = new_expiry
-        session.flush()
+        try:
+            session.flush()
+        except IntegrityError:
+            raise ProvisionError("binding_expired", _REUSED.format(binding_id)) from None
         return _view(session, binding)
+
+
+_REUSED = "binding {} has expired and its virtual number serves someone else now; bind again"
+
+
+def _revive(session: Session, binding: Binding) -> None:
+    """An expired binding active again on its X, if X can still take it (X row-locked)."""
+    number = session.get(VirtualNumber, binding.number_id, with_for_update=True, populate_existing=True)
+    if number.state == "quarantined":
+        free = True
+    elif number.state == "bound" and number.mode == binding.mode and binding.mode != Mode.AXN:
+        taken = (_parties_on(session, number.id, [p for p in (binding.party_a, binding.party_b) if p])
+                 if binding.mode == Mode.AXB else
+                 session.scalar(select(Binding.id).where(Binding.number_id == number.id, Binding.status == "active",
+                                                         Binding.extension == binding.extension).limit(1)))
+        free = not taken
+    else:
+        free = False
+    if not free:
+        raise ProvisionError("binding_expired", _REUSED.format(binding.id))
+    number.state, number.mode, number.quarantined_until = "bound", binding.mode, None
+    binding.status, binding.end_reason, binding.ended_at = "active", None, None
 
 
 def update_binding(

@@ -48,6 +48,7 @@ def acme(engine):
     return engine
 
 
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)  # both databases: the probe test below
 def test_a_wrong_secret_stops_every_entry_point_with_one_line(acme, tmp_path):
     url = acme.url.render_as_string(hide_password=False)
     env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url, "CALLCTL_SPOOL_DIR": str(tmp_path / "spool"),

@@ -8,6 +8,7 @@ import json
 
 import pytest
 from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
 
 from callctl.store import db as db_mod, provision, reveal
 from callctl.store.models import AuditEntry, utcnow
@@ -72,9 +73,12 @@ def test_a_cut_tail_or_an_emptied_table_is_found_by_the_checkpoint(bound, tmp_pa
     engine, binding = bound
     make_log(engine, binding)  # every append advanced the checkpoint: row 4
     assert json.loads((tmp_path / "audit-head").read_text())["id"] == 4
-    replace_log(engine, rows(engine)[:3])
+    with Session(engine) as session, session.begin():  # any writer's append, e.g. a preference change
+        reveal.append(session, "support:li", "preference_set", None, {"calls": "none"})
+    assert json.loads((tmp_path / "audit-head").read_text())["id"] == 5
+    replace_log(engine, rows(engine)[:4])
     result = reveal.verify(engine)
-    assert (result["ok"], result["bad_row"]) == (False, 4) and "ends at row 3" in result["problem"]
+    assert (result["ok"], result["bad_row"]) == (False, 5) and "ends at row 4" in result["problem"]
     replace_log(engine, [])
     result = reveal.verify(engine)
     assert (result["ok"], result["bad_row"]) == (False, 1) and "ends at row 0" in result["problem"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import structlog
 
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.engine import Engine
 
@@ -98,19 +98,25 @@ def append(session: Session, actor: str, action: str, grant_id: int | None, deta
     entry = AuditEntry(**row, prev_hash=prev, hash=entry_mac(crypto.ring().audit_key, prev, row))
     session.add(entry)
     session.flush()
-    session.info["audit_head"] = (entry.id, entry.hash)  # the checkpoint, once committed
+    if not session.info.get("audit_listening"):  # whoever appends: the checkpoint follows the commit
+        session.info["audit_listening"] = True
+        event.listen(session, "after_commit", _committed)
+        event.listen(session, "after_rollback", lambda s: s.info.pop("audit_head", None))
+    session.info["audit_head"] = (entry.id, entry.hash)
     return entry
+
+
+def _committed(session: Session) -> None:
+    head = session.info.pop("audit_head", None)
+    if head:
+        advance_checkpoint(*head)
 
 
 @contextmanager
 def _audited(engine: Engine):
-    """A transaction that appends to the log; once committed, the checkpoint advances."""
-    with Session(engine) as session:
-        with session.begin():
-            yield session
-        head = session.info.get("audit_head")
-    if head:
-        advance_checkpoint(*head)
+    """A transaction that appends to the log (the checkpoint advances once committed)."""
+    with Session(engine) as session, session.begin():
+        yield session
 
 
 def seal_legacy(engine: Engine, now: datetime | None = None) -> int:

@@ -102,6 +102,7 @@ CLI_ENV = {
     "CALLCTL_DATABASE_URL": DB_URL,
     "CALLCTL_SPOOL_DIR": str(WORK / "spool"),
     "CALLCTL_KEY_FILE": str(KEY_FILE),
+    "CALLCTL_AUDIT_CHECKPOINT": str(WORK / "callctl.audit-head"),  # beside the demo's database
 }
 
 

@@ -193,6 +193,7 @@ def callctl_daemon(database_url: str, workdir: Path, log_format: str = "json", e
         "CALLCTL_AGI_LISTEN": f"{AGI_HOST}:{port}",
         "CALLCTL_LOG_FORMAT": log_format,
         "CALLCTL_NODE": "lab",
+        "CALLCTL_AUDIT_CHECKPOINT": str(workdir / "callctl.audit-head"),  # one per database
         **(extra_env or {}),
     }
     callctl = Path(sys.executable).with_name("callctl")

@@ -813,7 +813,11 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "checks_keys", True):  # the ring must be the database's (keycheck.py)
                 from callctl.store import keycheck
 
-                keycheck.verify(_engine(cfg), new_lookup=getattr(args, "rehash", False))
+                engine = _engine(cfg)
+                try:
+                    keycheck.verify(engine, new_lookup=getattr(args, "rehash", False))
+                finally:
+                    engine.dispose()  # e.g. `serve api` would keep its connection open
         reveal.use_checkpoint(cfg.audit_checkpoint)
         args.func(cfg, args)
     except (config_mod.ConfigError, SpoolError) as exc:

@@ -126,8 +126,8 @@ def _bulk(run, file: str) -> None:
         result = run(bar.update)
     for problem in result.errors:
         print(f"callctl: {file}: {problem}", file=sys.stderr)
-    _print_json({
-        "rows": result.rows, "done": result.done, "rejected": len(result.errors),
+    _print_json({  # rows = done + existing + rejected
+        "rows": result.rows, "done": result.done, "existing": result.existing, "rejected": len(result.errors),
         "bound_file": str(result.bound_file) if result.bound_file else None,
         "rejected_file": str(result.rejected_file) if result.rejected_file else None,
     })

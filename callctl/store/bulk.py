@@ -2,8 +2,25 @@
 
 Files are read as a stream and written in set-based batches (one transaction and a few
 statements per batch, not per row). Every row is checked first; a bad row never stops
-the good ones: it is reported with its line number and code, and the rejected rows are
-written, as they were, to a file beside the input so that nothing is lost.
+the good ones. Every row of the file ends done (or, for `bind --bulk`, found bound
+already) or rejected with its own line number and code, and the counts add up to the
+rows of the file (blank lines are not rows); a file whose first line is not a header
+of known columns is refused whole before anything is written. No input crashes a load.
+
+- The file is read as UTF-8, line by line: a byte that is not UTF-8 spoils only its own
+  row (rejected, `invalid_text`), never its neighbours, and line numbers stay true.
+- Rejected rows go to FILE.rejected.csv (always mode 0600: the rows hold real numbers,
+  like the input): `line,error,` then the row exactly as it was in the file, bytes and
+  quoting included. The `line` and `error` columns are ignored on input, so the rejected
+  file loads again as it is once its rows are fixed. It holds this run's rejected rows
+  only (none: no file).
+- What was committed is always in FILE.bound.csv, whatever happens later in the file.
+- Idempotency (bind --bulk): one active binding per tenant, customer and reference (a
+  missing reference counts as one value). A row whose binding exists already is not bound
+  again: it is reported `existing` and listed in FILE.bound.csv with that binding, so
+  loading a file twice, or again after fixing its rejected rows, binds nobody twice.
+  An active binding of the same customer and reference with another mode or other
+  party is `reference_in_use`. Two rows of one file with the same key: `duplicate_row`.
 
 pool import columns (header row required): number [, tenant]
 bind --bulk columns (header row required): customer [, tenant, mode, other_party,
@@ -15,26 +32,30 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import psycopg2
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, insert, or_, select, text, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
 from callctl.core.decision import Mode
 from callctl.store import provision
+from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, VirtualNumber, utcnow
 from callctl.store.provision import ProvisionError
 
 POOL_COLUMNS = ("number", "tenant")
 BIND_COLUMNS = ("customer", "tenant", "mode", "other_party", "reference", "expires_at", "ttl_seconds")
+IGNORED_COLUMNS = ("line", "error")  # the rejected file's own columns: it loads again as it is
 # No customer column: the line number ties a binding to its input row.
 BOUND_COLUMNS = ("line", "id", "tenant", "x", "extension", "mode", "reference", "expires_at")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
 
 
 @dataclass
@@ -49,81 +70,155 @@ class RowError:
 
 @dataclass
 class BulkResult:
-    rows: int = 0
+    rows: int = 0  # rows of the file (blank lines are not rows) = done + existing + rejected
     done: int = 0
+    existing: int = 0  # bind --bulk: bound already by an earlier load (see the idempotency rule)
     errors: list[RowError] = field(default_factory=list)
     rejected_file: Path | None = None
     bound_file: Path | None = None
 
 
-class _Rejects:
-    """Rejected rows, as they were in the input plus line and error, in FILE.rejected.csv
-    (0600: the rows hold real numbers, like the input)."""
-
-    def __init__(self, source: Path, header: list[str]):
-        self.path = source.with_name(source.stem + ".rejected.csv")
-        self.header = header
-        self.file = None
-
-    def add(self, line: int, raw: dict, error: ProvisionError | RowError, result: BulkResult) -> None:
-        result.errors.append(error if isinstance(error, RowError) else RowError(line, error.code, str(error)))
-        if self.file is None:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            self.file = open(fd, "w", newline="")
-            self.writer = csv.writer(self.file)
-            self.writer.writerow(["line", "error", *self.header])
-            result.rejected_file = self.path
-        last = result.errors[-1]
-        self.writer.writerow([line, f"{last.code}: {last.message}", *(raw.get(c, "") for c in self.header)])
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
+@dataclass
+class _Record:
+    """One row of the file: where it starts, its text as it was, and its values."""
+    line: int
+    raw: str
+    values: dict | None = None  # column -> value (stripped); None for a bad row
+    error: RowError | None = None
 
 
-def _rows(path: Path, known: tuple[str, ...], required: str) -> tuple[list[str], Iterator[tuple[int, dict]]]:
-    """The header and (line number, row) pairs of a CSV file, after checking the header."""
+class _Lines:
+    """The file's physical lines, each decoded on its own (an undecodable byte is kept
+    as a surrogate escape and spoils only its row); `taken` are the lines of the record
+    the CSV reader is reading."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle, self.count, self.taken = handle, 0, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self.handle.readline()
+        if not line:
+            raise StopIteration
+        self.count += 1
+        text = line.decode("utf-8", "surrogateescape")
+        if self.count == 1:
+            text = text.removeprefix("\ufeff")  # a byte order mark, as spreadsheets write
+        self.taken.append(text)
+        return text
+
+
+def _read(lines: _Lines, reader) -> _Record | None:
+    """The next record (values as a list), or None at the end of the file."""
+    lines.taken = []
+    start = lines.count + 1
     try:
-        handle = open(path, newline="", encoding="utf-8-sig")
+        values = next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as exc:  # e.g. a field over csv.field_size_limit(): that row only
+        return _Record(start, "".join(lines.taken), error=RowError(start, "invalid_row", f"not CSV text: {exc}"))
+    raw = "".join(lines.taken)
+    if _NOT_UTF8.search(raw):
+        return _Record(start, raw, error=RowError(start, "invalid_text", "not UTF-8 text (a byte that is not)"))
+    if "\0" in raw:
+        return _Record(start, raw, error=RowError(start, "invalid_text", "a NUL character"))
+    return _Record(start, raw, values=values)
+
+
+def _rows(path: Path, known: tuple[str, ...], required: str) -> tuple[str, Iterator[_Record]]:
+    """The header line and the records of a CSV file, after checking the header."""
+    try:
+        handle = open(path, "rb")
     except OSError as exc:
         raise ProvisionError("invalid_file", f"{path}: {exc.strerror}") from None
-    reader = csv.reader(handle)
+    lines = _Lines(handle)
+    reader = csv.reader(lines)
     try:
-        header = [h.strip().lower() for h in next(reader)]
-    except StopIteration:
+        first = _read(lines, reader)
+        while first is not None and first.values == []:  # blank lines before the header
+            first = _read(lines, reader)
+    except OSError as exc:
         handle.close()
-        raise ProvisionError("invalid_file", f"{path}: empty file; the first line names the columns") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ProvisionError("invalid_file", f"{path}: {exc.strerror}") from None
+    if first is None or first.values is None:
         handle.close()
-        raise ProvisionError("invalid_file", f"{path}: line 1 is not CSV text ({type(exc).__name__})") from None
-    unknown = [h for h in header if h not in known]
-    if required not in header or unknown or len(set(header)) != len(header):
+        raise ProvisionError("invalid_file", f"{path}: " + (
+            "empty file; the first line names the columns" if first is None else
+            f"line {first.line} is not a header of CSV text ({first.error.message})"))
+    header = [h.strip().lower() for h in first.values]
+    named = [h for h in header if h not in IGNORED_COLUMNS]
+    unknown = [h for h in named if h not in known]
+    if required not in named or unknown or len(set(named)) != len(named):
         handle.close()
         raise ProvisionError(
             "invalid_file",
-            f"{path}: line 1 must name the columns: {required} (required), {', '.join(known[1:])} (optional)"
-            + (f"; unknown: {', '.join(unknown)}" if unknown else ""),
+            f"{path}: line {first.line} must name the columns: {required} (required), "
+            f"{', '.join(known[1:])} (optional)"
+            + (f"; unknown: {', '.join(unknown)[:200]}" if unknown else ""),
         )
 
-    def rows():
+    def records():
         with handle:
-            while True:
-                try:
-                    values = next(reader)
-                except StopIteration:
-                    return
-                except (UnicodeDecodeError, csv.Error) as exc:
-                    yield reader.line_num, RowError(reader.line_num, "invalid_row", f"not CSV text ({type(exc).__name__})")
-                    continue
-                if not any(v.strip() for v in values):
-                    continue  # blank line
-                if len(values) != len(header):
-                    yield reader.line_num, RowError(
-                        reader.line_num, "invalid_row", f"{len(values)} field(s), the header names {len(header)}")
-                    continue
-                yield reader.line_num, {h: v.strip() for h, v in zip(header, values)}
+            while (record := _read(lines, reader)) is not None:
+                if record.values is not None:
+                    if not any(v.strip() for v in record.values):
+                        continue  # a blank line is not a row
+                    if len(record.values) != len(header):
+                        record.error = RowError(record.line, "invalid_row", f"{len(record.values)} field(s), "
+                                                f"the header names {len(header)}")
+                        record.values = None
+                    else:
+                        record.values = {h: v.strip() for h, v in zip(header, record.values)
+                                         if h not in IGNORED_COLUMNS}
+                yield record
 
-    return header, rows()
+    return first.raw, records()
+
+
+class _Rejects:
+    """FILE.rejected.csv: `line,error,` and each rejected row as it was in the file.
+    Opened before anything is written (a file that cannot be made stops the load before
+    it starts), mode 0600 also when it exists already; removed when nothing is rejected."""
+
+    def __init__(self, source: Path, header: str, result: BulkResult):
+        self.path = source.with_name(source.stem + ".rejected.csv")
+        self.result = result
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # O_CREAT's mode applies to a new file only
+        except OSError as exc:
+            raise ProvisionError("invalid_file", f"{self.path}: {exc.strerror}") from None
+        # surrogateescape writes bytes that were not UTF-8 back as they were
+        self.file = open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")
+        self.header = header
+
+    def add(self, record: _Record, error: ProvisionError | RowError) -> None:
+        if not isinstance(error, RowError):
+            error = RowError(record.line, error.code, str(error))
+        if not self.result.errors:
+            self.file.write(_fields("line", "error") + _line(self.header))
+            self.result.rejected_file = self.path
+        self.result.errors.append(error)
+        self.file.write(_fields(record.line, f"{error.code}: {error.message}") + _line(record.raw))
+
+    def close(self) -> None:
+        self.file.close()
+        if not self.result.errors:
+            self.path.unlink(missing_ok=True)
+
+
+def _fields(*values) -> str:
+    """Leading CSV fields, each followed by a comma."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow([*values, ""])
+    return out.getvalue()
+
+
+def _line(raw: str) -> str:
+    return raw if raw.endswith(("\n", "\r")) else raw + "\n"
 
 
 def _batches(rows: Iterator, size: int) -> Iterator[list]:
@@ -147,55 +242,83 @@ class _Tenants:
         name = row.get("tenant") or self.default
         if not name:
             raise ProvisionError("missing_tenant", "no tenant: give a tenant column or --tenant")
+        if len(name) > 100:
+            raise ProvisionError("tenant_not_found", "no such tenant (a tenant name has 1-100 characters)")
         if name not in self.ids:
             self.ids[name] = provision.tenant_id_of(self.engine, name)
         return name, self.ids[name]
+
+
+def _unexpected(exc: Exception) -> ProvisionError:
+    """A row the checks did not foresee, or a database error on its batch: that row (or
+    batch) is rejected, with the kind of error, and the load goes on (fail closed: what
+    was not committed is not reported done)."""
+    if isinstance(exc, ProvisionError):
+        return exc
+    if isinstance(exc, IntegrityError):
+        return ProvisionError("conflict", "changed concurrently by another writer; load the rejected rows again")
+    if isinstance(exc, SQLAlchemyError):
+        return ProvisionError("database_error", f"the database could not take it ({type(exc).__name__}); "
+                              "load the rejected rows again")
+    return ProvisionError("invalid_row", f"the row cannot be read ({type(exc).__name__})")
 
 
 def import_pool(engine: Engine, path: str | os.PathLike, *, tenant_name: str | None = None, region: str = "CN",
                 batch_size: int = 5000, progress: Callable[[int], None] | None = None) -> BulkResult:
     """Add the file's virtual numbers to their tenants' pools (state free)."""
     path = Path(path)
-    header, rows = _rows(path, POOL_COLUMNS, "number")
-    result, rejects, tenants = BulkResult(), _Rejects(path, header), _Tenants(engine, tenant_name)
+    header, records = _rows(path, POOL_COLUMNS, "number")
+    result, tenants = BulkResult(), _Tenants(engine, tenant_name)
+    rejects = _Rejects(path, header, result)
     seen: dict[str, int] = {}
     try:
-        for batch in _batches(rows, batch_size):
-            valid = []  # (line, raw, e164, tenant_id)
-            for line, raw in batch:
-                result.rows += 1
-                if isinstance(raw, RowError):
-                    rejects.add(line, {}, raw, result)
+        for batch in _batches(records, batch_size):
+            result.rows += len(batch)
+            valid = []  # (record, e164, tenant_id)
+            for record in batch:
+                if record.error:
+                    rejects.add(record, record.error)
                     continue
                 try:
-                    e164 = provision._number(raw["number"], "virtual number", region)
-                    _, tenant_id = tenants.id_of(raw)
+                    e164 = provision._number(record.values["number"], "virtual number", region)
+                    _, tenant_id = tenants.id_of(record.values)
                     if e164 in seen:
                         raise ProvisionError("duplicate_row", f"{e164} is on line {seen[e164]} already")
-                except ProvisionError as exc:
-                    rejects.add(line, raw, exc, result)
+                except Exception as exc:  # noqa: BLE001 - no input stops the load (see _unexpected)
+                    rejects.add(record, _unexpected(exc))
                     continue
-                seen[e164] = line
-                valid.append((line, raw, e164, tenant_id))
-            with engine.begin() as conn:
-                taken = set(conn.scalars(select(VirtualNumber.e164).where(
-                    VirtualNumber.e164.in_([v[2] for v in valid]))))
-                fresh = [v for v in valid if v[2] not in taken]
-                if fresh:
-                    try:
-                        conn.execute(insert(VirtualNumber), [{"e164": e, "tenant_id": t} for _, _, e, t in fresh])
-                    except IntegrityError:
-                        raise ProvisionError("conflict", f"numbers near line {fresh[0][0]} were added concurrently; "
-                                             "run the file again (numbers already added are reported as such)") from None
-            for line, raw, e164, _ in valid:
-                if e164 in taken:
-                    rejects.add(line, raw, ProvisionError("number_exists", f"{e164} is in a pool already"), result)
-            result.done += len(fresh)
+                seen[e164] = record.line
+                valid.append((record, e164, tenant_id))
+            try:
+                with engine.begin() as conn:
+                    taken = set(conn.scalars(select(VirtualNumber.e164).where(
+                        VirtualNumber.e164.in_([e for _, e, _ in valid]))))
+                    fresh = [v for v in valid if v[1] not in taken]
+                    if fresh:
+                        conn.execute(insert(VirtualNumber), [{"e164": e, "tenant_id": t} for _, e, t in fresh])
+            except Exception as exc:  # noqa: BLE001 - the batch is not written: its rows are rejected
+                for record, _, _ in valid:
+                    rejects.add(record, _unexpected(exc))
+            else:
+                for record, e164, _ in valid:
+                    if e164 in taken:
+                        rejects.add(record, ProvisionError("number_exists", f"{e164} is in a pool already"))
+                result.done += len(fresh)
             if progress:
                 progress(len(batch))
     finally:
         rejects.close()
     return result
+
+
+@dataclass
+class _Batch:
+    size: int
+    when: datetime
+    axn: dict = field(default_factory=dict)  # tenant id -> [(record, tenant name, binding values)]
+    made: list = field(default_factory=list)  # rows for the output file
+    existing: list = field(default_factory=list)  # rows for the output file: bound by an earlier load
+    problems: list = field(default_factory=list)  # (record, error)
 
 
 def bind_bulk(engine: Engine, path: str | os.PathLike, *, tenant_name: str | None = None, region: str = "CN",
@@ -208,120 +331,187 @@ def bind_bulk(engine: Engine, path: str | os.PathLike, *, tenant_name: str | Non
     on X, so they go through provision.bind one by one.
     The bindings made go to `out` (default FILE.bound.csv): line, id, X, extension, ..."""
     path = Path(path)
-    header, rows = _rows(path, BIND_COLUMNS, "customer")
-    result, rejects, tenants = BulkResult(), _Rejects(path, header), _Tenants(engine, tenant_name)
+    header, records = _rows(path, BIND_COLUMNS, "customer")
+    result, tenants = BulkResult(), _Tenants(engine, tenant_name)
     result.bound_file = Path(out) if out else path.with_name(path.stem + ".bound.csv")
+    seen: dict[tuple, int] = {}  # (tenant id, customer, reference) -> line
 
-    def check(batch: list) -> _Batch:
-        """Validate a batch; bind its AXB/AXE rows; the AXN rows wait for the writer."""
+    def check(batch: list[_Record]) -> _Batch:
+        """Validate a batch, set aside what is bound already, bind its AXB/AXE rows;
+        the AXN rows wait for the writer."""
         todo = _Batch(size=len(batch), when=now or utcnow())
-        for line, raw in batch:
-            if isinstance(raw, RowError):
-                todo.problems.append((line, {}, raw))
+        wanted = []  # (record, tenant name, binding values)
+        for record in batch:
+            if record.error:
+                todo.problems.append((record, record.error))
                 continue
             try:
-                name, tenant_id = tenants.id_of(raw)
-                mode = (raw.get("mode") or "AXN").upper()
-                expires_at, ttl = _date(raw.get("expires_at")), _int(raw.get("ttl_seconds"))
-                reference, other = raw.get("reference") or None, raw.get("other_party") or None
-                if mode != Mode.AXN:
-                    made = provision.bind(engine, name, raw["customer"], mode=mode, other_party=other,
-                                          reference=reference, expires_at=expires_at, ttl_seconds=ttl,
-                                          region=region, extension_digits=extension_digits, now=todo.when)
-                    todo.made.append(_bound_row(line, made))
-                    continue
-                party_a, _ = provision._binding_input(mode, raw["customer"], other, extension_digits, region)
+                row = record.values
+                name, tenant_id = tenants.id_of(row)
+                mode = (row.get("mode") or "AXN").upper()
+                party_a, party_b = provision._binding_input(mode, row["customer"], row.get("other_party") or None,
+                                                            extension_digits, region)
                 values = {
-                    "tenant_id": tenant_id, "mode": mode, "party_a": party_a, "party_b": None, "extension": None,
-                    "reference": provision._reference(reference),
-                    "expires_at": provision._expiry_from(expires_at, ttl, todo.when),
+                    "tenant_id": tenant_id, "mode": mode, "party_a": party_a, "party_b": party_b, "extension": None,
+                    "reference": provision._reference(row.get("reference") or None),
+                    "expires_at": provision._expiry_from(_date(row.get("expires_at")), _int(row.get("ttl_seconds")),
+                                                         todo.when),
                     "status": "active", "created_at": todo.when,
                 }
-            except ProvisionError as exc:
-                todo.problems.append((line, raw, exc))
+                key = (tenant_id, party_a, values["reference"])
+                if key in seen:
+                    raise ProvisionError("duplicate_row", f"the same customer and reference as line {seen[key]}")
+                seen[key] = record.line
+            except Exception as exc:  # noqa: BLE001 - no input stops the load (see _unexpected)
+                todo.problems.append((record, _unexpected(exc)))
                 continue
-            todo.axn.setdefault(tenant_id, []).append((line, raw, name, values))
+            wanted.append((record, name, values))
+        try:
+            bound = _bound_already(engine, [v for _, _, v in wanted])
+        except SQLAlchemyError as exc:
+            todo.problems += [(record, _unexpected(exc)) for record, _, _ in wanted]
+            return todo
+        for record, name, v in wanted:
+            found = bound.get((v["tenant_id"], number_hash(v["party_a"]), v["reference"]))
+            if found is not None:
+                if found.mode == v["mode"] and found.party_b_hash == (v["party_b"] and number_hash(v["party_b"])):
+                    todo.existing.append({"line": record.line, "id": found.id, "tenant": name, "x": found.e164,
+                                          "extension": found.extension or "", "mode": found.mode,
+                                          "reference": found.reference or "", "expires_at": _iso(found.expires_at)})
+                else:
+                    todo.problems.append((record, ProvisionError(
+                        "reference_in_use", f"the customer's active binding {found.id} has this reference with "
+                        "another mode or other party; end it first or use another reference")))
+            elif v["mode"] == Mode.AXN:
+                todo.axn.setdefault(v["tenant_id"], []).append((record, name, v))
+            else:
+                try:
+                    made = provision.bind(engine, name, v["party_a"], mode=v["mode"], other_party=v["party_b"],
+                                          reference=v["reference"], expires_at=v["expires_at"], region=region,
+                                          extension_digits=extension_digits, now=todo.when)
+                except Exception as exc:  # noqa: BLE001 - see _unexpected
+                    todo.problems.append((record, _unexpected(exc)))
+                    continue
+                todo.made.append(_bound_row(record.line, made))
         return todo
 
     def write(todo: _Batch) -> _Batch:
+        """The AXN rows of a batch; never raises: a failed tenant batch rejects its rows."""
         for tenant_id, wanted in todo.axn.items():
-            made, exhausted = _bind_axn_batch(engine, tenant_id, wanted, todo.when)
+            try:
+                made, left = _bind_axn_batch(engine, tenant_id, wanted, todo.when)
+            except Exception as exc:  # noqa: BLE001 - nothing of it was committed
+                made, left = [], [(record, _unexpected(exc)) for record, _, _ in wanted]
             todo.made += made
-            todo.problems += [(line, raw, ProvisionError("pool_exhausted", "no free virtual number left in the pool"))
-                              for line, raw, *_ in exhausted]
+            todo.problems += left
         return todo
 
     def report(todo: _Batch) -> None:
-        bound.writerows(sorted(todo.made, key=lambda r: r["line"]))
+        bound.writerows(sorted(todo.made + todo.existing, key=lambda r: r["line"]))
+        bound_handle.flush()
         result.rows += todo.size
         result.done += len(todo.made)
-        for line, raw, problem in sorted(todo.problems, key=lambda p: p[0]):
-            rejects.add(line, raw, problem, result)
+        result.existing += len(todo.existing)
+        for record, problem in sorted(todo.problems, key=lambda p: p[0].line):
+            rejects.add(record, problem)
         if progress:
             progress(todo.size)
 
-    with open(result.bound_file, "w", newline="") as bound_handle, ThreadPoolExecutor(1) as writer:
-        bound = csv.DictWriter(bound_handle, BOUND_COLUMNS)
-        bound.writeheader()
-        try:
+    rejects = _Rejects(path, header, result)
+    try:
+        with open(result.bound_file, "w", newline="") as bound_handle, ThreadPoolExecutor(1) as writer:
+            bound = csv.DictWriter(bound_handle, BOUND_COLUMNS)
+            bound.writeheader()
             pending = None
-            for batch in _batches(rows, batch_size):
-                todo = check(batch)  # overlaps with the writer's work on the previous batch
+            try:
+                for batch in _batches(records, batch_size):
+                    todo = check(batch)  # overlaps with the writer's work on the previous batch
+                    if pending:
+                        report(pending.result())
+                    pending = writer.submit(write, todo)
+            finally:  # what was committed is reported, whatever happened after it
                 if pending:
                     report(pending.result())
-                pending = writer.submit(write, todo)
-            if pending:
-                report(pending.result())
-        finally:
-            rejects.close()
+    except OSError as exc:
+        raise ProvisionError("invalid_file", f"{result.bound_file}: {exc.strerror}") from None
+    finally:
+        rejects.close()
     return result
 
 
-@dataclass
-class _Batch:
-    size: int
-    when: datetime
-    axn: dict = field(default_factory=dict)  # tenant id -> [(line, raw, tenant name, binding values)]
-    made: list = field(default_factory=list)  # rows for the output file
-    problems: list = field(default_factory=list)  # (line, raw, error)
+def _bound_already(engine: Engine, wanted: list[dict]) -> dict:
+    """The active bindings of these rows' customers, by (tenant id, customer hash, reference)."""
+    if not wanted:
+        return {}
+    hashes = {number_hash(v["party_a"]) for v in wanted}
+    tenants = {v["tenant_id"] for v in wanted}
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(Binding.id, Binding.tenant_id, Binding.party_a_hash, Binding.party_b_hash, Binding.reference,
+                   Binding.mode, Binding.extension, Binding.expires_at, VirtualNumber.e164)
+            .join(VirtualNumber, VirtualNumber.id == Binding.number_id)
+            .where(Binding.party_a_hash.in_(hashes), Binding.status == "active", Binding.tenant_id.in_(tenants))
+        ).all()
+    return {(r.tenant_id, r.party_a_hash, r.reference): r for r in rows}
 
 
 def _bind_axn_batch(engine: Engine, tenant_id: int, wanted: list, now: datetime) -> tuple[list[dict], list]:
-    """Bind up to len(wanted) AXN rows of one tenant in one transaction; returns the
-    bound rows for the output file and the rows the pool had no X for."""
+    """Bind the AXN rows of one tenant, in one transaction when the pool has room: returns
+    the bound rows for the output file and the rows left, with their error.
+    Free X are locked with SKIP LOCKED (parallel loads take different X); X that others
+    hold are waited for one at a time, in a new transaction holding no other X (as in
+    provision._allocate: no deadlock), so rows are `pool_exhausted` only when no X is left."""
     reusable = or_(VirtualNumber.state == "free",
                    and_(VirtualNumber.state == "quarantined", VirtualNumber.quarantined_until <= now))
-    with engine.begin() as conn:
-        numbers = _lock_free(conn, tenant_id, VirtualNumber.state == "free", len(wanted))
-        if len(numbers) < len(wanted):
-            numbers += _lock_free(conn, tenant_id, reusable & (VirtualNumber.state != "free"),
-                                  len(wanted) - len(numbers))
-        taken, exhausted = wanted[:len(numbers)], wanted[len(numbers):]
-        if not taken:
-            return [], exhausted
-        conn.execute(
-            update(VirtualNumber).where(VirtualNumber.id.in_([n for n, _ in numbers]))
-            .values(state="bound", mode=Mode.AXN.value, quarantined_until=None)
-        )
-        values = [dict(v, number_id=n) for (_, _, _, v), (n, _) in zip(taken, numbers)]
-        try:
+    made, rest, wait = [], list(wanted), False
+    for _ in range(provision.ALLOCATION_ROUNDS):
+        with engine.begin() as conn:
             if conn.dialect.name == "postgresql":
-                copy_rows(conn, Binding.__table__, values)
-            else:
-                conn.execute(insert(Binding), values)
-        except IntegrityError:
-            raise ProvisionError("conflict", "a virtual number was bound concurrently; run the file again "
-                                 "(rows already bound are in the output file)") from None
-        # One active AXN binding per X (ux_binding_axn_number): X names the new binding.
-        ids = dict(conn.execute(select(Binding.number_id, Binding.id).where(
-            Binding.number_id.in_([n for n, _ in numbers]), Binding.status == "active")).all())
-    made = []
-    for (line, raw, name, v), (number_id, x) in zip(taken, numbers):
-        binding_id = ids[number_id]
-        made.append({"line": line, "id": binding_id, "tenant": name, "x": x, "extension": "", "mode": "AXN",
-                     "reference": v["reference"] or "",
-                     "expires_at": v["expires_at"].isoformat() if v["expires_at"] else ""})
-    return made, exhausted
+                conn.execute(text(f"SET LOCAL lock_timeout = '{provision.LOCK_WAIT_SECONDS}s'"))
+            try:
+                numbers = _lock_free(conn, tenant_id, reusable, 1, wait=True) if wait else []
+            except OperationalError as exc:
+                if getattr(exc.orig, "pgcode", None) != "55P03":  # lock_not_available
+                    raise
+                return made, [(r, ProvisionError("pool_busy", "the pool is busy; load the rejected rows again"))
+                              for r, _, _ in rest]
+            numbers += _lock_free(conn, tenant_id, VirtualNumber.state == "free", len(rest) - len(numbers),
+                                  [n for n, _ in numbers])
+            numbers += _lock_free(conn, tenant_id, reusable & (VirtualNumber.state != "free"),
+                                  len(rest) - len(numbers), [n for n, _ in numbers])
+            taken, rest = rest[:len(numbers)], rest[len(numbers):]
+            if taken:
+                made += _bind_numbers(conn, taken, numbers)
+            # Others hold the X still reusable (if any): wait for one, holding none.
+            wait = bool(rest) and conn.scalar(
+                select(VirtualNumber.id).where(VirtualNumber.tenant_id == tenant_id, reusable).limit(1)) is not None
+        if not wait:
+            break
+    exhausted = ProvisionError("pool_exhausted", "no free virtual number left in the pool")
+    return made, [(record, exhausted) for record, _, _ in rest]
+
+
+def _bind_numbers(conn: Connection, taken: list, numbers: list[tuple[int, str]]) -> list[dict]:
+    """Bind the locked X to the rows, in order; the rows for the output file."""
+    conn.execute(
+        update(VirtualNumber).where(VirtualNumber.id.in_([n for n, _ in numbers]))
+        .values(state="bound", mode=Mode.AXN.value, quarantined_until=None)
+    )
+    values = [dict(v, number_id=n) for (_, _, v), (n, _) in zip(taken, numbers)]
+    if conn.dialect.name == "postgresql":
+        copy_rows(conn, Binding.__table__, values)
+    else:
+        conn.execute(insert(Binding), values)
+    # One active AXN binding per X (ux_binding_axn_number): X names the new binding.
+    ids = dict(conn.execute(select(Binding.number_id, Binding.id).where(
+        Binding.number_id.in_([n for n, _ in numbers]), Binding.status == "active")).all())
+    return [{"line": record.line, "id": ids[number_id], "tenant": name, "x": x, "extension": "", "mode": "AXN",
+             "reference": v["reference"] or "", "expires_at": _iso(v["expires_at"])}
+            for (record, name, v), (number_id, x) in zip(taken, numbers)]
+
+
+def _iso(when: datetime | None) -> str:
+    return when.isoformat() if when else ""
 
 
 class _RowContext:
@@ -368,13 +558,14 @@ def copy_rows(conn: Connection, table, rows: list[dict]) -> None:
         raise DBAPIError.instance(statement, None, exc, psycopg2.Error) from None
 
 
-def _lock_free(conn: Connection, tenant_id: int, condition, count: int) -> list[tuple[int, str]]:
-    return list(conn.execute(
-        select(VirtualNumber.id, VirtualNumber.e164)
-        .where(VirtualNumber.tenant_id == tenant_id, condition)
-        .order_by(VirtualNumber.id).limit(count)
-        .with_for_update(skip_locked=True)
-    ).all())
+def _lock_free(conn: Connection, tenant_id: int, condition, count: int, exclude: list[int] = (),
+               wait: bool = False) -> list[tuple[int, str]]:
+    if count <= 0:
+        return []
+    query = select(VirtualNumber.id, VirtualNumber.e164).where(VirtualNumber.tenant_id == tenant_id, condition)
+    if exclude:
+        query = query.where(VirtualNumber.id.not_in(exclude))
+    return list(conn.execute(query.order_by(VirtualNumber.id).limit(count).with_for_update(skip_locked=not wait)).all())
 
 
 def _bound_row(line: int, made: dict) -> dict:

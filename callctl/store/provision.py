@@ -481,13 +481,19 @@ def _expiry_from(expires_at: datetime | None, ttl_seconds: int | None, now: date
     if ttl_seconds is not None:
         if ttl_seconds <= 0:
             raise ProvisionError("invalid_expiry", "TTL must be a positive number of seconds")
-        expires_at = now + timedelta(seconds=ttl_seconds)
+        try:
+            expires_at = now + timedelta(seconds=ttl_seconds)
+        except OverflowError:  # past year 9999
+            raise ProvisionError("invalid_expiry", "TTL is too long") from None
     if expires_at is not None:
         if expires_at.tzinfo is None:
             raise ProvisionError("invalid_expiry", "expiry needs a time zone, e.g. 2027-01-01T00:00:00+08:00")
+        try:
+            expires_at = expires_at.astimezone(timezone.utc)  # shown as stored: UTC
+        except OverflowError:  # e.g. 9999-12-31T23:00:00-14:00
+            raise ProvisionError("invalid_expiry", "expiry is too far in the future") from None
         if expires_at <= now:
             raise ProvisionError("invalid_expiry", "expiry is in the past")
-        expires_at = expires_at.astimezone(timezone.utc)  # shown as stored: UTC
     return expires_at
 
 

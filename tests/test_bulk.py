@@ -4,16 +4,19 @@ nothing is lost."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 import stat
 from collections import Counter
 from datetime import timedelta
 
 import pytest
-
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from sqlalchemy import text
 
 from callctl.store import bulk, provision
+from callctl.store.provision import ProvisionError
 from tests import leaks
 from tests.test_cli import cli  # noqa: F401  (the real `callctl` command, both databases)
 
@@ -328,3 +331,107 @@ def test_bind_bulk_waits_for_an_x_another_writer_holds(engine, tmp_path):
         holder.close()
     loader.join(60)
     assert (out[0].done, out[0].errors) == (2, [])
+
+
+# ------------------------------------------------------------------ fuzzing the bulk reader (#15)
+# Run longer with `--hypothesis-profile fuzz-long`; replay a failure with `--hypothesis-seed N`.
+
+CUSTOMERS = ["+8613800000001", "+8613800000002", "+8613800000003", "13800000004", "008613800000005"]
+_DIGITS = re.compile(r"1380000000[1-5]")  # the customers above, in any written form
+_field = st.one_of(
+    st.sampled_from([*CUSTOMERS, "", "AXN", "AXB", "axe", "AXQ", "POL-1", "POL-2", "2030-01-01T00:00:00+08:00",
+                     "9999-12-31T23:00:00-14:00", "2020-01-01T00:00:00Z", "3600", "99999999999999999", "-1", "1e20",
+                     "nobody", " +8613800000001 ", '"', "a,b", "line\nbreak", "\r", "\x00"]),
+    st.text(max_size=12),
+    st.sampled_from(["9" * 5000, "x" * 140_000]),  # huge: over Python's int digits and csv's field limits
+)
+
+_sensible = {  # what a column usually holds
+    "customer": st.sampled_from(CUSTOMERS), "tenant": st.just(""), "mode": st.sampled_from(["", "AXN", "AXE", "AXB"]),
+    "other_party": st.sampled_from(["", *CUSTOMERS]), "reference": st.sampled_from(["", "POL-1", "POL-2", "POL-3"]),
+    "expires_at": st.sampled_from(["", "", "2030-01-01T00:00:00+08:00"]), "ttl_seconds": st.sampled_from(["", "", "60"]),
+}
+
+
+@st.composite
+def bulk_files(draw) -> bytes:
+    """A bind --bulk file as an operator's tools might produce it, or break it."""
+    optional = draw(st.permutations(bulk.BIND_COLUMNS[1:] + bulk.IGNORED_COLUMNS))
+    columns = draw(st.permutations(["customer", *optional[:draw(st.integers(0, len(optional)))]]))
+    if draw(st.integers(0, 9)) == 0:
+        columns = draw(st.lists(st.sampled_from([*columns, "Customer ", "unknown", ""]), max_size=4))
+    rows = []
+    for _ in range(draw(st.integers(0, 10))):
+        row = [draw(_sensible.get(c, _field) if draw(st.integers(0, 3)) else _field) for c in columns]
+        width = draw(st.sampled_from(["same"] * 8 + ["short", "long"]))
+        rows.append(row[:-1] if width == "short" else row + ["extra"] if width == "long" else row)
+        if draw(st.integers(0, 9)) == 0:
+            rows.append([])  # a blank line
+    out = io.StringIO()
+    quoting = draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, None]))
+    ending = draw(st.sampled_from(["\n", "\r\n"]))
+    for row in [columns, *rows]:
+        if quoting is None:  # no quoting at all: commas, quotes and line breaks as they come
+            out.write(",".join(row) + ending)
+        else:
+            csv.writer(out, quoting=quoting, lineterminator=ending).writerow(row)
+    text = out.getvalue()
+    encoding = draw(st.sampled_from(["utf-8", "utf-8", "utf-8", "utf-8-sig", "gbk", "latin-1", "utf-16"]))
+    data = text.encode(encoding, errors="replace")
+    mangle = draw(st.sampled_from(["none", "none", "bytes", "cut"]))
+    if mangle == "bytes":
+        at = draw(st.integers(0, len(data)))
+        data = data[:at] + draw(st.binary(min_size=1, max_size=4)) + data[at:]
+    elif mangle == "cut":
+        data = data[:draw(st.integers(0, len(data)))]
+    return data
+
+
+_examples = iter(range(1, 10 ** 6))
+
+
+@settings(max_examples=max(10, settings.default.max_examples // 2),  # the profile's share: two loads each
+          deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                                HealthCheck.data_too_large, HealthCheck.large_base_example])
+@given(data=bulk_files(), batch_size=st.integers(1, 6))
+def test_fuzz_bulk_files_never_crash_lose_or_leak(engine, tmp_path, data, batch_size):
+    """Any file, loaded twice: no crash; the file refused whole with nothing written, or
+    every row done, existing or rejected (each line once, within the file) with counts
+    that add up; nothing half-written (the table invariants); the second load binds
+    nobody twice; no customer number in what is printed or in FILE.bound.csv."""
+    from tests.test_allocation import assert_no_conflict
+
+    n = next(_examples)
+    tenant, folder = f"fuzz{n}", tmp_path / f"ex{n}"
+    folder.mkdir()
+    provision.add_tenant(engine, tenant, HOTLINE)
+    provision.add_numbers(engine, tenant, [f"+86171{n:04d}{i:04d}" for i in range(3)])
+    source = write_bytes(folder / "f.csv", data)
+    lines = data.count(b"\n") + 1
+    results = []
+    for _ in range(2):
+        try:
+            result = bulk.bind_bulk(engine, source, tenant_name=tenant, batch_size=batch_size, extension_digits=1)
+        except ProvisionError as exc:
+            assert exc.code == "invalid_file"
+            event("refused whole")
+            assert sorted(p.name for p in folder.iterdir()) == ["f.csv"]  # nothing written
+            assert provision.list_bindings(engine, tenant_id=provision.tenant_id_of(engine, tenant))["items"] == []
+            return
+        results.append(result)
+        event(f"loaded: {'some' if result.done else 'no'} rows done, {'some' if result.errors else 'no'} rejected")
+        assert result.rows == result.done + result.existing + len(result.errors)
+        made = rows_of(result.bound_file)
+        assert len(made) == result.done + result.existing
+        numbered = [int(r["line"]) for r in made] + [e.line for e in result.errors]
+        assert len(set(numbered)) == len(numbered) and all(2 <= line <= lines for line in numbered)
+        if result.errors:
+            assert stat.S_IMODE(result.rejected_file.stat().st_mode) == 0o600
+            assert result.rejected_file.read_bytes().startswith(b"line,error,")
+        printed = "\n".join(map(str, result.errors)) + json.dumps([result.rows, result.done])
+        leaks.record("cli", "bulk-fuzz", printed)
+        assert not _DIGITS.search(printed + result.bound_file.read_text())
+    first, second = results
+    assert (second.done, second.existing) == (0, first.done)  # loaded twice: nobody bound twice
+    assert len(provision.list_bindings(engine, tenant_id=provision.tenant_id_of(engine, tenant))["items"]) == first.done
+    assert_no_conflict(engine)

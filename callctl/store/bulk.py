@@ -55,6 +55,7 @@ BIND_COLUMNS = ("customer", "tenant", "mode", "other_party", "reference", "expir
 IGNORED_COLUMNS = ("line", "error")  # the rejected file's own columns: it loads again as it is
 # No customer column: the line number ties a binding to its input row.
 BOUND_COLUMNS = ("line", "id", "tenant", "x", "extension", "mode", "reference", "expires_at")
+_LONG_DIGITS = re.compile(r"\d{5}")
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
 
 
@@ -245,7 +246,12 @@ class _Tenants:
         if len(name) > 100:
             raise ProvisionError("tenant_not_found", "no such tenant (a tenant name has 1-100 characters)")
         if name not in self.ids:
-            self.ids[name] = provision.tenant_id_of(self.engine, name)
+            try:
+                self.ids[name] = provision.tenant_id_of(self.engine, name)
+            except ProvisionError as exc:
+                if _LONG_DIGITS.search(name):  # a customer's number in the wrong column is not printed
+                    raise ProvisionError(exc.code, "no tenant of that name (it looks like a phone number)") from None
+                raise
         return name, self.ids[name]
 
 

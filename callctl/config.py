@@ -65,6 +65,19 @@ class ApiConfig(Listener):
     access_log: bool = False  # uvicorn's per-request log lines (paths and status only)
     max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)  # larger: 413
     body_timeout: float = Field(10.0, gt=0, le=300)  # seconds for a whole body to arrive: 408
+    metrics_listen: str = "127.0.0.1:9465"  # the API process's own /metrics and /healthz
+
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_host_port(cls, value: str) -> str:
+        return Listener._host_port(value)
+
+
+class MetricsConfig(Listener):
+    """Prometheus /metrics and /healthz (callctl.metrics)."""
+
+    listen: str = "127.0.0.1:9464"
 
 
 class LogConfig(Strict):
@@ -119,6 +132,7 @@ class Config(Strict):
                 raise ValueError("each must be an E.164 number, e.g. +8695500")
         return value
     agi: AgiConfig = AgiConfig()
+    metrics: MetricsConfig = MetricsConfig()
     api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
     keys: KeysConfig = KeysConfig()
@@ -143,6 +157,8 @@ ENV_OVERRIDES = {
     "CALLCTL_API_WORKERS": ("api", "workers"),
     "CALLCTL_API_MAX_BODY_BYTES": ("api", "max_body_bytes"),
     "CALLCTL_API_BODY_TIMEOUT": ("api", "body_timeout"),
+    "CALLCTL_API_METRICS_LISTEN": ("api", "metrics_listen"),
+    "CALLCTL_METRICS_LISTEN": ("metrics", "listen"),
     "CALLCTL_LOG_FORMAT": ("log", "format"),
     "CALLCTL_LOG_LEVEL": ("log", "level"),
     "CALLCTL_KEY_FILE": ("keys", "file"),

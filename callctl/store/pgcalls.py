@@ -244,7 +244,11 @@ _LIBPQ_ONLY = {"connect_timeout", "keepalives", "keepalives_idle", "keepalives_i
 
 def _asyncpg_dsn(url: str) -> tuple[str, dict[str, str]]:
     """The SQLAlchemy URL as an asyncpg DSN, and the server settings its libpq
-    `options` ("-c name=value ...") asked for."""
+    `options` ("-c name=value ...") asked for.
+
+    Several hosts, as libpq takes them (`?host=a:5432&host=b:5432`, or `?host=a,b&port=p,q`)
+    become asyncpg's `a:5432,b:5432` list; `target_session_attrs=read-write` then
+    makes asyncpg, like libpq, try them in turn and keep only a writable primary."""
     parsed = make_url(url)
     settings = {}
     tokens = str(parsed.query.get("options", "")).replace("-c ", "-c").split()
@@ -252,8 +256,32 @@ def _asyncpg_dsn(url: str) -> tuple[str, dict[str, str]]:
         name, sep, value = token.removeprefix("-c").partition("=")
         if token.startswith("-c") and sep:
             settings[name] = value
+    hosts = _hosts(parsed)
     parsed = parsed.set(drivername="postgresql").difference_update_query(_LIBPQ_ONLY)
+    if len(hosts) > 1:
+        parsed = parsed.set(host=None, port=None).difference_update_query({"host", "port"})
+        dsn = parsed.render_as_string(hide_password=False)
+        scheme, rest = dsn.split("://", 1)
+        userinfo, at, tail = rest.rpartition("@") if "@" in rest.split("/", 1)[0] else ("", "", rest)
+        netloc = ",".join(f"{host}:{port}" if port else host for host, port in hosts)
+        return f"{scheme}://{userinfo}{at}{netloc}{tail}", settings
     return parsed.render_as_string(hide_password=False), settings
+
+
+def _hosts(parsed) -> list[tuple[str, str]]:
+    """(host, port) pairs of a URL: its netloc's, else libpq's host= and port= lists."""
+    if parsed.host:
+        return [(parsed.host, str(parsed.port or ""))]
+    given = parsed.query.get("host", ())
+    names = [part for item in ((given,) if isinstance(given, str) else given) for part in item.split(",")]
+    ports = str(parsed.query.get("port", "")).split(",")
+    pairs = []
+    for index, name in enumerate(names):
+        host, sep, port = name.rpartition(":") if ":" in name and not name.startswith("/") else (name, "", "")
+        if not sep:
+            port = ports[index] if index < len(ports) else ports[-1]
+        pairs.append((host, port))
+    return pairs
 
 
 async def _run(connections: _Connections, method: str, sql: str, args: list):

@@ -34,22 +34,38 @@ def scrub_numbers(_logger, _name, event_dict):
     return event_dict
 
 
+# The processor chain and level in force. Loggers cache their chain on first use, so a
+# reload (SIGHUP) changes these in place rather than configuring anew.
+_PROCESSORS: list = []
+_LEVEL = [logging.INFO]
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING,
+           "error": logging.ERROR, "exception": logging.ERROR, "critical": logging.CRITICAL}
+
+
+def _by_level(_logger, method_name, event_dict):
+    if _LEVELS.get(method_name, logging.INFO) < _LEVEL[0]:
+        raise structlog.DropEvent
+    return event_dict
+
+
 def setup(format: str = "console", level: str = "info", stream=sys.stderr) -> None:
     renderer = (
         structlog.processors.JSONRenderer()
         if format == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    _LEVEL[0] = getattr(logging, level.upper())
+    _PROCESSORS[:] = [
+        _by_level,
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        scrub_numbers,
+        renderer,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            scrub_numbers,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        processors=_PROCESSORS,
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )

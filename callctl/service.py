@@ -5,21 +5,24 @@ come from callctl.core; facts and CDRs from callctl.store.
 """
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
 import structlog
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from callctl.core.decision import Bridge, CollectExtension, Decision, Reason, Reject, SelfService, decide
 from callctl.core.numbers import call_identifier, caller_e164, mask
 from callctl.store import customers
+from callctl.metrics import DB_ERRORS, DB_RECONNECTS, SPOOL_REPLAYED
 from callctl.store.calls import call_facts, write_cdr, write_cdrs
 from callctl.store.crypto import number_hash
 from callctl.store.pgcalls import PgCallStore, PgUnavailable
-from callctl.store.spool import CdrSpool, encode
+from callctl.store.spool import CdrSpool, SpoolError, encode
 
 log = structlog.get_logger("callctl.calls")
 _REASONS = {reason.value for reason in Reason}
@@ -109,6 +112,26 @@ class CallService:
             return x, _unavailable(x, str(exc))
         return x, decide(caller_number, now, facts, extension)
 
+    async def health(self) -> dict[str, str]:
+        """/healthz: does the database answer, is the spool writable? "ok" or what is wrong."""
+        loop = asyncio.get_running_loop()
+        parts = {}
+        try:
+            if self.pg is not None:
+                await self.pg.ping()
+            else:
+                await loop.run_in_executor(None, _select_one, self.engine)
+            parts["database"] = "ok"
+        except (PgUnavailable, SQLAlchemyError) as exc:
+            DB_ERRORS.labels("health").inc()
+            parts["database"] = f"not answering ({str(exc) if isinstance(exc, PgUnavailable) else type(exc).__name__})"
+        try:
+            await loop.run_in_executor(None, self.spool.check_writable)
+            parts["spool"] = "ok"
+        except SpoolError as exc:
+            parts["spool"] = str(exc)
+        return parts
+
     def _read_call(self, called: str, caller: str, extension: str | None):
         x = caller_e164(called, self.region)
         caller_number = caller_e164(caller, self.region)
@@ -146,6 +169,7 @@ class CallService:
     def spool_row(self, row: dict, why: str) -> str:
         """Spool a CDR the database did not take. Should a write that timed out commit
         after all, replay finds the CDR there and skips it (unique call key)."""
+        DB_ERRORS.labels("cdr").inc()
         self.spool.append(row)
         log.warning("database unavailable, CDR spooled", call_id=row["call_id"], error=why)
         return "spooled"
@@ -157,9 +181,11 @@ class CallService:
         try:
             count = self.spool.replay(self._write_replayed)
         except SQLAlchemyError as exc:
+            DB_ERRORS.labels("replay").inc()
             log.info("spool replay deferred: database unavailable", error=type(exc).__name__)
             return 0
         if count:
+            SPOOL_REPLAYED.inc(count)
             log.info("spooled CDRs replayed", count=count)
         return count
 
@@ -285,9 +311,15 @@ def decision_variables(decision: Decision) -> dict[str, str]:
 
 def _unavailable(x: str, error: str) -> Reject:
     """Fail closed: no decision without the facts."""
+    DB_ERRORS.labels("route").inc()
     # X masked: it was not found to be ours (it may be a person's number).
     log.error("database unavailable for routing", x=mask(x), error=error)
     return Reject(Reason.UNAVAILABLE)
+
+
+def _select_one(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
 
 
 def _reconnecting(query, engine: Engine, *args):
@@ -299,6 +331,7 @@ def _reconnecting(query, engine: Engine, *args):
     except DBAPIError as exc:
         if not exc.connection_invalidated:
             raise
+        DB_RECONNECTS.inc()
         return query(engine, *args)
 
 

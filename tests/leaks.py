@@ -38,7 +38,7 @@ import pytest
 from tests import realnumbers
 
 CAPTURE_ENV = "CALLCTL_TEST_CAPTURE"
-CHANNELS = ("log", "cli", "api", "export", "cdr", "file", "tenant", "reveal")
+CHANNELS = ("log", "cli", "api", "export", "cdr", "file", "tenant", "reveal", "metrics")
 # Tables whose rows are shown to people (CLI, API, exports): they must hold masked numbers.
 SCANNED_TABLES = ("cdrs", "events")  # events: the webhooks outbox (masked bodies)
 _SIPP_MARKERS = ("stat.csv", "calls.csv")  # a SIPp work directory (callctl/sipp.py)

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from callctl.netacl import AllowList
+from callctl.metrics import SESSIONS, Protocol
 
 __all__ = [
     "AgiError",
@@ -61,6 +62,7 @@ _MSET_VALUE = re.compile(r"[A-Za-z0-9+_.:@-]*\Z")
 _MAX_LOGGED = 64  # longest script / uniqueid written to a log event
 _LOGGABLE_SCRIPT = re.compile(r"[A-Za-z0-9_./\-]{1,64}\Z")
 _DIGIT_RUN = re.compile(r"\d{5}")
+_SESSIONS = SESSIONS.labels(Protocol.AGI)
 
 
 def _loggable_script(script: str) -> str:
@@ -464,6 +466,7 @@ class FastAgiServer:
             conn.transport.abort()
             self.log.warning("agi peer refused", peer=_peer(peername))
             return
+        _SESSIONS.inc()
         task = asyncio.get_running_loop().create_task(self._serve(conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -20,6 +20,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from callctl.asterisk.fastagi import AgiSession, FastAgiServer
 from callctl.core.decision import Reason, Reject
 from callctl.core.numbers import caller_e164, mask
+from callctl import lifecycle
+from callctl.metrics import (CDRS, DB_ERRORS, SESSIONS_OPEN, SPOOL_DEPTH, CdrOutcome, MetricsServer, Protocol,
+                             count_decision)
 from callctl.netacl import AllowList
 from callctl.service import CallService, FinishedCall, decision_variables
 from callctl.store import keycheck
@@ -105,10 +108,13 @@ class AsteriskAdapter:
                     x, decision = await asyncio.get_running_loop().run_in_executor(
                         self.route_executor, self.service.route, called, caller, None, extension)
         except TimeoutError:
+            DB_ERRORS.labels("route").inc()
             log.error("no decision in time: rejected as unavailable", call_id=session.env.get("agi_uniqueid", ""),
                       seconds=self.decision_timeout)
             x, decision = caller_e164(called, self.service.region), Reject(Reason.UNAVAILABLE)
-        decided_ms = (time.perf_counter() - started) * 1000
+        decided_s = time.perf_counter() - started
+        reason = str(decision.reason) if isinstance(decision, Reject) else None
+        count_decision(decision.action, reason, decided_s)
         await session.set_variables_at_once(
             {f"CALLCTL_{name.upper()}": value for name, value in decision_variables(decision).items()}
         )
@@ -119,9 +125,9 @@ class AsteriskAdapter:
             x=x if decision.tenant_id is not None else mask(x) or None,
             caller=mask(caller_e164(caller, self.service.region)),
             action=decision.action,
-            reason=str(decision.reason) if isinstance(decision, Reject) else None,
+            reason=reason,
             binding=decision.binding_id,
-            ms=round(decided_ms, 3),
+            ms=round(decided_s * 1000, 3),
         )
 
     async def hangup(self, session: AgiSession) -> None:
@@ -144,8 +150,10 @@ class AsteriskAdapter:
                 why = str(exc) if isinstance(exc, PgUnavailable) else "timeout"
                 outcome = await loop.run_in_executor(self.spool_executor, self.service.spool_row, row, why)
         except SpoolError as exc:
+            CDRS.labels(CdrOutcome.LOST).inc()
             log.error("CDR not kept: database down and spool unusable", call_id=call.call_id, error=str(exc))
             return
+        CDRS.labels(outcome).inc()
         # The acknowledgement: sent only once the CDR is committed or fsync'd.
         await session.set_variable("CALLCTL_CDR", outcome)
         log.info("call recorded", call_id=call.call_id, outcome=outcome)
@@ -180,21 +188,43 @@ async def run(cfg) -> None:
         env_timeout=cfg.agi.env_timeout, command_timeout=cfg.agi.command_timeout,
         allow=AllowList.of(cfg.agi.allow),
     )
+    metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, service.health)
+    SESSIONS_OPEN.labels(Protocol.AGI).set_function(lambda: server.active_sessions)
+    SPOOL_DEPTH.set_function(spool.depth)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+
+    def apply(fresh) -> None:
+        server.env_timeout, server.command_timeout = fresh.agi.env_timeout, fresh.agi.command_timeout
+        server.allow = AllowList.of(fresh.agi.allow)
+
+    def on_hup() -> None:
+        nonlocal cfg
+        cfg = lifecycle.reload(cfg, apply)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await metrics.start()
     await server.start()
     log.info("serving FastAGI", listen=f"{cfg.agi.host}:{server.port}", allow=cfg.agi.allow,
-             database=engine.dialect.name)
+             database=engine.dialect.name, metrics=f"{cfg.metrics.host}:{metrics.port}")
+    lifecycle.notify("READY=1")
     replayer = asyncio.create_task(_housekeeping(service, cdr_executor, stop, cfg.housekeeping_seconds,
                                                  timedelta(days=cfg.quarantine_days)))
+    watchdog = asyncio.create_task(lifecycle.watchdog(stop))
     await stop.wait()
     if replayer.done() and replayer.exception():
         log.error("stopping: the key ring is not this database's", error=str(replayer.exception()))
-    log.info("stopping: finishing sessions in progress")
+    lifecycle.notify("STOPPING=1")
+    log.info("stopping: no new sessions, finishing those in progress")
     await server.close()
+    await watchdog
     await replayer  # raises KeyMismatch if that is why we stop: exit 2
+    # Flush: spooled CDRs go to the database now if it answers (else they wait, on disk,
+    # for the next start).
+    await loop.run_in_executor(cdr_executor, service.replay_spool)
+    await metrics.close()
     route_executor.shutdown(wait=True)
     cdr_executor.shutdown(wait=True)
     spool_executor.shutdown(wait=True)

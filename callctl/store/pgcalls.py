@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 
 from callctl.core.decision import NumberFacts
+from callctl.metrics import DB_RECONNECTS
 from callctl.store.calls import _FACTS, _FACTS_BY_EXTENSION, facts_from_rows, facts_params, cdr_insert, cdr_params
 from callctl.store.events import PG_CALL_EVENT, call_event
 
@@ -210,6 +211,10 @@ class PgCallStore:
         except _ERRORS as exc:
             raise PgUnavailable(type(exc).__name__) from exc
 
+    async def ping(self) -> None:
+        """One round trip on a routing connection (the health check); PgUnavailable if none."""
+        await _run(self.reads, "fetchval", "SELECT 1", [])
+
     async def close(self, timeout: float = 5.0) -> None:
         for connections in (self.reads, self.inserts):
             await connections.close(timeout)
@@ -290,6 +295,7 @@ async def _run(connections: _Connections, method: str, sql: str, args: list):
             async with connections.acquire() as conn:
                 return await getattr(conn, method)(sql, *args)
         except _LOST:
+            DB_RECONNECTS.inc()
             connections.expire()
             async with connections.acquire() as conn:
                 return await getattr(conn, method)(sql, *args)

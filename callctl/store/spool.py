@@ -105,6 +105,17 @@ class CdrSpool:
         if size == 0:  # (possibly) a new file: its directory entry must be durable too
             _fsync_dir(self.dir)
 
+    def depth(self) -> int:
+        """CDRs waiting (lines in the spool and in a replay under way): for metrics."""
+        count = 0
+        for path in (self.path, self.replaying):
+            try:
+                with open(path, "rb") as spooled:
+                    count += sum(chunk.count(b"\n") for chunk in iter(lambda: spooled.read(1 << 16), b""))
+            except FileNotFoundError:
+                pass
+        return count
+
     def pending(self) -> bool:
         return self.path.exists() or self.replaying.exists()
 

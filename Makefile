@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: deps venv test test-fast demo bench lab-up lab-down lab-status clean
+.PHONY: deps venv test test-cluster test-fast demo bench lab-up lab-down lab-status clean
 
 deps:
 	@bash scripts/deps.sh
@@ -20,6 +20,11 @@ venv: $(STAMP)
 ## Whole suite: unit, PostgreSQL and SQLite, FastAGI protocol, SIPp, real Asterisk lab.
 test: deps venv
 	$(PY) -m pytest -q -rfEs
+
+## Many nodes: failover of replicated PostgreSQL under SIPp load, in network namespaces
+## (also part of `make test`).
+test-cluster: deps venv
+	$(PY) -m pytest -q -rfEs -s -m cluster
 
 ## Everything but the Asterisk lab (quick loop while coding).
 test-fast: deps venv

@@ -253,12 +253,15 @@ def _read(path: Path, limit: int = 200_000) -> str:
 class SippProcess:
     """One running sipp. Use as a context manager, or call wait()/stop()."""
 
-    def __init__(self, scenario: Path, args: list[str], workdir: Path, keep_workdir: bool | None):
+    def __init__(self, scenario: Path, args: list[str], workdir: Path, keep_workdir: bool | None,
+                 netns: str | None = None):
         self.scenario = scenario
         self.workdir = workdir
         self.keep_workdir = keep_workdir
         self.stat_file = workdir / "stat.csv"
+        self.netns = netns
         self.cmd = [
+            *(["ip", "netns", "exec", netns] if netns else []),  # exec's: the pid stays sipp's
             SIPP,
             "-sf", str(scenario),
             "-nostdin",
@@ -441,19 +444,21 @@ def start(
     extra_args: Sequence[str] = (),
     workdir: str | os.PathLike | None = None,
     keep_workdir: bool | None = None,
+    netns: str | None = None,
 ) -> SippProcess:
     """Start sipp in the background (generic). calls -> injection file (-inf):
     rows of (caller, called[, extra header line]).
 
     workdir: where sipp's files go (default: a new temp dir). keep_workdir: True
     keep, False remove once the result is parsed; None (default): keep a given
-    workdir always, a temp dir only when the run was not ok (for a post-mortem)."""
+    workdir always, a temp dir only when the run was not ok (for a post-mortem).
+    netns: run inside that network namespace (`ip netns exec`; give local_port)."""
     sc = scenario_path(scenario)
     if keep_workdir is None and workdir is not None:
         keep_workdir = True
     wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"sipp-{sc.stem}-"))
     wd.mkdir(parents=True, exist_ok=True)
-    port = local_port or free_port(local_ip)
+    port = local_port or free_port(local_ip)  # in a netns: free here, likely free there
     args: list[str] = []
     if remote:
         args.append(remote)
@@ -473,7 +478,7 @@ def start(
         args += ["-timeout", f"{sipp_timeout_s:g}s", "-timeout_error"]
     args += _set_args(variables)
     args += list(extra_args)
-    proc = SippProcess(sc, args, wd, keep_workdir)
+    proc = SippProcess(sc, args, wd, keep_workdir, netns)
     proc.local_port = port
     return proc
 
@@ -585,6 +590,12 @@ def start_uas(
     return proc
 
 
+def _bound_in(netns: str, host: str, port: int) -> bool:
+    out = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Hlun", f"sport = :{port}"],
+                         capture_output=True, text=True).stdout
+    return f"{host}:{port}" in out
+
+
 def _wait_bound(proc: SippProcess, host: str, port: int, timeout: float) -> None:
     """Return once sipp holds the UDP port (so calls sent next are not lost)."""
     deadline = time.monotonic() + timeout
@@ -592,6 +603,11 @@ def _wait_bound(proc: SippProcess, host: str, port: int, timeout: float) -> None
         if not proc.running():
             res = proc.wait(timeout=1)
             raise SippError(f"sipp UAS exited at start: status {res.status}: {res.screen[-500:]}")
+        if proc.netns:
+            if _bound_in(proc.netns, host, port):
+                return
+            time.sleep(0.05)
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             try:
                 s.bind((host, port))

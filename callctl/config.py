@@ -80,6 +80,17 @@ class MetricsConfig(Listener):
     listen: str = "127.0.0.1:9464"
 
 
+class AmiConfig(Strict):
+    """Asterisk Manager Interface (manager.conf): live calls, --cut-active, doctor.
+    Off while username is empty."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(5038, ge=1, le=65535)
+    username: str = ""
+    secret: str = ""
+    action_timeout: float = Field(2.0, gt=0, le=30)  # seconds for one AMI action's answer
+
+
 class LogConfig(Strict):
     format: str = Field("console", pattern="^(console|json)$")
     level: str = Field("info", pattern="^(debug|info|warning|error)$")
@@ -133,10 +144,13 @@ class Config(Strict):
         return value
     agi: AgiConfig = AgiConfig()
     metrics: MetricsConfig = MetricsConfig()
+    ami: AmiConfig = AmiConfig()
     api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
     keys: KeysConfig = KeysConfig()
     webhooks: WebhookConfig = WebhookConfig()
+    # The file named when loading (None: $CALLCTL_CONFIG or the default): a reload reads it again.
+    source: str | None = Field(None, exclude=True)
 
 
 # Environment variable -> (section, key); section None is top level.
@@ -159,6 +173,10 @@ ENV_OVERRIDES = {
     "CALLCTL_API_BODY_TIMEOUT": ("api", "body_timeout"),
     "CALLCTL_API_METRICS_LISTEN": ("api", "metrics_listen"),
     "CALLCTL_METRICS_LISTEN": ("metrics", "listen"),
+    "CALLCTL_AMI_HOST": ("ami", "host"),
+    "CALLCTL_AMI_PORT": ("ami", "port"),
+    "CALLCTL_AMI_USERNAME": ("ami", "username"),
+    "CALLCTL_AMI_SECRET": ("ami", "secret"),
     "CALLCTL_LOG_FORMAT": ("log", "format"),
     "CALLCTL_LOG_LEVEL": ("log", "level"),
     "CALLCTL_KEY_FILE": ("keys", "file"),
@@ -191,7 +209,9 @@ def load(path: str | os.PathLike | None = None, environ=os.environ) -> Config:
                 raise ConfigError(f"{file}: '{section}' must be a mapping")
             target[key] = environ[var]
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate({**data, "source": None})
+        cfg.source = str(path) if path else None
+        return cfg
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()

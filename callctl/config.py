@@ -73,6 +73,14 @@ class ApiConfig(Listener):
     def _metrics_host_port(cls, value: str) -> str:
         return Listener._host_port(value)
 
+    @property
+    def metrics_host(self) -> str:
+        return self.metrics_listen.rpartition(":")[0]
+
+    @property
+    def metrics_port(self) -> int:
+        return int(self.metrics_listen.rpartition(":")[2])
+
 
 class MetricsConfig(Listener):
     """Prometheus /metrics and /healthz (callctl.metrics)."""

@@ -133,3 +133,15 @@ def test_sighup_reloads_the_log_level_and_names_what_needs_a_restart(setup, tmp_
         assert daemon.stop() == 0
     engine.dispose()
     assert "Traceback" not in daemon.output()
+
+
+def test_the_api_process_serves_its_own_health_and_metrics(pg_url, tmp_path):
+    mport = free_port()
+    with harness.ApiServer(pg_url, tmp_path, {"CALLCTL_API_METRICS_LISTEN": f"127.0.0.1:{mport}"}) as api:
+        assert healthz(mport) == (200, {"status": "ready", "database": "ok"})
+        assert ("process_cpu_seconds_total",) in scrape(mport)
+    dead = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/nothing"
+    mport = free_port()
+    with harness.ApiServer(dead, tmp_path, {"CALLCTL_API_METRICS_LISTEN": f"127.0.0.1:{mport}"}):
+        status, body = healthz(mport)
+        assert status == 503 and body["database"].startswith("not answering")

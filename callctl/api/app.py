@@ -419,11 +419,39 @@ def app_from_config() -> FastAPI:
                       body_timeout=cfg.api.body_timeout)
 
 
+def _api_health(cfg):
+    """/healthz of the API process: ready while its database answers."""
+    import asyncio
+
+    from sqlalchemy import text as sql_text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from callctl.store.db import make_engine
+
+    engine = make_engine(cfg.database_url, pool_size=1, timeout=cfg.db_timeout)
+
+    def probe() -> dict[str, str]:
+        try:
+            with engine.connect() as conn:
+                conn.execute(sql_text("SELECT 1"))
+            return {"database": "ok"}
+        except SQLAlchemyError as exc:
+            return {"database": f"not answering ({type(exc).__name__})"}
+
+    async def health() -> dict[str, str]:
+        return await asyncio.get_running_loop().run_in_executor(None, probe)
+
+    return health
+
+
 def serve(cfg) -> None:
     """`callctl serve api`: the API on cfg.api.listen until SIGTERM/SIGINT."""
     import uvicorn
 
-    log.info("api listening", listen=cfg.api.listen, workers=cfg.api.workers)
+    from callctl.metrics import serve_in_thread
+
+    serve_in_thread(cfg.api.metrics_host, cfg.api.metrics_port, _api_health(cfg))
+    log.info("api listening", listen=cfg.api.listen, workers=cfg.api.workers, metrics=cfg.api.metrics_listen)
     uvicorn.run("callctl.api.app:app_from_config", factory=True, host=cfg.api.host, port=cfg.api.port,
                 workers=cfg.api.workers, access_log=cfg.api.access_log, log_level="warning",
                 server_header=False)

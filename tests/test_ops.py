@@ -145,3 +145,20 @@ def test_the_api_process_serves_its_own_health_and_metrics(pg_url, tmp_path):
     with harness.ApiServer(dead, tmp_path, {"CALLCTL_API_METRICS_LISTEN": f"127.0.0.1:{mport}"}):
         status, body = healthz(mport)
         assert status == 503 and body["database"].startswith("not answering")
+
+
+def test_the_sample_dashboard_reads_only_metrics_the_daemon_exports():
+    import re
+    from pathlib import Path
+
+    from prometheus_client import REGISTRY
+
+    import callctl.metrics  # noqa: F401 (registers them)
+
+    exported = {sample.name for family in REGISTRY.collect() for sample in family.samples}
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    exported |= {family.name + suffix for family in REGISTRY.collect() for suffix in suffixes.get(family.type, ())}
+    dashboard = json.loads((Path(__file__).parent.parent / "conf/grafana/callctl-dashboard.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"callctl_\w+", target["expr"])}
+    assert used and used <= exported, used - exported

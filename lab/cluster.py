@@ -171,6 +171,8 @@ class Asterisk:
                          ("astdbdir", "db"), ("astcachedir", "cache")):
             text = re.sub(rf"^{key} => .*$", f"{key} => {self.inside}/{sub}", text, flags=re.M)
         text = re.sub(r"^systemname = \w+", f"systemname = {self.host}", text, flags=re.M)
+        # The lab's [directories](!) is a template, i.e. ignored: this instance's must be read.
+        text = text.replace("[directories](!)", "[directories]")
         (etc / "asterisk.conf").write_text(text)
         dialplan = (etc / "extensions.conf").read_text()
         dialplan = re.sub(r"^CALLCTL_CDR_FALLBACK = \S+", f"CALLCTL_CDR_FALLBACK = {self.inside}/spool/"

@@ -18,15 +18,19 @@ from dataclasses import dataclass
 import structlog
 from panoramisk import Manager
 
+from callctl.core.decision import Reason, Reject
 from callctl.core.numbers import mask
-from callctl.metrics import AMI_CONNECTED, AMI_RECONNECTS
+from callctl.metrics import AMI_CONNECTED, AMI_RECONNECTS, CALLS_CUT
 
 log = structlog.get_logger("callctl.ami")
 _quiet = logging.getLogger("callctl.ami.panoramisk")  # panoramisk's debug lines carry numbers
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
 
-_CALL_VARIABLES = ("CALLCTL_TENANT", "CALLCTL_BINDING", "CALLCTL_DIRECTION", "CALLCTL_DEST", "CALLCTL_CALLED")
+# Set on the inbound channel by the dialplan and the route AGI (docs/agi.md). The
+# channel's own caller id is X by the time it dials: the caller is CALLCTL_CALLER.
+_CALL_VARIABLES = ("CALLCTL_TENANT", "CALLCTL_BINDING", "CALLCTL_DIRECTION", "CALLCTL_DEST", "CALLCTL_CALLED",
+                   "CALLCTL_CALLER")
 
 
 class AmiError(Exception):
@@ -150,7 +154,7 @@ class AmiLink:
                 x=values["CALLCTL_CALLED"] or event.get("Exten", ""),
                 tenant_id=_int(values["CALLCTL_TENANT"]), binding_id=_int(values["CALLCTL_BINDING"]),
                 direction=values["CALLCTL_DIRECTION"], seconds=_int(event.get("Duration", "")) or _hms(event),
-                caller=event.get("CallerIDNum", ""), callee=values["CALLCTL_DEST"]))
+                caller=values["CALLCTL_CALLER"], callee=values["CALLCTL_DEST"]))
         return calls
 
     async def hangup(self, channel: str) -> bool:
@@ -174,3 +178,21 @@ def _hms(event) -> int:
     if len(parts) == 3 and all(p.isdigit() for p in parts):
         return int(parts[0]) * 3600 + int(parts[1]) * 60 + int(parts[2])
     return 0
+
+
+# Reject reasons that mean "a block (or suspension, or blacklist entry) stops this call".
+CUT_REASONS = frozenset(reason for reason in Reason if reason.value in ("blocked", "blacklisted"))
+
+
+async def cut_active(link: AmiLink, service) -> list[LiveCall]:
+    """Hang up the live calls the blocks now in force would refuse: each bridged call is
+    decided again (the same decision as its next call would get); those rejected for a
+    block are cut. Calls refused for another reason (hours, expiry) are left alone."""
+    cut = []
+    for call in await link.bridged_calls():
+        _, decision = await asyncio.get_running_loop().run_in_executor(None, service.route, call.x, call.caller)
+        if isinstance(decision, Reject) and decision.reason in CUT_REASONS and await link.hangup(call.channel):
+            CALLS_CUT.inc()
+            log.info("live call cut", uniqueid=call.uniqueid, binding=call.binding_id, reason=str(decision.reason))
+            cut.append(call)
+    return cut

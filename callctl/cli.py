@@ -201,6 +201,56 @@ def cmd_block_add(cfg, args):
     )
 
 
+def cmd_block_add_and_cut(cfg, args):
+    """block add; with --cut-active, then hang up the live calls it now refuses."""
+    if not args.cut_active:
+        return cmd_block_add(cfg, args)
+    from callctl import live
+    from callctl.asterisk.ami import AmiError
+    from callctl.store.blocks import add_block
+
+    engine = _engine(cfg)
+    made = add_block(
+        engine, scope=args.scope, direction=args.direction, reason=args.reason, created_by=args.by or _login(),
+        tenant=args.tenant, binding_id=args.binding, number=args.number, caller=args.caller,
+        starts_at=_expiry(args.starts, "--starts"), ends_at=_expiry(args.ends, "--ends"),
+        duration_seconds=args.duration, region=cfg.region,
+    )
+    try:
+        made["calls_cut"] = live.cut(cfg, engine, cfg.region)
+    except AmiError as exc:
+        _print_json(made)
+        print(f"callctl: block added, live calls NOT cut: {exc}", file=sys.stderr)
+        raise SystemExit(4)
+    _print_json(made)
+
+
+def cmd_calls(cfg, args):
+    from callctl import live
+    from callctl.asterisk.ami import AmiError
+
+    try:
+        rows = live.calls(cfg, _engine(cfg))
+    except AmiError as exc:
+        print(f"callctl: {exc}", file=sys.stderr)
+        raise SystemExit(4)
+    if args.json:
+        _print_json(rows)
+        return
+    print(_table(rows, [("uniqueid", "call"), ("tenant", "tenant"), ("x", "X"), ("direction", "direction"),
+                        ("caller", "caller"), ("callee", "callee"), ("seconds", "seconds")]))
+    print(f"({len(rows)} bridged call(s))")
+
+
+def cmd_doctor(cfg, args):
+    from callctl import doctor
+
+    checks = doctor.run(cfg)
+    print(doctor.report(checks))
+    if any(check.status is doctor.Status.FAIL for check in checks):
+        raise SystemExit(1)
+
+
 def cmd_block_list(cfg, args):
     from callctl.store.blocks import list_blocks
 
@@ -636,7 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     bend = badd.add_mutually_exclusive_group()
     bend.add_argument("--ends", help="ISO date-time with zone (default: until lifted)")
     bend.add_argument("--duration", type=int, help="seconds from the start")
-    badd.set_defaults(func=cmd_block_add)
+    badd.add_argument("--cut-active", action="store_true",
+                      help="also hang up the live calls it refuses now (over AMI, within a second)")
+    badd.set_defaults(func=cmd_block_add_and_cut)
     blist = block.add_parser("list", help="blocks, newest first")
     blist.add_argument("--tenant")
     blist.add_argument("--scope", choices=["binding", "caller", "number", "tenant"])
@@ -776,6 +828,11 @@ def build_parser() -> argparse.ArgumentParser:
     aexp.add_argument("--output", "-o", help="file (default: standard output)")
     aexp.set_defaults(func=cmd_audit_export, needs_keys=False)
 
+    calls = top.add_parser("calls", help="bridged calls now up on this PBX (over AMI; parties masked)")
+    calls.add_argument("--json", action="store_true")
+    calls.set_defaults(func=cmd_calls)
+    doctor = top.add_parser("doctor", help="check this box end to end and say what to fix")
+    doctor.set_defaults(func=cmd_doctor, needs_keys=False)
     serve = top.add_parser("serve", help="run the daemon").add_subparsers(dest="sub", required=True)
     serve.add_parser("asterisk", help="FastAGI server for Asterisk").set_defaults(
         func=cmd_serve_asterisk, checks_keys=False)  # checks the ring itself: the database may be down at start

@@ -218,7 +218,7 @@ def load(path: str | os.PathLike | None = None, environ=os.environ) -> Config:
             target[key] = environ[var]
     try:
         cfg = Config.model_validate({**data, "source": None})
-        cfg.source = str(path) if path else None
+        cfg.source = str(file) if file.exists() else None
         return cfg
     except ValidationError as exc:
         problems = "; ".join(

@@ -1,7 +1,8 @@
 """`callctl doctor`: check a box end to end and say plainly what is wrong and how to fix it.
 
 Each check gives ok / FAIL / skip, a sentence, and for a failure the fix. Nothing is
-changed by a check: the test decision is a routing read (no CDR is written) and the AMI
+changed by a check (the key check stores a check value not stored yet, as every start of
+the daemon does): the test decision is a routing read (no CDR is written) and the AMI
 checks only read. No output carries a number.
 """
 from __future__ import annotations
@@ -37,10 +38,11 @@ class Check:
 def run(cfg: Config) -> list[Check]:
     checks: list[Check] = []
     add = checks.append
-    add(Check("config", Status.OK, f"loaded from {cfg.source or 'the default path / $CALLCTL_CONFIG'}"))
+    add(Check("config", Status.OK, f"loaded from {cfg.source}" if cfg.source else "no config file: defaults and CALLCTL_* variables"))
 
     from callctl.store import crypto
     try:
+        crypto.install(crypto.load_ring(cfg.keys.file, cfg.keys.current))
         ring = crypto.ring()
         add(Check("keys", Status.OK, f"key ring loaded: {len(ring.keys)} key(s), current '{ring.current}'"))
     except Exception as exc:  # the CLI installs the ring at start; a failure there ends it already
@@ -104,23 +106,19 @@ def run(cfg: Config) -> list[Check]:
 
 
 def _keys_match_database(engine, ring) -> Check:
-    """The lookup secret must be the one the stored hashes were made with: else no
-    call ever finds its binding. Checked on one binding: decrypt, hash, compare."""
-    from callctl.store import crypto
-    from callctl.store.models import Binding
+    """The ring must be the one the database was written with (callctl.store.keycheck,
+    as at every start of the daemon): else no call finds its binding, or none decrypts."""
+    from callctl.store import keycheck
     from callctl.store.reencrypt import key_usage
     missing = sorted(k for k in key_usage(engine) if k not in ring.keys and k != "plaintext")
     if missing:
         return Check("keys vs database", Status.FAIL, f"numbers stored under key(s) not in the ring: {missing}",
                      "restore those keys into the key file (docs/keys.md)")
-    with engine.connect() as conn:
-        row = conn.execute(select(Binding.party_a, Binding.party_a_hash).limit(1)).first()
-    if row is None:
-        return Check("keys vs database", Status.SKIP, "no binding stored yet")
-    if crypto.number_hash(row.party_a) != row.party_a_hash:
-        return Check("keys vs database", Status.FAIL, "the lookup secret differs from the one the database was "
-                     "written with: no call would find its binding", "use the key file the bindings were made with")
-    return Check("keys vs database", Status.OK, "a stored number decrypts and its lookup hash matches")
+    try:
+        keycheck.verify(engine, ring)
+    except keycheck.KeyMismatch as exc:
+        return Check("keys vs database", Status.FAIL, str(exc), "use the key file this database was written with")
+    return Check("keys vs database", Status.OK, "the ring's secrets match the database's check values")
 
 
 def _agi(cfg: Config) -> Check:
@@ -159,6 +157,9 @@ async def _asterisk(cfg: Config) -> list[Check]:
         await link.ping()
         checks = [Check("AMI", Status.OK, f"logged in at {cfg.ami.host}:{cfg.ami.port}, ping answered")]
         shown = await link.action({"Action": "Command", "Command": "dialplan show globals"})
+        if shown.get("Response") == "Error":
+            return checks + [Check("dialplan", Status.FAIL, f"AMI refused a CLI command: {shown.get('Message')}",
+                                   "give the AMI user 'command' in write= (manager.conf), then: manager reload")]
         output = "\n".join(_output(shown))
         agi = next((line.split("=", 1)[1].strip() for line in output.splitlines()
                     if "CALLCTL_AGI=" in line), None)

@@ -259,6 +259,16 @@ class Daemon:
         """A callctl command run from this host, against the same database."""
         return _run(self.argv(*args), check=check, env=self.env, cwd=REPO)
 
+    def http(self, path: str) -> tuple[int, str]:
+        """GET the daemon's metrics listener (/metrics, /healthz) from inside its host."""
+        fetch = ("import sys, urllib.request, urllib.error\n"
+                 "try:\n r = urllib.request.urlopen('http://127.0.0.1:9464' + sys.argv[1], timeout=10)\n"
+                 " print(r.status); print(r.read().decode())\n"
+                 "except urllib.error.HTTPError as e:\n print(e.code); print(e.read().decode())\n")
+        out = _run(self.nets.exec(self.host, [sys.executable, "-c", fetch, path])).stdout
+        status, _, body = out.partition("\n")
+        return int(status), body
+
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 

@@ -135,16 +135,17 @@ def test_sighup_reloads_the_log_level_and_names_what_needs_a_restart(setup, tmp_
     assert "Traceback" not in daemon.output()
 
 
-def test_the_api_process_serves_its_own_health_and_metrics(pg_url, tmp_path):
+def test_the_api_process_serves_its_own_health_and_metrics(setup, cluster, tmp_path):
+    engine, _, _, _ = setup  # a migrated database on a cluster this test can stop
     mport = free_port()
-    with harness.ApiServer(pg_url, tmp_path, {"CALLCTL_API_METRICS_LISTEN": f"127.0.0.1:{mport}"}) as api:
+    url = engine.url.render_as_string(hide_password=False)
+    with harness.ApiServer(url, tmp_path, {"CALLCTL_API_METRICS_LISTEN": f"127.0.0.1:{mport}"}):
         assert healthz(mport) == (200, {"status": "ready", "database": "ok"})
         assert ("process_cpu_seconds_total",) in scrape(mport)
-    dead = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/nothing"
-    mport = free_port()
-    with harness.ApiServer(dead, tmp_path, {"CALLCTL_API_METRICS_LISTEN": f"127.0.0.1:{mport}"}):
+        cluster.stop("immediate")
         status, body = healthz(mport)
         assert status == 503 and body["database"].startswith("not answering")
+    engine.dispose()
 
 
 def test_the_sample_dashboard_reads_only_metrics_the_daemon_exports():

@@ -82,6 +82,11 @@ class AmiLink:
         self._logged_in.clear()
         log.warning("AMI link lost; reconnecting")
 
+    def start(self) -> None:
+        """Connect in the background; the Manager keeps trying while Asterisk is away."""
+        AMI_CONNECTED.set(0)
+        self.manager.connect()
+
     async def connect(self, timeout: float = 5.0) -> "AmiLink":
         """Connect and log in; AmiError if that does not happen within `timeout`."""
         self.manager.connect()

@@ -213,6 +213,13 @@ async def run(cfg) -> None:
     replayer = asyncio.create_task(_housekeeping(service, cdr_executor, stop, cfg.housekeeping_seconds,
                                                  timedelta(days=cfg.quarantine_days)))
     watchdog = asyncio.create_task(lifecycle.watchdog(stop))
+    ami = None
+    if cfg.ami.username:  # the AMI link's state as a metric (callctl_ami_connected)
+        from callctl.asterisk.ami import AmiLink
+
+        ami = AmiLink(cfg.ami.host, cfg.ami.port, cfg.ami.username, cfg.ami.secret, cfg.ami.action_timeout)
+        ami.start()
+        ami_keepalive = asyncio.create_task(ami.keepalive(stop))
     await stop.wait()
     if replayer.done() and replayer.exception():
         log.error("stopping: the key ring is not this database's", error=str(replayer.exception()))
@@ -220,6 +227,9 @@ async def run(cfg) -> None:
     log.info("stopping: no new sessions, finishing those in progress")
     await server.close()
     await watchdog
+    if ami is not None:
+        await ami_keepalive
+        ami.close()
     await replayer  # raises KeyMismatch if that is why we stop: exit 2
     # Flush: spooled CDRs go to the database now if it answers (else they wait, on disk,
     # for the next start).

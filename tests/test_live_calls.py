@@ -1,0 +1,108 @@
+"""Live calls over AMI: `callctl calls` lists the bridged calls of a real Asterisk
+(tenant, X, masked parties, duration), `block add --cut-active` hangs up the live call
+the new block refuses and leaves the other, and `callctl doctor` passes on the box.
+
+One PBX host in network namespaces this test creates and removes (lab/cluster.py):
+Asterisk from the lab chroot with its own directories, the daemon on SQLite, a SIPp
+carrier and phone, AMI on the namespace's own 127.0.0.1:5038 (conf/asterisk/manager.conf).
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+
+import pytest
+
+from callctl import sipp
+from callctl.core.numbers import mask
+from lab import cluster, harness
+from tests import leaks
+
+pytestmark = [pytest.mark.lab, pytest.mark.cluster]
+
+AGENT, HOTLINE = "+8613900000051", "+861058000051"
+CUSTOMERS = ["+8613800000051", "+8613800000052"]
+POOL = ["+8617100000051", "+8617100000052"]
+TALK_MS = 120000  # the calls last until the test is done with them
+
+
+@pytest.fixture
+def box(tmp_path):
+    with harness.LabLock():
+        nets = cluster.Namespaces().create()
+        pbx = cluster.Asterisk(nets, "pbx1")
+        daemon = cluster.Daemon(nets, "pbx1", f"sqlite:///{tmp_path}/callctl.db", tmp_path,
+                                {"CALLCTL_AMI_USERNAME": "callctl", "CALLCTL_AMI_SECRET": "callctl"})
+        try:
+            daemon.cli("db", "upgrade")
+            daemon.cli("tenant", "add", "acme", "--hotline", HOTLINE, "--caller", AGENT, "--hours", "00:00-24:00")
+            daemon.cli("pool", "add", "--tenant", "acme", *POOL)
+            bound = [json.loads(daemon.cli("bind", "--tenant", "acme", "--customer", c).stdout) for c in CUSTOMERS]
+            pbx.install()
+            pbx.start()
+            daemon.start()
+            yield nets, pbx, daemon, bound
+        finally:
+            daemon.stop()
+            pbx.stop()
+            nets.destroy()
+            pbx.remove()
+
+
+def live(daemon) -> list[dict]:
+    out = daemon.cli("calls", "--json").stdout
+    leaks.record("cli", "calls", out)
+    return json.loads(out)
+
+
+def test_calls_lists_bridged_calls_and_cut_active_hangs_up_the_blocked_one(box, tmp_path):
+    nets, pbx, daemon, bound = box
+    ns = nets.name("pbx1")
+    phone = sipp.start_uas(harness.PHONE_PORT, forbidden=[AGENT.removeprefix("+86")], netns=ns)
+    carrier = sipp.start("uac_call", remote=harness.SIP_TARGET, local_port=5080, netns=ns,
+                         calls=[(AGENT, b["x"]) for b in bound], max_calls=2, rate=10,
+                         variables={"talk_ms": TALK_MS}, workdir=tmp_path / "carrier")
+    try:
+        deadline = time.monotonic() + 30
+        while len(rows := live(daemon)) < 2:
+            assert time.monotonic() < deadline, f"bridged calls not listed: {rows}"
+            time.sleep(0.5)
+        by_x = {row["x"]: row for row in rows}
+        assert set(by_x) == {b["x"] for b in bound}
+        for b, customer in zip(bound, CUSTOMERS):
+            row = by_x[b["x"]]
+            assert row["tenant"] == "acme" and row["binding_id"] == b["id"]
+            assert row["caller"] == mask(AGENT) and row["callee"] == mask(customer)
+            assert row["direction"] == "to_customer" and row["seconds"] >= 0
+        status, metrics = daemon.http("/metrics")
+        assert status == 200 and "callctl_ami_connected 1.0" in metrics
+        table = daemon.cli("calls").stdout
+        leaks.record("cli", "calls-table", table)
+        assert "(2 bridged call(s))" in table and AGENT not in table
+
+        doctor = daemon.cli("doctor", check=False)
+        leaks.record("cli", "doctor", doctor.stdout)
+        assert doctor.returncode == 0, doctor.stdout
+        assert "ok    dialplan" in doctor.stdout and "ok    AMI" in doctor.stdout
+
+        blocked = bound[0]
+        made = json.loads(daemon.cli("block", "add", "--scope", "binding", "--binding", str(blocked["id"]),
+                                     "--direction", "to_customer", "--reason", "complaint", "--cut-active").stdout)
+        assert [call["binding_id"] for call in made["calls_cut"]] == [blocked["id"]]
+        remaining = live(daemon)
+        assert [row["binding_id"] for row in remaining] == [bound[1]["id"]]
+        time.sleep(1.5)  # SIPp writes its statistics every second
+        result = carrier.stop(grace=0.5)  # the other call is still up: SIPp's statistics say so
+    finally:
+        far = phone.stop(grace=0.5)
+        carrier.kill()
+    # The blocked call got the PBX's BYE (cut: a success for uac_call, counted as a far-end hangup).
+    assert result.successful == 1 and result.remote_hangups == 1, result.summary()
+    assert far.failed == 0
+    cut_event = daemon.events("live call cut")
+    assert len(cut_event) == 1
+    created = datetime.fromisoformat(made["created_at"])
+    cut_at = datetime.fromisoformat(cut_event[0]["timestamp"].replace("Z", "+00:00"))
+    print(f"\ncut-active: block committed -> hangup sent {(cut_at - created).total_seconds():.3f} s; "
+          f"the blocked call lasted {result.answer_to_remote_bye_ms_max() / 1000:.1f} s of its {TALK_MS / 1000:g} s")

@@ -87,8 +87,10 @@ def test_calls_lists_bridged_calls_and_cut_active_hangs_up_the_blocked_one(box, 
         assert "ok    dialplan" in doctor.stdout and "ok    AMI" in doctor.stdout
 
         blocked = bound[0]
-        made = json.loads(daemon.cli("block", "add", "--scope", "binding", "--binding", str(blocked["id"]),
-                                     "--direction", "to_customer", "--reason", "complaint", "--cut-active").stdout)
+        done = daemon.cli("block", "add", "--scope", "binding", "--binding", str(blocked["id"]),
+                          "--direction", "to_customer", "--reason", "complaint", "--cut-active")
+        leaks.record("cli", "block-cut", done.stdout + done.stderr)
+        made = json.loads(done.stdout)
         assert [call["binding_id"] for call in made["calls_cut"]] == [blocked["id"]]
         remaining = live(daemon)
         assert [row["binding_id"] for row in remaining] == [bound[1]["id"]]
@@ -100,9 +102,9 @@ def test_calls_lists_bridged_calls_and_cut_active_hangs_up_the_blocked_one(box, 
     # The blocked call got the PBX's BYE (cut: a success for uac_call, counted as a far-end hangup).
     assert result.successful == 1 and result.remote_hangups == 1, result.summary()
     assert far.failed == 0
-    cut_event = daemon.events("live call cut")
+    cut_event = [e for e in harness.json_events(done.stderr) if e.get("event") == "live call cut"]
     assert len(cut_event) == 1
     created = datetime.fromisoformat(made["created_at"])
     cut_at = datetime.fromisoformat(cut_event[0]["timestamp"].replace("Z", "+00:00"))
     print(f"\ncut-active: block committed -> hangup sent {(cut_at - created).total_seconds():.3f} s; "
-          f"the blocked call lasted {result.answer_to_remote_bye_ms_max() / 1000:.1f} s of its {TALK_MS / 1000:g} s")
+          f"the blocked call lasted {result.answer_to_remote_bye_ms_max / 1000:.1f} s of its {TALK_MS / 1000:g} s")

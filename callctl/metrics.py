@@ -51,6 +51,7 @@ DB_RECONNECTS = Counter("callctl_db_reconnects", "Call-path database connections
 AMI_CONNECTED = Gauge("callctl_ami_connected", "1 while the AMI link to Asterisk is logged in and answers pings")
 AMI_RECONNECTS = Counter("callctl_ami_reconnects", "AMI connections made again after a loss")
 CALLS_CUT = Counter("callctl_calls_cut", "Live calls hung up because a block or suspension was placed")
+OUTBOX_DEPTH = Gauge("callctl_webhook_outbox_depth", "Webhook deliveries not yet delivered (API process)")
 RELOADS = Counter("callctl_reloads", "SIGHUP reloads of the configuration", ["result"])
 
 for outcome in CdrOutcome:

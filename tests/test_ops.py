@@ -141,7 +141,9 @@ def test_the_api_process_serves_its_own_health_and_metrics(setup, cluster, tmp_p
     url = engine.url.render_as_string(hide_password=False)
     with harness.ApiServer(url, tmp_path, {"CALLCTL_API_METRICS_LISTEN": f"127.0.0.1:{mport}"}):
         assert healthz(mport) == (200, {"status": "ready", "database": "ok"})
-        assert ("process_cpu_seconds_total",) in scrape(mport)
+        metrics = scrape(mport)
+        assert ("process_cpu_seconds_total",) in metrics
+        assert metrics[("callctl_webhook_outbox_depth",)] == 0
         cluster.stop("immediate")
         status, body = healthz(mport)
         assert status == 503 and body["database"].startswith("not answering")

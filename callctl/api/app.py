@@ -441,6 +441,22 @@ def _api_health(cfg):
     async def health() -> dict[str, str]:
         return await asyncio.get_running_loop().run_in_executor(None, probe)
 
+    def outbox_depth() -> float:
+        from sqlalchemy import func, select
+
+        from callctl.store.models import WebhookDelivery
+
+        try:
+            with engine.connect() as conn:
+                return conn.execute(select(func.count()).select_from(WebhookDelivery)
+                                    .where(WebhookDelivery.delivered_at.is_(None))).scalar()
+        except SQLAlchemyError:
+            return float("nan")  # database down: /healthz says so
+
+    from callctl.metrics import OUTBOX_DEPTH
+
+    OUTBOX_DEPTH.set_function(outbox_depth)
+
     return health
 
 

@@ -350,16 +350,17 @@ _sensible = {  # what a column usually holds
     "customer": st.sampled_from(CUSTOMERS), "tenant": st.just(""), "mode": st.sampled_from(["", "AXN", "AXE", "AXB"]),
     "other_party": st.sampled_from(["", *CUSTOMERS]), "reference": st.sampled_from(["", "POL-1", "POL-2", "POL-3"]),
     "expires_at": st.sampled_from(["", "", "2030-01-01T00:00:00+08:00"]), "ttl_seconds": st.sampled_from(["", "", "60"]),
+    "number": st.sampled_from([f"+86172FFFF000{i}" for i in range(6)] + ["0172FFFF0006"]),  # FFFF: the example
 }
 
 
 @st.composite
-def bulk_files(draw) -> bytes:
-    """A bind --bulk file as an operator's tools might produce it, or break it."""
-    optional = draw(st.permutations(bulk.BIND_COLUMNS[1:] + bulk.IGNORED_COLUMNS))
-    columns = draw(st.permutations(["customer", *optional[:draw(st.integers(0, len(optional)))]]))
+def bulk_files(draw, known: tuple[str, ...] = bulk.BIND_COLUMNS) -> bytes:
+    """A bind --bulk (or pool import) file as an operator's tools might produce it, or break it."""
+    optional = draw(st.permutations(known[1:] + bulk.IGNORED_COLUMNS))
+    columns = draw(st.permutations([known[0], *optional[:draw(st.integers(0, len(optional)))]]))
     if draw(st.integers(0, 9)) == 0:
-        columns = draw(st.lists(st.sampled_from([*columns, "Customer ", "unknown", ""]), max_size=4))
+        columns = draw(st.lists(st.sampled_from([*columns, known[0].title() + " ", "unknown", ""]), max_size=4))
     rows = []
     for _ in range(draw(st.integers(0, 10))):
         row = [draw(_sensible.get(c, _field) if draw(st.integers(0, 3)) else _field) for c in columns]
@@ -436,3 +437,36 @@ def test_fuzz_bulk_files_never_crash_lose_or_leak(engine, tmp_path, data, batch_
     assert (second.done, second.existing) == (0, first.done)  # loaded twice: nobody bound twice
     assert len(provision.list_bindings(engine, tenant_id=provision.tenant_id_of(engine, tenant))["items"]) == first.done
     assert_no_conflict(engine)
+
+
+@settings(max_examples=max(5, settings.default.max_examples // 4),
+          deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                                HealthCheck.data_too_large, HealthCheck.large_base_example])
+@given(data=bulk_files(bulk.POOL_COLUMNS), batch_size=st.integers(1, 6))
+def test_fuzz_pool_files_never_crash_or_lose(engine, tmp_path, data, batch_size):
+    """pool import reads files the same way: no crash, refused whole with nothing
+    written or every row done or rejected once, the counts matching the pool; loaded
+    again, nothing is added twice."""
+    n = next(_examples)
+    tenant, folder = f"fuzz{n}", tmp_path / f"ex{n}"
+    folder.mkdir()
+    provision.add_tenant(engine, tenant, HOTLINE)
+    data = data.replace(b"FFFF", b"%04d" % n)  # each example its own numbers
+    source = write_bytes(folder / "f.csv", data)
+    lines = data.count(b"\n") + 1
+    done = []
+    for _ in range(2):
+        try:
+            result = bulk.import_pool(engine, source, tenant_name=tenant, batch_size=batch_size)
+        except ProvisionError as exc:
+            assert exc.code == "invalid_file"
+            assert sorted(p.name for p in folder.iterdir()) == ["f.csv"]
+            assert sum(provision.pool_status(engine, tenant).values()) == 0
+            return
+        assert result.rows == result.done + len(result.errors)
+        event(f"loaded: {'some' if result.done else 'no'} numbers added")
+        numbered = [e.line for e in result.errors]
+        assert len(set(numbered)) == len(numbered) and all(2 <= line <= lines for line in numbered)
+        done.append(result.done)
+        assert sum(provision.pool_status(engine, tenant).values()) == done[0]
+    assert done[1] == 0

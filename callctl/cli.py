@@ -370,7 +370,7 @@ def cmd_anomaly_run(cfg, args):
     report = lambda r: print(json.dumps({
         "cdrs": r.cdrs, "from_id": r.from_id, "to_id": r.to_id, "new_findings": r.new_findings,
         "by_rule": {k: v for k, v in r.findings.items() if v}, "blocks": r.blocks,
-        "seconds": round(r.seconds, 3)}), flush=True)
+        "blacklist_proposals": r.blacklist, "seconds": round(r.seconds, 3)}), flush=True)
     if not args.follow:
         report(run_pass(engine, rules))
         return
@@ -588,6 +588,72 @@ def cmd_audit_export(cfg, args):
         sys.stdout.write(data)
 
 
+BLACKLIST_TABLE = [
+    ("id", "id"), ("caller", "caller"), ("status", "status"), ("origin", "origin"), ("tenants", "tenants"),
+    ("starts_at", "starts (UTC)"), ("ends_at", "ends (UTC)"), ("proposed_by", "proposed by"), ("reason", "reason"),
+]
+
+
+def cmd_blacklist(cfg, args):
+    """callctl blacklist propose|approve|refuse|appeal|uphold|lift|show|list."""
+    from callctl.store import blacklist
+
+    engine, by = _engine(cfg), getattr(args, "by", None) or _login()
+    if args.sub == "propose":
+        result = blacklist.propose(engine, caller=args.caller, reason=args.reason, proposed_by=by,
+                                   seconds=args.duration, findings=args.finding or [], cdrs=args.cdr or [],
+                                   region=cfg.region)
+    elif args.sub in ("approve", "show"):
+        result = (blacklist.approve(engine, args.entry_id, by) if args.sub == "approve"
+                  else blacklist.get(engine, args.entry_id))
+    elif args.sub in ("refuse", "uphold", "lift"):
+        result = getattr(blacklist, args.sub)(engine, args.entry_id, by, note=args.note or "")
+    elif args.sub == "appeal":
+        result = blacklist.appeal(engine, args.entry_id, by, args.note)
+    elif args.tenant:
+        result = blacklist.tenant_entries(engine, args.tenant)
+    else:
+        result = blacklist.list_entries(engine, status=args.status, caller=args.caller, region=cfg.region)
+        if not args.json:
+            for row in result:
+                row["tenants"] = ",".join(row["tenants"])
+                for key in ("starts_at", "ends_at"):
+                    row[key] = (row[key] or "")[:19].replace("T", " ")
+            print(_table(result, BLACKLIST_TABLE))
+            print(f"({len(result)} entr{'y' if len(result) == 1 else 'ies'})")
+            return
+    _print_json(result)
+
+
+def _blacklist_parser(top) -> None:
+    blacklist = top.add_parser(
+        "blacklist", help="the shared harassment blacklist (docs/regulator.md)").add_subparsers(dest="sub", required=True)
+    propose = blacklist.add_parser("propose", help="propose a caller number; in force after two approvals")
+    propose.add_argument("--caller", required=True, help="the caller's number")
+    propose.add_argument("--reason", required=True, help="why (no phone numbers in here)")
+    propose.add_argument("--finding", type=int, action="append", help="evidence: a finding about this caller")
+    propose.add_argument("--cdr", type=int, action="append", help="evidence: a CDR of a call from this caller")
+    propose.add_argument("--duration", type=int, help="seconds in force from the second approval (default: until lifted)")
+    steps = {"approve": "approve (the second approval puts it in force)", "refuse": "refuse a proposal",
+             "appeal": "record an appeal against an entry in force", "uphold": "decide an appeal: the entry stays",
+             "lift": "end an entry in force now (it stays on record)", "show": "one entry with its evidence"}
+    for name, what in steps.items():
+        step = blacklist.add_parser(name, help=what)
+        step.add_argument("entry_id", type=int)
+        if name not in ("show", "approve"):
+            step.add_argument("--note", required=name == "appeal", help="why (an appeal's grounds)")
+        step.set_defaults(func=cmd_blacklist)
+    for command in (propose, *(blacklist.choices[n] for n in steps if n != "show")):
+        command.add_argument("--by", help="who does it (default: your login)")
+    propose.set_defaults(func=cmd_blacklist)
+    listing = blacklist.add_parser("list", help="entries, newest first")
+    listing.add_argument("--status", choices=["proposed", "active", "refused", "lifted"])
+    listing.add_argument("--caller", help="entries on this number")
+    listing.add_argument("--tenant", help="what this tenant is shown: its own callers, its own evidence (JSON)")
+    listing.add_argument("--json", action="store_true", help="JSON for programs")
+    listing.set_defaults(func=cmd_blacklist)
+
+
 def cmd_serve_asterisk(cfg, args):
     from callctl.asterisk.server import serve
 
@@ -703,6 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
     blift.add_argument("block_id", type=int)
     blift.add_argument("--by", help="who lifts it (default: your login)")
     blift.set_defaults(func=cmd_block_lift)
+
+    _blacklist_parser(top)
 
     binding = top.add_parser("binding", help="read and change bindings").add_subparsers(dest="sub", required=True)
     bget = binding.add_parser("get", help="one binding (numbers masked)")

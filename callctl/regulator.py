@@ -1,15 +1,15 @@
 """The regulator's export: contact behaviour per tenant over a period, and the findings.
 
 `report()` gathers it with set-based SQL (GROUP BY over the CDRs, the anomaly findings
-and the reveal audit); `as_json`, `as_csv` and `as_html` render it. Nothing in it can
+and the audit log); `as_json`, `as_csv` and `as_html` render it. Nothing in it can
 carry a real number: CDR numbers are not read at all, tenants appear by name, finding
 subjects are binding ids, tenants or keyed caller hashes.
 
-Findings come from the anomaly job's table `anomaly_findings`, reveals from the reveal
-audit log `reveal_audit` (one row per reveal: `tenant_id`, `created_at`). Either table
-may not exist yet on a given installation (other parts of callctl create them): its
-section is then empty and `sources` says it was not available, rather than the export
-failing or claiming zero.
+Findings come from the anomaly job's table `anomaly_findings`. Reveals are the audit
+log's `reveal_used` entries (callctl.store.reveal: one per real number shown), counted
+for the tenant of the grant's binding and by the grant's scenario, at the time of the
+entry. (Until #17 this read a table `reveal_audit` that no migration creates, so reveals
+were never counted.)
 """
 from __future__ import annotations
 
@@ -23,16 +23,16 @@ from datetime import date, datetime, timedelta, timezone
 from sqlalchemy import Date, and_, case, cast, func, inspect, select, text
 from sqlalchemy.engine import Engine
 
-from callctl.store.models import Cdr, Tenant
+from callctl.store.models import AuditEntry, Binding, Cdr, RevealGrant, Tenant
 from callctl.store.provision import ProvisionError
 
 FINDINGS_TABLE = "anomaly_findings"
-REVEALS_TABLE = "reveal_audit"
+REVEALS_TABLE = "audit_log"  # its reveal_used entries, with reveal_grants for tenant and scenario
 MAX_DAYS = 366
 EXPORT_TIMEOUT_S = 300
 
 TENANT_COLUMNS = ("tenant", "calls", "answered", "bridged", "rejected", "blocked", "unavailable",
-                  "rejected_other", "findings", "findings_by_rule", "reveals")
+                  "rejected_other", "findings", "findings_by_rule", "reveals", "reveals_by_scenario")
 DAILY_COLUMNS = ("day", "tenant", "calls", "answered", "rejected", "findings")
 FINDING_COLUMNS = ("id", "tenant", "rule", "subject_kind", "subject", "window_start", "window_end", "calls",
                    "measure", "threshold", "severity", "action", "evidence")
@@ -90,10 +90,14 @@ def report(engine: Engine, start: datetime, end: datetime, now: datetime | None 
             .where(in_period).group_by(day, Cdr.tenant_id)
         ).all()
         findings = _findings(conn, engine, start, end) if has_findings else []
-        reveals = dict(conn.execute(text(
-            f"SELECT tenant_id, count(*) FROM {REVEALS_TABLE}"
-            " WHERE created_at >= :start AND created_at < :end GROUP BY tenant_id"
-        ), {"start": start, "end": end}).all()) if has_reveals else {}
+        reveals = conn.execute(
+            select(Binding.tenant_id, RevealGrant.scenario, func.count())
+            .select_from(AuditEntry)
+            .join(RevealGrant, RevealGrant.id == AuditEntry.grant_id)
+            .join(Binding, Binding.id == RevealGrant.binding_id)
+            .where(AuditEntry.action == "reveal_used", AuditEntry.at >= start, AuditEntry.at < end)
+            .group_by(Binding.tenant_id, RevealGrant.scenario)
+        ).all() if has_reveals else []
 
     tenant_name = lambda tenant_id: names.get(tenant_id, "(no tenant: unknown X)") if tenant_id else "(no tenant: unknown X)"
     rows: dict[str, dict] = {}
@@ -102,7 +106,7 @@ def report(engine: Engine, start: datetime, end: datetime, now: datetime | None 
         return rows.setdefault(name, {
             "tenant": name, "calls": 0, "answered": 0, "bridged": 0, "rejected": 0, "blocked": 0,
             "unavailable": 0, "rejected_other": 0, "findings": 0, "findings_by_rule": {},
-            "reveals": 0 if has_reveals else None,
+            "reveals": 0 if has_reveals else None, "reveals_by_scenario": {},
         })
 
     for tenant_id, calls, ans, bridged, rejected, blocked, unavailable in per_tenant:
@@ -115,8 +119,10 @@ def report(engine: Engine, start: datetime, end: datetime, now: datetime | None 
         row = tenant_row(finding["tenant"])
         row["findings"] += 1
         row["findings_by_rule"][finding["rule"]] = row["findings_by_rule"].get(finding["rule"], 0) + 1
-    for tenant_id, count in reveals.items():
-        tenant_row(tenant_name(tenant_id))["reveals"] = count
+    for tenant_id, scenario, count in reveals:
+        row = tenant_row(tenant_name(tenant_id))
+        row["reveals"] += count
+        row["reveals_by_scenario"][scenario] = count
 
     days: dict[tuple[str, str], dict] = {}
     for when, tenant_id, calls, ans, rejected in daily:

@@ -77,7 +77,8 @@ def test_json_statistics_per_tenant_and_day(engine, world, tmp_path):
     acme, bolt = data["tenants"]
     assert acme | {"findings_by_rule": None} == {
         "tenant": "acme", "calls": 5, "answered": 2, "bridged": 3, "rejected": 2, "blocked": 1, "unavailable": 1,
-        "rejected_other": 0, "findings": acme["findings"], "findings_by_rule": None, "reveals": acme["reveals"]}
+        "rejected_other": 0, "findings": acme["findings"], "findings_by_rule": None, "reveals": 0,
+        "reveals_by_scenario": {}}
     assert (bolt["calls"], bolt["answered"], bolt["rejected"], bolt["rejected_other"]) == (2, 1, 1, 1)
     assert [(d["day"], d["tenant"], d["calls"], d["rejected"]) for d in data["daily"]] == [
         ("2026-11-20", "acme", 3, 1), ("2026-11-21", "acme", 2, 1), ("2026-11-21", "bolt", 1, 0),
@@ -159,3 +160,35 @@ def test_formula_like_tenant_names_are_not_formulas_in_csv(engine, tmp_path):
         "lab-1.1", called=X1, caller=AGENT, action="reject", reason="blocked", tenant="1",
         start=f"{T0.timestamp():.3f}"))
     assert "tenants,'=cmd," in export(engine, tmp_path, *PERIOD, "--format", "csv").stdout
+
+
+def test_export_after_a_reveal_counts_it(engine, world, tmp_path):
+    """The reveal log is reveal_grants + audit_log (callctl.store.reveal): a reveal used
+    in the period counts for the binding's tenant, by scenario, in every format; a
+    request, a refusal or a denied attempt is not a reveal."""
+    from callctl.store import reveal
+
+    def reveal_at(binding, scenario, moment, use=True):
+        grant = reveal.request(engine, binding, "a", scenario, f"CASE-{scenario}", "alice", max_uses=2, now=moment)
+        reveal.approve(engine, grant["id"], "bob", now=moment)
+        if use:
+            reveal.use(engine, grant["id"], "alice", now=moment + timedelta(minutes=1))
+        return grant["id"]
+
+    reveal_at(world["b1"], "claim", T0)
+    twice = reveal_at(world["b1"], "complaint", T0 + timedelta(days=1))
+    reveal.use(engine, twice, "alice", now=T0 + timedelta(days=1, minutes=2))
+    reveal_at(world["b2"], "aml", T0 + timedelta(days=2), use=False)  # approved, never used
+    with pytest.raises(reveal.RevealError):
+        reveal.use(engine, twice, "mallory", now=T0 + timedelta(days=1, minutes=3))  # denied: not counted
+    reveal_at(world["b2"], "aml", T0 + timedelta(days=9))  # outside the period
+    data = json.loads(export(engine, tmp_path, *PERIOD, "--format", "json").stdout)
+    assert data["sources"]["reveals"] == "audit_log"
+    acme, bolt = data["tenants"]
+    assert (acme["reveals"], acme["reveals_by_scenario"]) == (3, {"claim": 1, "complaint": 2})
+    assert (bolt["reveals"], bolt["reveals_by_scenario"]) == (0, {})
+    csv_out = export(engine, tmp_path, *PERIOD, "--format", "csv").stdout
+    assert "claim=1;complaint=2" in csv_out
+    out = tmp_path / "r.html"
+    export(engine, tmp_path, *PERIOD, "--format", "html", "--output", str(out))
+    assert "claim=1;complaint=2" in out.read_text() and "not available" not in out.read_text()

@@ -134,6 +134,22 @@ RULES: dict[str, type[Rule]] = {
 TENANT_WIDE = ("statuses", "causes")  # read once per rule, not per tenant
 
 
+class BlacklistProposals(Strict):
+    """When a pass proposes a caller for the shared blacklist (callctl.store.blacklist)."""
+    enabled: bool = True
+    rules: list[str] = ["caller_frequency", "blast"]  # per-caller rules whose findings count
+    min_tenants: int = Field(2, ge=2)  # a caller found in this many tenants or more
+    lookback_seconds: int = Field(30 * 86400, ge=60)  # findings whose window ended this recently
+
+    @field_validator("rules")
+    @classmethod
+    def _caller_rules(cls, rules: list[str]) -> list[str]:
+        wrong = [r for r in rules if r not in ("caller_frequency", "blast")]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: only per-caller rules (caller_frequency, blast) find callers")
+        return rules
+
+
 class AnomalyConfig(Strict):
     overlap_seconds: int = Field(120, ge=0)  # rescanned CDR ids: covers late commits
     interval_seconds: float = Field(30, gt=0)  # --follow: pause between passes
@@ -141,6 +157,7 @@ class AnomalyConfig(Strict):
     workers: int = Field(2, ge=1, le=32)  # PostgreSQL: rules run side by side on this many connections
     rules: dict[str, dict] = {}
     tenants: dict[str, dict[str, dict]] = {}
+    blacklist: BlacklistProposals = BlacklistProposals()
 
     @field_validator("rules")
     @classmethod

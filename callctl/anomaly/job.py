@@ -38,6 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from callctl.anomaly.config import RULES, AnomalyConfig, Rule
 from callctl.anomaly.rules import Sql, constants, finding_insert
 from callctl.store import events
+from callctl.store.blacklist import propose_from_findings
 from callctl.store.models import AnomalyFinding, AnomalyState, Block, Cdr, Event, Tenant, UTCDateTime
 
 log = structlog.get_logger("callctl.anomaly")
@@ -52,6 +53,7 @@ class PassResult:
     to_id: int = 0
     findings: dict[str, int] = field(default_factory=dict)  # rule -> new findings
     blocks: int = 0
+    blacklist: list[int] = field(default_factory=list)  # entries proposed or given new evidence
     seconds: float = 0.0
 
     @property
@@ -113,9 +115,14 @@ def run_pass(engine: Engine, config: AnomalyConfig, now: datetime | None = None)
             values.update(safe_id=safe, checked_id=max(hi, safe), checked_at=now)
         values.update(seen_id=max(hi, safe), seen_count=_count(conn, safe, max(hi, safe)))
         conn.execute(AnomalyState.__table__.update().where(AnomalyState.job == JOB).values(**values))
+    if config.blacklist.enabled and result.new_findings:
+        # After the pass's commit: on PostgreSQL its rules wrote on other connections.
+        proposals = config.blacklist
+        result.blacklist = propose_from_findings(engine, rules=proposals.rules, min_tenants=proposals.min_tenants,
+                                                 lookback_seconds=proposals.lookback_seconds, now=now)
     result.seconds = time.monotonic() - started
     log.info("anomaly pass", cdrs=result.cdrs, from_id=lo, to_id=hi, findings=result.new_findings,
-             blocks=result.blocks, seconds=round(result.seconds, 3))
+             blocks=result.blocks, blacklist=result.blacklist, seconds=round(result.seconds, 3))
     return result
 
 

@@ -22,6 +22,7 @@ class Reason(StrEnum):
     INVALID_EXTENSION = "invalid_extension"  # AXE: wrong or no extension keyed
     OPTED_OUT = "opted_out"  # the customer said no to this tenant's calls (or not now)
     PURPOSE_NOT_ALLOWED = "purpose_not_allowed"  # the caller's purpose is not one the customer accepts
+    BLACKLISTED = "blacklisted"  # the caller is on the shared harassment blacklist
 
 
 class Purpose(StrEnum):
@@ -124,6 +125,7 @@ class NumberFacts:
     blocks: tuple[BlockFacts, ...] = field(default=())  # candidate blocks (filtered here)
     mode: Mode | None = None  # the mode X serves; None: no active binding on X
     extension_digits: int = 0  # AXE: digits of X's longest extension (the prompt's)
+    blacklisted: bool = False  # the caller is on the shared blacklist, in force now
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,8 @@ def decide(
         return Reject(Reason.UNKNOWN_CALLER, tenant_id=tenant.id)
     binding, direction, destination = found
     reject = _rejecter(tenant.id, binding.id, direction)
+    if facts.blacklisted and direction == Direction.TO_CUSTOMER:  # it reaches no customer, any tenant's
+        return reject(Reason.BLACKLISTED)
     if binding.expires_at is not None and now >= binding.expires_at:
         return reject(Reason.EXPIRED)
     if any(_blocks(block, binding, caller, direction, now) for block in facts.blocks):
@@ -285,6 +289,8 @@ def _axe_prompt(caller: str | None, now: datetime, facts: NumberFacts) -> Decisi
     lenient one sends them to its hotline (no binding: X is shared)."""
     tenant = facts.tenant
     if tenant.caller_is_agent:
+        if facts.blacklisted:
+            return Reject(Reason.BLACKLISTED, tenant.id, direction=Direction.TO_CUSTOMER)
         # Blocks that need no binding (caller, X, tenant) and calling hours stop the
         # call before the prompt: it is answered (and charged) once prompted.
         if any(_blocks(block, None, caller, Direction.TO_CUSTOMER, now) for block in facts.blocks):

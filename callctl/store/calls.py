@@ -20,7 +20,7 @@ from callctl.core.numbers import mask
 from callctl.store.crypto import number_hash
 from callctl.store.db import READ_ONLY
 from callctl.store.events import write_call_event
-from callctl.store.models import Binding, Block, Cdr, CustomerPreference, Tenant, TenantCaller, VirtualNumber
+from callctl.store.models import BlacklistEntry, Binding, Block, Cdr, CustomerPreference, Tenant, TenantCaller, VirtualNumber
 
 
 # Constants written into the SQL, not sent as parameters: a prepared statement's generic
@@ -30,9 +30,9 @@ _AXN, _AXE = literal_column("'AXN'"), literal_column("'AXE'")
 
 
 def _facts_statement(by_extension: bool):
-    """X's number and tenant, what X serves, the caller's bindings on X and the blocks in
-    force, as one row per (binding, block) pair: blocks are rare, so mostly one row per
-    binding, and one row when the caller has none.
+    """X's number and tenant, what X serves, the caller's bindings on X, the blocks in
+    force and whether the caller is blacklisted, as one row per (binding, block) pair:
+    blocks are rare, so mostly one row per binding, and one row when the caller has none.
 
     Bounded by the caller, not by X: an AXB or AXE X may carry 10^k bindings, of which
     the caller is a party to one or two. The bindings read are X's AXN binding (an AXN
@@ -108,11 +108,17 @@ def _facts_statement(by_extension: bool):
     )
     # The customer's word on this tenant: one unique-index probe per binding (0090).
     pref_on = and_(CustomerPreference.customer_hash == mine.c.party_a_hash, CustomerPreference.tenant_id == Tenant.id)
+    # The shared blacklist, by the caller's lookup hash: one probe of ix_blacklist_caller.
+    blacklisted = exists().where(
+        BlacklistEntry.caller_hash == caller_hash, BlacklistEntry.status == _ACTIVE,
+        BlacklistEntry.starts_at <= now, or_(BlacklistEntry.ends_at.is_(None), BlacklistEntry.ends_at > now),
+    )
     return (
         select(
             VirtualNumber.state, Tenant.id, Tenant.hotline, Tenant.strict, Tenant.ring_timeout,
             Tenant.max_call_seconds, Tenant.time_zone, Tenant.calls_from, Tenant.calls_until,
-            purpose.label("caller_purpose"), x_mode.label("x_mode"), x_width.label("x_extension_digits"),
+            purpose.label("caller_purpose"), blacklisted.label("blacklisted"),
+            x_mode.label("x_mode"), x_width.label("x_extension_digits"),
             mine.c.id.label("binding_id"), mine.c.mode, mine.c.party_a, mine.c.party_b,
             mine.c.extension, mine.c.expires_at, mine.c.purposes, mine.c.profile,
             CustomerPreference.calls, CustomerPreference.quiet_from, CustomerPreference.quiet_until,
@@ -171,7 +177,7 @@ def facts_from_rows(x: str, rows) -> NumberFacts | None:
               for r in rows if r.block_id is not None}
     return NumberFacts(x=x, tenant=tenant, bindings=tuple(bindings.values()), blocks=tuple(blocks.values()),
                        mode=Mode(first.x_mode) if first.x_mode else None,
-                       extension_digits=first.x_extension_digits or 0)
+                       extension_digits=first.x_extension_digits or 0, blacklisted=bool(first.blacklisted))
 
 
 # One CDR per call: a call is its PBX call id and node, whatever else a report says. On

@@ -448,3 +448,67 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(String(200))
+
+
+class BlacklistEntry(Base):
+    """A caller number barred across all tenants (callctl/store/blacklist.py): proposed
+    by staff or by the anomaly job, in force once two people other than the proposer
+    approved it, until its end or a lift. Never deleted."""
+
+    __tablename__ = "blacklist"
+    __table_args__ = (
+        CheckConstraint("origin IN ('manual','automatic')", name="ck_blacklist_origin"),
+        CheckConstraint("status IN ('proposed','active','refused','lifted')", name="ck_blacklist_status"),
+        CheckConstraint(
+            "(approved_by IS NULL OR approved_by <> proposed_by)"
+            " AND (confirmed_by IS NULL OR (confirmed_by <> proposed_by AND confirmed_by <> approved_by))",
+            name="ck_blacklist_two_people"),
+        CheckConstraint("status <> 'active' OR (confirmed_by IS NOT NULL AND starts_at IS NOT NULL)",
+                        name="ck_blacklist_active"),
+        # One open entry per number.
+        Index("ux_blacklist_open", "caller_hash", unique=True,
+              postgresql_where=text("status IN ('proposed','active')"),
+              sqlite_where=text("status IN ('proposed','active')")),
+        Index("ix_blacklist_caller", "caller_hash", "status"),  # the call-time lookup (callctl.store.calls)
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    caller: Mapped[str | None] = mapped_column(EncryptedNumber)  # NULL: proposed from CDRs (hash only)
+    caller_hash: Mapped[str] = mapped_column(String(64))
+    caller_masked: Mapped[str] = mapped_column(String(24))
+    origin: Mapped[str] = mapped_column(String(10))  # manual | automatic
+    status: Mapped[str] = mapped_column(String(10), server_default=text("'proposed'"))
+    reason: Mapped[str] = mapped_column(Text)
+    proposed_by: Mapped[str] = mapped_column(String(100))
+    proposed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    seconds: Mapped[int | None] = mapped_column(Integer)  # how long it lasts once in force; NULL: until lifted
+    approved_by: Mapped[str | None] = mapped_column(String(100))  # the first approval
+    approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    confirmed_by: Mapped[str | None] = mapped_column(String(100))  # the second: in force from then
+    starts_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ends_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    closed_by: Mapped[str | None] = mapped_column(String(100))  # who refused or lifted it
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    close_note: Mapped[str | None] = mapped_column(Text)
+    appeal: Mapped[str | None] = mapped_column(Text)
+    appealed_by: Mapped[str | None] = mapped_column(String(100))
+    appealed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    appeal_outcome: Mapped[str | None] = mapped_column(String(10))  # upheld | lifted
+
+
+class BlacklistEvidence(Base):
+    """Why an entry exists, per tenant: one of its findings (with the CDR ids) or CDR
+    ids staff named. A tenant sees its own rows only."""
+
+    __tablename__ = "blacklist_evidence"
+    __table_args__ = (
+        UniqueConstraint("entry_id", "finding_id", name="uq_blacklist_evidence_finding"),
+        Index("ix_blacklist_evidence_tenant", "tenant_id", "entry_id"),
+        Index("ix_blacklist_evidence_finding", "finding_id"),
+    )
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    entry_id: Mapped[int] = mapped_column(ForeignKey("blacklist.id"))
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    finding_id: Mapped[int | None] = mapped_column(ForeignKey("anomaly_findings.id"))
+    cdr_ids: Mapped[str] = mapped_column(Text)  # a JSON array
+    added_by: Mapped[str] = mapped_column(String(100))
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime)

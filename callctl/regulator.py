@@ -23,7 +23,8 @@ from datetime import date, datetime, timedelta, timezone
 from sqlalchemy import Date, and_, case, cast, func, inspect, select, text
 from sqlalchemy.engine import Engine
 
-from callctl.store.models import AuditEntry, Binding, Cdr, RevealGrant, Tenant
+from callctl.store.models import (AuditEntry, BlacklistEntry, BlacklistEvidence, Binding, Block, Cdr, RevealGrant,
+                                  Tenant)
 from callctl.store.provision import ProvisionError
 
 FINDINGS_TABLE = "anomaly_findings"
@@ -32,8 +33,10 @@ MAX_DAYS = 366
 EXPORT_TIMEOUT_S = 300
 
 TENANT_COLUMNS = ("tenant", "calls", "answered", "bridged", "rejected", "blocked", "unavailable",
-                  "rejected_other", "findings", "findings_by_rule", "reveals", "reveals_by_scenario")
-DAILY_COLUMNS = ("day", "tenant", "calls", "answered", "rejected", "findings")
+                  "rejected_other", "refused_by_reason", "findings", "findings_by_rule", "reveals",
+                  "reveals_by_scenario", "blocks_placed", "blocks_placed_by", "blocks_lifted", "blocks_lifted_by")
+DAILY_COLUMNS = ("day", "tenant", "calls", "answered", "rejected", "findings", "blocks_placed", "blocks_lifted",
+                 "reveals")
 FINDING_COLUMNS = ("id", "tenant", "rule", "subject_kind", "subject", "window_start", "window_end", "calls",
                    "measure", "threshold", "severity", "action", "evidence")
 
@@ -90,14 +93,32 @@ def report(engine: Engine, start: datetime, end: datetime, now: datetime | None 
             .where(in_period).group_by(day, Cdr.tenant_id)
         ).all()
         findings = _findings(conn, engine, start, end) if has_findings else []
-        reveals = conn.execute(
-            select(Binding.tenant_id, RevealGrant.scenario, func.count())
-            .select_from(AuditEntry)
-            .join(RevealGrant, RevealGrant.id == AuditEntry.grant_id)
-            .join(Binding, Binding.id == RevealGrant.binding_id)
-            .where(AuditEntry.action == "reveal_used", AuditEntry.at >= start, AuditEntry.at < end)
-            .group_by(Binding.tenant_id, RevealGrant.scenario)
-        ).all() if has_reveals else []
+        day_of = lambda column: _day(engine, column)
+        # (day, tenant id, what, count) rows, folded into the tenant and daily tables below.
+        counted = {
+            "refused": conn.execute(
+                select(day, Cdr.tenant_id, func.coalesce(Cdr.reject_reason, "other"), func.count())
+                .where(in_period, Cdr.decision == "rejected").group_by(day, Cdr.tenant_id, Cdr.reject_reason)
+            ).all(),
+            "reveals": conn.execute(
+                select(day_of(AuditEntry.at), Binding.tenant_id, RevealGrant.scenario, func.count())
+                .select_from(AuditEntry)
+                .join(RevealGrant, RevealGrant.id == AuditEntry.grant_id)
+                .join(Binding, Binding.id == RevealGrant.binding_id)
+                .where(AuditEntry.action == "reveal_used", AuditEntry.at >= start, AuditEntry.at < end)
+                .group_by(day_of(AuditEntry.at), Binding.tenant_id, RevealGrant.scenario)
+            ).all() if has_reveals else [],
+            "blocks_placed": _blocks(conn, day_of, Block.created_at, start, end),
+            "blocks_lifted": _blocks(conn, day_of, Block.ends_at, start, end, Block.lifted_by.is_not(None)),
+        }
+        # The shared blacklist counts for each tenant whose evidence it carries (scope caller).
+        for what, column, status in (("blocks_placed", BlacklistEntry.starts_at, None),
+                                     ("blocks_lifted", BlacklistEntry.closed_at, "lifted")):
+            counted[what] += [(when, tenant_id, "caller/blacklist", n) for when, tenant_id, n in conn.execute(
+                select(day_of(column), BlacklistEvidence.tenant_id, func.count(func.distinct(BlacklistEntry.id)))
+                .join(BlacklistEvidence, BlacklistEvidence.entry_id == BlacklistEntry.id)
+                .where(column >= start, column < end, *([BlacklistEntry.status == status] if status else []))
+                .group_by(day_of(column), BlacklistEvidence.tenant_id))]
 
     tenant_name = lambda tenant_id: names.get(tenant_id, "(no tenant: unknown X)") if tenant_id else "(no tenant: unknown X)"
     rows: dict[str, dict] = {}
@@ -106,8 +127,15 @@ def report(engine: Engine, start: datetime, end: datetime, now: datetime | None 
         return rows.setdefault(name, {
             "tenant": name, "calls": 0, "answered": 0, "bridged": 0, "rejected": 0, "blocked": 0,
             "unavailable": 0, "rejected_other": 0, "findings": 0, "findings_by_rule": {},
-            "reveals": 0 if has_reveals else None, "reveals_by_scenario": {},
+            "reveals": 0 if has_reveals else None, "reveals_by_scenario": {}, "refused_by_reason": {},
+            "blocks_placed": 0, "blocks_placed_by": {}, "blocks_lifted": 0, "blocks_lifted_by": {},
         })
+
+    days: dict[tuple[str, str], dict] = {}
+
+    def day_row(when, tenant: str) -> dict:
+        key = (_iso(when) if not isinstance(when, str) else when, tenant)
+        return days.setdefault(key, {"day": key[0], "tenant": tenant, **{c: 0 for c in DAILY_COLUMNS[2:]}})
 
     for tenant_id, calls, ans, bridged, rejected, blocked, unavailable in per_tenant:
         row = tenant_row(tenant_name(tenant_id))
@@ -119,22 +147,22 @@ def report(engine: Engine, start: datetime, end: datetime, now: datetime | None 
         row = tenant_row(finding["tenant"])
         row["findings"] += 1
         row["findings_by_rule"][finding["rule"]] = row["findings_by_rule"].get(finding["rule"], 0) + 1
-    for tenant_id, scenario, count in reveals:
-        row = tenant_row(tenant_name(tenant_id))
-        row["reveals"] += count
-        row["reveals_by_scenario"][scenario] = count
+        day_row(finding["window_start"][:10], finding["tenant"])["findings"] += 1
+    by_key = {"refused": "refused_by_reason", "reveals": "reveals_by_scenario", "blocks_placed": "blocks_placed_by",
+              "blocks_lifted": "blocks_lifted_by"}
+    for what, counts in counted.items():
+        for when, tenant_id, key, count in counts:
+            name = tenant_name(tenant_id)
+            row = tenant_row(name)
+            row[by_key[what]][key] = row[by_key[what]].get(key, 0) + count
+            if what != "refused":
+                row[what] += count
+                day_row(when, name)[what] += count
 
-    days: dict[tuple[str, str], dict] = {}
     for when, tenant_id, calls, ans, rejected in daily:
-        key = (_iso(when) if not isinstance(when, str) else when, tenant_name(tenant_id))
-        entry = days.setdefault(key, {"day": key[0], "tenant": key[1], "calls": 0, "answered": 0, "rejected": 0,
-                                      "findings": 0})
+        entry = day_row(when, tenant_name(tenant_id))
         entry.update(calls=entry["calls"] + calls, answered=entry["answered"] + ans,
                      rejected=entry["rejected"] + rejected)
-    for finding in findings:
-        key = (finding["window_start"][:10], finding["tenant"])
-        days.setdefault(key, {"day": key[0], "tenant": key[1], "calls": 0, "answered": 0, "rejected": 0,
-                              "findings": 0})["findings"] += 1
     return {
         "period": {"from": start.isoformat(), "to": end.isoformat()},
         "generated_at": (now or datetime.now(timezone.utc)).isoformat(),
@@ -144,6 +172,18 @@ def report(engine: Engine, start: datetime, end: datetime, now: datetime | None 
         "daily": sorted(days.values(), key=lambda r: (r["day"], r["tenant"])),
         "findings": findings,
     }
+
+
+def _blocks(conn, day_of, column, start: datetime, end: datetime, *where) -> list[tuple]:
+    """Blocks by day of `column`, tenant and "scope/origin" (origin: automatic when the
+    anomaly job placed it for a finding, else manual; scope tenant is a suspension)."""
+    automatic = Block.finding_id.is_not(None)
+    rows = conn.execute(
+        select(day_of(column), Block.tenant_id, Block.scope, automatic, func.count())
+        .where(column >= start, column < end, *where)
+        .group_by(day_of(column), Block.tenant_id, Block.scope, automatic)
+    ).all()
+    return [(when, tenant_id, f"{scope}/{'automatic' if auto else 'manual'}", n) for when, tenant_id, scope, auto, n in rows]
 
 
 def _findings(conn, engine: Engine, start: datetime, end: datetime) -> list[dict]:
@@ -206,12 +246,21 @@ def _cell(value) -> str:
     return str(value)
 
 
-COLOURS = {"calls": "#4878a8", "rejected": "#d0743c", "findings": "#8c3b8c"}
+COLOURS = {"calls": "#4878a8", "rejected": "#d0743c", "findings": "#8c3b8c", "blocks_placed": "#b8403a",
+           "blocks_lifted": "#5a9a5a", "reveals": "#c9a227"}
+# Two charts per tenant: call volumes, and the (much rarer) actions on contact behaviour.
+VOLUMES, ACTIONS = ("calls", "rejected"), ("findings", "blocks_placed", "blocks_lifted", "reveals")
+# Per tenant, as horizontal bars: what each total is made of.
+BREAKDOWNS = (("refused_by_reason", "Refusals by reason"), ("blocks_placed_by", "Blocks placed by scope/origin"),
+              ("blocks_lifted_by", "Blocks lifted by scope/origin"), ("reveals_by_scenario", "Reveals by scenario"),
+              ("findings_by_rule", "Findings by rule"))
 
 
 def as_html(data: dict) -> str:
-    """One self-contained page: a chart per tenant (calls, rejections and findings per
-    day, inline SVG), then the tables. No script, no stylesheet or font from elsewhere."""
+    """One self-contained page: per tenant, charts of calls and rejections per day, of
+    findings, blocks placed and lifted and reveals per day, and bars of what each is made
+    of (refusals by reason, blocks by scope and origin, reveals by scenario, findings by
+    rule), all inline SVG; then the tables. No script, no stylesheet or font from elsewhere."""
     period = data["period"]
     start, end = (datetime.fromisoformat(period[k]).date() for k in ("from", "to"))
     day_list = [start + timedelta(days=n) for n in range(max((end - start).days, 1))]
@@ -236,9 +285,14 @@ def as_html(data: dict) -> str:
     parts.append('<p class="legend">' + "".join(
         f'<span><svg width="12" height="12"><rect width="12" height="12" fill="{colour}"/></svg> {esc(name)}</span>'
         for name, colour in COLOURS.items()) + " per day</p>")
-    for tenant in sorted(per_tenant):
+    totals = {row["tenant"]: row for row in data["tenants"]}
+    for tenant in sorted(set(per_tenant) | set(totals)):
         parts.append(f"<h2>{esc(tenant)}</h2>")
-        parts.append(_chart(day_list, per_tenant[tenant]))
+        parts.append(_chart(day_list, per_tenant[tenant], VOLUMES))
+        parts.append(_chart(day_list, per_tenant[tenant], ACTIONS))
+        for key, title in BREAKDOWNS:
+            if (totals.get(tenant) or {}).get(key):
+                parts.append(f"<h3>{esc(title)}</h3>" + _bars(totals[tenant][key]))
     parts.append("<h2>Per tenant</h2>")
     parts.append(_html_table(TENANT_COLUMNS, data["tenants"]))
     parts.append("<h2>Findings</h2>")
@@ -247,12 +301,28 @@ def as_html(data: dict) -> str:
     return "\n".join(parts)
 
 
-def _chart(days: list[date], by_day: dict[str, dict], height: int = 160) -> str:
-    """Grouped bars, one group per day: calls, rejected, findings."""
-    series = list(COLOURS)
-    top = max([max(row[s] for s in series) for row in by_day.values()] + [1])
-    group = max(3 * 6 + 4, min(3 * 14 + 6, 900 // max(len(days), 1)))
-    bar = (group - 4) / 3
+def _bars(counts: dict[str, int], width: int = 420) -> str:
+    """Horizontal bars, one per key, longest first, each with its count."""
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    top = max(v for _, v in items) or 1
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 260}" height="{18 * len(items) + 4}" role="img">']
+    for n, (key, value) in enumerate(items):
+        y, w = 2 + 18 * n, max(1.0, value / top * width)
+        out.append(f'<text x="170" y="{y + 12}" font-size="11" text-anchor="end">{html.escape(str(key))}</text>'
+                   f'<rect x="176" y="{y}" width="{w:.1f}" height="14" fill="#4878a8">'
+                   f'<title>{html.escape(str(key))}: {value}</title></rect>'
+                   f'<text x="{180 + w:.1f}" y="{y + 12}" font-size="11">{value}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _chart(days: list[date], by_day: dict[str, dict], series=VOLUMES, height: int = 160) -> str:
+    """Grouped bars, one group per day, one bar per series."""
+    series = list(series)
+    top = max([max(row.get(s, 0) for s in series) for row in by_day.values()] + [1])
+    k_bars = len(series)
+    group = max(k_bars * 6 + 4, min(k_bars * 14 + 6, 900 // max(len(days), 1)))
+    bar = (group - 4) / k_bars
     left, bottom = 40, height - 30
     width = left + group * len(days) + 10
     scale = (bottom - 10) / top

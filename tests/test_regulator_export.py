@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 
 from callctl import regulator
 from callctl.service import CallService, FinishedCall
@@ -75,11 +75,13 @@ def test_json_statistics_per_tenant_and_day(engine, world, tmp_path):
     data = json.loads(done.stdout)
     assert data["period"] == {"from": "2026-11-20T00:00:00+00:00", "to": "2026-11-23T00:00:00+00:00"}
     acme, bolt = data["tenants"]
-    assert acme | {"findings_by_rule": None} == {
+    assert {k: acme[k] for k in regulator.TENANT_COLUMNS if k not in ("findings", "findings_by_rule")} == {
         "tenant": "acme", "calls": 5, "answered": 2, "bridged": 3, "rejected": 2, "blocked": 1, "unavailable": 1,
-        "rejected_other": 0, "findings": acme["findings"], "findings_by_rule": None, "reveals": 0,
-        "reveals_by_scenario": {}}
+        "rejected_other": 0, "refused_by_reason": {"blocked": 1, "unavailable": 1}, "reveals": 0,
+        "reveals_by_scenario": {}, "blocks_placed": 0, "blocks_placed_by": {}, "blocks_lifted": 0,
+        "blocks_lifted_by": {}}
     assert (bolt["calls"], bolt["answered"], bolt["rejected"], bolt["rejected_other"]) == (2, 1, 1, 1)
+    assert bolt["refused_by_reason"] == {"expired": 1}
     assert [(d["day"], d["tenant"], d["calls"], d["rejected"]) for d in data["daily"]] == [
         ("2026-11-20", "acme", 3, 1), ("2026-11-21", "acme", 2, 1), ("2026-11-21", "bolt", 1, 0),
         ("2026-11-22", "bolt", 1, 1)]
@@ -192,3 +194,48 @@ def test_export_after_a_reveal_counts_it(engine, world, tmp_path):
     out = tmp_path / "r.html"
     export(engine, tmp_path, *PERIOD, "--format", "html", "--output", str(out))
     assert "claim=1;complaint=2" in out.read_text() and "not available" not in out.read_text()
+
+
+def test_blocks_by_scope_and_origin_and_the_blacklist_are_counted(engine, world, tmp_path):
+    """Blocks placed and lifted per tenant and day by scope and origin: manual, automatic
+    (the anomaly job's, for a finding) and the shared blacklist (for each tenant whose
+    evidence it carries); a suspension is scope tenant."""
+    from callctl.store import blacklist, blocks
+    from callctl.store.models import Cdr
+
+    day1, day2 = T0 + timedelta(hours=2), T0 + timedelta(days=1, hours=2)
+    manual = blocks.add_block(engine, scope="binding", binding_id=world["b1"], direction="to_customer",
+                              reason="complaint", created_by="ops", now=day1)
+    blocks.add_block(engine, scope="tenant", tenant="bolt", direction="to_customer", reason="suspended",
+                     created_by="regulator", now=day1)
+    blocks.lift_block(engine, manual["id"], "ops", now=day2)
+    with engine.begin() as conn:
+        finding = conn.execute(text(
+            "INSERT INTO anomaly_findings (rule, tenant_id, subject_kind, subject, binding_id, period, window_start,"
+            " window_end, calls, measure, threshold, severity, action, evidence) VALUES ('ultra_short', 1,"
+            " 'binding', :b, :b, 1, :at, :at, 5, 1, 0.8, 'high', 'block', '[1]') RETURNING id"),
+            {"b": world["b1"], "at": day1}).scalar_one()
+        conn.execute(text(
+            "INSERT INTO blocks (tenant_id, scope, direction, binding_id, reason, created_by, starts_at, created_at,"
+            " finding_id) VALUES (1, 'binding', 'to_customer', :b, 'anomaly', 'anomaly:ultra_short', :at, :at, :f)"),
+            {"b": world["b1"], "at": day2, "f": finding})
+        cdrs = list(conn.scalars(select(Cdr.id).where(Cdr.tenant_id == 1)))
+    entry = blacklist.propose(engine, caller=AGENT, reason="harassment", proposed_by="a", cdrs=cdrs[:2], now=day1)
+    blacklist.approve(engine, entry["id"], "b", now=day1)
+    blacklist.approve(engine, entry["id"], "c", now=day1)
+    blacklist.lift(engine, entry["id"], "d", now=day2)
+    data = json.loads(export(engine, tmp_path, *PERIOD, "--format", "json").stdout)
+    acme, bolt = data["tenants"]
+    assert acme["blocks_placed_by"] == {"binding/manual": 1, "binding/automatic": 1, "caller/blacklist": 1}
+    assert acme["blocks_lifted_by"] == {"binding/manual": 1, "caller/blacklist": 1}
+    assert (acme["blocks_placed"], acme["blocks_lifted"]) == (3, 2)
+    assert bolt["blocks_placed_by"] == {"tenant/manual": 1} and bolt["blocks_lifted"] == 0
+    acme_days = {d["day"]: d for d in data["daily"] if d["tenant"] == "acme"}
+    assert (acme_days["2026-11-20"]["blocks_placed"], acme_days["2026-11-21"]["blocks_placed"]) == (2, 1)
+    assert acme_days["2026-11-21"]["blocks_lifted"] == 2
+    out = tmp_path / "r.html"
+    export(engine, tmp_path, *PERIOD, "--format", "html", "--output", str(out))
+    page = out.read_text()
+    assert "<h3>Blocks placed by scope/origin</h3>" in page and "<title>caller/blacklist: 1</title>" in page
+    assert "<title>2026-11-21 blocks_lifted: 2</title>" in page
+    assert_no_real_number(page)

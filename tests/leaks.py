@@ -38,9 +38,11 @@ import pytest
 from tests import realnumbers
 
 CAPTURE_ENV = "CALLCTL_TEST_CAPTURE"
-CHANNELS = ("log", "cli", "api", "export", "cdr", "file", "tenant", "reveal", "metrics")
-# Tables whose rows are shown to people (CLI, API, exports): they must hold masked numbers.
-SCANNED_TABLES = ("cdrs", "events")  # events: the webhooks outbox (masked bodies)
+CHANNELS = ("log", "cli", "api", "export", "cdr", "file", "tenant", "reveal", "metrics", "feed", "register")
+# Tables whose rows are shown to people (CLI, API, exports, the regulator's feed): they
+# must hold masked numbers (events: the webhooks outbox, masked bodies; the blacklist's
+# number column is ciphertext).
+SCANNED_TABLES = ("cdrs", "events", "audit_log", "blacklist", "blacklist_evidence")
 _SIPP_MARKERS = ("stat.csv", "calls.csv")  # a SIPp work directory (callctl/sipp.py)
 _MAX_BYTES = 64 * 1024 * 1024
 _INPUTS: set[Path] = set()  # files a test gave the product (see test_input)

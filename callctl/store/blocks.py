@@ -18,6 +18,7 @@ from callctl.core.numbers import InvalidNumber, mask, to_e164
 from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, Block, Tenant, VirtualNumber, utcnow
 from callctl.store.provision import ProvisionError, _number, _tenant
+from callctl.store.reveal import append
 
 SCOPES = ("binding", "caller", "number", "tenant")
 DIRECTIONS = ("to_customer", "from_customer", "both")
@@ -208,7 +209,7 @@ def list_blocks(
 
 
 def lift_block(engine: Engine, block_id: int, lifted_by: str, now: datetime | None = None) -> dict:
-    """End a block now (kept as evidence, with who lifted it). Calls see it on the next call."""
+    """End a block now (kept as evidence, with who lifted it; audited). Calls see it on the next call."""
     now = now or utcnow()
     lifted_by = _text(lifted_by, "lifted by", 100)
     with Session(engine) as session, session.begin():
@@ -221,5 +222,10 @@ def lift_block(engine: Engine, block_id: int, lifted_by: str, now: datetime | No
         block.lifted_by = lifted_by
         session.flush()
         tenant = session.get(Tenant, block.tenant_id)
+        # The lift's record for the regulator's feed (callctl.feed), in the audit chain.
+        append(session, lifted_by, "block_lifted", None, {
+            "block_id": block.id, "tenant": tenant.name, "scope": block.scope, "direction": block.direction,
+            "origin": "automatic" if block.finding_id else "manual", "reason": block.reason,
+            "starts_at": block.starts_at.isoformat()}, now)
         number_row = session.get(VirtualNumber, block.number_id) if block.number_id else None
         return block_view(block, tenant.name, number_row.e164 if number_row else None, now)

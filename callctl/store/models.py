@@ -8,6 +8,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    FetchedValue,
     DateTime,
     Double,
     ForeignKey,
@@ -83,6 +84,10 @@ def number_hash_of(column: str):
         return None if value is None else crypto.number_hash(value)
 
     return default
+
+
+# FEED_TXID: on PostgreSQL the id of the transaction that wrote the row (a column default,
+# sql/postgresql/0101_*), which orders the regulator's feed (callctl/feed.py); NULL on SQLite.
 
 
 def utcnow() -> datetime:
@@ -208,6 +213,7 @@ class Block(Base):
         Index("ix_block_binding", "binding_id"),
         Index("ux_block_finding", "finding_id", unique=True),
         Index("ix_block_caller_hash", "caller_hash"),
+        Index("ix_block_feed", "feed_txid", "id"),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
@@ -225,6 +231,7 @@ class Block(Base):
     # Set on blocks the anomaly job made; unique, so re-runs never block twice.
     finding_id: Mapped[int | None] = mapped_column(ForeignKey("anomaly_findings.id"))
     caller_hash: Mapped[str | None] = mapped_column(String(64), default=number_hash_of("caller"))
+    feed_txid: Mapped[int | None] = mapped_column(BigInteger, server_default=FetchedValue())  # FEED_TXID
 
     @validates("caller")
     def _keep_hash(self, key, value):
@@ -249,6 +256,7 @@ class Cdr(Base):
         Index("ix_cdr_binding_started", "binding_id", "started_at", "id",
               postgresql_include=["tenant_id", "direction", "dial_status", "hangup_cause", "ended_at",
                                   "answered_at", "talk_seconds"]),
+        Index("ix_cdr_feed", "feed_txid", postgresql_using="brin"),  # the regulator's feed (0101)
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     call_id: Mapped[str] = mapped_column(String(150))
@@ -270,6 +278,7 @@ class Cdr(Base):
     node: Mapped[str | None] = mapped_column(String(64))
     # Keyed non-reversible hash of the caller's number: "per caller" anomaly rules group on it.
     caller_hash: Mapped[str | None] = mapped_column(String(64))
+    feed_txid: Mapped[int | None] = mapped_column(BigInteger, server_default=FetchedValue())  # FEED_TXID
 
 
 class AnomalyFinding(Base):
@@ -281,6 +290,7 @@ class AnomalyFinding(Base):
         CheckConstraint("subject_kind IN ('caller','binding','tenant')", name="ck_finding_subject_kind"),
         CheckConstraint("action IN ('alert','block')", name="ck_finding_action"),
         Index("ix_finding_window_end", "window_end"),
+        Index("ix_finding_feed", "feed_txid", "id"),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     rule: Mapped[str] = mapped_column(String(32))
@@ -298,6 +308,7 @@ class AnomalyFinding(Base):
     action: Mapped[str] = mapped_column(String(8))  # alert | block
     evidence: Mapped[str] = mapped_column(Text)  # CDR ids, a JSON array
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
+    feed_txid: Mapped[int | None] = mapped_column(BigInteger, server_default=FetchedValue())  # FEED_TXID
 
 
 class AnomalyState(Base):

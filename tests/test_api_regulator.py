@@ -99,3 +99,31 @@ def test_tenant_tokens_and_strangers_cannot_read_the_export(api):
 def test_bad_export_requests_are_clear_errors(api, params, code):
     got = api["regulator"].get("/exports/regulator", params=params)
     assert got.status_code == 422 and got.json()["error"]["code"] == code
+
+
+def test_regulator_reads_the_live_feed_page_by_page(api):
+    """GET /regulator/events: the calls above, a page at a time, each once; `next`
+    resumes; nothing new gives the same cursor back. Regulator tokens only."""
+    seen, after = [], None
+    while True:
+        got = api["regulator"].get("/regulator/events", params={"limit": 2, **({"after": after} if after else {})})
+        assert got.status_code == 200, got.text
+        body = got.json()
+        seen += body["events"]
+        if not body["events"]:
+            assert body["next"] == after and body["more"] is False
+            break
+        after = body["next"]
+    calls = [e for e in seen if e["type"] == "call"]
+    assert len(calls) == 3 == len({e["cdr_id"] for e in calls})
+    assert {e["decision"] for e in calls} == {"bridged", "rejected"} and calls[0]["tenant"] == "acme"
+    bad = api["regulator"].get("/regulator/events", params={"after": "nonsense"})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_cursor"
+    assert api["tenant"].get("/regulator/events").status_code == 403
+    assert api["nobody"].get("/regulator/events").status_code == 401
+
+
+def test_tenant_reads_its_part_of_the_blacklist(api):
+    got = api["tenant"].get("/v1/blacklist")
+    assert got.status_code == 200 and got.json() == []  # nothing on its callers
+    assert api["regulator"].get("/v1/blacklist").status_code == 403

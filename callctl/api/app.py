@@ -23,9 +23,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
-from callctl import regulator
+from callctl import feed, regulator
 from callctl.api.limits import BODY_TIMEOUT, MAX_BODY_BYTES, BodyGuard
-from callctl.store import blocks, provision, reveal
+from callctl.store import blacklist, blocks, provision, reveal
 from callctl.store.provision import ProvisionError
 from callctl.store.tokens import Principal, authenticate
 
@@ -53,6 +53,7 @@ STATUS = {
     "grant_refused": 403,
     "grant_expired": 403,
     "grant_used_up": 403,
+    "blacklist_not_found": 404,
 }
 HTTP_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
 
@@ -399,6 +400,25 @@ def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", ext
         log.info("regulator export read", token=who.token_id, start=first.isoformat(), end=last.isoformat(),
                  format=format)
         return Response(rendered, media_type=regulator.MEDIA_TYPES[format])
+
+    @app.get("/regulator/events", tags=["exports"])
+    def regulator_events(
+        after: str | None = Query(None, max_length=200, description="a cursor from `next` or an event; none: from the start"),
+        limit: int = Query(100, ge=1, le=feed.MAX_LIMIT),
+        who: Principal = Depends(regulator_role),
+    ):
+        """The live feed (callctl/feed.py): contact-behaviour events after the cursor, in
+        order; {"events", "next", "more"}. Pass `next` back to continue; no event is lost or
+        repeated. Regulator tokens only."""
+        result = feed.page(engine, after, limit)
+        log.info("regulator feed read", token=who.token_id, events=len(result["events"]))
+        return result
+
+    @app.get("/v1/blacklist", tags=["blacklist"])
+    def tenant_blacklist(who: Principal = Depends(tenant)):
+        """The shared blacklist as this tenant may see it: entries on its own callers or
+        carrying its evidence, with its own evidence only (masked numbers)."""
+        return blacklist.tenant_entries(engine, who.tenant_name)
 
     return app
 

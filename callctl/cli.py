@@ -534,6 +534,18 @@ def cmd_export_regulator(cfg, args):
         sys.stdout.write(rendered if rendered.endswith("\n") else rendered + "\n")
 
 
+def cmd_export_contacts(cfg, args):
+    from callctl import register
+
+    lines = register.csv_lines(register.rows(_engine(cfg), args.tenant, args.as_of))  # bad input stops here
+    out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+    try:
+        out.writelines(lines)
+    finally:
+        if args.output:
+            out.close()
+
+
 def cmd_reveal_request(cfg, args):
     from callctl.store import reveal
 
@@ -875,6 +887,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="csv (default), json, or html: a self-contained report with charts")
     reg.add_argument("--output", "-o", help="write to this file instead of standard output")
     reg.set_defaults(func=cmd_export_regulator)
+
+    contacts = export.add_parser("contacts", help="the EAST contact register: policy -> virtual number (CSV)")
+    contacts.add_argument("--tenant", required=True)
+    contacts.add_argument("--as-of", required=True, help="YYYY-MM-DD (end of that day, tenant's zone) or ISO date-time")
+    contacts.add_argument("--output", "-o", help="write to this file instead of stdout")
+    contacts.set_defaults(func=cmd_export_contacts)
 
     anomaly = top.add_parser("anomaly", help="the anomaly job over CDRs").add_subparsers(dest="sub", required=True)
     arun = anomaly.add_parser("run", help="one pass from the stored watermark (--follow: keep going)")

@@ -127,3 +127,15 @@ def test_tenant_reads_its_part_of_the_blacklist(api):
     got = api["tenant"].get("/v1/blacklist")
     assert got.status_code == 200 and got.json() == []  # nothing on its callers
     assert api["regulator"].get("/v1/blacklist").status_code == 403
+
+
+def test_tenant_reads_its_contact_register(api):
+    today = datetime.now(timezone.utc).date().isoformat()
+    got = api["tenant"].get("/v1/exports/contacts", params={"as_of": today})
+    assert got.status_code == 200 and got.headers["content-type"].startswith("text/csv"), got.text
+    (row,) = list(csv.DictReader(io.StringIO(got.text)))
+    assert (row["tenant"], row["contact_number"], row["status_as_of"]) == ("acme", X, "active")
+    assert CUSTOMER[3:] not in got.text
+    bad = api["tenant"].get("/v1/exports/contacts", params={"as_of": "soon"})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_as_of"
+    assert api["regulator"].get("/v1/exports/contacts", params={"as_of": today}).status_code == 403

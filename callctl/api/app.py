@@ -16,14 +16,14 @@ from typing import Literal
 import structlog
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
-from callctl import feed, regulator
+from callctl import feed, register, regulator
 from callctl.api.limits import BODY_TIMEOUT, MAX_BODY_BYTES, BodyGuard
 from callctl.store import blacklist, blocks, provision, reveal
 from callctl.store.provision import ProvisionError
@@ -413,6 +413,16 @@ def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", ext
         result = feed.page(engine, after, limit)
         log.info("regulator feed read", token=who.token_id, events=len(result["events"]))
         return result
+
+    @app.get("/v1/exports/contacts", tags=["exports"], responses={200: {"content": {"text/csv": {}}}})
+    def contacts_register(
+        as_of: str = Query(max_length=40, description="YYYY-MM-DD (end of that day, the tenant's zone) or ISO date-time"),
+        who: Principal = Depends(tenant),
+    ):
+        """The EAST contact register of this tenant (docs/regulator.md): one CSV row per
+        policy reference with the virtual number standing for the customer's contact."""
+        rows = register.rows(engine, who.tenant_name, as_of)  # a bad date is a 422 here, before any row
+        return StreamingResponse(register.csv_lines(rows), media_type="text/csv; charset=utf-8")
 
     @app.get("/v1/blacklist", tags=["blacklist"])
     def tenant_blacklist(who: Principal = Depends(tenant)):

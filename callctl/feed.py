@@ -4,7 +4,8 @@ cursor (GET /regulator/events?after=CURSOR, `callctl regulator feed [--follow]`)
 It reads only what is already written, so the call path pays nothing but a column
 default: calls from the CDRs, blocks placed (and suspensions) from `blocks`, findings
 from `anomaly_findings`, and from the hash-chained audit log every reveal step, every
-blacklist change and every block lift (callctl.store.blocks.lift_block audits it).
+blacklist change, every block lift (callctl.store.blocks.lift_block audits it) and every
+customer preference change, opt-outs among them (callctl.store.customers audits them).
 
 The cursor is one position per source. Each source is read in an order in which no row
 can ever appear behind a position already handed out, also with concurrent writers:
@@ -48,7 +49,7 @@ MAX_LIMIT = 1000
 AUDIT_EVENTS = ("reveal_requested", "reveal_approved", "reveal_refused", "reveal_used", "reveal_denied",
                 "blacklist_proposed", "blacklist_evidence_added", "blacklist_approved", "blacklist_in_force",
                 "blacklist_refused", "blacklist_appealed", "blacklist_appeal_upheld", "blacklist_lifted",
-                "block_lifted")
+                "block_lifted", "preference_set")
 _CURSOR = re.compile(r"1-c(\d+)\.(\d+)-b(\d+)\.(\d+)-f(\d+)\.(\d+)-a(\d+)")
 
 
@@ -177,5 +178,7 @@ def _audit(conn: Connection, position, limit: int, names: dict) -> list:
             event.update(grant_id=row.grant_id, tenant=names.get(row.tenant_id))
         elif row.action == "block_lifted":
             event["type"] = "suspension_lifted" if detail.get("scope") == "tenant" else "block_lifted"
+        elif row.action == "preference_set":  # the customer's word (callctl.store.customers)
+            event["type"] = "opt_out" if detail.get("calls") in ("none", "service_only") else "preference"
         out.append(((0, row.id), event))
     return out

@@ -16,7 +16,7 @@ from sqlalchemy import insert, select
 from callctl import feed
 from callctl.core.numbers import mask
 from callctl.service import CallService, FinishedCall
-from callctl.store import blacklist, blocks, provision, reveal
+from callctl.store import blacklist, blocks, customers, provision, reveal
 from callctl.store.crypto import number_hash
 from callctl.store.models import AuditEntry, Block, Cdr
 from callctl.store.provision import ProvisionError
@@ -98,6 +98,7 @@ def test_every_kind_of_event_once_in_order_and_no_number(engine, acme):
     blacklist.approve(engine, entry["id"], "b")
     blacklist.approve(engine, entry["id"], "c")
     blacklist.lift(engine, entry["id"], "d")
+    customers.set_preference(engine, "acme", CUSTOMERS[1], actor="support:li", calls="none")
     events, cursor = read_all(engine, limit=3)
     kinds = [(e["type"], e.get("action") or e.get("decision")) for e in events]
     assert sorted(kinds, key=str) == sorted([
@@ -105,11 +106,15 @@ def test_every_kind_of_event_once_in_order_and_no_number(engine, acme):
         ("block_lifted", "block_lifted"), ("suspension_lifted", "block_lifted"), ("finding", "alert"),
         ("reveal", "reveal_requested"), ("reveal", "reveal_approved"), ("reveal", "reveal_used"),
         ("blacklist", "blacklist_proposed"), ("blacklist", "blacklist_approved"),
-        ("blacklist", "blacklist_in_force"), ("blacklist", "blacklist_lifted")], key=str)
+        ("blacklist", "blacklist_in_force"), ("blacklist", "blacklist_lifted"), ("opt_out", "preference_set")],
+        key=str)
     # Each source in its own order; the audit's events in the order they happened.
     audit = [e["action"] for e in events if "audit_id" in e]
     assert audit == ["block_lifted", "block_lifted", "reveal_requested", "reveal_approved", "reveal_used",
-                     "blacklist_proposed", "blacklist_approved", "blacklist_in_force", "blacklist_lifted"]
+                     "blacklist_proposed", "blacklist_approved", "blacklist_in_force", "blacklist_lifted",
+                     "preference_set"]
+    opt_out = next(e for e in events if e["type"] == "opt_out")
+    assert (opt_out["tenant"], opt_out["customer"], opt_out["calls"]) == ("acme", mask(CUSTOMERS[1]), "none")
     rejected = next(e for e in events if e["type"] == "call" and e["decision"] == "rejected")
     assert (rejected["tenant"], rejected["reason"], rejected["caller"], rejected["x"]) == ("acme", "blocked",
                                                                                          mask(AGENT), X[0])

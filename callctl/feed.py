@@ -75,7 +75,7 @@ def _after(table, position: tuple[int, int], postgres: bool):
         return [table.c.id > position[1]], [table.c.id]
     txid, id_ = table.c.feed_txid, table.c.id
     horizon = literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-    # txid >= t on its own too: the CDRs' BRIN index takes no row comparison.
+    # txid >= t on its own too: an index range start the planner always sees.
     return ([txid >= position[0], tuple_(txid, id_) > tuple_(position[0], position[1]), txid < horizon],
             [txid, id_])
 

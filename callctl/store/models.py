@@ -256,7 +256,7 @@ class Cdr(Base):
         Index("ix_cdr_binding_started", "binding_id", "started_at", "id",
               postgresql_include=["tenant_id", "direction", "dial_status", "hangup_cause", "ended_at",
                                   "answered_at", "talk_seconds"]),
-        Index("ix_cdr_feed", "feed_txid", postgresql_using="brin"),  # the regulator's feed (0101)
+        Index("ix_cdr_feed", "feed_txid", "id"),  # the regulator's feed (0101, 0102)
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     call_id: Mapped[str] = mapped_column(String(150))

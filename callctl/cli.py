@@ -81,6 +81,7 @@ def cmd_tenant_update(cfg, args):
         update_tenant(
             _engine(cfg), args.name, hours=args.hours, time_zone=args.tz, ring_timeout=args.ring_timeout,
             max_call_seconds=args.max_call_seconds, strict=args.strict,
+            max_concurrent_calls=args.max_concurrent_calls,
         )
     )
 
@@ -744,6 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--ring-timeout", type=int, help="seconds")
     update.add_argument("--max-call-seconds", type=int, help="the PBX cuts the call there")
     update.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None)
+    update.add_argument("--max-concurrent-calls", type=int,
+                        help="calls of the tenant up at once on one PBX (486 past it); 0: no limit")
     update.set_defaults(func=cmd_tenant_update)
 
     pool = top.add_parser("pool", help="virtual number pools").add_subparsers(dest="sub", required=True)

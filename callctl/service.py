@@ -293,6 +293,8 @@ def decision_variables(decision: Decision) -> dict[str, str]:
             "ring_timeout": str(decision.ring_timeout),
             "max_seconds": str(decision.max_seconds),
         }
+        if decision.max_concurrent is not None:
+            values["concurrent"] = str(decision.max_concurrent)
     elif isinstance(decision, CollectExtension):
         values = {"ext_digits": str(decision.digits), "ext_tries": str(decision.tries)}
     elif isinstance(decision, SelfService):

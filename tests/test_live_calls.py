@@ -9,6 +9,7 @@ carrier and phone, AMI on the namespace's own 127.0.0.1:5038 (conf/asterisk/mana
 from __future__ import annotations
 
 import json
+import signal
 import time
 from datetime import datetime
 
@@ -108,3 +109,50 @@ def test_calls_lists_bridged_calls_and_cut_active_hangs_up_the_blocked_one(box, 
     cut_at = datetime.fromisoformat(cut_event[0]["timestamp"].replace("Z", "+00:00"))
     print(f"\ncut-active: block committed -> hangup sent {(cut_at - created).total_seconds():.3f} s; "
           f"the blocked call lasted {result.answer_to_remote_bye_ms_max / 1000:.1f} s of its {TALK_MS / 1000:g} s")
+
+
+def test_a_tenants_concurrent_call_limit_holds_across_a_daemon_restart(box, tmp_path):
+    """tenant update --max-concurrent-calls 1: with one call up, the next is refused 486
+    (reason concurrent_limit in its CDR), also after the daemon restarted (the PBX holds
+    the count); once the call is down, calls go through again."""
+    nets, pbx, daemon, bound = box
+    ns = nets.name("pbx1")
+    daemon.cli("tenant", "update", "acme", "--max-concurrent-calls", "1")
+    phone = sipp.start_uas(harness.PHONE_PORT, forbidden=[AGENT.removeprefix("+86")], netns=ns)
+
+    def refused() -> sipp.SippResult:
+        return sipp.run_uac("uac_expect_reject", target=harness.SIP_TARGET, calls=[(AGENT, bound[1]["x"])],
+                            expect_code=486, local_port=5082, netns=ns, timeout=60)
+
+    first = sipp.start("uac_call", remote=harness.SIP_TARGET, local_port=5080, netns=ns,
+                       calls=[(AGENT, bound[0]["x"])], max_calls=1, variables={"talk_ms": TALK_MS},
+                       workdir=tmp_path / "first")
+    try:
+        deadline = time.monotonic() + 30
+        while len(live(daemon)) < 1:
+            assert time.monotonic() < deadline, "the first call is not up"
+            time.sleep(0.5)
+        assert refused().successful == 1  # the tenant's second call at once: 486
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0
+        daemon.start()
+        assert refused().successful == 1  # still: the count lives in the PBX, not the daemon
+        pbx.cli("channel request hangup all")  # the first call ends
+        deadline = time.monotonic() + 30
+        while pbx.channels():
+            assert time.monotonic() < deadline, "channels left"
+            time.sleep(0.2)
+        again = sipp.run_uac("uac_call", target=harness.SIP_TARGET, calls=[(AGENT, bound[1]["x"])], talk_ms=200,
+                             local_port=5082, netns=ns, timeout=60)
+        assert again.successful == 1  # under the limit again
+    finally:
+        first.kill()
+        phone.stop(grace=0.5)
+    deadline = time.monotonic() + 30
+    while True:  # the CDRs: the two refusals carry their reason
+        rows = json.loads(daemon.cli("cdr", "list", "--json", "--reason", "concurrent_limit").stdout)
+        if len(rows) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    leaks.record("cli", "cdr-concurrent", json.dumps(rows))
+    assert len(rows) == 2 and all(r["decision"] == "rejected" for r in rows)

@@ -23,6 +23,7 @@ class Reason(StrEnum):
     OPTED_OUT = "opted_out"  # the customer said no to this tenant's calls (or not now)
     PURPOSE_NOT_ALLOWED = "purpose_not_allowed"  # the caller's purpose is not one the customer accepts
     BLACKLISTED = "blacklisted"  # the caller is on the shared harassment blacklist
+    CONCURRENT_LIMIT = "concurrent_limit"  # the tenant has its limit of calls up on this PBX (dialplan)
 
 
 class Purpose(StrEnum):
@@ -81,6 +82,7 @@ class TenantFacts:
     calls_from: time = time(8, 0)
     calls_until: time = time(21, 0)
     caller_purpose: str | None = None  # the agent's caller group's purpose (None: not an agent)
+    max_concurrent_calls: int | None = None  # calls up at once on one PBX; None: no limit
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class Bridge:
     tenant_id: int
     direction: Direction
     action: str = "bridge"
+    max_concurrent: int | None = None  # the PBX refuses the call past this many of the tenant's
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,7 @@ def _bridge(facts: NumberFacts, destination: str, binding_id: int | None, direct
         binding_id=binding_id,
         tenant_id=tenant.id,
         direction=direction,
+        max_concurrent=tenant.max_concurrent_calls,
     )
 
 

@@ -117,7 +117,7 @@ def _facts_statement(by_extension: bool):
         select(
             VirtualNumber.state, Tenant.id, Tenant.hotline, Tenant.strict, Tenant.ring_timeout,
             Tenant.max_call_seconds, Tenant.time_zone, Tenant.calls_from, Tenant.calls_until,
-            purpose.label("caller_purpose"), blacklisted.label("blacklisted"),
+            Tenant.max_concurrent_calls, purpose.label("caller_purpose"), blacklisted.label("blacklisted"),
             x_mode.label("x_mode"), x_width.label("x_extension_digits"),
             mine.c.id.label("binding_id"), mine.c.mode, mine.c.party_a, mine.c.party_b,
             mine.c.extension, mine.c.expires_at, mine.c.purposes, mine.c.profile,
@@ -167,7 +167,7 @@ def facts_from_rows(x: str, rows) -> NumberFacts | None:
     tenant = TenantFacts(first.id, first.hotline, first.caller_purpose is not None, bool(first.strict),
                          first.ring_timeout, first.max_call_seconds, first.time_zone,
                          time.fromisoformat(first.calls_from), time.fromisoformat(first.calls_until),
-                         caller_purpose=first.caller_purpose)
+                         caller_purpose=first.caller_purpose, max_concurrent_calls=first.max_concurrent_calls)
     # dicts keep the query's order and drop the repeats the join makes.
     bindings = {r.binding_id: BindingFacts(r.binding_id, Mode(r.mode), r.party_a, r.party_b, r.extension,
                                            r.expires_at, _purposes(r.purposes), r.calls,

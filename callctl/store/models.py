@@ -111,6 +111,8 @@ class Tenant(Base):
     # Calling hours "HH:MM" in time_zone, for calls to customers (0040).
     calls_from: Mapped[str] = mapped_column(String(5), server_default=text("'08:00'"))
     calls_until: Mapped[str] = mapped_column(String(5), server_default=text("'21:00'"))
+    # Calls up at once on one PBX; None: no limit (0110). Counted by the PBX (GROUP_COUNT).
+    max_concurrent_calls: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("CURRENT_TIMESTAMP"))
 
 

@@ -87,6 +87,7 @@ def tenant_view(session: Session, tenant: Tenant) -> dict:
         "strict": tenant.strict,
         "ring_timeout": tenant.ring_timeout,
         "max_call_seconds": tenant.max_call_seconds,
+        "max_concurrent_calls": tenant.max_concurrent_calls,
         "time_zone": tenant.time_zone,
         "hours": f"{tenant.calls_from}-{tenant.calls_until}",
         "callers": sorted(p for p, is_prefix, _ in callers if not is_prefix),
@@ -144,9 +145,13 @@ def update_tenant(
     ring_timeout: int | None = None,
     max_call_seconds: int | None = None,
     strict: bool | None = None,
+    max_concurrent_calls: int | None = None,
 ) -> dict:
-    """Change a tenant's policy; omitted settings stay. Calls see it on the next call."""
+    """Change a tenant's policy; omitted settings stay. Calls see it on the next call.
+    max_concurrent_calls 0 removes the limit."""
     _limits(ring_timeout, max_call_seconds)
+    if max_concurrent_calls is not None and not 0 <= max_concurrent_calls <= 100000:
+        raise ProvisionError("invalid_limit", "concurrent calls must be 0 (no limit) to 100000")
     changes = {
         "time_zone": _zone(time_zone) if time_zone is not None else None,
         "ring_timeout": ring_timeout,
@@ -160,6 +165,8 @@ def update_tenant(
         for column, value in changes.items():
             if value is not None:
                 setattr(tenant, column, value)
+        if max_concurrent_calls is not None:
+            tenant.max_concurrent_calls = max_concurrent_calls or None
         session.flush()
         return tenant_view(session, tenant)
 

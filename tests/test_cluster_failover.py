@@ -30,6 +30,8 @@ from datetime import datetime, timezone
 
 import pytest
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from callctl import sipp
 from lab import cluster, harness
 from tests.test_lab_cdr_outage import invites_and_finals
@@ -122,6 +124,17 @@ def finish(nets, host, phone, carrier, pbx, timeout):
     return result, phone.stop()
 
 
+def healthz_ok(daemon: cluster.Daemon) -> bool:
+    return daemon.http("/healthz")[0] == 200
+
+
+def metrics(daemon: cluster.Daemon) -> dict[tuple, float]:
+    status, body = daemon.http("/metrics")
+    assert status == 200
+    return {(s.name, *sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
+
+
 def test_failover_and_restarts_under_load(deployment, tmp_path):
     nets, primary, replica, pbxes, daemons, xs, base = deployment
     figures = {}
@@ -145,9 +158,13 @@ def test_failover_and_restarts_under_load(deployment, tmp_path):
         time.sleep(0.5)
     figures["replica replay lag under load, ms (samples, median, max)"] = (
         (len(lags), round(sorted(lags)[len(lags) // 2], 2), round(max(lags), 2)) if lags else "no sample")
+    assert healthz_ok(daemons["pbx1"])
     killed_at = datetime.now(timezone.utc)
     assert nets.kill_all("db1")  # the primary's machine is lost
-    time.sleep(OUTAGE_S)
+    time.sleep(OUTAGE_S - 2)
+    during = {host: metrics(d) for host, d in daemons.items()}  # scraped under load, mid-outage
+    assert not healthz_ok(daemons["pbx1"])  # not ready while no primary answers
+    time.sleep(2)
     promote_began = datetime.now(timezone.utc)
     replica.promote()
     promoted_at = datetime.now(timezone.utc)
@@ -198,6 +215,20 @@ def test_failover_and_restarts_under_load(deployment, tmp_path):
     assert duplicates == 0
     assert by_node == {"pbx1": calls1, "pbx2": calls1}  # every call of both boxes, once
     assert Counter(row[2] for row in rows if row[1] == "rejected") == {"unavailable": refused}
+    # /metrics of each daemon (no restart yet) counts exactly what its CDRs say.
+    for host, daemon in daemons.items():
+        m = metrics(daemon)
+        mine = [row for row in rows if row[3] == host]
+        bridged = sum(1 for row in mine if row[1] == "bridged")
+        assert m[("callctl_decisions_total", ("outcome", "bridge"), ("reason", ""))] == bridged, host
+        assert m[("callctl_decisions_total", ("outcome", "reject"), ("reason", "unavailable"))] == len(mine) - bridged
+        assert (m[("callctl_cdrs_total", ("outcome", "written"))] + m[("callctl_cdrs_total", ("outcome", "spooled"))]
+                == len(mine)), host
+        assert m[("callctl_cdrs_total", ("outcome", "lost"))] == 0 and m[("callctl_spool_depth",)] == 0
+        assert m[("callctl_spool_replayed_total",)] == m[("callctl_cdrs_total", ("outcome", "spooled"))]
+        assert m[("callctl_db_errors_total", ("path", "route"))] > 0 and m[("callctl_db_reconnects_total",)] > 0
+        assert 0 < during[host][("callctl_decision_seconds_count",)] < m[("callctl_decision_seconds_count",)]
+        assert healthz_ok(daemon)
 
     # -- phase 2: daemon SIGTERM and SIGKILL restarts under load ------------------------
     calls2 = int(PHASE2_S * RATE)

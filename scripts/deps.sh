@@ -9,6 +9,8 @@ command -v psql >/dev/null || need+=(postgresql-client)
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need+=(postgresql)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v runuser >/dev/null || need+=(util-linux)
+# ip netns, ss: the many-node failover test's network namespaces (tests/test_cluster_failover.py)
+command -v ip >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
-from sqlalchemy import String, bindparam, func, insert, select, text
+from sqlalchemy import String, and_, bindparam, func, insert, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -315,8 +315,21 @@ def _record_events(conn: Connection, name: str, finding_above: int, block_above:
         conn.execute(insert(Event), [{**row, "occurred_at": now, "body": events.dumps(row["body"])} for row in rows])
 
 
+def page_findings(engine: Engine, tenant_id: int, rule: str | None = None, since: datetime | None = None,
+                  limit: int = 100, cursor: str | None = None) -> dict:
+    """One tenant's findings, newest first, a page at a time (keyset on window end, id)."""
+    from callctl.store.cdrs import decode_cursor, encode_cursor
+
+    before = decode_cursor(cursor) if cursor else None
+    rows = list_findings(engine, rule=rule, since=since, limit=limit + 1, tenant_id=tenant_id, before=before)
+    last = rows[limit - 1] if len(rows) > limit else None
+    following = encode_cursor(datetime.fromisoformat(last["window_end"]), last["id"]) if last else None
+    return {"items": rows[:limit], "next": following}
+
+
 def list_findings(engine: Engine, tenant: str | None = None, rule: str | None = None,
-                  since: datetime | None = None, limit: int = 100) -> list[dict]:
+                  since: datetime | None = None, limit: int = 100, *, tenant_id: int | None = None,
+                  before: tuple[datetime, int] | None = None) -> list[dict]:
     """Newest findings first, with the tenant's name and any block they caused."""
     query = (
         select(AnomalyFinding, Tenant.name.label("tenant"), Block.id.label("block_id"),
@@ -328,6 +341,12 @@ def list_findings(engine: Engine, tenant: str | None = None, rule: str | None = 
     )
     if tenant:
         query = query.where(Tenant.name == tenant)
+    if tenant_id is not None:
+        query = query.where(AnomalyFinding.tenant_id == tenant_id)
+    if before is not None:
+        end, row_id = before
+        query = query.where(or_(AnomalyFinding.window_end < end,
+                                and_(AnomalyFinding.window_end == end, AnomalyFinding.id < row_id)))
     if rule:
         query = query.where(AnomalyFinding.rule == rule)
     if since:

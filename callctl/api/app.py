@@ -10,7 +10,7 @@ Every error is JSON `{"error": {"code": ..., "message": ...}}` with a stable cod
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Literal
 
 import structlog
@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from callctl import feed, register, regulator
 from callctl.api.limits import BODY_TIMEOUT, MAX_BODY_BYTES, BodyGuard
-from callctl.store import blacklist, blocks, provision, reveal
+from callctl.store import blacklist, blocks, cdrs, customers, provision, reveal
 from callctl.store.provision import ProvisionError
 from callctl.store.tokens import Principal, authenticate
 
@@ -39,6 +39,8 @@ STATUS = {
     "block_not_found": 404,
     "block_ended": 409,
     "binding_ended": 409,
+    "binding_expired": 409,
+    "webhook_not_found": 404,
     "conflict": 409,
     "party_conflict": 409,
     "pool_exhausted": 409,
@@ -79,6 +81,9 @@ class BindingIn(Body):
     reference: str | None = Field(None, max_length=100, description="e.g. the policy number")
     expires_at: datetime | None = Field(None, description="long-term: ISO date-time with zone")
     ttl_seconds: int | None = Field(None, description="temporary: seconds from now")
+    purposes: list[Literal["service", "claims", "renewal", "marketing"]] | None = Field(
+        None, description="purposes of calls the customer accepts; default all but marketing")
+    profile: Literal["elderly", "claims"] | None = Field(None, description="protection profile")
 
 
 class ExtendIn(Body):
@@ -100,7 +105,9 @@ class BindingOut(BaseModel):
     other_party: str | None = Field(description="masked")
     extension: str | None
     reference: str | None
-    status: str
+    status: str = Field(description="active, expired (past its expiry) or ended (unbound)")
+    purposes: list[str] = Field(description="purposes of calls the customer accepts")
+    profile: str | None
     expires_at: datetime | None
     created_at: datetime | None
     ended_at: datetime | None
@@ -109,6 +116,32 @@ class BindingOut(BaseModel):
 class BindingPage(BaseModel):
     items: list[BindingOut]
     next: int | None = Field(description="pass as `after` for the next page; null on the last page")
+
+
+class PreferenceIn(Body):
+    customer: str = Field(max_length=40, description="the customer's number")
+    calls: Literal["allowed", "none", "service_only"] | None = None
+    quiet_hours: str | None = Field(None, max_length=11, description="HH:MM-HH:MM in the tenant's zone; '' clears")
+    channel: Literal["phone", "app", "sms", "none"] | None = None
+    consent_source: str = Field(min_length=1, max_length=100, description="where the customer said so, e.g. app")
+    consent_at: datetime = Field(description="when the customer said so (ISO, with zone)")
+
+
+class PreferenceOut(BaseModel):
+    tenant: str
+    customer: str = Field(description="masked")
+    calls: str
+    quiet_hours: str | None
+    channel: str
+    consent_source: str | None
+    consent_at: str | None
+    updated_by: str | None
+    updated_at: str | None
+
+
+class CdrPage(BaseModel):
+    items: list[dict]
+    next: str | None = Field(description="pass as `cursor` for the next (older) page; null on the last")
 
 
 class PoolOut(BaseModel):
@@ -260,7 +293,8 @@ def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", ext
         made = provision.bind(
             engine, who.tenant_name, body.customer, mode=body.mode, other_party=body.other_party,
             reference=body.reference, expires_at=body.expires_at, ttl_seconds=body.ttl_seconds,
-            region=region, extension_digits=extension_digits,
+            region=region, extension_digits=extension_digits, purposes=body.purposes, profile=body.profile,
+            quarantine=quarantine,
         )
         log.info("binding created", binding=made["id"], tenant=who.tenant_id, x=made["x"])
         return made
@@ -305,6 +339,48 @@ def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", ext
     def pool(who: Principal = Depends(tenant)):
         """How many of the tenant's virtual numbers are free, bound, quarantined, disabled."""
         return provision.pool_status(engine, who.tenant_name)
+
+    # The insurer's read API (issue #16): its own calls and findings, masked, newest first,
+    # the CLI's filters, keyset cursors. And the customers' preferences, by number.
+    @app.get("/v1/cdrs", response_model=CdrPage, tags=["cdrs"])
+    def cdr_page(
+        x: str | None = Query(None, max_length=40), binding: int | None = Query(None, ge=1),
+        since: str | None = Query(None, max_length=40, description="ISO with zone, or an age: 15m, 2h, 7d"),
+        until: str | None = Query(None, max_length=40),
+        decision: Literal["bridged", "rejected"] | None = None,
+        reason: str | None = Query(None, max_length=40),
+        limit: int = Query(100, ge=1, le=provision.MAX_PAGE), cursor: str | None = Query(None, max_length=200),
+        who: Principal = Depends(tenant),
+    ):
+        where = cdrs.CdrFilter.parse(tenant=who.tenant_name, x=x, binding=binding, since=since, until=until,
+                                     decision=decision, reason=reason, region=region)
+        return cdrs.page_cdrs(engine, where, limit, cursor)
+
+    @app.get("/v1/findings", response_model=CdrPage, tags=["cdrs"])
+    def finding_page(
+        rule: str | None = Query(None, max_length=32),
+        since: str | None = Query(None, max_length=40, description="window ends at or after: ISO, or 15m/2h/7d"),
+        limit: int = Query(100, ge=1, le=provision.MAX_PAGE), cursor: str | None = Query(None, max_length=200),
+        who: Principal = Depends(tenant),
+    ):
+        from callctl.anomaly.job import page_findings
+
+        start = cdrs.parse_time(since, datetime.now(timezone.utc), "since")
+        return page_findings(engine, who.tenant_id, rule=rule, since=start, limit=limit, cursor=cursor)
+
+    @app.get("/v1/customers/preferences", response_model=PreferenceOut, tags=["customers"])
+    def get_preferences(customer: str = Query(max_length=40), who: Principal = Depends(tenant)):
+        """The customer's word on this tenant's calls (defaults when they never said)."""
+        return customers.get_preference(engine, who.tenant_name, customer, region=region)
+
+    @app.put("/v1/customers/preferences", response_model=PreferenceOut, tags=["customers"])
+    def put_preferences(body: PreferenceIn, who: Principal = Depends(tenant)):
+        """Set from the insurer's app on the customer's word: consent source and time required.
+        Audited; an event for the tenant's webhooks."""
+        return customers.set_preference(
+            engine, who.tenant_name, body.customer, actor=f"tenant:{who.tenant_name}:{who.name}"[:100],
+            calls=body.calls, quiet_hours=body.quiet_hours, channel=body.channel,
+            consent_source=body.consent_source, consent_at=body.consent_at, require_consent=True, region=region)
 
     # Blocks: the platform's control, thin wrappers over callctl.store.blocks. In force on
     # the very next call on every daemon (nothing is cached). No caller filter on GET:

@@ -3,13 +3,14 @@ ones as they arrive (`callctl cdr list`, `callctl cdr tail`). Numbers are stored
 nothing here can reveal a real one."""
 from __future__ import annotations
 
+import base64
 import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Engine
 
 from callctl.core.decision import Reason
@@ -23,7 +24,7 @@ CDR_COLUMNS = (
     "answered_at", "ended_at", "ring_seconds", "talk_seconds", "dial_status",
     "hangup_cause", "node",
 )
-DECISIONS = ("bridged", "rejected")
+DECISIONS = ("bridged", "rejected", "self")  # self: a call to the customers' self-service line
 REASONS = tuple(str(reason) for reason in Reason)
 _AGO = re.compile(r"(\d+)([smhd])\Z")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -105,6 +106,38 @@ def _query(engine: Engine, where: CdrFilter):
 
 def as_dict(row: Cdr) -> dict:
     return {c: (v.isoformat() if isinstance(v, datetime) else v) for c in CDR_COLUMNS for v in [getattr(row, c)]}
+
+
+def encode_cursor(moment: datetime, row_id: int) -> str:
+    """A page cursor: the last row's (time, id), opaque to clients."""
+    return base64.urlsafe_b64encode(f"{moment.isoformat()}~{row_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        moment, _, row_id = text.partition("~")
+        value = datetime.fromisoformat(moment)
+        if value.tzinfo is None:
+            raise ValueError
+        return value, int(row_id)
+    except (ValueError, UnicodeDecodeError):
+        raise ProvisionError("invalid_cursor", "cursor must be the `next` of a previous page") from None
+
+
+def page_cdrs(engine: Engine, where: CdrFilter, limit: int = 100, cursor: str | None = None) -> dict:
+    """Newest first, a page at a time: {"items": [...], "next": cursor or None}. Keyset
+    paging on (started_at, id): stable while new calls are written."""
+    query = _query(engine, where)
+    if cursor:
+        moment, row_id = decode_cursor(cursor)
+        query = query.where(or_(Cdr.started_at < moment, and_(Cdr.started_at == moment, Cdr.id < row_id)))
+    query = query.order_by(Cdr.started_at.desc(), Cdr.id.desc()).limit(limit + 1)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    items = [as_dict(row) for row in rows[:limit]]
+    last = rows[limit - 1] if len(rows) > limit else None
+    return {"items": items, "next": encode_cursor(last.started_at, last.id) if last else None}
 
 
 def list_cdrs(engine: Engine, where: CdrFilter = CdrFilter(), limit: int = 50) -> list[dict]:

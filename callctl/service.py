@@ -60,6 +60,7 @@ class CallService:
                  pg: PgCallStore | None = None, selfservice: frozenset[str] = frozenset()):
         self.engine = engine
         self.selfservice = selfservice  # the self-service line's numbers: no routing, a menu
+        self.profile_hours: dict = {}  # protection profile -> (from, until): conf/anomaly.yaml profiles
         self.spool = spool
         self.region = region
         self.node = node
@@ -92,7 +93,7 @@ class CallService:
             facts = _reconnecting(call_facts, self.engine, x, caller_number, now, extension)
         except SQLAlchemyError as exc:
             return x, _unavailable(x, type(exc).__name__)
-        return x, decide(caller_number, now, facts, extension)
+        return x, decide(caller_number, now, facts, extension, self.profile_hours)
 
     async def route_on_loop(
         self, called: str, caller: str, now: datetime | None = None, extension: str | None = None
@@ -110,7 +111,7 @@ class CallService:
             facts = await self.pg.facts(x, caller_number, now, extension)
         except PgUnavailable as exc:
             return x, _unavailable(x, str(exc))
-        return x, decide(caller_number, now, facts, extension)
+        return x, decide(caller_number, now, facts, extension, self.profile_hours)
 
     async def health(self) -> dict[str, str]:
         """/healthz: does the database answer, is the spool writable? "ok" or what is wrong."""

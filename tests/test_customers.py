@@ -257,3 +257,52 @@ def test_call_events_on_the_daemons_postgresql_path_are_in_the_cdrs_statement(en
     made = _events(engine)
     assert [(k, b["call_id"]) for k, b, _ in made] == [("call.refused", "p-1"), ("call.ended", "p-2")]
     assert made[0][1]["reject_reason"] == "purpose_not_allowed" and made[0][1]["started_at"] == T0.isoformat()
+
+
+# --- protection profiles ----------------------------------------------------------------------
+
+def test_a_protected_customer_is_called_only_within_the_profiles_hours(engine):
+    from datetime import time as clock
+
+    _tenants(engine, pool=(X, X2))
+    plain = provision.bind(engine, "acme", CUSTOMER, now=T0)
+    elderly = provision.bind(engine, "acme", CUSTOMER_2, profile="elderly", now=T0)
+    local = T0.astimezone(SHANGHAI)
+    # The profile's hours end an hour before T0 (local): the elderly customer is not called now.
+    hours = {"elderly": (clock(0, 0) if local.hour < 1 else clock(0, 0), (local - timedelta(hours=1)).time())}
+    if local.hour < 1:  # 00:xx: a window that ended "an hour before" would cross midnight; use a later one
+        hours = {"elderly": ((local + timedelta(hours=1)).time(), (local + timedelta(hours=2)).time())}
+    facts = lambda x: calls.call_facts(engine, x, AGENT, T0)  # noqa: E731
+    assert decide(AGENT, T0, facts(elderly["x"]), profile_hours=hours).reason == Reason.OUTSIDE_HOURS
+    assert isinstance(decide(AGENT, T0, facts(plain["x"]), profile_hours=hours), Bridge)
+    assert isinstance(decide(AGENT, T0, facts(elderly["x"])), Bridge)  # no profile hours configured
+    assert decide(CUSTOMER_2, T0, calls.call_facts(engine, elderly["x"], CUSTOMER_2, T0),
+                  profile_hours=hours).destination == HOTLINE  # the customer may always call
+
+
+def test_profiles_tighten_per_customer_rules_and_lengthen_automatic_blocks(engine):
+    from callctl.anomaly.config import RULES, AnomalyConfig
+    from callctl.anomaly.job import list_findings, run_pass
+    from callctl.store.models import Block
+
+    _tenants(engine, pool=(X, X2))
+    plain = provision.bind(engine, "acme", CUSTOMER, now=T0)
+    elderly = provision.bind(engine, "acme", CUSTOMER_2, profile="elderly", now=T0)
+    start = T0 - timedelta(hours=3)
+    rows = [_cdr(f"pf-{b}-{n}", "bridged") | {"binding_id": b, "started_at": start + timedelta(minutes=n)}
+            for b in (plain["id"], elderly["id"]) for n in range(3)]
+    calls.write_cdrs(engine, rows)
+    chosen = {r: {"enabled": False} for r in RULES}
+    chosen["customer_frequency"] = {"calls": 10, "action": "block", "block": {"seconds": 3600}}
+    config = AnomalyConfig.model_validate({"rules": chosen, "profiles": {
+        "elderly": {"block_factor": 3, "rules": {"customer_frequency": {"calls": 3}}}}})
+    now = T0
+    result = run_pass(engine, config, now=now)
+    found = list_findings(engine)
+    assert [(f["subject"], f["threshold"]) for f in found] == [(str(elderly["id"]), 3.0)]  # 3 calls: only the elderly
+    assert result.blocks == 1
+    with engine.connect() as conn:
+        block = conn.execute(select(Block)).one()
+    assert block.binding_id == elderly["id"] and block.ends_at == now + timedelta(hours=3)  # 3 x 3600 s
+    assert [b["subject_kind"] for _, b, _ in _events(engine, "finding.raised")] == ["binding"]
+    assert [b["binding_id"] for _, b, _ in _events(engine, "block.placed")] == [elderly["id"]]

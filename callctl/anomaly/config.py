@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from callctl.config import ConfigError
+from callctl.core.decision import Profile
 
 
 class Strict(BaseModel):
@@ -150,6 +151,34 @@ class BlacklistProposals(Strict):
         return rules
 
 
+PROFILES = tuple(p.value for p in Profile)  # protection profiles a binding may carry
+
+
+class ProfileSettings(Strict):
+    """Stricter settings for customers whose binding carries this protection profile."""
+    hours: str | None = None  # "HH:MM-HH:MM": they are called only then (and within the tenant's hours)
+    block_factor: float = Field(2.0, ge=1, le=30)  # an automatic block on them lasts this many times longer
+    rules: dict[str, dict] = {}  # overrides of per-customer (binding) rules, e.g. customer_frequency: {calls: 3}
+
+    @field_validator("hours")
+    @classmethod
+    def _hours(cls, value: str | None) -> str | None:
+        if value is not None:
+            start, sep, end = value.partition("-")
+            if not sep or clock_minute(start) is None or clock_minute(end) is None or start == end:
+                raise ValueError("must be HH:MM-HH:MM, e.g. 09:00-18:00")
+        return value
+
+    @field_validator("rules")
+    @classmethod
+    def _rules(cls, rules: dict) -> dict:
+        for name in rules:
+            if name not in RULES or RULES[name].subject_kind != "binding":
+                known = ", ".join(n for n, r in RULES.items() if r.subject_kind == "binding")
+                raise ValueError(f"{name}: a profile tightens per-customer rules only ({known})")
+        return rules
+
+
 class AnomalyConfig(Strict):
     overlap_seconds: int = Field(120, ge=0)  # rescanned CDR ids: covers late commits
     interval_seconds: float = Field(30, gt=0)  # --follow: pause between passes
@@ -158,6 +187,29 @@ class AnomalyConfig(Strict):
     rules: dict[str, dict] = {}
     tenants: dict[str, dict[str, dict]] = {}
     blacklist: BlacklistProposals = BlacklistProposals()
+    profiles: dict[str, ProfileSettings] = {}
+
+    @field_validator("profiles")
+    @classmethod
+    def _profiles(cls, profiles: dict) -> dict:
+        unknown = sorted(set(profiles) - set(PROFILES))
+        if unknown:
+            raise ValueError(f"unknown profile(s) {', '.join(unknown)}; known: {', '.join(PROFILES)}")
+        return profiles
+
+    def profile_rule(self, name: str, tenant: str, profile: str) -> Rule | None:
+        """The tenant's rule tightened for customers of `profile`; None if it sets nothing."""
+        override = self.profiles[profile].rules.get(name) if profile in self.profiles else None
+        if not override:
+            return None
+        base = self.rule(name, tenant)
+        try:
+            return RULES[name].model_validate({**base.model_dump(), **override})
+        except ValidationError as exc:
+            raise ConfigError(f"profile {profile}, rule {name}: {_problems(exc)}") from None
+
+    def profile_hours(self) -> dict[str, tuple[str, str]]:
+        return {name: tuple(p.hours.split("-")) for name, p in self.profiles.items() if p.hours}
 
     @field_validator("rules")
     @classmethod
@@ -220,4 +272,7 @@ def load(path: str | Path) -> AnomalyConfig:
     for tenant in config.tenants:
         for name in RULES:
             config.rule(name, tenant)  # every override must be valid on its own
+    for profile in config.profiles:
+        for name in RULES:
+            config.profile_rule(name, None, profile)
     return config

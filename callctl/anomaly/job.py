@@ -35,7 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from callctl.anomaly.config import RULES, AnomalyConfig, Rule
+from callctl.anomaly.config import PROFILES, RULES, AnomalyConfig, Rule
 from callctl.anomaly.rules import Sql, constants, finding_insert
 from callctl.store import events
 from callctl.store.blacklist import propose_from_findings
@@ -196,14 +196,24 @@ def _run_rule(conn, sql: Sql, config: AnomalyConfig, name: str, tenants, first: 
     if not groups:
         return 0
     kind = RULES[name].subject_kind
+    runs = [(rule, tenant_ids, zone, None) for (_, zone), (rule, tenant_ids) in groups.items()]
+    if kind == "binding":  # protected customers: the tightened rule, on their bindings only
+        names = {t[0]: t[1] for t in tenants}
+        for profile in config.profiles:
+            for rule, tenant_ids, zone, _ in list(runs):
+                for tenant_id in tenant_ids:
+                    tight = config.profile_rule(name, names[tenant_id], profile)
+                    if tight is not None and tight.enabled:
+                        runs.append((tight, [tenant_id], zone, profile))
     found = 0
-    for (_, zone), (rule, tenant_ids) in groups.items():
+    for rule, tenant_ids, zone, profile in runs:
         # The periods the new CDRs fall in plus one window either side, aligned to the
         # window: fixed periods are then whole, sliding windows see their history.
         w = rule.window * 1000
         scan_from = EPOCH + timedelta(milliseconds=((_ms(first) - w) // w) * w)
         scan_to = EPOCH + timedelta(milliseconds=((_ms(last) + w) // w + 1) * w)
-        statement = text(finding_insert(name, kind, rule, tenant_ids, sql, incremental=lo > 0)).bindparams(
+        statement = text(finding_insert(name, kind, rule, tenant_ids, sql, incremental=lo > 0,
+                                        profile=profile)).bindparams(
             bindparam("scan_from", type_=UTCDateTime), bindparam("scan_to", type_=UTCDateTime),
             *([bindparam("statuses", expanding=True, type_=String), bindparam("causes", expanding=True)]
               if name == "declined_repeat" else []),
@@ -249,9 +259,12 @@ def offset_segments(zone: str, start: datetime, end: datetime) -> list[tuple[dat
 _BLOCK_INSERT = """
 INSERT INTO blocks (tenant_id, scope, direction, binding_id, reason, created_by, starts_at, ends_at, finding_id)
 SELECT f.tenant_id, :scope, :direction, f.binding_id,
-       'anomaly finding ' || CAST(f.id AS VARCHAR(20)) || ': ' || f.rule, :created_by, :now, :ends_at, f.id
+       'anomaly finding ' || CAST(f.id AS VARCHAR(20)) || ': ' || f.rule, :created_by, :now,
+       COALESCE((SELECT CASE b.profile WHEN 'elderly' THEN :ends_elderly WHEN 'claims' THEN :ends_claims END
+                 FROM bindings b WHERE b.id = f.binding_id), :ends_at), f.id
 FROM anomaly_findings f
-WHERE f.rule = :rule AND f.action = 'block' AND f.tenant_id IN :tenants AND f.window_end > :stale_before
+WHERE f.rule = :rule AND f.action = 'block' AND f.tenant_id IN :tenants AND f.window_end > COALESCE((SELECT CASE b.profile WHEN 'elderly' THEN :stale_elderly WHEN 'claims' THEN :stale_claims END
+                                    FROM bindings b WHERE b.id = f.binding_id), :stale_before)
 ON CONFLICT (finding_id) DO NOTHING
 """
 
@@ -261,19 +274,28 @@ def _place_blocks(conn, config: AnomalyConfig, name: str, tenants, now: datetime
     kind = RULES[name].subject_kind
     groups: dict[tuple[str, int], list[int]] = {}
     for tenant_id, tenant_name, *_ in tenants:
-        rule = config.rule(name, tenant_name)
-        if rule.enabled and rule.action == "block":
-            groups.setdefault((rule.block.direction, rule.block.seconds), []).append(tenant_id)
+        rules = [config.rule(name, tenant_name)]
+        if kind == "binding":  # a profile may make a per-customer rule block
+            rules += [config.profile_rule(name, tenant_name, p) for p in config.profiles]
+        for rule in rules:
+            if rule is not None and rule.enabled and rule.action == "block":
+                tenant_ids = groups.setdefault((rule.block.direction, rule.block.seconds), [])
+                if tenant_id not in tenant_ids:
+                    tenant_ids.append(tenant_id)
     placed = 0
+    ends = ("now", "ends_at", "stale_before", *(f"{k}_{p}" for p in PROFILES for k in ("ends", "stale")))
     statement = text(_BLOCK_INSERT).bindparams(
-        bindparam("tenants", expanding=True),
-        *(bindparam(k, type_=UTCDateTime) for k in ("now", "ends_at", "stale_before")),
+        bindparam("tenants", expanding=True), *(bindparam(k, type_=UTCDateTime) for k in ends),
     )
     for (direction, seconds), tenant_ids in groups.items():
         lasts = timedelta(seconds=seconds)
+        # A protected customer's block lasts longer (the profile's block_factor, 2 unless set).
+        factor = {p: config.profiles[p].block_factor if p in config.profiles else 2.0 for p in PROFILES}
+        longer = {**{f"ends_{p}": now + lasts * f for p, f in factor.items()},
+                  **{f"stale_{p}": now - lasts * f for p, f in factor.items()}}
         placed += conn.execute(statement, {
             "scope": kind, "direction": direction, "created_by": f"anomaly:{name}", "rule": name,
-            "tenants": tenant_ids, "now": now, "ends_at": now + lasts, "stale_before": now - lasts,
+            "tenants": tenant_ids, "now": now, "ends_at": now + lasts, "stale_before": now - lasts, **longer,
         }).rowcount
     return placed
 

@@ -190,8 +190,10 @@ def constants(name: str, rule: Rule) -> dict[str, int]:
     return {k: int(v) for k, v in values.items()}
 
 
-def finding_insert(name: str, kind: str, rule: Rule, tenant_ids: list[int], sql: Sql, incremental: bool) -> str:
-    """The INSERT ... SELECT of one rule for tenants sharing the same settings."""
+def finding_insert(name: str, kind: str, rule: Rule, tenant_ids: list[int], sql: Sql, incremental: bool,
+                   profile: str | None = None) -> str:
+    """The INSERT ... SELECT of one rule for tenants sharing the same settings; with
+    `profile` (per-customer rules), only for bindings carrying that protection profile."""
     spec = RULE_SQL[name]
     values = constants(name, rule)
     start, end = values.get("start", 0), values.get("end", 0)
@@ -204,6 +206,8 @@ def finding_insert(name: str, kind: str, rule: Rule, tenant_ids: list[int], sql:
     # After the first pass only subjects with new CDRs can have new findings.
     touched = (f"AND {subject} IN (SELECT {subject} FROM cdrs c WHERE c.id > :lo AND c.id <= :hi)"
                if incremental else "")
+    if profile is not None:  # one of config.PROFILES, never user text
+        touched += f" AND c.binding_id IN (SELECT b.id FROM bindings b WHERE b.profile = '{profile}')"
     tenants = ", ".join(str(int(t)) for t in tenant_ids)
     # INSERT first, then WITH: SQLite reports the rows inserted only for statements so begun.
     return f"""

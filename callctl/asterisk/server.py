@@ -12,6 +12,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
+from datetime import time as dt_time
 
 import structlog
 import uvloop
@@ -175,6 +176,7 @@ async def run(cfg) -> None:
           if engine.dialect.name == "postgresql" else None)
     service = CallService(engine, spool, region=cfg.region, node=cfg.node, pg=pg,
                           selfservice=frozenset(cfg.selfservice_numbers))
+    service.profile_hours = _profile_hours(cfg.anomaly_rules)
     # A ring that is not the database's stops the daemon here (exit 2); a database that
     # is down at start: calls are refused until housekeeping could check it.
     service.keys_checked = _check_keys(engine)
@@ -298,6 +300,20 @@ def _check_keys(engine) -> bool:
         log.warning("key ring not checked yet: database not reachable; calls are refused until it is",
                     error=type(exc).__name__)
         return False
+
+
+def _profile_hours(path: str) -> dict:
+    """Protection profiles' calling hours from the anomaly rules file (profiles:), as
+    times; none when there is no such file. A bad file stops the daemon (ConfigError)."""
+    from pathlib import Path
+
+    from callctl.anomaly.config import load
+
+    if not Path(path).exists():
+        log.warning("no anomaly rules file: protection profiles have no hours of their own", file=path)
+        return {}
+    return {name: (dt_time.fromisoformat(start), dt_time.fromisoformat("00:00" if end == "24:00" else end))
+            for name, (start, end) in load(path).profile_hours().items()}
 
 
 def serve(cfg) -> None:

@@ -38,6 +38,13 @@ class Purpose(StrEnum):
 DEFAULT_PURPOSES = frozenset(p.value for p in Purpose if p != Purpose.MARKETING)
 
 
+class Profile(StrEnum):
+    """Protection profiles: customers who get tighter calling hours, anomaly thresholds
+    and longer automatic blocks (conf/anomaly.yaml, profiles:)."""
+    ELDERLY = "elderly"
+    CLAIMS = "claims"
+
+
 class Calls(StrEnum):
     """The customer's word on one tenant's calls."""
     ALLOWED = "allowed"

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from callctl.core.decision import DEFAULT_PURPOSES, Mode, Purpose, known_zone
+from callctl.core.decision import DEFAULT_PURPOSES, Mode, Profile, Purpose, known_zone
 from callctl.core.numbers import InvalidNumber, mask, to_e164
 from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, Cdr, Tenant, TenantCaller, VirtualNumber, utcnow
@@ -504,7 +504,7 @@ def _expiry_from(expires_at: datetime | None, ttl_seconds: int | None, now: date
     return expires_at
 
 
-PROFILES = ("elderly", "claims")  # protection profiles (conf/anomaly.yaml: profiles)
+PROFILES = tuple(p.value for p in Profile)  # protection profiles (conf/anomaly.yaml: profiles)
 
 
 def _accepted(stored: str | None) -> frozenset[str]:

@@ -346,6 +346,8 @@ _field = st.one_of(
     st.sampled_from(["9" * 5000, "x" * 140_000]),  # huge: over Python's int digits and csv's field limits
 )
 
+# A reference is the insurer's own text, shown back as given (docs/bulk.md): not a number.
+_not_a_number = _field.filter(lambda v: not _DIGITS.search(v))
 _sensible = {  # what a column usually holds
     "customer": st.sampled_from(CUSTOMERS), "tenant": st.just(""), "mode": st.sampled_from(["", "AXN", "AXE", "AXB"]),
     "other_party": st.sampled_from(["", *CUSTOMERS]), "reference": st.sampled_from(["", "POL-1", "POL-2", "POL-3"]),
@@ -363,7 +365,8 @@ def bulk_files(draw, known: tuple[str, ...] = bulk.BIND_COLUMNS) -> bytes:
         columns = draw(st.lists(st.sampled_from([*columns, known[0].title() + " ", "unknown", ""]), max_size=4))
     rows = []
     for _ in range(draw(st.integers(0, 10))):
-        row = [draw(_sensible.get(c, _field) if draw(st.integers(0, 3)) else _field) for c in columns]
+        row = [draw(_sensible.get(c, _field) if draw(st.integers(0, 3)) else
+                    _not_a_number if c == "reference" else _field) for c in columns]
         width = draw(st.sampled_from(["same"] * 8 + ["short", "long"]))
         rows.append(row[:-1] if width == "short" else row + ["extra"] if width == "long" else row)
         if draw(st.integers(0, 9)) == 0:

@@ -194,6 +194,8 @@ def callctl_daemon(database_url: str, workdir: Path, log_format: str = "json", e
         "CALLCTL_LOG_FORMAT": log_format,
         "CALLCTL_NODE": "lab",
         "CALLCTL_AUDIT_CHECKPOINT": str(workdir / "callctl.audit-head"),  # one per database
+        # a port of its own: two daemons (or test runs) at once must not fight over 9464
+        "CALLCTL_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
         **(extra_env or {}),
     }
     callctl = Path(sys.executable).with_name("callctl")
@@ -240,6 +242,7 @@ class ApiServer:
             "CALLCTL_LOG_FORMAT": "json",
             # one checkpoint per database (the default is relative to the repository)
             "CALLCTL_AUDIT_CHECKPOINT": str(Path(workdir) / "callctl.audit-head"),
+            "CALLCTL_API_METRICS_LISTEN": f"127.0.0.1:{free_port()}",  # not the shared 9465
             **(extra_env or {}),
         }
         self.proc: subprocess.Popen | None = None

@@ -95,7 +95,7 @@ def test_rotation_and_a_deliberate_lookup_change_keep_working(acme, tmp_path):
     cli = lambda *args: run(*args, env={**env, ENV_KEYS: ""}, cwd=tmp_path)  # noqa: E731 (the key file only)
     assert cli("keys", "generate", "--id", "k2").returncode == 0
     rotated = cli("keys", "rotate")
-    assert rotated.returncode == 0 and "under key 'k2': bindings 1, blocks 1" in rotated.stdout
+    assert rotated.returncode == 0 and "bindings 1, blocks 1" in rotated.stdout
     assert cli("binding", "get", "1").returncode == 0
     # The lookup secret replaced (it leaked): the old one stays as audit=, the rehash runs.
     old = ENTRIES["lookup"]
@@ -112,7 +112,7 @@ def test_rotation_and_a_deliberate_lookup_change_keep_working(acme, tmp_path):
 
         service = CallService(acme, CdrSpool(tmp_path / "spool"))
         assert service.route(X, CUSTOMER)[1].reason == "blocked"  # found by its new hash
-        assert reencrypt(acme) == {"bindings": 0, "blocks": 0}
+        assert not any(reencrypt(acme).values())  # nothing left under another key
     finally:
         crypto.install(KeyRing.parse(SESSION))
 

@@ -216,12 +216,13 @@ def deliver_once(engine: Engine, client: httpx.Client, retry: Retry = Retry(), b
     sent = failed = 0
     down: dict[int, timedelta] = {}
     hooks: dict[int, tuple[str, str, str]] = {}
+    waiting: dict[int, list[int]] = {}
     for delivery_id, webhook_id, event_id, attempts in claimed:
+        if webhook_id in down:  # its endpoint failed in this pass: wait with it
+            waiting.setdefault(webhook_id, []).append(delivery_id)
+            continue
         with Session(engine) as session, session.begin():
             delivery = session.get(WebhookDelivery, delivery_id)
-            if webhook_id in down:  # its endpoint failed in this pass: wait with it
-                delivery.next_attempt_at = utcnow() + down[webhook_id]
-                continue
             if webhook_id not in hooks:
                 hook = session.get(Webhook, webhook_id)
                 hooks[webhook_id] = (hook.url, crypto.ring().open(hook.secret),
@@ -240,6 +241,11 @@ def deliver_once(engine: Engine, client: httpx.Client, retry: Retry = Retry(), b
                 failed += 1
                 log.warning("webhook delivery failed", webhook=webhook_id, event_id=event_id, error=error,
                             attempts=delivery.attempts)
+    if waiting:
+        with Session(engine) as session, session.begin():
+            for webhook_id, ids in waiting.items():
+                session.execute(update(WebhookDelivery).where(WebhookDelivery.id.in_(ids))
+                                .values(next_attempt_at=utcnow() + down[webhook_id]))
     return {"queued": queued, "sent": sent, "failed": failed}
 
 

@@ -306,3 +306,36 @@ def test_profiles_tighten_per_customer_rules_and_lengthen_automatic_blocks(engin
     assert block.binding_id == elderly["id"] and block.ends_at == now + timedelta(hours=3)  # 3 x 3600 s
     assert [b["subject_kind"] for _, b, _ in _events(engine, "finding.raised")] == ["binding"]
     assert [b["binding_id"] for _, b, _ in _events(engine, "block.placed")] == [elderly["id"]]
+
+
+def test_two_deliverers_at_once_send_each_event_once(engine):
+    """Deliverers claim due deliveries the others do not hold (SKIP LOCKED, then a lease)."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time")
+    import httpx
+
+    from callctl import webhooks
+    from tests.test_customers_daemon import Receiver
+
+    _tenants(engine)
+    receiver = Receiver()
+    receiver.start()
+    try:
+        webhooks.add_webhook(engine, "acme", receiver.url, secret="s" * 20)
+        calls.write_cdrs(engine, [_cdr(f"two-{n}", "bridged") for n in range(40)])
+
+        def deliverer():
+            with httpx.Client(timeout=5) as client:
+                while webhooks.deliver_once(engine, client, batch=5)["sent"]:
+                    pass
+
+        threads = [threading.Thread(target=deliverer) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        receiver.stop()
+    ids = [json.loads(body)["id"] for _, body in receiver.got]
+    assert len(ids) == len(set(ids)) == 40
+    assert webhooks.list_webhooks(engine)[0]["delivered"] == 40

@@ -77,7 +77,14 @@ class MetricsServer:
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        from callctl.config import ConfigError
+
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as exc:  # a second daemon on the box with the same address, most often
+            raise ConfigError(f"metrics listen address {self.host}:{self.port}: {exc.strerror or exc} (each "
+                              "daemon and API process on a box needs its own metrics.listen / "
+                              "api.metrics_listen)") from None
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -165,3 +166,17 @@ def test_the_sample_dashboard_reads_only_metrics_the_daemon_exports():
     used = {name for panel in dashboard["panels"] for target in panel["targets"]
             for name in re.findall(r"callctl_\w+", target["expr"])}
     assert used and used <= exported, used - exported
+
+
+def test_a_taken_metrics_address_stops_the_daemon_with_a_clear_error(setup):
+    engine, daemon, port, _ = setup
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        daemon.env["CALLCTL_METRICS_LISTEN"] = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(harness.LabError):
+            daemon.start(timeout=20)
+        assert daemon.proc.wait(10) == 2
+    out = daemon.output()
+    assert "config error: metrics listen address" in out and "Traceback" not in out
+    engine.dispose()

@@ -17,7 +17,7 @@ from tests import realnumbers
 from tests.test_lab_policy import PolicyLab
 from tests.test_lab_calls import running_lab
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1500)]  # waits its turn for the lab
 
 HARASSER = realnumbers.tenant_line("+8613900017101")  # an agent line of both insurers
 HOTLINES = realnumbers.tenant_line("+861058017101", "+861058017102")

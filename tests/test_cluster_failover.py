@@ -36,7 +36,7 @@ from callctl import sipp
 from lab import cluster, harness
 from tests.test_lab_cdr_outage import invites_and_finals
 
-pytestmark = [pytest.mark.lab, pytest.mark.cluster]
+pytestmark = [pytest.mark.lab, pytest.mark.cluster, pytest.mark.timeout(1500)]  # waits its turn for the lab
 
 AGENT, HOTLINE = "+8613900000041", "+861058000041"
 CUSTOMERS = {"pbx1": "+8613800000041", "pbx2": "+8613800000042"}

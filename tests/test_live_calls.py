@@ -20,7 +20,7 @@ from callctl.core.numbers import mask
 from lab import cluster, harness
 from tests import leaks
 
-pytestmark = [pytest.mark.lab, pytest.mark.cluster]
+pytestmark = [pytest.mark.lab, pytest.mark.cluster, pytest.mark.timeout(1500)]  # waits its turn for the lab
 
 AGENT, HOTLINE = "+8613900000051", "+861058000051"
 CUSTOMERS = ["+8613800000051", "+8613800000052"]

@@ -702,10 +702,10 @@ def _blacklist_parser(top) -> None:
     listing.set_defaults(func=cmd_blacklist)
 
 
-def cmd_serve_asterisk(cfg, args):
-    from callctl.asterisk.server import serve
+def cmd_serve_pbx(cfg, args):
+    from callctl.daemon import serve
 
-    serve(cfg)
+    serve(args.sub, cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -969,7 +969,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(func=cmd_doctor, needs_keys=False)
     serve = top.add_parser("serve", help="run the daemon").add_subparsers(dest="sub", required=True)
     serve.add_parser("asterisk", help="FastAGI server for Asterisk").set_defaults(
-        func=cmd_serve_asterisk, checks_keys=False)  # checks the ring itself: the database may be down at start
+        func=cmd_serve_pbx, checks_keys=False)  # checks the ring itself: the database may be down at start
     serve.add_parser("api", help="provisioning HTTP API (api.listen)").set_defaults(func=cmd_serve_api)
 
     token = top.add_parser("token", help="provisioning API tokens").add_subparsers(dest="sub", required=True)

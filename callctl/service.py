@@ -30,28 +30,28 @@ _MAX_EXTENSION = 8  # digits; the width of bindings.extension
 _CALL_ID_WIDTH, _NODE_WIDTH = 150, 64  # cdrs.call_id, cdrs.node
 _DIAL_STATUS = re.compile(r"[A-Z]{1,20}\Z")  # ANSWER, BUSY, NOANSWER, CHANUNAVAIL...
 _MAX_CAUSE = 999  # Q.850 causes are 0-127; anything past 999 is not a cause
-_SKEW = timedelta(minutes=1)  # a start this much before the uniqueid's time: clocks
-_LONGEST_WAIT = timedelta(days=1)  # from channel creation to callctl, or end past now
+LONGEST_WAIT = timedelta(days=1)  # an end this far past now is garbage (so is a start: adapters)
 
 
 @dataclass(frozen=True)
 class FinishedCall:
-    """What the PBX reports when a call ends; every field may be missing or garbage."""
+    """A finished call, typed: each PBX adapter parses its own fields into it. The
+    numbers and the decision's words are as the channel carried them (checked here)."""
     call_id: str
     called: str = ""
     caller: str = ""
     destination: str = ""
     action: str = ""
     reason: str = ""
-    binding: str = ""
-    tenant: str = ""
+    binding: int | None = None
+    tenant: int | None = None
     direction: str = ""
-    start: str = ""  # epoch seconds
-    end: str = ""  # epoch seconds
+    start: datetime | None = None  # None: the end (or now)
+    end: datetime | None = None  # None: when the CDR is made
+    ring_seconds: float | None = None  # None: the whole attempt but the talk time
+    talk_seconds: float = 0.0
     dial_status: str = ""
-    dialed_ms: str = ""
-    answered_ms: str = ""
-    hangup_cause: str = ""
+    hangup_cause: int | None = None
     node: str = ""
 
 
@@ -149,7 +149,7 @@ class CallService:
 
         A database that hangs without an error is not cut short here: an adapter that
         must answer in time gives write_row a deadline and calls spool_row past it."""
-        return self.write_row(self.cdr_row(call, now or datetime.now(timezone.utc)))
+        return self.write_row(self.cdr_row(call, now))
 
     def store_row(self, row: dict) -> bool:
         """Insert one CDR row; True if it was new. Database errors are raised."""
@@ -226,32 +226,26 @@ class CallService:
                      tenant=done["tenant"], calls=done["calls"])
         return {"SS_RESULT": done["calls"] if done else "invalid"}
 
-    def cdr_row(self, call: FinishedCall, now: datetime) -> dict:
+    def cdr_row(self, call: FinishedCall, now: datetime | None = None) -> dict:
         bridged = call.action == "bridge"
         if call.action == CollectExtension.action:
             # The caller hung up at the extension prompt: no valid extension was keyed.
             call = replace(call, reason=str(Reason.INVALID_EXTENSION))
         # Every value is checked and clamped (the PBX, or anyone on its port, may send
         # anything); a value that makes no sense is dropped, the CDR is always kept.
-        #
-        # started_at is part of the CDR's key (callctl.store.calls.cdr_insert): every
-        # report of one call must give a start within CDR_WINDOW of the others. Asterisk
-        # writes the channel's creation time into the uniqueid ("node-1795887084.12"):
-        # a start not within a day after it is garbage, and that time is used instead.
-        created = _epoch(_uniqueid_epoch(call.call_id))
-        started = _epoch(call.start)
-        if created and not (started and created - _SKEW <= started <= created + _LONGEST_WAIT):
-            started = created
-        end = _epoch(call.end)
-        if end is None or end > now + _LONGEST_WAIT:
+        # started_at is part of the CDR's key (callctl.store.calls.cdr_insert): adapters
+        # must report it the same every time the same call is reported (from the PBX's
+        # own channel times).
+        now = now or datetime.now(timezone.utc)
+        end = call.end
+        if end is None or end > now + LONGEST_WAIT:
             end = now
-        started = started or end
+        started = call.start or end
         ended = max(end, started)
         duration = (ended - started).total_seconds()
-        talk = min(_seconds(call.answered_ms), duration)
-        # Asterisk leaves DIALEDTIME_MS empty unless the callee answered: then the
-        # whole attempt (routing is a few ms of it) was ringing.
-        dialed = min(_seconds(call.dialed_ms) or duration, duration)
+        talk = min(max(call.talk_seconds, 0.0), duration)
+        # No ring time reported: the whole attempt but the talk (routing is a few ms of it).
+        ring = duration - talk if call.ring_seconds is None else min(max(call.ring_seconds, 0.0), duration - talk)
         answered_at = ended - timedelta(seconds=talk) if talk else None
         reason = None if bridged else (call.reason if call.reason in _REASONS else Reason.UNAVAILABLE)
         x = caller_e164(call.called, self.region)
@@ -259,8 +253,8 @@ class CallService:
         callee = caller_e164(call.destination, self.region) if bridged else None
         return {
             "call_id": call_identifier(call.call_id, _CALL_ID_WIDTH),
-            "tenant_id": _int(call.tenant),
-            "binding_id": _int(call.binding),
+            "tenant_id": call.tenant,
+            "binding_id": call.binding,
             "virtual_number": x,
             "direction": call.direction if call.direction in ("to_customer", "from_customer") else None,
             "caller_masked": mask(caller) if caller else "anonymous",
@@ -273,10 +267,10 @@ class CallService:
             "started_at": started,
             "answered_at": answered_at,
             "ended_at": ended,
-            "ring_seconds": round(max(dialed - talk, 0.0), 3) if bridged else None,
+            "ring_seconds": round(ring, 3) if bridged else None,
             "talk_seconds": round(talk, 3) if bridged else None,
             "dial_status": call.dial_status if _DIAL_STATUS.match(call.dial_status) else None,
-            "hangup_cause": cause if (cause := _int(call.hangup_cause)) is not None and cause <= _MAX_CAUSE else None,
+            "hangup_cause": call.hangup_cause if call.hangup_cause is not None and call.hangup_cause <= _MAX_CAUSE else None,
             "node": call_identifier(call.node or self.node, _NODE_WIDTH) or None,
         }
 
@@ -338,28 +332,28 @@ def _reconnecting(query, engine: Engine, *args):
         return query(engine, *args)
 
 
-def _int(value: str) -> int | None:
+def parse_int(value: str) -> int | None:
+    """A PBX's decimal field (ids, causes); None when absent or garbage."""
     return int(value) if value.isascii() and value.isdigit() and len(value) < 18 else None
 
 
-def _seconds(ms: str) -> float:
-    return int(ms) / 1000.0 if ms.isascii() and ms.isdigit() and len(ms) < 12 else 0.0
+def parse_epoch(value: str, scale: float = 1.0) -> datetime | None:
+    """Epoch time as a PBX writes it (seconds; `scale` 1e-6 for microseconds); None
+    when absent, zero or garbage (outside 2001..2286)."""
+    try:
+        seconds = float(value) * scale
+    except ValueError:
+        return None
+    if not 1e9 < seconds < 1e10:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc)
 
 
-def _uniqueid_epoch(call_id: str) -> str:
-    return call_id.rpartition("-")[2].partition(".")[0]
+def parse_ms(value: str) -> float | None:
+    """Milliseconds as seconds; None when absent or garbage."""
+    return int(value) / 1000.0 if value.isascii() and value.isdigit() and len(value) < 12 else None
 
 
 def _is_connectivity(exc: DBAPIError) -> bool:
     """Database down or unreachable (retry later), as opposed to a row it refuses."""
     return isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated
-
-
-def _epoch(value: str) -> datetime | None:
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    if not 1e9 < seconds < 1e10:  # 2001..2286: anything else is garbage
-        return None
-    return datetime.fromtimestamp(seconds, timezone.utc)

@@ -1,5 +1,6 @@
-"""The Asterisk adapter served in-process on a real socket, for tests that speak FastAGI
-to it byte by byte: the production FastAgiServer, AsteriskAdapter and CallService over
+"""The Asterisk backend served in-process on a real socket, for tests that speak FastAGI
+to it byte by byte: the production FastAgiServer, AsteriskBackend, AsyncDaemon's call
+path and CallService over
 the test's database (on PostgreSQL the event-loop path, PgCallStore), its log lines
 rendered through the production scrubbing processor into `Daemon.log_text()`.
 
@@ -19,7 +20,9 @@ from typing import Callable
 
 import structlog
 
-from callctl import logs, service as service_module
+from types import SimpleNamespace
+
+from callctl import daemon as daemon_module, logs, service as service_module
 from callctl.asterisk import fastagi, server
 from callctl.service import CallService
 from callctl.store.pgcalls import PgCallStore
@@ -103,8 +106,8 @@ def running(engine, pg_url: str | None, spool_dir, node: str = "lab"):
                     logs.scrub_numbers, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
     )
-    saved = (server.log, service_module.log)
-    server.log = service_module.log = logger
+    saved = (server.log, service_module.log, daemon_module.log)
+    server.log = service_module.log = daemon_module.log = logger
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -120,8 +123,10 @@ def running(engine, pg_url: str | None, spool_dir, node: str = "lab"):
             pg = on_loop(PgCallStore.open(pg_url, 2, 5.0))
         spool = CdrSpool(spool_dir)
         calls = CallService(engine, spool, node=node, pg=pg)
-        adapter = server.AsteriskAdapter(calls, *executors, decision_timeout=10.0, write_timeout=10.0)
-        agi = fastagi.FastAgiServer(adapter.routes, "127.0.0.1", 0, log=logger)
+        daemon = daemon_module.AsyncDaemon(SimpleNamespace(db_timeout=9.0))  # bounds of 10 s
+        daemon.service = calls
+        daemon.route_executor, daemon.cdr_executor, daemon.spool_executor = executors
+        agi = fastagi.FastAgiServer(server.AsteriskBackend(daemon).routes, "127.0.0.1", 0, log=logger)
         on_loop(agi.start())
         yield Daemon(agi.port, spool, buffer)
     finally:
@@ -134,5 +139,5 @@ def running(engine, pg_url: str | None, spool_dir, node: str = "lab"):
         loop.close()
         for executor in executors:
             executor.shutdown(wait=True)
-        server.log, service_module.log = saved
+        server.log, service_module.log, daemon_module.log = saved
         leaks.record("log", "agi-daemon", buffer.getvalue())

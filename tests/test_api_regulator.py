@@ -11,7 +11,8 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
-from callctl.service import CallService, FinishedCall
+from callctl.service import CallService
+from tests.agicalls import agi_call
 from callctl.store.db import make_engine
 from callctl.store.spool import CdrSpool
 from lab.harness import ApiServer
@@ -35,7 +36,7 @@ def api(request, tmp_path_factory):
     service = CallService(engine, CdrSpool(workdir / "spool"))
     for n, action in enumerate(["bridge", "reject", "bridge"]):
         start = (T0 + timedelta(hours=n)).timestamp()
-        service.record(FinishedCall(f"lab-{start:.0f}.{n}", called=X, caller=AGENT, destination=CUSTOMER,
+        service.record(agi_call(f"lab-{start:.0f}.{n}", called=X, caller=AGENT, destination=CUSTOMER,
                                     action=action, reason="blocked", tenant="1", start=f"{start:.3f}",
                                     end=f"{start + 20:.3f}", dial_status="ANSWER" if action == "bridge" else "",
                                     answered_ms="10000"))

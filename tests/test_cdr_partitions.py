@@ -11,7 +11,8 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
-from callctl.service import CallService, FinishedCall
+from callctl.service import CallService
+from tests.agicalls import agi_call
 from callctl.store.calls import write_cdr
 from callctl.store.db import make_engine, migrations, upgrade
 from callctl.store.partitions import cdr_partitions, ensure_cdr_partitions
@@ -32,7 +33,7 @@ def pg(pg_url):
 
 def cdr(call_id: str, started: datetime) -> dict:
     service = CallService(None, None)
-    call = FinishedCall(call_id, called="+8617100000001", caller="+8613900000001", action="reject",
+    call = agi_call(call_id, called="+8617100000001", caller="+8613900000001", action="reject",
                         reason="unknown_caller", start=f"{started.timestamp():.3f}", end=f"{started.timestamp() + 1:.3f}")
     return service.cdr_row(call, NOW)
 

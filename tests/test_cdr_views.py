@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from callctl.service import CallService, FinishedCall
+from callctl.service import CallService
+from tests.agicalls import agi_call
 from callctl.store import provision
 from callctl.store.cdrs import CdrFilter, follow_cdrs, list_cdrs
 from callctl.store.provision import ProvisionError
@@ -43,7 +44,7 @@ def world(engine, tmp_path):
     ]
     for n, (day, x, tenant, binding, action, reason) in enumerate(calls):
         start = (T0 + timedelta(days=day, minutes=n)).timestamp()
-        service.record(FinishedCall(
+        service.record(agi_call(
             f"lab-{start:.0f}.{n}", called=x, caller=AGENT, destination="+8613800000001" if action == "bridge" else "",
             action=action, reason=reason, binding=str(binding), tenant=str(tenant), direction="to_customer",
             start=f"{start:.3f}", end=f"{start + 30:.3f}", dial_status="ANSWER" if action == "bridge" else "",
@@ -123,7 +124,7 @@ def test_follow_yields_each_new_cdr_once_even_when_commits_come_out_of_order(eng
 
     def record(name: str, minute: int) -> None:
         start = (T0 + timedelta(days=5, minutes=minute)).timestamp()
-        service.record(FinishedCall(name, called=X1, caller=AGENT, action="reject", reason="blocked",
+        service.record(agi_call(name, called=X1, caller=AGENT, action="reject", reason="blocked",
                                     tenant="1", start=f"{start:.3f}", end=f"{start + 1:.3f}"))
         inserted.append(name)
 
@@ -163,7 +164,7 @@ def test_cdr_tail_follows_new_cdrs_with_filters(engine, world, tmp_path):
         service = world["service"]
         for n, (tenant, action) in enumerate([("1", "reject"), ("2", "reject"), ("1", "bridge"), ("1", "reject")]):
             start = (T0 + timedelta(days=6, minutes=n)).timestamp()
-            service.record(FinishedCall(f"tail-{n}", called=X1, caller=AGENT, action=action, reason="blocked",
+            service.record(agi_call(f"tail-{n}", called=X1, caller=AGENT, action=action, reason="blocked",
                                         destination="+8613800000001", tenant=tenant,
                                         start=f"{start:.3f}", end=f"{start + 1:.3f}"))
         assert [r["call_id"] for r in read_lines(tail, 2)] == ["tail-0", "tail-3"]

@@ -10,7 +10,8 @@ from callctl.core.decision import (
     EXTENSION_TRIES, BindingFacts, BlockFacts, Bridge, CollectExtension, Direction, Mode, NumberFacts,
     Reason, Reject, TenantFacts, decide,
 )
-from callctl.service import CallService, FinishedCall, decision_variables
+from callctl.service import CallService, decision_variables
+from tests.agicalls import agi_call
 from callctl.store import provision
 from callctl.store.blocks import add_block
 from callctl.store.calls import call_facts
@@ -245,7 +246,7 @@ def test_axb_through_the_service(engine, tmp_path):
 
 def test_caller_gone_at_the_prompt_is_recorded_as_no_extension(shared):
     service, _ = shared
-    call = FinishedCall(call_id="lab-1.1", called=X, caller=AGENT, action="extension", tenant="1",
+    call = agi_call("lab-1.1", called=X, caller=AGENT, action="extension", tenant="1",
                         direction="to_customer", start="1795887084.0", end="1795887090.0", hangup_cause="16")
     row = service.cdr_row(call, NOW)
     assert row["decision"] == "rejected" and row["reject_reason"] == "invalid_extension"

@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import insert, select, text
 
 from callctl.core.decision import Reason, Reject
-from callctl.service import CallService, FinishedCall
+from callctl.service import CallService
+from tests.agicalls import agi_call
 from callctl.store import provision
 from callctl.store.calls import call_facts
 from callctl.store.models import Block, Cdr
@@ -96,7 +97,7 @@ def test_cdr_rows_written_once_and_read_back_alike(pg_url, tmp_path):
     engine = bound_on_postgresql(pg_url)
     service = CallService(engine, CdrSpool(tmp_path / "spool"))
     start = time.time() - 30
-    call = FinishedCall(call_id="loop-1795887084.7", called=X1, caller=AGENT, destination=A, action="bridge",
+    call = agi_call("loop-1795887084.7", called=X1, caller=AGENT, destination=A, action="bridge",
                         binding="1", tenant="1", direction="to_customer", start=f"{start:.3f}",
                         end=f"{start + 20:.3f}", dial_status="ANSWER", dialed_ms="20000", answered_ms="15000",
                         hangup_cause="16", node="lab")

@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy import inspect, select, text
 
 from callctl import regulator
-from callctl.service import CallService, FinishedCall
+from callctl.service import CallService
+from tests.agicalls import agi_call
 from callctl.store import provision
 from callctl.store.spool import CdrSpool
 from tests.test_cli import run
@@ -48,7 +49,7 @@ def world(engine, tmp_path):
     ]
     for n, (day, x, tenant, binding, action, reason, dial) in enumerate(calls):
         start = (T0 + timedelta(days=day, minutes=n)).timestamp()
-        service.record(FinishedCall(
+        service.record(agi_call(
             f"lab-{start:.0f}.{n}", called=x, caller=AGENT, action=action, reason=reason, binding=str(binding),
             destination=CUSTOMERS[0] if action == "bridge" else "", tenant=str(tenant), direction="to_customer",
             start=f"{start:.3f}", end=f"{start + 20:.3f}", dial_status=dial,
@@ -158,7 +159,7 @@ def test_bad_periods_are_clear_errors(engine, world, tmp_path, args, message):
 def test_formula_like_tenant_names_are_not_formulas_in_csv(engine, tmp_path):
     provision.add_tenant(engine, "=cmd", HOTLINE, callers=[AGENT])
     provision.add_numbers(engine, "=cmd", [X1])
-    CallService(engine, CdrSpool(tmp_path / "spool")).record(FinishedCall(
+    CallService(engine, CdrSpool(tmp_path / "spool")).record(agi_call(
         "lab-1.1", called=X1, caller=AGENT, action="reject", reason="blocked", tenant="1",
         start=f"{T0.timestamp():.3f}"))
     assert "tenants,'=cmd," in export(engine, tmp_path, *PERIOD, "--format", "csv").stdout

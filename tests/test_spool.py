@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from callctl.service import CallService, FinishedCall
+from callctl.service import CallService
+from tests.agicalls import agi_call
 from callctl.store.calls import write_cdrs
 from callctl.store.spool import CdrSpool, SpoolError
 
@@ -19,7 +20,7 @@ START = datetime(2026, 11, 29, 8, 0, tzinfo=timezone.utc).timestamp()
 
 
 def row(service: CallService, n: int) -> dict:
-    call = FinishedCall(f"lab-{START:.0f}.{n}", called="+8617100000001", caller="+8613900000001",
+    call = agi_call(f"lab-{START:.0f}.{n}", called="+8617100000001", caller="+8613900000001",
                         action="reject", reason="unknown_caller", start=f"{START + n:.3f}", end=f"{START + n + 1:.3f}")
     return service.cdr_row(call, datetime.now(timezone.utc))
 
@@ -134,7 +135,7 @@ def test_spooled_cdr_of_a_call_reported_twice_is_stored_once(engine, tmp_path):
     """started_at is part of the CDR key: the same call without a usable start time (garbage
     from the PBX) still gets the same started_at, from the uniqueid, on every report."""
     up = CallService(engine, CdrSpool(tmp_path / "spool"))
-    call = FinishedCall("lab-1795887084.7", called="+8617100000001", action="reject", reason="blocked",
+    call = agi_call("lab-1795887084.7", called="+8617100000001", action="reject", reason="blocked",
                         start="garbage", end="")
     first, second = up.cdr_row(call, datetime.now(timezone.utc)), up.cdr_row(call, datetime(2030, 1, 1, tzinfo=timezone.utc))
     assert first["started_at"] == second["started_at"] == datetime.fromtimestamp(1795887084, timezone.utc)

@@ -5,7 +5,8 @@ import pytest
 from sqlalchemy import create_engine, insert, text
 
 from callctl.core.decision import Bridge, Direction, Reason, Reject
-from callctl.service import CallService, FinishedCall, decision_variables
+from callctl.service import CallService, decision_variables
+from tests.agicalls import agi_call
 from callctl.store import provision
 from callctl.store.models import Block
 from callctl.store.provision import ProvisionError
@@ -119,7 +120,7 @@ def finished(call_id="lab-1.1", **extra):
         dial_status="ANSWER", dialed_ms="12000", answered_ms="9500", hangup_cause="16", node="",
     )
     fields.update(extra)
-    return FinishedCall(call_id=call_id, **fields)
+    return agi_call(call_id, **fields)
 
 
 def test_cdr_written_once_masked(service, acme):
@@ -152,7 +153,7 @@ def test_decision_variables_set_action_last():
 
 
 def test_cdr_from_garbage_fields_still_written(service, acme):
-    call = FinishedCall(call_id="lab-2.2", called="x;DROP", caller="\x00", action="", start="nan",
+    call = agi_call("lab-2.2", called="x;DROP", caller="\x00", action="", start="nan",
                         end="-1", dialed_ms="abc", answered_ms="99999999999999", hangup_cause="1e9")
     assert service.record(call) == "written"
     [row] = provision.list_cdrs(acme)
@@ -210,7 +211,7 @@ def test_call_path_survives_database_connections_killed(pg_url, tmp_path):
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE datname = current_database() AND pid <> pg_backend_pid()"))
     admin.dispose()
-    call = FinishedCall(call_id="reconnect.1", called=X1, caller=AGENT, action="bridge", destination=A)
+    call = agi_call("reconnect.1", called=X1, caller=AGENT, action="bridge", destination=A)
     assert service.record(call) == "written"
     assert not service.spool.pending()
     engine.dispose()

@@ -53,7 +53,8 @@ def test_a_wrong_secret_stops_every_entry_point_with_one_line(acme, tmp_path):
     url = acme.url.render_as_string(hide_password=False)
     env = {"PATH": "/usr/bin:/bin", "CALLCTL_DATABASE_URL": url, "CALLCTL_SPOOL_DIR": str(tmp_path / "spool"),
            "CALLCTL_AGI_LISTEN": f"127.0.0.1:{harness.free_port()}",
-           "CALLCTL_API_LISTEN": f"127.0.0.1:{harness.free_port()}"}
+           "CALLCTL_API_LISTEN": f"127.0.0.1:{harness.free_port()}",
+           "CALLCTL_ANOMALY_RULES": str(harness.REPO / "conf" / "anomaly.yaml")}  # no warning of its own
     wrong_lookup = {**env, ENV_KEYS: ring_text(lookup=new_key())}
     for args in (["tenant", "list"], ["binding", "get", "1"], ["serve", "asterisk"], ["serve", "api"]):
         done = run(*args, env=wrong_lookup, cwd=tmp_path)

@@ -15,13 +15,14 @@ from sqlalchemy import insert, select
 
 from callctl import feed
 from callctl.core.numbers import mask
-from callctl.service import CallService, FinishedCall
+from callctl.service import CallService
 from callctl.store import blacklist, blocks, customers, provision, reveal
 from callctl.store.crypto import number_hash
 from callctl.store.models import AuditEntry, Block, Cdr
 from callctl.store.provision import ProvisionError
 from callctl.store.spool import CdrSpool
 from tests import leaks, realnumbers
+from tests.agicalls import agi_call
 
 AGENT = realnumbers.tenant_line("+8613900018001")
 HOTLINE = realnumbers.tenant_line("+861058018001")
@@ -39,7 +40,7 @@ def acme(engine):
 
 def call(engine, x: str, caller: str = AGENT, reason: str = "") -> None:
     start = datetime.now(timezone.utc).timestamp()
-    CallService(engine, CdrSpool(tempfile.mkdtemp(prefix="callctl-feed-spool-"))).record(FinishedCall(
+    CallService(engine, CdrSpool(tempfile.mkdtemp(prefix="callctl-feed-spool-"))).record(agi_call(
         f"feed-{next(_ids)}", called=x, caller=caller, action="reject" if reason else "bridge", reason=reason,
         tenant="1", direction="to_customer", start=f"{start:.3f}", end=f"{start + 5:.3f}",
         destination="" if reason else CUSTOMERS[0], dial_status="" if reason else "ANSWER"))

@@ -25,7 +25,7 @@ def _retry(cfg):
 
 
 def _who(args) -> str:
-    from callctl.cli import _login
+    from callctl.cli.common import login as _login
 
     return args.by or f"support:{_login()}"
 
@@ -75,7 +75,7 @@ WEBHOOK_TABLE = [("id", "id"), ("tenant", "tenant"), ("url", "url"), ("delivered
 
 
 def cmd_webhook_list(cfg, args):
-    from callctl.cli import _table
+    from callctl.cli.common import table as _table
     from callctl.webhooks import list_webhooks
 
     rows = list_webhooks(_engine(cfg), args.tenant)

@@ -23,9 +23,10 @@ from datetime import date, datetime, timedelta, timezone
 from sqlalchemy import Date, and_, case, cast, func, inspect, select, text
 from sqlalchemy.engine import Engine
 
+from callctl.core.times import parse_time
+from callctl.errors import ProvisionError
 from callctl.store.models import (AuditEntry, BlacklistEntry, BlacklistEvidence, Binding, Block, Cdr, RevealGrant,
                                   Tenant)
-from callctl.store.provision import ProvisionError
 
 FINDINGS_TABLE = "anomaly_findings"
 REVEALS_TABLE = "audit_log"  # its reveal_used entries, with reveal_grants for tenant and scenario
@@ -54,13 +55,8 @@ def _iso(value) -> str | None:
 
 def period(start: str, end: str, now: datetime | None = None) -> tuple[datetime, datetime]:
     """--from / --to as typed: ISO dates (UTC midnight) or date-times with zone, or ages."""
-    from callctl.store.cdrs import parse_time
-
     now = now or datetime.now(timezone.utc)
-    try:
-        return parse_time(start, now, "from"), parse_time(end, now, "to")
-    except ProvisionError as exc:
-        raise ProvisionError("invalid_period", str(exc)) from None
+    return parse_time(start, "from", now, code="invalid_period"), parse_time(end, "to", now, code="invalid_period")
 
 
 def report(engine: Engine, start: datetime, end: datetime, now: datetime | None = None) -> dict:

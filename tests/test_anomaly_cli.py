@@ -71,6 +71,9 @@ def test_run_then_list_findings(setup):
     assert len(rows) == 1 and rows[0]["calls"] == 3 and len(rows[0]["evidence"]) == 3 and rows[0]["block_id"]
     later = (now + timedelta(hours=1)).isoformat()
     assert json.loads(cli("findings", "list", "--json", "--since", later).stdout) == []
+    # The same forms as `cdr list --since` (one parser): an age counts back from now.
+    assert [f["id"] for f in json.loads(cli("findings", "list", "--json", "--since", "2h").stdout)] == [rows[0]["id"]]
+    assert json.loads(cli("findings", "list", "--json", "--since", "1m").stdout) == []
     assert json.loads(cli("findings", "list", "--json", "--rule", "blast").stdout) == []
     assert json.loads(cli("findings", "list", "--json", "--tenant", "nobody").stdout) == []
 

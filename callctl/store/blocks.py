@@ -15,9 +15,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from callctl.core.numbers import InvalidNumber, mask, to_e164
+from callctl.errors import Conflict, NotFound, ProvisionError
 from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, Block, Tenant, VirtualNumber, utcnow
-from callctl.store.provision import ProvisionError, _number, _tenant
+from callctl.store.provision import _number, _tenant
 from callctl.store.reveal import append
 
 SCOPES = ("binding", "caller", "number", "tenant")
@@ -149,15 +150,15 @@ def _target(session: Session, scope: str, tenant_name: str | None, binding_id: i
     if scope == "binding":
         binding = session.get(Binding, binding_id)
         if binding is None:
-            raise ProvisionError("binding_not_found", f"no binding {binding_id}")
+            raise NotFound("binding_not_found", f"no binding {binding_id}")
         if binding.status != "active":
-            raise ProvisionError("binding_ended", f"binding {binding_id} has ended; block its X or the caller")
+            raise Conflict("binding_ended", f"binding {binding_id} has ended; block its X or the caller")
         number_row = session.get(VirtualNumber, binding.number_id)
         owner = session.get(Tenant, binding.tenant_id)
     elif scope == "number":
         number_row = session.scalar(select(VirtualNumber).where(VirtualNumber.e164 == number))
         if number_row is None:
-            raise ProvisionError("number_not_found", "that virtual number is in no pool")
+            raise NotFound("number_not_found", "that virtual number is in no pool")
         owner = session.get(Tenant, number_row.tenant_id)
     else:
         owner = _tenant(session, tenant_name)
@@ -215,9 +216,9 @@ def lift_block(engine: Engine, block_id: int, lifted_by: str, now: datetime | No
     with Session(engine) as session, session.begin():
         block = session.get(Block, block_id, with_for_update=True)
         if block is None:
-            raise ProvisionError("block_not_found", f"no block {block_id}")
+            raise NotFound("block_not_found", f"no block {block_id}")
         if block.ends_at is not None and block.ends_at <= now:
-            raise ProvisionError("block_ended", f"block {block_id} has ended already")
+            raise Conflict("block_ended", f"block {block_id} has ended already")
         block.ends_at = now
         block.lifted_by = lifted_by
         session.flush()

@@ -45,10 +45,10 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
 from callctl.core.decision import Mode
+from callctl.errors import Conflict, NotFound, ProvisionError, Unavailable
 from callctl.store import provision
 from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, VirtualNumber, utcnow
-from callctl.store.provision import ProvisionError
 
 POOL_COLUMNS = ("number", "tenant")
 BIND_COLUMNS = ("customer", "tenant", "mode", "other_party", "reference", "expires_at", "ttl_seconds")
@@ -244,13 +244,13 @@ class _Tenants:
         if not name:
             raise ProvisionError("missing_tenant", "no tenant: give a tenant column or --tenant")
         if len(name) > 100:
-            raise ProvisionError("tenant_not_found", "no such tenant (a tenant name has 1-100 characters)")
+            raise NotFound("tenant_not_found", "no such tenant (a tenant name has 1-100 characters)")
         if name not in self.ids:
             try:
                 self.ids[name] = provision.tenant_id_of(self.engine, name)
             except ProvisionError as exc:
                 if _LONG_DIGITS.search(name):  # a customer's number in the wrong column is not printed
-                    raise ProvisionError(exc.code, "no tenant of that name (it looks like a phone number)") from None
+                    raise type(exc)(exc.code, "no tenant of that name (it looks like a phone number)") from None
                 raise
         return name, self.ids[name]
 
@@ -262,7 +262,7 @@ def _unexpected(exc: Exception) -> ProvisionError:
     if isinstance(exc, ProvisionError):
         return exc
     if isinstance(exc, IntegrityError):
-        return ProvisionError("conflict", "changed concurrently by another writer; load the rejected rows again")
+        return Conflict("conflict", "changed concurrently by another writer; load the rejected rows again")
     if isinstance(exc, SQLAlchemyError):
         return ProvisionError("database_error", f"the database could not take it ({type(exc).__name__}); "
                               "load the rejected rows again")
@@ -308,7 +308,7 @@ def import_pool(engine: Engine, path: str | os.PathLike, *, tenant_name: str | N
             else:
                 for record, e164, _ in valid:
                     if e164 in taken:
-                        rejects.add(record, ProvisionError("number_exists", f"{e164} is in a pool already"))
+                        rejects.add(record, Conflict("number_exists", f"{e164} is in a pool already"))
                 result.done += len(fresh)
             if progress:
                 progress(len(batch))
@@ -479,7 +479,7 @@ def _bind_axn_batch(engine: Engine, tenant_id: int, wanted: list, now: datetime)
             except OperationalError as exc:
                 if getattr(exc.orig, "pgcode", None) != "55P03":  # lock_not_available
                     raise
-                return made, [(r, ProvisionError("pool_busy", "the pool is busy; load the rejected rows again"))
+                return made, [(r, Unavailable("pool_busy", "the pool is busy; load the rejected rows again"))
                               for r, _, _ in rest]
             numbers += _lock_free(conn, tenant_id, VirtualNumber.state == "free", len(rest) - len(numbers),
                                   [n for n, _ in numbers])
@@ -493,7 +493,7 @@ def _bind_axn_batch(engine: Engine, tenant_id: int, wanted: list, now: datetime)
                 select(VirtualNumber.id).where(VirtualNumber.tenant_id == tenant_id, reusable).limit(1)) is not None
         if not wait:
             break
-    exhausted = ProvisionError("pool_exhausted", "no free virtual number left in the pool")
+    exhausted = Conflict("pool_exhausted", "no free virtual number left in the pool")
     return made, [(record, exhausted) for record, _, _ in rest]
 
 

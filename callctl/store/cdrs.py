@@ -4,10 +4,9 @@ nothing here can reveal a real one."""
 from __future__ import annotations
 
 import base64
-import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Iterator
 
 from sqlalchemy import and_, func, or_, select
@@ -15,8 +14,9 @@ from sqlalchemy.engine import Engine
 
 from callctl.core.decision import Reason
 from callctl.core.numbers import caller_e164
+from callctl.core.times import parse_time
+from callctl.errors import NotFound, ProvisionError
 from callctl.store.models import Cdr, Tenant
-from callctl.store.provision import ProvisionError
 
 CDR_COLUMNS = (
     "id", "call_id", "tenant_id", "binding_id", "virtual_number", "direction",
@@ -26,8 +26,6 @@ CDR_COLUMNS = (
 )
 DECISIONS = ("bridged", "rejected", "self")  # self: a call to the customers' self-service line
 REASONS = tuple(str(reason) for reason in Reason)
-_AGO = re.compile(r"(\d+)([smhd])\Z")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _WINDOW = 1000  # ids re-read on each poll of follow_cdrs (inserts committing out of order)
 
 
@@ -56,29 +54,10 @@ class CdrFilter:
             raise ProvisionError("invalid_filter", f"decision must be one of {', '.join(DECISIONS)}")
         if reason is not None and reason not in REASONS:
             raise ProvisionError("invalid_filter", f"reason must be one of {', '.join(REASONS)}")
-        start, end = parse_time(since, now, "since"), parse_time(until, now, "until")
+        start, end = (parse_time(text, what, now, code="invalid_filter") for text, what in ((since, "since"), (until, "until")))
         if start and end and start >= end:
             raise ProvisionError("invalid_filter", "--since must be before --until")
         return cls(tenant, number, binding, start, end, decision, reason)
-
-
-def parse_time(text: str | None, now: datetime, what: str) -> datetime | None:
-    """An ISO date or date-time (with zone; a bare date is UTC midnight), or an age such
-    as 15m, 2h, 7d (that long before now)."""
-    if text is None:
-        return None
-    if match := _AGO.match(text.strip()):
-        return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    try:
-        value = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ProvisionError("invalid_filter", f"--{what} must be an ISO date/date-time with zone"
-                                               " (2026-11-29, 2026-11-29T08:00+08:00) or an age (15m, 2h, 7d)") from None
-    if value.tzinfo is None:
-        if len(text.strip()) > 10:
-            raise ProvisionError("invalid_filter", f"--{what}: give a time zone, e.g. 2026-11-29T08:00+08:00")
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
 
 
 def _query(engine: Engine, where: CdrFilter):
@@ -87,7 +66,7 @@ def _query(engine: Engine, where: CdrFilter):
         with engine.connect() as conn:
             tenant_id = conn.execute(select(Tenant.id).where(Tenant.name == where.tenant)).scalar()
         if tenant_id is None:
-            raise ProvisionError("tenant_not_found", f"no tenant named '{where.tenant}'")
+            raise NotFound("tenant_not_found", f"no tenant named '{where.tenant}'")
         query = query.where(Cdr.tenant_id == tenant_id)
     if where.x is not None:
         query = query.where(Cdr.virtual_number == where.x)

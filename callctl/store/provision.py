@@ -16,14 +16,9 @@ from sqlalchemy.orm import Session
 
 from callctl.core.decision import DEFAULT_PURPOSES, Mode, Profile, Purpose, known_zone
 from callctl.core.numbers import InvalidNumber, mask, to_e164
+from callctl.errors import Conflict, NotFound, ProvisionError, Unavailable
 from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, Cdr, Tenant, TenantCaller, VirtualNumber, utcnow
-
-
-class ProvisionError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 def _number(raw: str, what: str, region: str) -> str:
@@ -68,7 +63,7 @@ def _limits(ring_timeout: int | None, max_call_seconds: int | None) -> None:
 def _tenant(session: Session, name: str) -> Tenant:
     tenant = session.scalar(select(Tenant).where(Tenant.name == name))
     if tenant is None:
-        raise ProvisionError("tenant_not_found", f"no tenant named '{name}'")
+        raise NotFound("tenant_not_found", f"no tenant named '{name}'")
     return tenant
 
 
@@ -128,7 +123,7 @@ def add_tenant(
     patterns |= {(_prefix(p), True) for p in caller_prefixes}
     with Session(engine) as session, session.begin():
         if session.scalar(select(Tenant.id).where(Tenant.name == name)) is not None:
-            raise ProvisionError("tenant_exists", f"a tenant named '{name}' exists already")
+            raise Conflict("tenant_exists", f"a tenant named '{name}' exists already")
         session.add(tenant)
         session.flush()
         session.add_all(TenantCaller(tenant_id=tenant.id, pattern=p, is_prefix=f) for p, f in patterns)
@@ -183,7 +178,7 @@ def add_numbers(engine: Engine, tenant_name: str, numbers: list[str], region: st
         tenant = _tenant(session, tenant_name)
         taken = session.scalars(select(VirtualNumber.e164).where(VirtualNumber.e164.in_(wanted))).all()
         if taken:
-            raise ProvisionError(
+            raise Conflict(
                 "number_exists", f"{len(taken)} number(s) already in a pool, e.g. {sorted(taken)[0]}"
             )
         session.add_all(VirtualNumber(e164=n, tenant_id=tenant.id) for n in wanted)
@@ -285,7 +280,7 @@ def bind(
             session.flush()
         except IntegrityError:
             # The unique indexes are the last line of defence behind the row locks.
-            raise ProvisionError("conflict", "that virtual number was bound concurrently; retry") from None
+            raise Conflict("conflict", "that virtual number was bound concurrently; retry") from None
         return binding_view(binding, number.e164, tenant.name)
 
 
@@ -365,7 +360,7 @@ def _allocate(session: Session, tenant_id: int, mode: str, pair: tuple[str, str 
             except OperationalError as exc:
                 savepoint.rollback()
                 if getattr(exc.orig, "pgcode", None) == "55P03":  # lock_not_available
-                    raise ProvisionError("pool_busy", "the pool is busy; retry") from None
+                    raise Unavailable("pool_busy", "the pool is busy; retry") from None
                 raise
             if extension is not False:
                 savepoint.commit()
@@ -382,8 +377,8 @@ def _allocate(session: Session, tenant_id: int, mode: str, pair: tuple[str, str 
             if tried:
                 query = query.where(VirtualNumber.id.not_in(tried))
             if session.scalar(query.limit(1)) is None:
-                raise ProvisionError("pool_exhausted", f"no virtual number in the pool can take this {mode} binding")
-    raise ProvisionError("pool_busy", "the pool is busy; retry")
+                raise Conflict("pool_exhausted", f"no virtual number in the pool can take this {mode} binding")
+    raise Unavailable("pool_busy", "the pool is busy; retry")
 
 
 def _claim(session: Session, number: VirtualNumber, mode: str, parties: list[str], capacity: int,
@@ -577,14 +572,14 @@ def _scoped_binding(session: Session, binding_id: int, tenant_id: int | None, *,
     Another tenant's binding is reported exactly like a missing one."""
     binding = session.get(Binding, binding_id, with_for_update=lock)
     if binding is None or (tenant_id is not None and binding.tenant_id != tenant_id):
-        raise ProvisionError("binding_not_found", f"no binding {binding_id}")
+        raise NotFound("binding_not_found", f"no binding {binding_id}")
     return binding
 
 
 def _active_binding(session: Session, binding_id: int, tenant_id: int | None) -> Binding:
     binding = _scoped_binding(session, binding_id, tenant_id, lock=True)
     if binding.status != "active":
-        raise ProvisionError("binding_ended", f"binding {binding_id} has ended already")
+        raise Conflict("binding_ended", f"binding {binding_id} has ended already")
     return binding
 
 
@@ -729,7 +724,7 @@ def update_binding(
                 # The X row lock serialises every change to the parties on that X.
                 session.get(VirtualNumber, binding.number_id, with_for_update=True)
                 if party_a == binding.party_b or _parties_on(session, binding.number_id, [party_a], binding.id):
-                    raise ProvisionError(
+                    raise Conflict(
                         "party_conflict", "that number is already a party of a binding on this virtual number"
                     )
             binding.party_a = party_a

@@ -26,9 +26,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.engine import Engine
 
 from callctl.core.numbers import mask
+from callctl.errors import Forbidden, NotFound, ProvisionError
 from callctl.store import crypto
 from callctl.store.models import AuditEntry, Binding, RevealGrant, utcnow
-from callctl.store.provision import ProvisionError
 
 SCENARIOS = ("claim", "complaint", "aml")
 GENESIS = "0" * 64
@@ -36,8 +36,14 @@ log = structlog.get_logger("callctl.audit")
 _CHAIN_LOCK = 0x63616C6C  # pg_advisory_xact_lock key: one appender at a time ("call")
 
 
-class RevealError(ProvisionError):
+class RevealError(Forbidden):
     """A refused reveal step; the refusal is in the audit log already."""
+
+
+class DecidedAlready(RevealError):
+    """Approving or refusing a grant that was decided already."""
+
+    status = 409
 
 
 def _person(name: str, what: str) -> str:
@@ -323,7 +329,7 @@ def request(engine: Engine, binding_id: int, party: str, scenario: str, case_ref
     with _audited(engine) as session:
         binding = session.get(Binding, binding_id)
         if binding is None:
-            raise ProvisionError("binding_not_found", f"no binding {binding_id}")
+            raise NotFound("binding_not_found", f"no binding {binding_id}")
         if party == "b" and binding.party_b is None:
             raise ProvisionError("invalid_party", f"binding {binding_id} has no party b")
         grant = RevealGrant(binding_id=binding_id, party=party, scenario=scenario, case_reference=case_reference,
@@ -343,9 +349,9 @@ def _decide(engine: Engine, grant_id: int, person: str, approve: bool, note: str
     with _audited(engine) as session:
         grant = session.get(RevealGrant, grant_id, with_for_update=True)
         if grant is None:
-            raise ProvisionError("grant_not_found", f"no reveal grant {grant_id}")
+            raise NotFound("grant_not_found", f"no reveal grant {grant_id}")
         if grant.status != "requested":
-            refused = RevealError("grant_decided", f"grant {grant_id} was {grant.status} already")
+            refused = DecidedAlready("grant_decided", f"grant {grant_id} was {grant.status} already")
         elif person == grant.requested_by:
             refused = RevealError("self_approval", "a second person must decide: the requester cannot")
         if refused:

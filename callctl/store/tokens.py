@@ -14,8 +14,9 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from callctl.errors import NotFound, ProvisionError
 from callctl.store.models import ApiToken, Tenant, utcnow
-from callctl.store.provision import ProvisionError, _tenant
+from callctl.store.provision import _tenant
 
 ROLES = ("tenant", "regulator", "platform")  # regulator: reads the regulator export, nothing else; platform: the operator's staff (blocks)
 TENANT_ROLES = ("tenant",)  # the roles that act for one tenant
@@ -84,7 +85,7 @@ def revoke_token(engine: Engine, token_id: int) -> dict:
     with Session(engine) as session, session.begin():
         row = session.get(ApiToken, token_id, with_for_update=True)
         if row is None:
-            raise ProvisionError("token_not_found", f"no token {token_id}")
+            raise NotFound("token_not_found", f"no token {token_id}")
         if row.revoked_at is None:
             row.revoked_at = utcnow()
     return {"id": token_id, "revoked": True}

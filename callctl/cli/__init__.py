@@ -1,0 +1,71 @@
+"""The `callctl` command: one module per noun, each with a `register(top)` that adds its
+subcommands; a subcommand's `func(cfg, args)` does the work. A new noun is a new module
+listed in NOUNS; a new subcommand goes into its noun's module."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from callctl import config as config_mod
+from callctl import logs
+from callctl.cli import (anomaly, audit, binding, blacklist, block, calls, cdr, common, db, doctor, export, findings,
+                         keys, pool, regulator, reveal, serve, tenant, token)
+
+# In the order `callctl --help` lists them.
+NOUNS = (db, tenant, pool, binding, block, blacklist, regulator, cdr, export, anomaly, findings, keys, reveal, audit,
+         calls, doctor, serve, token)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="callctl", description="Privacy-number call control")
+    parser.add_argument("--config", help="config file (default conf/callctl.yaml or $CALLCTL_CONFIG)")
+    top = parser.add_subparsers(dest="command", required=True)
+    subs = {noun: noun.register(top) for noun in NOUNS}  # a noun's subcommands, for nouns others extend
+    from callctl import cli_customers
+
+    cli_customers.add_parsers(top, subs[tenant], subs[binding])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from callctl.errors import ProvisionError
+    from callctl.store import crypto, reveal
+    from callctl.store.spool import SpoolError
+
+    try:
+        cfg = config_mod.load(args.config)
+        logs.setup(cfg.log.format, cfg.log.level)
+        if getattr(args, "needs_keys", True):
+            # At startup, so a missing or bad key stops us here and not at the first call.
+            crypto.install(crypto.load_ring(cfg.keys.file, cfg.keys.current))
+            if getattr(args, "checks_keys", True):  # the ring must be the database's (keycheck.py)
+                from callctl.store import keycheck
+
+                db = common.engine(cfg)
+                try:
+                    keycheck.verify(db, new_lookup=getattr(args, "rehash", False))
+                finally:
+                    db.dispose()  # e.g. `serve api` would keep its connection open
+        reveal.use_checkpoint(cfg.audit_checkpoint)
+        args.func(cfg, args)
+    except (config_mod.ConfigError, SpoolError) as exc:
+        print(f"callctl: config error: {exc}", file=sys.stderr)
+        return 2
+    except crypto.KeyConfigError as exc:
+        print(f"callctl: key error: {exc}", file=sys.stderr)
+        return 2
+    except crypto.DecryptError as exc:
+        print(f"callctl: key error: {exc} (is every key still in the ring? 'callctl keys list')",
+              file=sys.stderr)
+        return 2
+    except ProvisionError as exc:
+        print(f"callctl: {exc} [{exc.code}]", file=sys.stderr)
+        return 1
+    except (OperationalError, ProgrammingError) as exc:
+        print(f"callctl: database error: {type(exc.orig).__name__}: {str(exc.orig).splitlines()[0]}"
+              " (is the database reachable, and did you run 'callctl db upgrade'?)", file=sys.stderr)
+        return 3
+    return 0

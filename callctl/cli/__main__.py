@@ -1,0 +1,5 @@
+import sys
+
+from callctl.cli import main
+
+sys.exit(main())

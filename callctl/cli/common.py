@@ -1,0 +1,83 @@
+"""What every noun's commands share: the engine, output for people and programs, moments."""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+
+from callctl.core.times import parse_time
+
+
+def engine(cfg):
+    from callctl.store.db import make_engine
+
+    return make_engine(cfg.database_url, pool_size=cfg.db_threads)
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A plain fixed-width table for people."""
+    cells = [[("" if r.get(key) is None else str(r.get(key))) for key, _ in columns] for r in rows]
+    widths = [max([len(title)] + [len(c[i]) for c in cells]) for i, (_, title) in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+    return "\n".join([line([t for _, t in columns]), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def clock(value: str | None) -> str:
+    """An ISO time as a table shows it: 2026-11-21 08:03:00 (UTC)."""
+    return (value or "")[:19].replace("T", " ")
+
+
+def moment(text: str | None, option: str, *, ahead: bool = False):
+    """Every --since/--until/--starts/--ends/--expires: callctl.core.times.parse_time."""
+    return parse_time(text, option, ahead=ahead, code="invalid_time")
+
+
+def non_negative(text: str) -> int:
+    if not text.isdigit() or int(text) > 3660:
+        raise argparse.ArgumentTypeError("a whole number of days, 0 to 3660")
+    return int(text)
+
+
+def login() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        raise SystemExit("callctl: cannot tell who you are; give --by NAME") from None
+
+
+def write_out(data: str, output: str | None) -> None:
+    """To the --output file, or standard output."""
+    if output:
+        with open(output, "w", encoding="utf-8") as out:
+            out.write(data)
+    else:
+        sys.stdout.write(data)
+
+
+def run_bulk(run, file: str) -> None:
+    """Run a bulk job with a progress bar on stderr; every rejected row is listed."""
+    from tqdm import tqdm
+
+    try:
+        with open(file, "rb") as handle:
+            total = max(sum(1 for _ in handle) - 1, 0)
+    except OSError as exc:
+        raise SystemExit(f"callctl: {file}: {exc.strerror}") from None
+    with tqdm(total=total, unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
+        result = run(bar.update)
+    for problem in result.errors:
+        print(f"callctl: {file}: {problem}", file=sys.stderr)
+    print_json({  # rows = done + existing + rejected
+        "rows": result.rows, "done": result.done, "existing": result.existing, "rejected": len(result.errors),
+        "bound_file": str(result.bound_file) if result.bound_file else None,
+        "rejected_file": str(result.rejected_file) if result.rejected_file else None,
+    })
+    if result.errors:
+        print(f"callctl: {len(result.errors)} row(s) rejected, listed above and kept in {result.rejected_file}; "
+              "the other rows are done", file=sys.stderr)
+        raise SystemExit(1)

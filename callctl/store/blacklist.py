@@ -24,11 +24,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from callctl.core.numbers import mask
+from callctl.errors import NotFound, ProvisionError
 from callctl.store.blocks import _no_phone_number, _text
 from callctl.store.crypto import number_hash
 from callctl.store.models import (AnomalyFinding, BlacklistEntry, BlacklistEvidence, Cdr, Tenant, TenantCaller,
                                   utcnow)
-from callctl.store.provision import ProvisionError, _number, _tenant
+from callctl.store.provision import _number, _tenant
 from callctl.store.reveal import _person, append
 
 STATUSES = ("proposed", "active", "refused", "lifted")
@@ -129,7 +130,7 @@ def _staff_evidence(session: Session, digest: str, findings: list[int], cdrs: li
     for finding_id in findings:
         finding = session.get(AnomalyFinding, finding_id)
         if finding is None:
-            raise ProvisionError("finding_not_found", f"no finding {finding_id}")
+            raise NotFound("finding_not_found", f"no finding {finding_id}")
         if finding.subject_kind != "caller" or finding.subject != digest:
             raise ProvisionError("invalid_evidence", f"finding {finding_id} is not about this caller")
         rows.append((finding.tenant_id, finding.id, sorted(json.loads(finding.evidence))))
@@ -137,7 +138,7 @@ def _staff_evidence(session: Session, digest: str, findings: list[int], cdrs: li
     for cdr_id in cdrs:
         cdr = session.execute(select(Cdr.tenant_id, Cdr.caller_hash).where(Cdr.id == cdr_id)).first()
         if cdr is None:
-            raise ProvisionError("cdr_not_found", f"no CDR {cdr_id}")
+            raise NotFound("cdr_not_found", f"no CDR {cdr_id}")
         if cdr.caller_hash != digest or cdr.tenant_id is None:
             raise ProvisionError("invalid_evidence", f"CDR {cdr_id} is not a call of this caller to a tenant")
         by_tenant.setdefault(cdr.tenant_id, []).append(cdr_id)
@@ -154,7 +155,7 @@ def _open_entry(session: Session, digest: str, lock: bool = False) -> BlacklistE
 def _entry(session: Session, entry_id: int) -> BlacklistEntry:
     entry = session.get(BlacklistEntry, entry_id, with_for_update=True)
     if entry is None:
-        raise ProvisionError("blacklist_not_found", f"no blacklist entry {entry_id}")
+        raise NotFound("blacklist_not_found", f"no blacklist entry {entry_id}")
     return entry
 
 
@@ -283,7 +284,7 @@ def get(engine: Engine, entry_id: int, now: datetime | None = None) -> dict:
     with Session(engine) as session:
         entry = session.get(BlacklistEntry, entry_id)
         if entry is None:
-            raise ProvisionError("blacklist_not_found", f"no blacklist entry {entry_id}")
+            raise NotFound("blacklist_not_found", f"no blacklist entry {entry_id}")
         return _view(session, entry, now or utcnow())
 
 

@@ -678,7 +678,7 @@ def extend_binding(
         try:
             session.flush()
         except IntegrityError:
-            raise ProvisionError("binding_expired", _REUSED.format(binding_id)) from None
+            raise Conflict("binding_expired", _REUSED.format(binding_id)) from None
         return _view(session, binding)
 
 
@@ -699,7 +699,7 @@ def _revive(session: Session, binding: Binding) -> None:
     else:
         free = False
     if not free:
-        raise ProvisionError("binding_expired", _REUSED.format(binding.id))
+        raise Conflict("binding_expired", _REUSED.format(binding.id))
     number.state, number.mode, number.quarantined_until = "bound", binding.mode, None
     binding.status, binding.end_reason, binding.ended_at = "active", None, None
 

@@ -1,0 +1,23 @@
+"""What every route may depend on: the app's engine and settings (set once by create_app)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from fastapi import Request
+from sqlalchemy.engine import Engine
+
+
+@dataclass(frozen=True)
+class Settings:
+    quarantine: timedelta
+    region: str = "CN"
+    extension_digits: int = 4
+
+
+def engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def settings(request: Request) -> Settings:
+    return request.app.state.settings

@@ -1,138 +1,21 @@
 """Anomaly rules and thresholds from YAML (conf/anomaly.yaml documents every key).
 
-Each rule has defaults; `tenants:` overrides any rule's fields for one tenant by name.
+Each rule (callctl/anomaly/rules/) has defaults; `tenants:` overrides any rule's fields
+for one tenant by name, except the settings a rule reads for all tenants at once.
 A bad file or value stops the job with one sentence naming the problem.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
+from callctl.anomaly import rules as _builtin  # noqa: F401  (registers the built-in rules)
+from callctl.anomaly.base import RULES, Rule, Strict
+from callctl.anomaly.rules.off_hours import clock_minute
 from callctl.config import ConfigError
 from callctl.core.decision import Profile
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class BlockAction(Strict):
-    direction: Literal["to_customer", "from_customer", "both"] = "to_customer"
-    seconds: int = Field(86400, ge=60)  # how long the automatic block lasts
-
-
-class Rule(Strict):
-    enabled: bool = True
-    severity: Literal["low", "medium", "high"] = "medium"
-    action: Literal["alert", "block"] = "alert"
-    block: BlockAction = BlockAction()
-    window: int = Field(3600, ge=1, le=31 * 86400)  # seconds
-
-    subject_kind: ClassVar[str] = "tenant"  # what the rule counts per: caller | binding | tenant
-
-    @model_validator(mode="after")
-    def _blockable(self):
-        if self.action == "block" and self.subject_kind == "caller":
-            raise ValueError(
-                "action 'block' needs a binding or tenant subject; this rule counts per caller "
-                "(a hash, never the number), so it can only alert"
-            )
-        return self
-
-
-class CallerFrequency(Rule):
-    """One caller number places `calls` calls or more within `window` seconds."""
-    subject_kind: ClassVar[str] = "caller"
-    calls: int = Field(60, ge=2)
-
-
-class TenantFrequency(Rule):
-    """One tenant places `calls` calls or more within `window` seconds (to customers)."""
-    subject_kind: ClassVar[str] = "tenant"
-    calls: int = Field(5000, ge=2)
-
-
-class CustomerFrequency(Rule):
-    """One customer (binding) is called `calls` times or more within `window` (a day)."""
-    subject_kind: ClassVar[str] = "binding"
-    window: int = Field(86400, ge=1, le=31 * 86400)
-    calls: int = Field(10, ge=2)
-
-
-class UltraShort(Rule):
-    """Of one binding's answered calls in a period of `window` seconds, a share of at
-    least `share` lasted under `talk_seconds`, and at least `min_calls` of them."""
-    subject_kind: ClassVar[str] = "binding"
-    talk_seconds: float = Field(3.0, gt=0)
-    share: float = Field(0.8, gt=0, le=1)
-    min_calls: int = Field(5, ge=1)
-
-
-class DeclinedRepeat(Rule):
-    """The tenant calls a customer again within `window` seconds after the customer
-    declined (dial status in `statuses` or hangup cause in `causes`), `repeats` times
-    or more in a period of `window` seconds."""
-    subject_kind: ClassVar[str] = "binding"
-    window: int = Field(600, ge=1, le=31 * 86400)
-    repeats: int = Field(1, ge=1)
-    statuses: list[str] = ["BUSY"]
-    causes: list[int] = [17, 21]  # user busy, call rejected
-
-
-class OffHours(Rule):
-    """A tenant places `attempts` calls or more to customers outside its calling hours
-    (local time in the tenant's time zone) within one local day. The hours are the
-    tenant's own (tenants.calls_from / calls_until) unless `start`/`end` are set here."""
-    subject_kind: ClassVar[str] = "tenant"
-    window: int = Field(86400, ge=86400, le=86400)  # one local day, fixed
-    start: str | None = None  # calling hours [start, end), local time; start > end crosses midnight
-    end: str | None = None
-    attempts: int = Field(1, ge=1)
-
-    @field_validator("start", "end")
-    @classmethod
-    def _clock(cls, value: str | None) -> str | None:
-        if value is not None and clock_minute(value) is None:
-            raise ValueError("must be HH:MM, e.g. 08:00")
-        return value
-
-    @model_validator(mode="after")
-    def _both(self):
-        if (self.start is None) != (self.end is None):
-            raise ValueError("give both start and end, or neither (the tenant's calling hours)")
-        return self
-
-
-def clock_minute(value: str) -> int | None:
-    """'HH:MM' as minutes after midnight (24:00 is 1440), or None if it is not one."""
-    hours, sep, minutes = value.partition(":")
-    if not (sep and len(hours) == 2 and len(minutes) == 2 and hours.isdigit() and minutes.isdigit()):
-        return None
-    minute = int(hours) * 60 + int(minutes)
-    return minute if int(minutes) < 60 and minute <= 1440 else None
-
-
-class Blast(Rule):
-    """One agent (caller) reaches `customers` distinct bindings or more in a period of
-    `window` seconds."""
-    subject_kind: ClassVar[str] = "caller"
-    window: int = Field(600, ge=1, le=31 * 86400)
-    customers: int = Field(30, ge=2)
-
-
-RULES: dict[str, type[Rule]] = {
-    "caller_frequency": CallerFrequency,
-    "tenant_frequency": TenantFrequency,
-    "customer_frequency": CustomerFrequency,
-    "ultra_short": UltraShort,
-    "declined_repeat": DeclinedRepeat,
-    "off_hours": OffHours,
-    "blast": Blast,
-}
-TENANT_WIDE = ("statuses", "causes")  # read once per rule, not per tenant
 
 
 class BlacklistProposals(Strict):
@@ -229,7 +112,7 @@ class AnomalyConfig(Strict):
             if unknown:
                 raise ValueError(f"tenant {tenant}: unknown rule(s) {', '.join(unknown)}")
             for name, fields in (rules or {}).items():
-                shared = sorted(set(fields or {}) & set(TENANT_WIDE))
+                shared = sorted(set(fields or {}) & set(RULES[name].tenant_wide))
                 if shared:
                     raise ValueError(f"tenant {tenant}: {name}.{shared[0]} is set for all tenants only")
         return tenants

@@ -35,10 +35,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from callctl.anomaly.config import PROFILES, RULES, AnomalyConfig, Rule
-from callctl.anomaly.rules import Sql, constants, finding_insert
+from callctl.anomaly.base import RULES, Rule
+from callctl.anomaly.config import PROFILES, AnomalyConfig
+from callctl.anomaly.sql import Sql, finding_insert
 from callctl.store import events
 from callctl.store.blacklist import propose_from_findings
+from callctl.store.blocks import place_finding_blocks
 from callctl.store.models import AnomalyFinding, AnomalyState, Block, Cdr, Event, Tenant, UTCDateTime
 
 log = structlog.get_logger("callctl.anomaly")
@@ -185,19 +187,18 @@ def _ms(moment: datetime) -> int:
 def _run_rule(conn, sql: Sql, config: AnomalyConfig, name: str, tenants, first: datetime,
               last: datetime, lo: int, hi: int, now: datetime) -> int:
     """Run one rule; one statement per group of tenants with the same settings (and zone)."""
+    local_time = RULES[name].local_time
     groups: dict[tuple, tuple[Rule, list[int]]] = {}
     for tenant_id, tenant_name, zone, calls_from, calls_until in tenants:
-        rule = config.rule(name, tenant_name)
-        if name == "off_hours" and rule.start is None:  # the tenant's own calling hours
-            rule = rule.model_copy(update={"start": calls_from, "end": calls_until})
+        rule = config.rule(name, tenant_name).for_tenant(calls_from, calls_until)
         if rule.enabled:
-            key = (rule.model_dump_json(), zone if name == "off_hours" else None)
+            key = (rule.model_dump_json(), zone if local_time else None)
             groups.setdefault(key, (rule, []))[1].append(tenant_id)
-    if not groups:
-        return 0
-    kind = RULES[name].subject_kind
+    defaults = config.rule(name)  # the settings read once for every tenant (Rule.tenant_wide)
+    # An empty list matches nothing: `x IN (NULL)` is never true.
+    shared = {key: list(getattr(defaults, key)) or [None] for key in RULES[name].tenant_wide}
     runs = [(rule, tenant_ids, zone, None) for (_, zone), (rule, tenant_ids) in groups.items()]
-    if kind == "binding":  # protected customers: the tightened rule, on their bindings only
+    if RULES[name].subject_kind == "binding":  # protected customers: the tightened rule, on their bindings only
         names = {t[0]: t[1] for t in tenants}
         for profile in config.profiles:
             for rule, tenant_ids, zone, _ in list(runs):
@@ -212,22 +213,17 @@ def _run_rule(conn, sql: Sql, config: AnomalyConfig, name: str, tenants, first: 
         w = rule.window * 1000
         scan_from = EPOCH + timedelta(milliseconds=((_ms(first) - w) // w) * w)
         scan_to = EPOCH + timedelta(milliseconds=((_ms(last) + w) // w + 1) * w)
-        statement = text(finding_insert(name, kind, rule, tenant_ids, sql, incremental=lo > 0,
-                                        profile=profile)).bindparams(
+        statement = text(finding_insert(rule, tenant_ids, sql, incremental=lo > 0, profile=profile)).bindparams(
             bindparam("scan_from", type_=UTCDateTime), bindparam("scan_to", type_=UTCDateTime),
-            *([bindparam("statuses", expanding=True, type_=String), bindparam("causes", expanding=True)]
-              if name == "declined_repeat" else []),
+            *(bindparam(key, expanding=True, type_=String if isinstance(listed[0], str) else None)
+              for key, listed in shared.items()),
         )
         values = {
-            "rule": name, "kind": kind, "lo": lo, "hi": hi, "evidence_limit": config.evidence_limit,
-            "threshold": float(getattr(rule, "share", None) or constants(name, rule)["threshold"]),
-            "severity": rule.severity, "action": rule.action,
+            "rule": name, "kind": rule.subject_kind, "lo": lo, "hi": hi, "evidence_limit": config.evidence_limit,
+            "threshold": rule.threshold, "severity": rule.severity, "action": rule.action, **shared,
         }
-        if name == "declined_repeat":
-            defaults = config.rule(name)  # statuses and causes are the same for every tenant
-            values.update(statuses=defaults.statuses or [""], causes=defaults.causes or [-1])
-        # off_hours: one statement per stretch of one UTC offset; the others, one in all.
-        segments = offset_segments(zone, scan_from, scan_to) if name == "off_hours" else [(scan_from, scan_to, 0)]
+        # A rule on local time: one statement per stretch of one UTC offset; the others, one in all.
+        segments = offset_segments(zone, scan_from, scan_to) if local_time else [(scan_from, scan_to, 0)]
         for start, end, offset_ms in segments:
             values.update(scan_from=start, scan_to=end, utc_offset_ms=offset_ms)
             found += conn.execute(statement, values).rowcount
@@ -256,21 +252,8 @@ def offset_segments(zone: str, start: datetime, end: datetime) -> list[tuple[dat
     return [(a, b, int(offset(a) / timedelta(milliseconds=1))) for a, b in zip(bounds, bounds[1:])]
 
 
-_BLOCK_INSERT = """
-INSERT INTO blocks (tenant_id, scope, direction, binding_id, reason, created_by, starts_at, ends_at, finding_id)
-SELECT f.tenant_id, :scope, :direction, f.binding_id,
-       'anomaly finding ' || CAST(f.id AS VARCHAR(20)) || ': ' || f.rule, :created_by, :now,
-       COALESCE((SELECT CASE b.profile WHEN 'elderly' THEN :ends_elderly WHEN 'claims' THEN :ends_claims END
-                 FROM bindings b WHERE b.id = f.binding_id), :ends_at), f.id
-FROM anomaly_findings f
-WHERE f.rule = :rule AND f.action = 'block' AND f.tenant_id IN :tenants AND f.window_end > COALESCE((SELECT CASE b.profile WHEN 'elderly' THEN :stale_elderly WHEN 'claims' THEN :stale_claims END
-                                    FROM bindings b WHERE b.id = f.binding_id), :stale_before)
-ON CONFLICT (finding_id) DO NOTHING
-"""
-
-
 def _place_blocks(conn, config: AnomalyConfig, name: str, tenants, now: datetime) -> int:
-    """One block per blocking finding, unless it would already have ended by now."""
+    """One block per blocking finding of this rule (callctl.store.blocks)."""
     kind = RULES[name].subject_kind
     groups: dict[tuple[str, int], list[int]] = {}
     for tenant_id, tenant_name, *_ in tenants:
@@ -282,22 +265,11 @@ def _place_blocks(conn, config: AnomalyConfig, name: str, tenants, now: datetime
                 tenant_ids = groups.setdefault((rule.block.direction, rule.block.seconds), [])
                 if tenant_id not in tenant_ids:
                     tenant_ids.append(tenant_id)
-    placed = 0
-    ends = ("now", "ends_at", "stale_before", *(f"{k}_{p}" for p in PROFILES for k in ("ends", "stale")))
-    statement = text(_BLOCK_INSERT).bindparams(
-        bindparam("tenants", expanding=True), *(bindparam(k, type_=UTCDateTime) for k in ends),
-    )
-    for (direction, seconds), tenant_ids in groups.items():
-        lasts = timedelta(seconds=seconds)
-        # A protected customer's block lasts longer (the profile's block_factor, 2 unless set).
-        factor = {p: config.profiles[p].block_factor if p in config.profiles else 2.0 for p in PROFILES}
-        longer = {**{f"ends_{p}": now + lasts * f for p, f in factor.items()},
-                  **{f"stale_{p}": now - lasts * f for p, f in factor.items()}}
-        placed += conn.execute(statement, {
-            "scope": kind, "direction": direction, "created_by": f"anomaly:{name}", "rule": name,
-            "tenants": tenant_ids, "now": now, "ends_at": now + lasts, "stale_before": now - lasts, **longer,
-        }).rowcount
-    return placed
+    # A protected customer's block lasts longer (the profile's block_factor, 2 unless set).
+    factors = {p: config.profiles[p].block_factor if p in config.profiles else 2.0 for p in PROFILES}
+    return sum(place_finding_blocks(conn, name, kind, direction, tenant_ids, now, timedelta(seconds=seconds),
+                                    factors)
+               for (direction, seconds), tenant_ids in groups.items())
 
 
 def follow(engine: Engine, config: AnomalyConfig, stop: threading.Event, interval: float | None = None,

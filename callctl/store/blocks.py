@@ -10,14 +10,14 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
-from sqlalchemy.engine import Engine
+from sqlalchemy import bindparam, select, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from callctl.core.numbers import InvalidNumber, mask, to_e164
 from callctl.errors import Conflict, NotFound, ProvisionError
 from callctl.store.crypto import number_hash
-from callctl.store.models import Binding, Block, Tenant, VirtualNumber, utcnow
+from callctl.store.models import Binding, Block, Tenant, UTCDateTime, VirtualNumber, utcnow
 from callctl.store.provision import _number, _tenant
 from callctl.store.reveal import append
 
@@ -230,3 +230,35 @@ def lift_block(engine: Engine, block_id: int, lifted_by: str, now: datetime | No
             "starts_at": block.starts_at.isoformat()}, now)
         number_row = session.get(VirtualNumber, block.number_id) if block.number_id else None
         return block_view(block, tenant.name, number_row.e164 if number_row else None, now)
+
+
+_FINDING_BLOCKS = """
+INSERT INTO blocks (tenant_id, scope, direction, binding_id, reason, created_by, starts_at, ends_at, finding_id)
+SELECT f.tenant_id, :scope, :direction, f.binding_id,
+       'anomaly finding ' || CAST(f.id AS VARCHAR(20)) || ': ' || f.rule, :created_by, :now,
+       COALESCE((SELECT CASE b.profile WHEN 'elderly' THEN :ends_elderly WHEN 'claims' THEN :ends_claims END
+                 FROM bindings b WHERE b.id = f.binding_id), :ends_at), f.id
+FROM anomaly_findings f
+WHERE f.rule = :rule AND f.action = 'block' AND f.tenant_id IN :tenants
+  AND f.window_end > COALESCE((SELECT CASE b.profile WHEN 'elderly' THEN :stale_elderly WHEN 'claims' THEN :stale_claims END
+                               FROM bindings b WHERE b.id = f.binding_id), :stale_before)
+ON CONFLICT (finding_id) DO NOTHING
+"""
+
+
+def place_finding_blocks(conn: Connection, rule: str, scope: str, direction: str, tenant_ids: list[int],
+                         now: datetime, lasts: timedelta, factors: dict[str, float]) -> int:
+    """The anomaly job's automatic blocks, in its transaction: one per blocking finding of
+    `rule` for these tenants (scope: the rule's subject, binding or tenant), lasting
+    `lasts` from now (times `factors[profile]` for a binding with a protection profile),
+    unless it would already have ended by now. A finding blocks once (unique finding_id),
+    however often passes see it."""
+    longer = {**{f"ends_{p}": now + lasts * f for p, f in factors.items()},
+              **{f"stale_{p}": now - lasts * f for p, f in factors.items()}}
+    ends = ("now", "ends_at", "stale_before", *longer)
+    statement = text(_FINDING_BLOCKS).bindparams(
+        bindparam("tenants", expanding=True), *(bindparam(k, type_=UTCDateTime) for k in ends))
+    return conn.execute(statement, {
+        "scope": scope, "direction": direction, "created_by": f"anomaly:{rule}", "rule": rule,
+        "tenants": tenant_ids, "now": now, "ends_at": now + lasts, "stale_before": now - lasts, **longer,
+    }).rowcount

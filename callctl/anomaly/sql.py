@@ -1,0 +1,93 @@
+"""The statement every anomaly rule runs as: one INSERT ... SELECT per rule (and per group
+of tenants sharing the rule's settings), run in the database. A rule brings its own
+CTEs (Rule.sql, in its module under callctl/anomaly/rules/); this wraps them.
+
+Every statement is a chain of CTEs over the CDRs in a scan range of started_at (a range
+filter, so a table partitioned by day reads only the days it needs):
+
+    scoped    the rule's CDRs with their subject (caller hash, binding or tenant) and
+              t = started_at in epoch milliseconds (integers: the same arithmetic on
+              PostgreSQL and SQLite, exact at the window edges)
+    hits      (tenant, subject, period) that break the threshold, with the measure
+    evidence  the CDRs behind each hit
+    then      one finding per hit, ON CONFLICT DO NOTHING on (rule, tenant, subject, period)
+
+Windows: the frequency rules slide (LAG over the subject's calls: the call `calls - 1`
+before this one started less than `window` earlier); the others count in fixed periods
+of `window` seconds from the epoch (the tenant's local day for off_hours). A finding's
+period is the fixed period its hit falls in, so the same CDRs always give the same keys.
+
+The window functions partition by subject and order by (started_at, id), the order of
+the indexes of migration 0050, so PostgreSQL streams the rows in index order instead of
+sorting the whole range. The thresholds are integers written into the statement (from
+the validated config); everything else is a bound parameter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from callctl.anomaly.base import Rule
+
+SUBJECT = {"caller": "c.caller_hash", "binding": "c.binding_id", "tenant": "c.tenant_id"}
+# A binding belongs to one tenant; a caller's number may call several tenants.
+PARTITION = {"caller": "s.tenant_id, s.subject", "binding": "s.subject", "tenant": "s.subject"}
+
+
+@dataclass(frozen=True)
+class Sql:
+    """The few expressions PostgreSQL and SQLite spell differently."""
+    dialect: str
+
+    def ms(self, column: str) -> str:
+        if self.dialect == "postgresql":
+            return f"CAST(date_part('epoch', {column}) * 1000 AS BIGINT)"  # double: fast, exact to the ms
+        return f"CAST(ROUND((julianday({column}) - 2440587.5) * 86400000.0) AS INTEGER)"
+
+    def id_list(self, column: str) -> str:
+        if self.dialect == "postgresql":
+            return f"string_agg(CAST({column} AS TEXT), ',' ORDER BY {column})"
+        return f"group_concat({column}, ',')"
+
+
+def finding_insert(rule: Rule, tenant_ids: list[int], sql: Sql, incremental: bool, profile: str | None = None) -> str:
+    """The INSERT ... SELECT of one rule for tenants sharing the same settings; with
+    `profile` (per-customer rules), only for bindings carrying that protection profile."""
+    spec, kind = rule.sql, rule.subject_kind
+    fill = dict({k: int(v) for k, v in rule.constants().items()}, **rule.fragments(), w=rule.window * 1000, partition=PARTITION[kind],
+                first_ms=sql.ms("m.first_at"), end_ms=sql.ms("COALESCE(c.ended_at, c.started_at)"),
+                start_ms=sql.ms("c.started_at"))
+    subject = SUBJECT[kind]
+    # After the first pass only subjects with new CDRs can have new findings.
+    touched = (f"AND {subject} IN (SELECT {subject} FROM cdrs c WHERE c.id > :lo AND c.id <= :hi)"
+               if incremental else "")
+    if profile is not None:  # one of config.PROFILES, never user text
+        touched += f" AND c.binding_id IN (SELECT b.id FROM bindings b WHERE b.profile = '{profile}')"
+    tenants = ", ".join(str(int(t)) for t in tenant_ids)
+    # INSERT first, then WITH: SQLite reports the rows inserted only for statements so begun.
+    return f"""
+INSERT INTO anomaly_findings (rule, tenant_id, subject_kind, subject, binding_id, period, window_start,
+                              window_end, calls, measure, threshold, severity, action, evidence)
+WITH scoped AS NOT MATERIALIZED (
+    SELECT c.id, c.tenant_id, {subject} AS subject, c.started_at, {sql.ms('c.started_at')} AS t
+           {spec.columns.format(**fill)}
+    FROM cdrs c
+    WHERE c.tenant_id IN ({tenants}) AND c.started_at >= :scan_from AND c.started_at < :scan_to
+      AND {spec.where} {touched}
+),{spec.body.format(**fill)},
+ranked AS (
+    SELECT e.*, ROW_NUMBER() OVER (PARTITION BY e.tenant_id, e.subject, e.period_ms ORDER BY e.id) AS rn
+    FROM evidence e
+),
+summary AS (
+    SELECT tenant_id, subject, period_ms, MIN(started_at) AS window_start, MAX(started_at) AS window_end,
+           COUNT(*) AS calls, '[' || {sql.id_list('CASE WHEN rn <= :evidence_limit THEN id END')} || ']' AS evidence
+    FROM ranked GROUP BY tenant_id, subject, period_ms
+)
+SELECT :rule, h.tenant_id, :kind, CAST(h.subject AS VARCHAR(64)), {"h.subject" if kind == "binding" else "NULL"},
+       h.period_ms / 1000, m.window_start, m.window_end, m.calls, {"m.calls" if spec.sliding else "h.measure"},
+       :threshold, :severity, :action, m.evidence
+FROM hits h
+JOIN summary m ON m.tenant_id = h.tenant_id AND m.subject = h.subject AND m.period_ms = h.period_ms
+WHERE true
+ON CONFLICT (rule, tenant_id, subject, period) DO NOTHING
+"""

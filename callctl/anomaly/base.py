@@ -5,9 +5,11 @@ under callctl/anomaly/rules/ whose class is decorated with @register("name")
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from callctl.core.enums import BlockDirection, FindingAction, Severity, SubjectKind
 
 RULES: dict[str, type["Rule"]] = {}  # name -> rule class, in the order the rules run
 
@@ -17,7 +19,7 @@ class Strict(BaseModel):
 
 
 class BlockAction(Strict):
-    direction: Literal["to_customer", "from_customer", "both"] = "to_customer"
+    direction: BlockDirection = BlockDirection.TO_CUSTOMER
     seconds: int = Field(86400, ge=60)  # how long the automatic block lasts
 
 
@@ -31,19 +33,19 @@ class RuleSql:
 
 class Rule(Strict):
     enabled: bool = True
-    severity: Literal["low", "medium", "high"] = "medium"
-    action: Literal["alert", "block"] = "alert"
+    severity: Severity = Severity.MEDIUM
+    action: FindingAction = FindingAction.ALERT
     block: BlockAction = BlockAction()
     window: int = Field(3600, ge=1, le=31 * 86400)  # seconds
 
-    subject_kind: ClassVar[str] = "tenant"  # what the rule counts per: caller | binding | tenant
+    subject_kind: ClassVar[SubjectKind] = SubjectKind.TENANT  # what the rule counts per
     sql: ClassVar[RuleSql]
     tenant_wide: ClassVar[tuple[str, ...]] = ()  # settings read once for all tenants (bound as lists)
     local_time: ClassVar[bool] = False  # reads the tenant's local clock: scans split by zone and offset
 
     @model_validator(mode="after")
     def _blockable(self):
-        if self.action == "block" and self.subject_kind == "caller":
+        if self.action == FindingAction.BLOCK and self.subject_kind == SubjectKind.CALLER:
             raise ValueError(
                 "action 'block' needs a binding or tenant subject; this rule counts per caller "
                 "(a hash, never the number), so it can only alert"

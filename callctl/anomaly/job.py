@@ -38,6 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from callctl.anomaly.base import RULES, Rule
 from callctl.anomaly.config import PROFILES, AnomalyConfig
 from callctl.anomaly.sql import Sql, finding_insert
+from callctl.core.enums import FindingAction
 from callctl.store import events
 from callctl.store.blacklist import propose_from_findings
 from callctl.store.blocks import place_finding_blocks
@@ -261,7 +262,7 @@ def _place_blocks(conn, config: AnomalyConfig, name: str, tenants, now: datetime
         if kind == "binding":  # a profile may make a per-customer rule block
             rules += [config.profile_rule(name, tenant_name, p) for p in config.profiles]
         for rule in rules:
-            if rule is not None and rule.enabled and rule.action == "block":
+            if rule is not None and rule.enabled and rule.action == FindingAction.BLOCK:
                 tenant_ids = groups.setdefault((rule.block.direction, rule.block.seconds), [])
                 if tenant_id not in tenant_ids:
                     tenant_ids.append(tenant_id)

@@ -1,8 +1,6 @@
 """/v1/bindings: a tenant's bindings (tenant tokens; another tenant's binding is 404)."""
 from __future__ import annotations
 
-from typing import Literal
-
 import structlog
 from fastapi import APIRouter, Depends, Query
 from sqlalchemy.engine import Engine
@@ -10,6 +8,7 @@ from sqlalchemy.engine import Engine
 from callctl.api.auth import tenant
 from callctl.api.deps import Settings, engine, settings
 from callctl.api.schemas import BindingIn, BindingOut, BindingPage, ExtendIn, UpdateIn
+from callctl.core.enums import BindingView
 from callctl.errors import ProvisionError
 from callctl.store import provision
 from callctl.store.tokens import Principal
@@ -34,7 +33,7 @@ def create_binding(body: BindingIn, who: Principal = Depends(tenant), db: Engine
 @router.get("", response_model=BindingPage)
 def list_bindings(
     reference: str | None = Query(None, max_length=100),
-    status: Literal["active", "expired", "ended"] | None = None,
+    status: BindingView | None = None,
     after: int = Query(0, ge=0, description="the `next` of the previous page"),
     limit: int = Query(100, ge=1, le=provision.MAX_PAGE),
     who: Principal = Depends(tenant),

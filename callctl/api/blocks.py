@@ -3,8 +3,6 @@ callctl.store.blocks. In force on the very next call on every daemon (nothing is
 No caller filter on GET: a real number does not belong in a URL (access logs)."""
 from __future__ import annotations
 
-from typing import Literal
-
 import structlog
 from fastapi import APIRouter, Depends, Query
 from sqlalchemy.engine import Engine
@@ -12,6 +10,7 @@ from sqlalchemy.engine import Engine
 from callctl.api.auth import platform
 from callctl.api.deps import Settings, engine, settings
 from callctl.api.schemas import BlockIn, BlockOut
+from callctl.core.enums import BlockScope
 from callctl.store import blocks
 from callctl.store.tokens import Principal
 
@@ -35,7 +34,7 @@ def add_block(body: BlockIn, who: Principal = Depends(platform), db: Engine = De
 @router.get("", response_model=list[BlockOut])
 def list_blocks(
     tenant: str | None = Query(None, max_length=100),
-    scope: Literal["binding", "caller", "number", "tenant"] | None = None,
+    scope: BlockScope | None = None,
     binding_id: int | None = None,
     number: str | None = Query(None, max_length=40, description="the virtual number X"),
     active: bool = Query(False, description="only blocks in force now"),

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Literal
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from callctl.core.decision import Mode
+from callctl.core.enums import BlockDirection, BlockScope, RevealParty, RevealScenario
 
 
 class Body(BaseModel):
@@ -15,7 +17,7 @@ class Body(BaseModel):
 
 class BindingIn(Body):
     customer: str = Field(max_length=40, description="the customer's real number (A), E.164 or national")
-    mode: Literal["AXN", "AXB", "AXE"] = "AXN"
+    mode: Mode = Mode.AXN
     other_party: str | None = Field(None, max_length=40, description="AXB: the other party's real number (B)")
     reference: str | None = Field(None, max_length=100, description="e.g. the policy number")
     expires_at: datetime | None = Field(None, description="long-term: ISO date-time with zone")
@@ -91,9 +93,9 @@ class PoolOut(BaseModel):
 
 
 class BlockIn(Body):
-    scope: Literal["binding", "caller", "number", "tenant"] = Field(
+    scope: BlockScope = Field(
         description="binding (binding_id), caller (tenant + caller), number (number = X), tenant (a suspension)")
-    direction: Literal["to_customer", "from_customer", "both"]
+    direction: BlockDirection
     reason: str = Field(max_length=500, description="why; free text without phone numbers")
     by: str = Field(min_length=1, max_length=80, description="the person who sets it")
     tenant: str | None = Field(None, max_length=100)
@@ -124,8 +126,8 @@ class BlockOut(BaseModel):
 
 class RevealIn(Body):
     binding_id: int
-    party: Literal["a", "b"] = Field("a", description="a: the customer; b: AXB's other party")
-    scenario: Literal["claim", "complaint", "aml"]
+    party: RevealParty = Field(RevealParty.A, description="a: the customer; b: AXB's other party")
+    scenario: RevealScenario
     case_reference: str = Field(min_length=1, max_length=100)
     max_uses: int = Field(1, ge=1, le=100)
     ttl_seconds: int = Field(3600, ge=60, le=7 * 86400, description="how long the grant lasts once approved")

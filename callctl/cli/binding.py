@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from callctl.cli.common import clock, engine, moment, print_json, run_bulk, table
+from callctl.cli.common import clock, engine, moment, print_json, run_bulk, table, values
+from callctl.core.decision import Mode
+from callctl.core.enums import BindingView
 
 BINDING_TABLE = [
     ("id", "id"), ("tenant", "tenant"), ("x", "X"), ("mode", "mode"), ("customer", "customer"),
@@ -88,7 +90,7 @@ def register(top):
     cmd.add_argument("--bulk", metavar="FILE",
                      help="CSV with a header: customer[,tenant,mode,other_party,reference,expires_at,ttl_seconds]")
     cmd.add_argument("--out", help="--bulk: where the bindings made go (default FILE.bound.csv)")
-    cmd.add_argument("--mode", default="AXN", choices=["AXN", "AXB", "AXE"],
+    cmd.add_argument("--mode", default="AXN", choices=values(Mode),
                      help="AXN: X for this customer alone; AXB: X shared by pairs (needs --other-party); "
                           "AXE: X shared through an extension")
     cmd.add_argument("--other-party", help="AXB: the other party's real number (B)")
@@ -112,7 +114,7 @@ def register(top):
     cmd = binding.add_parser("list", help="bindings in id order, a page at a time")
     cmd.add_argument("--tenant")
     cmd.add_argument("--reference", help="external reference, e.g. a policy number")
-    cmd.add_argument("--status", choices=["active", "expired", "ended"],
+    cmd.add_argument("--status", choices=values(BindingView),
                      help="active: in force; expired: past its expiry (its X released by housekeeping); "
                           "ended: unbound")
     cmd.add_argument("--after", type=int, default=0, help="show ids after this one (paging)")

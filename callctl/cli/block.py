@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import sys
 
-from callctl.cli.common import clock, engine, login, moment, print_json, table
+from callctl.cli.common import clock, engine, login, moment, print_json, table, values
+from callctl.core.enums import BlockDirection, BlockScope
 
 BLOCK_TABLE = [
     ("id", "id"), ("tenant", "tenant"), ("scope", "scope"), ("direction", "direction"),
     ("binding_id", "binding"), ("x", "X"), ("caller", "caller"), ("status", "status"),
     ("starts_at", "starts (UTC)"), ("ends_at", "ends (UTC)"), ("created_by", "by"), ("reason", "reason"),
 ]
-SCOPES = ["binding", "caller", "number", "tenant"]
 
 
 def add(cfg, args):
@@ -63,10 +63,10 @@ def register(top) -> None:
     block = top.add_parser("block", help="block calls (never deleted: lift ends them)").add_subparsers(
         dest="sub", required=True)
     cmd = block.add_parser("add", help="block calls; effective on the next call on every daemon")
-    cmd.add_argument("--scope", required=True, choices=SCOPES,
+    cmd.add_argument("--scope", required=True, choices=values(BlockScope),
                      help="binding (--binding), caller (--tenant, --caller), number (--number X), "
                           "tenant (--tenant: suspends its calling rights)")
-    cmd.add_argument("--direction", required=True, choices=["to_customer", "from_customer", "both"])
+    cmd.add_argument("--direction", required=True, choices=values(BlockDirection))
     cmd.add_argument("--reason", required=True, help="why (no phone numbers in here)")
     cmd.add_argument("--by", help="who sets it (default: your login)")
     cmd.add_argument("--tenant")
@@ -82,7 +82,7 @@ def register(top) -> None:
     cmd.set_defaults(func=add)
     cmd = block.add_parser("list", help="blocks, newest first")
     cmd.add_argument("--tenant")
-    cmd.add_argument("--scope", choices=SCOPES)
+    cmd.add_argument("--scope", choices=values(BlockScope))
     cmd.add_argument("--binding", type=int)
     cmd.add_argument("--number")
     cmd.add_argument("--caller")

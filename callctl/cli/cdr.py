@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from callctl.cli.common import clock, engine, print_json, table
+from callctl.cli.common import clock, engine, print_json, table, values
 
 CDR_TABLE = [
     ("started_at", "started (UTC)"), ("call_id", "call id"), ("tenant_id", "tenant"),
@@ -74,6 +74,7 @@ def import_pbx(cfg, args):
 
 def register(top) -> None:
     from callctl.core.decision import Reason
+    from callctl.core.enums import CallDecision
 
     cdr = top.add_parser("cdr", help="call detail records").add_subparsers(dest="sub", required=True)
     clist = cdr.add_parser("list", help="newest calls first")
@@ -86,7 +87,7 @@ def register(top) -> None:
         sub.add_argument("--x", help="virtual number")
         sub.add_argument("--binding", type=int, help="binding id")
         sub.add_argument("--since", help="ISO date/date-time with zone, or an age: 15m, 2h, 7d")
-        sub.add_argument("--decision", choices=["bridged", "rejected"])
+        sub.add_argument("--decision", choices=values(CallDecision))
         sub.add_argument("--reason", choices=[str(reason) for reason in Reason])
         sub.add_argument("--json", action="store_true", help="JSON for programs (tail: one object per line)")
     clist.add_argument("--until", help="exclusive end, same forms as --since")

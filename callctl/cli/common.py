@@ -81,3 +81,8 @@ def run_bulk(run, file: str) -> None:
         print(f"callctl: {len(result.errors)} row(s) rejected, listed above and kept in {result.rejected_file}; "
               "the other rows are done", file=sys.stderr)
         raise SystemExit(1)
+
+
+def values(enum) -> list[str]:
+    """An enum's values as argparse choices (plain strings: its error messages show them)."""
+    return [str(member) for member in enum]

@@ -1,7 +1,8 @@
 """`callctl reveal`: audited reveals of a real number (docs/reveal.md)."""
 from __future__ import annotations
 
-from callctl.cli.common import engine, print_json
+from callctl.cli.common import engine, print_json, values
+from callctl.core.enums import RevealParty, RevealScenario
 
 
 def request(cfg, args):
@@ -35,8 +36,8 @@ def register(top) -> None:
         dest="sub", required=True)
     cmd = reveal.add_parser("request", help="ask for a grant to see one party's real number")
     cmd.add_argument("--binding", type=int, required=True)
-    cmd.add_argument("--party", choices=["a", "b"], default="a", help="a: the customer (default); b: AXB's other")
-    cmd.add_argument("--scenario", choices=["claim", "complaint", "aml"], required=True)
+    cmd.add_argument("--party", choices=values(RevealParty), default="a", help="a: the customer (default); b: AXB's other")
+    cmd.add_argument("--scenario", choices=values(RevealScenario), required=True)
     cmd.add_argument("--case", required=True, help="the case reference")
     cmd.add_argument("--by", required=True, help="your name (the requester)")
     cmd.add_argument("--uses", type=int, default=1, help="reveals allowed (default 1)")

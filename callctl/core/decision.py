@@ -11,6 +11,8 @@ from enum import StrEnum
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from callctl.core.enums import BlockDirection, BlockScope
+
 
 class Reason(StrEnum):
     UNKNOWN_NUMBER = "unknown_number"
@@ -71,7 +73,7 @@ class Mode(StrEnum):
     AXE = "AXE"
 
 
-BLOCK_BOTH = "both"
+BLOCK_BOTH = BlockDirection.BOTH
 EXTENSION_TRIES = 2  # AXE: one retry after a wrong or missing extension, then reject
 
 
@@ -374,8 +376,8 @@ def _blocks(
         return False
     if block.direction != BLOCK_BOTH and block.direction != direction:
         return False
-    if block.scope == "binding":
+    if block.scope == BlockScope.BINDING:
         return binding is not None and block.binding_id == binding.id
-    if block.scope == "caller":
+    if block.scope == BlockScope.CALLER:
         return caller is not None and block.caller == caller
-    return block.scope in ("number", "tenant")  # the store fetched them for this X/tenant
+    return block.scope in (BlockScope.NUMBER, BlockScope.TENANT)  # the store fetched them for this X/tenant

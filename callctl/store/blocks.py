@@ -14,6 +14,7 @@ from sqlalchemy import bindparam, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from callctl.core.enums import BlockDirection, BlockScope
 from callctl.core.numbers import InvalidNumber, mask, to_e164
 from callctl.errors import Conflict, NotFound, ProvisionError
 from callctl.store.crypto import number_hash
@@ -21,10 +22,11 @@ from callctl.store.models import Binding, Block, Tenant, UTCDateTime, VirtualNum
 from callctl.store.provision import _number, _tenant
 from callctl.store.reveal import append
 
-SCOPES = ("binding", "caller", "number", "tenant")
-DIRECTIONS = ("to_customer", "from_customer", "both")
+SCOPES = tuple(BlockScope)
+DIRECTIONS = tuple(BlockDirection)
 # What each scope needs to name its target (the CLI option / API field).
-TARGET = {"binding": "binding_id", "caller": "caller", "number": "number", "tenant": "tenant"}
+TARGET = {BlockScope.BINDING: "binding_id", BlockScope.CALLER: "caller", BlockScope.NUMBER: "number",
+          BlockScope.TENANT: "tenant"}
 _DIGIT_RUN = re.compile(r"\+?\d[\d ()\-]{5,}\d")
 
 

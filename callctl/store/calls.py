@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
 from callctl.core.decision import BindingFacts, BlockFacts, Mode, NumberFacts, TenantFacts
+from callctl.core.enums import BlockScope
 from callctl.core.numbers import mask
 from callctl.store.crypto import number_hash
 from callctl.store.db import READ_ONLY
@@ -99,11 +100,11 @@ def _facts_statement(by_extension: bool):
         Block.starts_at <= now,
         or_(Block.ends_at.is_(None), Block.ends_at > now),
         or_(
-            Block.scope == "tenant",
-            and_(Block.scope == "number", Block.number_id == VirtualNumber.id),
-            and_(Block.scope == "binding", Block.binding_id == mine.c.id),
+            Block.scope == BlockScope.TENANT,
+            and_(Block.scope == BlockScope.NUMBER, Block.number_id == VirtualNumber.id),
+            and_(Block.scope == BlockScope.BINDING, Block.binding_id == mine.c.id),
             # Caller blocks hold a (maybe customer's) number encrypted: found by its hash.
-            and_(Block.scope == "caller", Block.caller_hash == caller_hash),
+            and_(Block.scope == BlockScope.CALLER, Block.caller_hash == caller_hash),
         ),
     )
     # The customer's word on this tenant: one unique-index probe per binding (0090).

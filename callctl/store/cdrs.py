@@ -13,6 +13,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Engine
 
 from callctl.core.decision import Reason
+from callctl.core.enums import CallDecision
 from callctl.core.numbers import caller_e164
 from callctl.core.times import parse_time
 from callctl.errors import NotFound, ProvisionError
@@ -24,7 +25,7 @@ CDR_COLUMNS = (
     "answered_at", "ended_at", "ring_seconds", "talk_seconds", "dial_status",
     "hangup_cause", "node",
 )
-DECISIONS = ("bridged", "rejected", "self")  # self: a call to the customers' self-service line
+DECISIONS = tuple(CallDecision)
 REASONS = tuple(str(reason) for reason in Reason)
 _WINDOW = 1000  # ids re-read on each poll of follow_cdrs (inserts committing out of order)
 

@@ -23,10 +23,19 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 from sqlalchemy.sql import operators
 from sqlalchemy.types import TypeDecorator
 
+from callctl.core.decision import Mode
+from callctl.core.enums import (BindingStatus, BlockDirection, BlockScope, FindingAction, GrantStatus, NumberState,
+                                RevealParty, RevealScenario, SubjectKind)
 from callctl.store import crypto
 
 # SQLite has no BIGINT rowid alias; INTEGER keeps AUTOINCREMENT-free rowid ids there.
 Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def one_of(column: str, values) -> str:
+    """A CHECK constraint's text from an enum: "scope IN ('binding','caller',...)" (the
+    migrations spell the same text; tests/test_schema.py compares them)."""
+    return f"{column} IN ({','.join(repr(str(v)) for v in values)})"
 
 
 class UTCDateTime(TypeDecorator):
@@ -132,8 +141,8 @@ class TenantCaller(Base):
 class VirtualNumber(Base):
     __tablename__ = "virtual_numbers"
     __table_args__ = (
-        CheckConstraint("state IN ('free','bound','quarantined','disabled')", name="ck_vn_state"),
-        CheckConstraint("mode IN ('AXN','AXB','AXE')", name="ck_vn_mode"),
+        CheckConstraint(one_of("state", NumberState), name="ck_vn_state"),
+        CheckConstraint(one_of("mode", Mode), name="ck_vn_mode"),
         Index("ix_vn_pool", "tenant_id", "state", "id"),
         UniqueConstraint("e164", name="uq_vn_e164"),
     )
@@ -149,8 +158,8 @@ class VirtualNumber(Base):
 class Binding(Base):
     __tablename__ = "bindings"
     __table_args__ = (
-        CheckConstraint("mode IN ('AXN','AXB','AXE')", name="ck_binding_mode"),
-        CheckConstraint("status IN ('active','ended')", name="ck_binding_status"),
+        CheckConstraint(one_of("mode", Mode), name="ck_binding_mode"),
+        CheckConstraint(one_of("status", BindingStatus), name="ck_binding_status"),
         # AXN: X serves one customer at a time.
         Index(
             "ux_binding_axn_number",
@@ -206,10 +215,8 @@ class Binding(Base):
 class Block(Base):
     __tablename__ = "blocks"
     __table_args__ = (
-        CheckConstraint("scope IN ('binding','caller','number','tenant')", name="ck_block_scope"),
-        CheckConstraint(
-            "direction IN ('to_customer','from_customer','both')", name="ck_block_direction"
-        ),
+        CheckConstraint(one_of("scope", BlockScope), name="ck_block_scope"),
+        CheckConstraint(one_of("direction", BlockDirection), name="ck_block_direction"),
         Index("ix_block_tenant", "tenant_id", "scope"),
         Index("ix_block_number", "number_id"),
         Index("ix_block_binding", "binding_id"),
@@ -289,8 +296,8 @@ class AnomalyFinding(Base):
     __tablename__ = "anomaly_findings"
     __table_args__ = (
         UniqueConstraint("rule", "tenant_id", "subject", "period", name="uq_finding_key"),
-        CheckConstraint("subject_kind IN ('caller','binding','tenant')", name="ck_finding_subject_kind"),
-        CheckConstraint("action IN ('alert','block')", name="ck_finding_action"),
+        CheckConstraint(one_of("subject_kind", SubjectKind), name="ck_finding_subject_kind"),
+        CheckConstraint(one_of("action", FindingAction), name="ck_finding_action"),
         Index("ix_finding_window_end", "window_end"),
         Index("ix_finding_feed", "feed_txid", "id"),
     )
@@ -353,9 +360,9 @@ class RevealGrant(Base):
 
     __tablename__ = "reveal_grants"
     __table_args__ = (
-        CheckConstraint("party IN ('a','b')", name="ck_grant_party"),
-        CheckConstraint("scenario IN ('claim','complaint','aml')", name="ck_grant_scenario"),
-        CheckConstraint("status IN ('requested','approved','refused')", name="ck_grant_status"),
+        CheckConstraint(one_of("party", RevealParty), name="ck_grant_party"),
+        CheckConstraint(one_of("scenario", RevealScenario), name="ck_grant_scenario"),
+        CheckConstraint(one_of("status", GrantStatus), name="ck_grant_status"),
         CheckConstraint("decided_by IS NULL OR decided_by <> requested_by", name="ck_grant_second_person"),
         Index("ix_grant_binding", "binding_id"),
     )

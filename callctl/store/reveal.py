@@ -25,12 +25,13 @@ from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.engine import Engine
 
+from callctl.core.enums import RevealScenario
 from callctl.core.numbers import mask
 from callctl.errors import Forbidden, NotFound, ProvisionError
 from callctl.store import crypto
 from callctl.store.models import AuditEntry, Binding, RevealGrant, utcnow
 
-SCENARIOS = ("claim", "complaint", "aml")
+SCENARIOS = tuple(RevealScenario)
 GENESIS = "0" * 64
 log = structlog.get_logger("callctl.audit")
 _CHAIN_LOCK = 0x63616C6C  # pg_advisory_xact_lock key: one appender at a time ("call")

@@ -6,13 +6,14 @@ from typing import ClassVar
 from pydantic import Field
 
 from callctl.anomaly.base import Rule, RuleSql, register
+from callctl.core.enums import SubjectKind
 
 
 @register("blast")
 class Blast(Rule):
     """One agent (caller) reaches `customers` distinct bindings or more in a period of
     `window` seconds."""
-    subject_kind: ClassVar[str] = "caller"
+    subject_kind: ClassVar[SubjectKind] = SubjectKind.CALLER
     window: int = Field(600, ge=1, le=31 * 86400)
     customers: int = Field(30, ge=2)
 

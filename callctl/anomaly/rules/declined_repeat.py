@@ -6,6 +6,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from callctl.anomaly.base import Rule, RuleSql, register
+from callctl.core.enums import SubjectKind
 
 
 @register("declined_repeat")
@@ -13,7 +14,7 @@ class DeclinedRepeat(Rule):
     """The tenant calls a customer again within `window` seconds after the customer
     declined (dial status in `statuses` or hangup cause in `causes`), `repeats` times
     or more in a period of `window` seconds."""
-    subject_kind: ClassVar[str] = "binding"
+    subject_kind: ClassVar[SubjectKind] = SubjectKind.BINDING
     tenant_wide: ClassVar[tuple[str, ...]] = ("statuses", "causes")
     window: int = Field(600, ge=1, le=31 * 86400)
     repeats: int = Field(1, ge=1)

@@ -6,6 +6,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from callctl.anomaly.base import Rule, RuleSql, register
+from callctl.core.enums import SubjectKind
 
 # The call `calls - 1` before this one (LAG) started less than `window` earlier.
 SLIDING = """
@@ -37,7 +38,7 @@ class Frequency(Rule):
 @register("caller_frequency")
 class CallerFrequency(Frequency):
     """One caller number places `calls` calls or more within `window` seconds."""
-    subject_kind: ClassVar[str] = "caller"
+    subject_kind: ClassVar[SubjectKind] = SubjectKind.CALLER
     sql: ClassVar[RuleSql] = RuleSql("c.caller_hash IS NOT NULL", "", SLIDING, sliding=True)
     calls: int = Field(60, ge=2)
 
@@ -45,7 +46,7 @@ class CallerFrequency(Frequency):
 @register("tenant_frequency")
 class TenantFrequency(Frequency):
     """One tenant places `calls` calls or more within `window` seconds (to customers)."""
-    subject_kind: ClassVar[str] = "tenant"
+    subject_kind: ClassVar[SubjectKind] = SubjectKind.TENANT
     sql: ClassVar[RuleSql] = RuleSql("c.direction = 'to_customer'", "", SLIDING, sliding=True)
     calls: int = Field(5000, ge=2)
 
@@ -53,7 +54,7 @@ class TenantFrequency(Frequency):
 @register("customer_frequency")
 class CustomerFrequency(Frequency):
     """One customer (binding) is called `calls` times or more within `window` (a day)."""
-    subject_kind: ClassVar[str] = "binding"
+    subject_kind: ClassVar[SubjectKind] = SubjectKind.BINDING
     sql: ClassVar[RuleSql] = RuleSql("c.direction = 'to_customer' AND c.binding_id IS NOT NULL", "", SLIDING,
                                      sliding=True)
     window: int = Field(86400, ge=1, le=31 * 86400)

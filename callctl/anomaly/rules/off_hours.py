@@ -6,6 +6,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator, model_validator
 
 from callctl.anomaly.base import Rule, RuleSql, register
+from callctl.core.enums import SubjectKind
 
 
 def clock_minute(value: str) -> int | None:
@@ -22,7 +23,7 @@ class OffHours(Rule):
     """A tenant places `attempts` calls or more to customers outside its calling hours
     (local time in the tenant's time zone) within one local day. The hours are the
     tenant's own (tenants.calls_from / calls_until) unless `start`/`end` are set here."""
-    subject_kind: ClassVar[str] = "tenant"
+    subject_kind: ClassVar[SubjectKind] = SubjectKind.TENANT
     local_time: ClassVar[bool] = True
     window: int = Field(86400, ge=86400, le=86400)  # one local day, fixed
     start: str | None = None  # calling hours [start, end), local time; start > end crosses midnight

@@ -6,13 +6,14 @@ from typing import ClassVar
 from pydantic import Field
 
 from callctl.anomaly.base import Rule, RuleSql, register
+from callctl.core.enums import SubjectKind
 
 
 @register("ultra_short")
 class UltraShort(Rule):
     """Of one binding's answered calls in a period of `window` seconds, a share of at
     least `share` lasted under `talk_seconds`, and at least `min_calls` of them."""
-    subject_kind: ClassVar[str] = "binding"
+    subject_kind: ClassVar[SubjectKind] = SubjectKind.BINDING
     talk_seconds: float = Field(3.0, gt=0)
     share: float = Field(0.8, gt=0, le=1)
     min_calls: int = Field(5, ge=1)

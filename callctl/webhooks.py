@@ -25,9 +25,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from callctl.core.decision import Channel
+from callctl.errors import NotFound, ProvisionError
 from callctl.store import crypto
 from callctl.store.models import Binding, CustomerPreference, Event, Tenant, Webhook, WebhookDelivery, utcnow
-from callctl.store.provision import ProvisionError, _tenant
+from callctl.store.provision import _tenant
 
 log = structlog.get_logger("callctl.webhooks")
 
@@ -119,7 +120,7 @@ def remove_webhook(engine: Engine, webhook_id: int, now: datetime | None = None)
     with Session(engine) as session, session.begin():
         hook = session.get(Webhook, webhook_id, with_for_update=True)
         if hook is None or hook.removed_at is not None:
-            raise ProvisionError("webhook_not_found", f"no webhook {webhook_id}")
+            raise NotFound("webhook_not_found", f"no webhook {webhook_id}")
         hook.removed_at = now or utcnow()
         session.flush()
         return _view(hook, session.get(Tenant, hook.tenant_id).name, {})
@@ -130,7 +131,7 @@ def ping_webhook(engine: Engine, webhook_id: int, retry: Retry = Retry()) -> dic
     with Session(engine) as session:
         hook = session.get(Webhook, webhook_id)
         if hook is None or hook.removed_at is not None:
-            raise ProvisionError("webhook_not_found", f"no webhook {webhook_id}")
+            raise NotFound("webhook_not_found", f"no webhook {webhook_id}")
         tenant = session.get(Tenant, hook.tenant_id).name
         secret = crypto.ring().open(hook.secret)
     envelope = {"id": f"test-{secrets.token_hex(8)}", "type": "webhook.test", "tenant": tenant,

@@ -673,7 +673,7 @@ def extend_binding(
         if binding.status != "active" and binding.end_reason == EXPIRED:
             _revive(session, binding)
         elif binding.status != "active":
-            raise ProvisionError("binding_ended", f"binding {binding_id} has ended already")
+            raise Conflict("binding_ended", f"binding {binding_id} has ended already")
         binding.expires_at = new_expiry
         try:
             session.flush()

@@ -1,25 +1,9 @@
 """FastAGI server: the wire protocol between Asterisk's res_agi and callctl.
 
-In the shape of panoramisk's ``fast_agi`` (routes keyed by ``agi_network_script``, one
-handler coroutine per connection), but written out here
-because panoramisk 1.4's ``Application.handler`` cannot be used as is: it spins forever
-when the peer closes while the environment is being read, has no timeouts or size
-limits, relies on ``asyncio.coroutine`` (removed in Python 3.11) and reads exactly one
-extra line after a multi-line ``520-`` answer. Its ``parse_agi_result`` drops the result
-on ``200 result=-1``, loses an empty ``result=`` and keeps no raw lines, so results are
-parsed here as well. Connections are a small ``asyncio.Protocol`` that splits what
-arrives into lines in one pass (``_Lines``): asyncio's streams cost a coroutine step
-per line, and a call's two sessions carry some fifty lines.
-
-Protocol, as res_agi speaks it:
-
-* On connect Asterisk sends ``agi_key: value`` lines, then one empty line. Values may be
-  empty and may contain ``': '``. ``agi_arg_1..N`` carry the AGI() arguments.
-* Each command is one line; the answer is ``200 result=<r> [(<data>)] [key=value...]``,
-  possibly preceded by ``100 result=0 Trying...``, or an error: ``510 ...``, ``511 ...``
-  (dead channel), ``520 ...`` or a multi-line block ``520-...`` ending with ``520 ...``.
-* With AGISIGHUP (the default) Asterisk writes ``HANGUP`` on its own when the channel
-  goes away, at any moment, including before a command's answer.
+Routes are keyed by ``agi_network_script``, one handler coroutine per connection;
+connections are a small ``asyncio.Protocol`` that splits input into lines in one pass.
+Why this is not panoramisk's ``fast_agi``, and the protocol as res_agi speaks it:
+docs/agi.md, "The FastAGI server".
 
 Privacy: events carry script, peer and uniqueid only. Environment values that can hold
 phone numbers (caller id, extension, dnid, rdnis, arguments) and command arguments

@@ -20,8 +20,9 @@ from sqlalchemy import String, and_, case, cast, func, literal, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from callctl.errors import ProvisionError
 from callctl.store.models import Binding, VirtualNumber
-from callctl.store.provision import ProvisionError, _tenant
+from callctl.store.provision import tenant_row
 
 COLUMNS = ("tenant", "policy_reference", "contact_number", "contact_extension", "contact_number_kind", "mode",
            "valid_from", "valid_until", "status_as_of", "as_of", "binding_id")
@@ -48,7 +49,7 @@ def rows(engine: Engine, tenant: str, as_of: str) -> Iterator[dict]:
     """The register's rows, in policy reference order (streamed). The tenant and the
     date are checked now, before the first row is asked for."""
     with Session(engine) as session:
-        owner = _tenant(session, tenant)
+        owner = tenant_row(session, tenant)
         name, zone, tenant_id = owner.name, owner.time_zone, owner.id
     return _stream(engine, name, tenant_id, as_of_moment(as_of, zone))
 

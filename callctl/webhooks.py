@@ -28,7 +28,7 @@ from callctl.core.decision import Channel
 from callctl.errors import NotFound, ProvisionError
 from callctl.store import crypto
 from callctl.store.models import Binding, CustomerPreference, Event, Tenant, Webhook, WebhookDelivery, utcnow
-from callctl.store.provision import _tenant
+from callctl.store.provision import tenant_row
 
 log = structlog.get_logger("callctl.webhooks")
 
@@ -74,7 +74,7 @@ def add_webhook(engine: Engine, tenant_name: str, url: str, secret: str | None =
     if not 16 <= len(secret) <= 100:
         raise ProvisionError("invalid_secret", "the secret must be 16-100 characters")
     with Session(engine) as session, session.begin():
-        tenant = _tenant(session, tenant_name)
+        tenant = tenant_row(session, tenant_name)
         last = session.scalar(select(func.max(Event.id))) or 0
         hook = Webhook(tenant_id=tenant.id, url=url, secret=crypto.ring().seal(secret), queued_upto=last)
         session.add(hook)
@@ -96,7 +96,7 @@ def list_webhooks(engine: Engine, tenant_name: str | None = None) -> list[dict]:
     with Session(engine) as session:
         query = select(Webhook, Tenant.name).join(Tenant, Tenant.id == Webhook.tenant_id).order_by(Webhook.id)
         if tenant_name:
-            query = query.where(Webhook.tenant_id == _tenant(session, tenant_name).id)
+            query = query.where(Webhook.tenant_id == tenant_row(session, tenant_name).id)
         views = []
         for hook, tenant in session.execute(query).all():
             d = WebhookDelivery

@@ -29,7 +29,7 @@ from callctl.store.blocks import _no_phone_number, _text
 from callctl.store.crypto import number_hash
 from callctl.store.models import (AnomalyFinding, BlacklistEntry, BlacklistEvidence, Cdr, Tenant, TenantCaller,
                                   utcnow)
-from callctl.store.provision import _number, _tenant
+from callctl.store.provision import parse_number, tenant_row
 from callctl.store.reveal import _person, append
 
 STATUSES = ("proposed", "active", "refused", "lifted")
@@ -102,7 +102,7 @@ def propose(engine: Engine, *, caller: str, reason: str, proposed_by: str, secon
     reason = _text(reason, "reason", 500)
     _no_phone_number(reason, region)
     seconds = _seconds(seconds)
-    number = _number(caller, "caller", region)
+    number = parse_number(caller, "caller", region)
     digest = number_hash(number)
     with Session(engine) as session, session.begin():
         evidence = _staff_evidence(session, digest, list(findings), list(cdrs))
@@ -298,7 +298,7 @@ def list_entries(engine: Engine, *, status: str | None = None, caller: str | Non
     if status:
         query = query.where(BlacklistEntry.status == status)
     if caller:
-        query = query.where(BlacklistEntry.caller_hash == number_hash(_number(caller, "caller", region)))
+        query = query.where(BlacklistEntry.caller_hash == number_hash(parse_number(caller, "caller", region)))
     with Session(engine) as session:
         names = _names(session)
         return [entry_view(e, _evidence(session, e.id), names, now) for e in session.scalars(query)]
@@ -310,7 +310,7 @@ def tenant_entries(engine: Engine, tenant: str, now: datetime | None = None) -> 
     evidence only. Proposals not (yet) approved and other tenants' data are not shown."""
     now = now or utcnow()
     with Session(engine) as session:
-        owner = _tenant(session, tenant)
+        owner = tenant_row(session, tenant)
         own_hashes = {number_hash(p) for p in session.scalars(
             select(TenantCaller.pattern).where(TenantCaller.tenant_id == owner.id, TenantCaller.is_prefix.is_(False)))}
         with_evidence = select(BlacklistEvidence.entry_id).where(BlacklistEvidence.tenant_id == owner.id)

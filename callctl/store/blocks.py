@@ -19,7 +19,7 @@ from callctl.core.numbers import InvalidNumber, mask, to_e164
 from callctl.errors import Conflict, NotFound, ProvisionError
 from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, Block, Tenant, UTCDateTime, VirtualNumber, utcnow
-from callctl.store.provision import _number, _tenant
+from callctl.store.provision import parse_number, tenant_row
 from callctl.store.reveal import append
 
 SCOPES = tuple(BlockScope)
@@ -124,8 +124,8 @@ def add_block(
         ends_at = starts_at + timedelta(seconds=duration_seconds)
     if _aware(ends_at, "end") is not None and (ends_at <= starts_at or ends_at <= now):
         raise ProvisionError("invalid_time", "the end must be after the start and in the future")
-    caller_e164 = _number(caller, "caller", region) if caller is not None else None
-    x = _number(number, "virtual number", region) if number is not None else None
+    caller_e164 = parse_number(caller, "caller", region) if caller is not None else None
+    x = parse_number(number, "virtual number", region) if number is not None else None
     with Session(engine) as session, session.begin():
         owner, number_row, binding = _target(session, scope, tenant, binding_id, x)
         block = Block(
@@ -163,7 +163,7 @@ def _target(session: Session, scope: str, tenant_name: str | None, binding_id: i
             raise NotFound("number_not_found", "that virtual number is in no pool")
         owner = session.get(Tenant, number_row.tenant_id)
     else:
-        owner = _tenant(session, tenant_name)
+        owner = tenant_row(session, tenant_name)
     if tenant_name is not None and owner.name != tenant_name:
         raise ProvisionError("wrong_tenant", f"that {scope} belongs to another tenant than '{tenant_name}'")
     return owner, number_row, binding
@@ -197,15 +197,15 @@ def list_blocks(
     )
     with Session(engine) as session:
         if tenant is not None:
-            query = query.where(Block.tenant_id == _tenant(session, tenant).id)
+            query = query.where(Block.tenant_id == tenant_row(session, tenant).id)
         if scope is not None:
             query = query.where(Block.scope == scope)
         if binding_id is not None:
             query = query.where(Block.binding_id == binding_id)
         if number is not None:
-            query = query.where(VirtualNumber.e164 == _number(number, "virtual number", region))
+            query = query.where(VirtualNumber.e164 == parse_number(number, "virtual number", region))
         if caller is not None:
-            query = query.where(Block.caller_hash == number_hash(_number(caller, "caller", region)))
+            query = query.where(Block.caller_hash == number_hash(parse_number(caller, "caller", region)))
         if active:
             query = query.where(Block.starts_at <= now, (Block.ends_at.is_(None)) | (Block.ends_at > now))
         return [block_view(b, name, x, now) for b, name, x in session.execute(query)]

@@ -286,7 +286,7 @@ def import_pool(engine: Engine, path: str | os.PathLike, *, tenant_name: str | N
                     rejects.add(record, record.error)
                     continue
                 try:
-                    e164 = provision._number(record.values["number"], "virtual number", region)
+                    e164 = provision.parse_number(record.values["number"], "virtual number", region)
                     _, tenant_id = tenants.id_of(record.values)
                     if e164 in seen:
                         raise ProvisionError("duplicate_row", f"{e164} is on line {seen[e164]} already")
@@ -355,12 +355,12 @@ def bind_bulk(engine: Engine, path: str | os.PathLike, *, tenant_name: str | Non
                 row = record.values
                 name, tenant_id = tenants.id_of(row)
                 mode = (row.get("mode") or "AXN").upper()
-                party_a, party_b = provision._binding_input(mode, row["customer"], row.get("other_party") or None,
+                party_a, party_b = provision.binding_parties(mode, row["customer"], row.get("other_party") or None,
                                                             extension_digits, region)
                 values = {
                     "tenant_id": tenant_id, "mode": mode, "party_a": party_a, "party_b": party_b, "extension": None,
-                    "reference": provision._reference(row.get("reference") or None),
-                    "expires_at": provision._expiry_from(_date(row.get("expires_at")), _int(row.get("ttl_seconds")),
+                    "reference": provision.parse_reference(row.get("reference") or None),
+                    "expires_at": provision.expiry_from(_date(row.get("expires_at")), _int(row.get("ttl_seconds")),
                                                          todo.when),
                     "status": "active", "created_at": todo.when,
                 }
@@ -501,7 +501,7 @@ def _bind_numbers(conn: Connection, taken: list, numbers: list[tuple[int, str]])
     """Bind the locked X to the rows, in order; the rows for the output file."""
     conn.execute(
         update(VirtualNumber).where(VirtualNumber.id.in_([n for n, _ in numbers]))
-        .values(state="bound", mode=Mode.AXN.value, quarantined_until=None)
+        .values(**provision.bound_columns(Mode.AXN))
     )
     values = [dict(v, number_id=n) for (_, _, v), (n, _) in zip(taken, numbers)]
     if conn.dialect.name == "postgresql":

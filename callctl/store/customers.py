@@ -19,7 +19,7 @@ from callctl.core.numbers import mask
 from callctl.store import events, reveal
 from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, CustomerPreference, Tenant, utcnow
-from callctl.store.provision import ProvisionError, _number, _tenant, parse_hours
+from callctl.store.provision import ProvisionError, parse_number, tenant_row, parse_hours
 
 CALLS = tuple(c.value for c in Calls)
 CHANNELS = tuple(c.value for c in Channel)
@@ -48,9 +48,9 @@ def _find(session: Session, tenant_id: int, customer: str, lock: bool = False) -
 
 
 def get_preference(engine: Engine, tenant_name: str, customer: str, region: str = "CN") -> dict:
-    customer = _number(customer, "customer", region)
+    customer = parse_number(customer, "customer", region)
     with Session(engine) as session:
-        tenant = _tenant(session, tenant_name)
+        tenant = tenant_row(session, tenant_name)
         return _view(tenant, customer, _find(session, tenant.id, customer))
 
 
@@ -64,7 +64,7 @@ def set_preference(
     tenant's webhooks. require_consent (the insurer's API): the customer's consent
     source and time must be given."""
     now = now or utcnow()
-    customer = _number(customer, "customer", region)
+    customer = parse_number(customer, "customer", region)
     changes = _changes(calls, quiet_hours, channel)
     if require_consent and not (consent_source and consent_at):
         raise ProvisionError("missing_consent", "an insurer's change needs the customer's consent: source and time")
@@ -75,7 +75,7 @@ def set_preference(
     if not actor or len(actor) > 100:
         raise ProvisionError("invalid_actor", "who makes the change: 1-100 characters")
     with Session(engine) as session, session.begin():
-        tenant = _tenant(session, tenant_name)
+        tenant = tenant_row(session, tenant_name)
         return _apply(session, tenant, customer, changes, actor, consent_source, consent_at, now)
 
 

@@ -15,13 +15,15 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from callctl.core.decision import DEFAULT_PURPOSES, Mode, Profile, Purpose, known_zone
+from callctl.core.enums import NumberState
 from callctl.core.numbers import InvalidNumber, mask, to_e164
 from callctl.errors import Conflict, NotFound, ProvisionError, Unavailable
+from callctl.store import cdrs, events
 from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, Cdr, Tenant, TenantCaller, VirtualNumber, utcnow
 
 
-def _number(raw: str, what: str, region: str) -> str:
+def parse_number(raw: str, what: str, region: str) -> str:
     try:
         return to_e164(raw, region)
     except InvalidNumber as exc:
@@ -60,7 +62,7 @@ def _limits(ring_timeout: int | None, max_call_seconds: int | None) -> None:
         raise ProvisionError("invalid_limit", "maximum call duration must be 1-86400 seconds")
 
 
-def _tenant(session: Session, name: str) -> Tenant:
+def tenant_row(session: Session, name: str) -> Tenant:
     tenant = session.scalar(select(Tenant).where(Tenant.name == name))
     if tenant is None:
         raise NotFound("tenant_not_found", f"no tenant named '{name}'")
@@ -111,7 +113,7 @@ def add_tenant(
     calls_from, calls_until = parse_hours(hours)
     tenant = Tenant(
         name=name,
-        hotline=_number(hotline, "hotline", region),
+        hotline=parse_number(hotline, "hotline", region),
         strict=strict,
         ring_timeout=ring_timeout,
         max_call_seconds=max_call_seconds,
@@ -119,7 +121,7 @@ def add_tenant(
         calls_from=calls_from,
         calls_until=calls_until,
     )
-    patterns = {(_number(c, "caller", region), False) for c in callers}
+    patterns = {(parse_number(c, "caller", region), False) for c in callers}
     patterns |= {(_prefix(p), True) for p in caller_prefixes}
     with Session(engine) as session, session.begin():
         if session.scalar(select(Tenant.id).where(Tenant.name == name)) is not None:
@@ -156,7 +158,7 @@ def update_tenant(
     if hours is not None:
         changes["calls_from"], changes["calls_until"] = parse_hours(hours)
     with Session(engine) as session, session.begin():
-        tenant = _tenant(session, name)
+        tenant = tenant_row(session, name)
         for column, value in changes.items():
             if value is not None:
                 setattr(tenant, column, value)
@@ -173,9 +175,9 @@ def list_tenants(engine: Engine) -> list[dict]:
 
 def add_numbers(engine: Engine, tenant_name: str, numbers: list[str], region: str = "CN") -> int:
     """Add virtual numbers to a tenant's pool. Numbers already in a pool are an error."""
-    wanted = sorted({_number(n, "virtual number", region) for n in numbers})
+    wanted = sorted({parse_number(n, "virtual number", region) for n in numbers})
     with Session(engine) as session, session.begin():
-        tenant = _tenant(session, tenant_name)
+        tenant = tenant_row(session, tenant_name)
         taken = session.scalars(select(VirtualNumber.e164).where(VirtualNumber.e164.in_(wanted))).all()
         if taken:
             raise Conflict(
@@ -187,7 +189,7 @@ def add_numbers(engine: Engine, tenant_name: str, numbers: list[str], region: st
 
 def pool_status(engine: Engine, tenant_name: str) -> dict:
     with Session(engine) as session:
-        tenant = _tenant(session, tenant_name)
+        tenant = tenant_row(session, tenant_name)
         counts = dict(
             session.execute(
                 select(VirtualNumber.state, func.count())
@@ -259,14 +261,14 @@ def bind(
     is left (housekeeping does it too, every few seconds).
     """
     now = now or utcnow()
-    pair = _binding_input(mode, customer, other_party, extension_digits, region)
-    expires_at = _expiry_from(expires_at, ttl_seconds, now)
+    pair = binding_parties(mode, customer, other_party, extension_digits, region)
+    expires_at = expiry_from(expires_at, ttl_seconds, now)
     # Built (its lookup hashes computed, the key ring loaded) before any row is locked.
-    binding = Binding(mode=mode, party_a=pair[0], party_b=pair[1], reference=_reference(reference),
+    binding = Binding(mode=mode, party_a=pair[0], party_b=pair[1], reference=parse_reference(reference),
                       expires_at=expires_at, created_at=now, purposes=_purposes_input(purposes),
                       profile=_profile_input(profile))
     with Session(engine) as session, session.begin():
-        tenant = _tenant(session, tenant_name)
+        tenant = tenant_row(session, tenant_name)
         try:
             number, extension = _allocate(session, tenant.id, mode, pair, extension_digits, now)
         except ProvisionError as exc:
@@ -284,21 +286,21 @@ def bind(
         return binding_view(binding, number.e164, tenant.name)
 
 
-def _binding_input(mode: str, customer: str, other_party: str | None, extension_digits: int,
+def binding_parties(mode: str, customer: str, other_party: str | None, extension_digits: int,
                    region: str) -> tuple[str, str | None]:
     """The (party A, party B) of a new binding, validated for its mode."""
     if mode not in MODES:
         raise ProvisionError("invalid_mode", f"mode must be one of {', '.join(MODES)}")
     if not 1 <= extension_digits <= 6:
         raise ProvisionError("invalid_extension_digits", "an extension has 1-6 digits")
-    party_a = _number(customer, "customer", region)
+    party_a = parse_number(customer, "customer", region)
     if mode != Mode.AXB:
         if other_party is not None:
             raise ProvisionError("invalid_party", f"only AXB bindings have an other party, not {mode}")
         return party_a, None
     if other_party is None:
         raise ProvisionError("missing_other_party", "an AXB binding needs the other party's number")
-    party_b = _number(other_party, "other party", region)
+    party_b = parse_number(other_party, "other party", region)
     if party_b == party_a:
         raise ProvisionError("invalid_party", "the two parties of an AXB binding must differ")
     return party_a, party_b
@@ -400,10 +402,15 @@ def _claim(session: Session, number: VirtualNumber, mode: str, parties: list[str
         # A random free extension: extensions are not handed out in a guessable order.
         while extension is None or extension in used:
             extension = f"{secrets.randbelow(capacity):0{digits}d}"
-    number.state = "bound"
-    number.mode = mode
-    number.quarantined_until = None
+    for column, value in bound_columns(mode).items():
+        setattr(number, column, value)
     return extension
+
+
+def bound_columns(mode: str) -> dict:
+    """X taken for a binding of `mode`: the free (or quarantined) -> bound transition, the
+    one place it is spelled (bind's _claim, bulk's AXN batches)."""
+    return {"state": NumberState.BOUND, "mode": Mode(mode), "quarantined_until": None}
 
 
 def unbind(
@@ -461,8 +468,6 @@ def expire_due(engine: Engine, quarantine: timedelta, now: datetime | None = Non
 
 
 def _expire(session: Session, now: datetime, quarantine: timedelta, tenant_id: int | None = None) -> int:
-    from callctl.store import events  # it imports this module
-
     query = select(Binding).where(Binding.status == "active", Binding.expires_at <= now)
     if tenant_id is not None:
         query = query.where(Binding.tenant_id == tenant_id)
@@ -476,7 +481,7 @@ def _expire(session: Session, now: datetime, quarantine: timedelta, tenant_id: i
     return len(lapsed)
 
 
-def _expiry_from(expires_at: datetime | None, ttl_seconds: int | None, now: datetime) -> datetime | None:
+def expiry_from(expires_at: datetime | None, ttl_seconds: int | None, now: datetime) -> datetime | None:
     """A binding's expiry from a date (long-term) or a TTL (temporary); None never expires."""
     if expires_at is not None and ttl_seconds is not None:
         raise ProvisionError("invalid_expiry", "give an expiry date or a TTL, not both")
@@ -546,12 +551,12 @@ def add_callers(engine: Engine, tenant_name: str, *, callers: list[str] = (), ca
     """Add agents' numbers or prefixes to the tenant, in the caller group of `purpose`;
     ones it has already move to that group."""
     purpose = _purpose(purpose)
-    patterns = {_number(c, "caller", region): False for c in callers}
+    patterns = {parse_number(c, "caller", region): False for c in callers}
     patterns |= {_prefix(p): True for p in caller_prefixes}
     if not patterns:
         raise ProvisionError("missing_callers", "give --caller or --caller-prefix")
     with Session(engine) as session, session.begin():
-        tenant = _tenant(session, tenant_name)
+        tenant = tenant_row(session, tenant_name)
         known = {c.pattern: c for c in session.scalars(select(TenantCaller).where(TenantCaller.tenant_id == tenant.id))}
         for pattern, is_prefix in patterns.items():
             row = known.get(pattern) or TenantCaller(tenant_id=tenant.id, pattern=pattern, is_prefix=is_prefix)
@@ -561,7 +566,7 @@ def add_callers(engine: Engine, tenant_name: str, *, callers: list[str] = (), ca
         return tenant_view(session, tenant)
 
 
-def _reference(reference: str | None) -> str | None:
+def parse_reference(reference: str | None) -> str | None:
     if reference is not None and len(reference) > 100:
         raise ProvisionError("invalid_reference", "reference must be at most 100 characters")
     return reference
@@ -591,7 +596,7 @@ def _view(session: Session, binding: Binding) -> dict:
 
 def tenant_id_of(engine: Engine, tenant_name: str) -> int:
     with Session(engine) as session:
-        return _tenant(session, tenant_name).id
+        return tenant_row(session, tenant_name).id
 
 
 def get_binding(engine: Engine, binding_id: int, *, tenant_id: int | None = None) -> dict:
@@ -636,7 +641,7 @@ def list_bindings(
     if tenant_id is not None:
         query = query.where(Binding.tenant_id == tenant_id)
     if reference is not None:
-        query = query.where(Binding.reference == _reference(reference))
+        query = query.where(Binding.reference == parse_reference(reference))
     in_force = or_(Binding.expires_at.is_(None), Binding.expires_at > now)
     expired_end = and_(Binding.status == "ended", Binding.end_reason == EXPIRED)
     if status == "ended":
@@ -667,7 +672,7 @@ def extend_binding(
     customer keeps the number they know. Once X was given to someone else: binding_expired
     (bind again). An unbound binding is never revived (binding_ended)."""
     now = now or utcnow()
-    new_expiry = _expiry_from(expires_at, ttl_seconds, now)
+    new_expiry = expiry_from(expires_at, ttl_seconds, now)
     with Session(engine) as session, session.begin():
         binding = _scoped_binding(session, binding_id, tenant_id, lock=True)
         if binding.status != "active" and binding.end_reason == EXPIRED:
@@ -715,8 +720,8 @@ def update_binding(
 ) -> dict:
     """Change the customer's real number (party A) and/or the external reference.
     In AXB the new number must not be a party of another binding on the same X."""
-    party_a = _number(customer, "customer", region) if customer is not None else None
-    reference = _reference(reference)
+    party_a = parse_number(customer, "customer", region) if customer is not None else None
+    reference = parse_reference(reference)
     with Session(engine) as session, session.begin():
         binding = _active_binding(session, binding_id, tenant_id)
         if party_a is not None:
@@ -745,6 +750,4 @@ def _parties_on(session: Session, number_id: int, parties: list[str], except_id:
 
 def list_cdrs(engine: Engine, limit: int = 50, tenant_name: str | None = None) -> list[dict]:
     """Newest CDRs first, as plain dicts (callctl.store.cdrs has the filters)."""
-    from callctl.store import cdrs  # it imports this module
-
     return cdrs.list_cdrs(engine, cdrs.CdrFilter(tenant=tenant_name or None), limit=limit)

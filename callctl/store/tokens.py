@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from callctl.errors import NotFound, ProvisionError
 from callctl.store.models import ApiToken, Tenant, utcnow
-from callctl.store.provision import _tenant
+from callctl.store.provision import tenant_row
 
 ROLES = ("tenant", "regulator", "platform")  # regulator: reads the regulator export, nothing else; platform: the operator's staff (blocks)
 TENANT_ROLES = ("tenant",)  # the roles that act for one tenant
@@ -48,7 +48,7 @@ def create_token(engine: Engine, *, role: str = "tenant", tenant_name: str | Non
         raise ProvisionError("invalid_name", "token name must be at most 100 characters")
     token = PREFIX + secrets.token_urlsafe(32)
     with Session(engine) as session, session.begin():
-        tenant = _tenant(session, tenant_name) if tenant_name is not None else None
+        tenant = tenant_row(session, tenant_name) if tenant_name is not None else None
         row = ApiToken(token_hash=token_hash(token), role=role, tenant_id=tenant.id if tenant else None,
                        name=name or f"{role} token")
         session.add(row)

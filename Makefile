@@ -31,12 +31,13 @@ test-fast: deps venv
 	$(PY) -m pytest -q -m 'not lab'
 
 ## The main job: real Asterisk, the daemon on SQLite, sample tenants, SIPp calls, CDRs printed.
+# lab/ and bench/ run as modules from the repository root (they import lab.sipp, lab.harness).
 demo: deps venv
-	$(PY) lab/demo.py
+	$(PY) -m lab.demo
 
 ## SIPp load through the real Asterisk: callctl against a minimal FastAGI, side by side.
 bench: deps venv
-	$(PY) bench/bench.py
+	$(PY) -m bench.bench
 
 lab-up: deps
 	bash lab/lab.sh up

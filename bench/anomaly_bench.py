@@ -1,6 +1,6 @@
 """The anomaly job's rate on PostgreSQL: CDRs processed per second over 10,000,000 CDRs.
 
-    .venv/bin/python bench/bench.py --only anomaly
+    .venv/bin/python -m bench.bench --only anomaly
 
 Database `callctl_bench_anomaly` (created here, kept between runs: generating the CDRs
 takes minutes) holds 20 tenants and N synthetic CDRs over 30 days (a partition per day), made set-based with

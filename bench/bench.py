@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """SIPp load benchmark: callctl against a minimal FastAGI, through the real Asterisk lab.
 
-    .venv/bin/python bench/bench.py            # full run (1,000,000 bindings), ~10 min
-    .venv/bin/python bench/bench.py --quick    # short check (100,000 bindings, 1 repeat)
+    .venv/bin/python -m bench.bench            # full run (1,000,000 bindings), ~10 min
+    .venv/bin/python -m bench.bench --quick    # short check (100,000 bindings, 1 repeat)
 
 1. PostgreSQL (127.0.0.1:5432, user postgres, trust auth): database `callctl_bench` is
    dropped and created fresh, migrated with callctl's own migrations, one tenant made
@@ -16,7 +16,7 @@
    10,000 customers (the extension prompt) and a random party's call on an AXB X shared
    by 10,000 pairs (both loaded set-based too, +86172... X), with their ratio to AXN.
    `--only inprocess` runs steps 1 and 2 alone (no lab):
-       .venv/bin/python bench/bench.py --only inprocess --database callctl_bench_inprocess
+       .venv/bin/python -m bench.bench --only inprocess --database callctl_bench_inprocess
 3. The lab (held under LabLock the whole time): Asterisk up, a SIPp UAS on 5070 answers
    every outbound leg, SIPp UAC calls from the agent to random bound X at stepped rates.
    Two FastAGI servers take turns on 4573, interleaved per step: `callctl serve asterisk`
@@ -52,21 +52,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import psycopg2  # noqa: E402
-import uvloop  # noqa: E402
-from sqlalchemy import text  # noqa: E402
+import psycopg2
+import uvloop
+from sqlalchemy import text
 
-from callctl import logs, sipp  # noqa: E402
-from callctl.core.decision import Bridge, CollectExtension  # noqa: E402
-from callctl.service import CallService  # noqa: E402
-from callctl.store import crypto  # noqa: E402
-from callctl.store.db import make_engine, upgrade  # noqa: E402
-from callctl.store.pgcalls import PgCallStore  # noqa: E402
-from callctl.store.provision import add_tenant  # noqa: E402
-from callctl.store.spool import CdrSpool  # noqa: E402
-from lab.harness import (  # noqa: E402
+from callctl import logs
+from lab import sipp
+from callctl.core.decision import Bridge, CollectExtension
+from callctl.service import CallService
+from callctl.store import crypto
+from callctl.store.db import make_engine, upgrade
+from callctl.store.pgcalls import PgCallStore
+from callctl.store.provision import add_tenant
+from callctl.store.spool import CdrSpool
+from lab.harness import (
     LabError,
     LabLock,
     callctl_daemon,
@@ -744,7 +744,7 @@ def main(argv=None) -> int:
 
 def bench_provisioning(args, bench_url: str, result: dict, started: float) -> int:
     """Bulk and API provisioning throughput on the loaded database (bench/provisioning_bench.py)."""
-    import provisioning_bench  # beside this script
+    from bench import provisioning_bench
 
     try:
         prov = provisioning_bench.run(
@@ -777,7 +777,7 @@ def bench_provisioning(args, bench_url: str, result: dict, started: float) -> in
 
 def bench_anomaly(args) -> int:
     """The anomaly job's rate over --anomaly-cdrs CDRs (bench/anomaly_bench.py)."""
-    import anomaly_bench  # beside this script
+    from bench import anomaly_bench
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     result = anomaly_bench.run(args.pg_admin, n=args.anomaly_cdrs, rules_path=str(REPO / "conf" / "anomaly.yaml"))

@@ -24,11 +24,10 @@ import httpx
 from sqlalchemy import text
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from callctl import sipp  # noqa: E402
-from callctl.store.db import make_engine  # noqa: E402
-from lab.harness import ApiServer  # noqa: E402
+from lab import sipp
+from callctl.store.db import make_engine
+from lab.harness import ApiServer
 
 POOL_PREFIX = "+86172"
 BULK_CUSTOMER_PREFIX = "+86137"

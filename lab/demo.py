@@ -29,11 +29,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from callctl import sipp  # noqa: E402
-from callctl.core.numbers import mask  # noqa: E402
-from lab import harness  # noqa: E402
+from lab import sipp
+from callctl.core.numbers import mask
+from lab import harness
 
 WORK = REPO / "var" / "demo"
 DB_PATH = WORK / "callctl.db"

@@ -43,7 +43,7 @@ CHANNELS = ("log", "cli", "api", "export", "cdr", "file", "tenant", "reveal", "m
 # must hold masked numbers (events: the webhooks outbox, masked bodies; the blacklist's
 # number column is ciphertext).
 SCANNED_TABLES = ("cdrs", "events", "audit_log", "blacklist", "blacklist_evidence")
-_SIPP_MARKERS = ("stat.csv", "calls.csv")  # a SIPp work directory (callctl/sipp.py)
+_SIPP_MARKERS = ("stat.csv", "calls.csv")  # a SIPp work directory (lab/sipp.py)
 _MAX_BYTES = 64 * 1024 * 1024
 _INPUTS: set[Path] = set()  # files a test gave the product (see test_input)
 

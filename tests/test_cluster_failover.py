@@ -32,7 +32,7 @@ import pytest
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from callctl import sipp
+from lab import sipp
 from lab import cluster, harness
 from tests.test_lab_cdr_outage import invites_and_finals
 

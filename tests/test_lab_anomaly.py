@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from callctl import sipp
+from lab import sipp
 from callctl.store import provision
 from callctl.store.db import make_engine, upgrade
 from lab import harness

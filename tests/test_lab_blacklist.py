@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from callctl import sipp
+from lab import sipp
 from callctl.store import provision
 from lab import harness
 from tests import realnumbers

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from callctl import sipp
+from lab import sipp
 from callctl.store import provision
 from callctl.store.db import make_engine, upgrade
 from lab import harness

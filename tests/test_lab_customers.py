@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from callctl import sipp
+from lab import sipp
 from callctl.store import customers, provision
 from lab import harness
 from tests.test_lab_calls import digits, running_lab

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from callctl import sipp
+from lab import sipp
 from callctl.store import provision
 from lab import harness
 from tests.test_lab_calls import Lab, digits, running_lab

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from callctl import sipp
+from lab import sipp
 from callctl.store import provision
 from lab import harness
 from tests import leaks, realnumbers

@@ -15,7 +15,7 @@ from datetime import datetime
 
 import pytest
 
-from callctl import sipp
+from lab import sipp
 from callctl.core.numbers import mask
 from lab import cluster, harness
 from tests import leaks

@@ -1,5 +1,5 @@
 """Real SIPp against real SIPp on 127.0.0.1 (no Asterisk): the scenarios in
-sipp_scenarios/ and the runner in callctl/sipp.py."""
+sipp_scenarios/ and the runner in lab/sipp.py."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from callctl import sipp
+from lab import sipp
 
 pytestmark = pytest.mark.skipif(shutil.which(sipp.SIPP) is None, reason="sipp not installed")
 

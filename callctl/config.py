@@ -194,6 +194,14 @@ ENV_OVERRIDES = {
 }
 
 
+def source(path: str | os.PathLike | None = None, environ=os.environ) -> str:
+    """Which config file load() reads, for messages about paths in it (relative paths
+    are read from the working directory, not from the config's)."""
+    file = Path(path or environ.get("CALLCTL_CONFIG") or DEFAULT_PATH).absolute()
+    where = f"config {file}" if file.exists() else f"no config file at {file}: defaults"
+    return f"{where}; working directory {Path.cwd()}"
+
+
 def load(path: str | os.PathLike | None = None, environ=os.environ) -> Config:
     """Read the config file (optional when not named explicitly) and apply overrides."""
     named = path or environ.get("CALLCTL_CONFIG")

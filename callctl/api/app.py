@@ -51,7 +51,11 @@ def _invalid(_request: Request, exc: RequestValidationError):
 
 
 def _http(_request: Request, exc: HTTPException):
-    return error(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
+    if exc.status_code == 400:  # a body FastAPI could not read: not UTF-8, or JSON nested too deep
+        return error(422, "invalid_request", "body: not readable JSON (UTF-8, nested at most a few hundred deep)")
+    response = error(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
+    response.headers.update(exc.headers or {})  # 405's Allow
+    return response
 
 
 def _database(_request: Request, exc: DBAPIError):
@@ -64,7 +68,7 @@ def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", ext
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT) -> FastAPI:
     app = FastAPI(title="callctl provisioning API", version="1", description=__doc__, responses=ERRORS)
     # A body is read only after its token checks out, capped and timed (limits.py).
-    app.add_middleware(BodyGuard, authenticate=lambda token: authenticate(engine, token),
+    app.add_middleware(BodyGuard, authenticate=lambda token: authenticate(engine, token), routes=app.router.routes,
                        max_bytes=max_body_bytes, timeout=body_timeout)
     app.state.engine = engine
     app.state.settings = Settings(quarantine=quarantine, region=region, extension_digits=extension_digits)

@@ -7,7 +7,8 @@ from sqlalchemy.engine import Engine
 
 from callctl.api.auth import tenant
 from callctl.api.deps import Settings, engine, settings
-from callctl.api.schemas import BindingIn, BindingOut, BindingPage, ExtendIn, UpdateIn
+from callctl.api.schemas import BindingIn, BindingOut, BindingPage, ExtendIn, PathId, UpdateIn, text_query
+from callctl.core.bounds import MAX_ID
 from callctl.core.enums import BindingView
 from callctl.errors import ProvisionError
 from callctl.store import provision
@@ -32,9 +33,9 @@ def create_binding(body: BindingIn, who: Principal = Depends(tenant), db: Engine
 
 @router.get("", response_model=BindingPage)
 def list_bindings(
-    reference: str | None = Query(None, max_length=100),
+    reference: str | None = text_query(max_length=100),
     status: BindingView | None = None,
-    after: int = Query(0, ge=0, description="the `next` of the previous page"),
+    after: int = Query(0, ge=0, le=MAX_ID, description="the `next` of the previous page"),
     limit: int = Query(100, ge=1, le=provision.MAX_PAGE),
     who: Principal = Depends(tenant),
     db: Engine = Depends(engine),
@@ -44,12 +45,12 @@ def list_bindings(
 
 
 @router.get("/{binding_id}", response_model=BindingOut)
-def get_binding(binding_id: int, who: Principal = Depends(tenant), db: Engine = Depends(engine)):
+def get_binding(binding_id: PathId, who: Principal = Depends(tenant), db: Engine = Depends(engine)):
     return provision.get_binding(db, binding_id, tenant_id=who.tenant_id)
 
 
 @router.post("/{binding_id}/extend", response_model=BindingOut)
-def extend_binding(binding_id: int, body: ExtendIn, who: Principal = Depends(tenant), db: Engine = Depends(engine)):
+def extend_binding(binding_id: PathId, body: ExtendIn, who: Principal = Depends(tenant), db: Engine = Depends(engine)):
     if not body.model_fields_set:
         raise ProvisionError("invalid_expiry", "give expires_at (null: never expires) or ttl_seconds")
     return provision.extend_binding(db, binding_id, body.expires_at, ttl_seconds=body.ttl_seconds,
@@ -57,7 +58,7 @@ def extend_binding(binding_id: int, body: ExtendIn, who: Principal = Depends(ten
 
 
 @router.patch("/{binding_id}", response_model=BindingOut)
-def update_binding(binding_id: int, body: UpdateIn, who: Principal = Depends(tenant), db: Engine = Depends(engine),
+def update_binding(binding_id: PathId, body: UpdateIn, who: Principal = Depends(tenant), db: Engine = Depends(engine),
                    cfg: Settings = Depends(settings)):
     if body.customer is None and body.reference is None:
         raise ProvisionError("invalid_request", "give customer and/or reference")
@@ -66,7 +67,7 @@ def update_binding(binding_id: int, body: UpdateIn, who: Principal = Depends(ten
 
 
 @router.delete("/{binding_id}", response_model=BindingOut)
-def delete_binding(binding_id: int, who: Principal = Depends(tenant), db: Engine = Depends(engine),
+def delete_binding(binding_id: PathId, who: Principal = Depends(tenant), db: Engine = Depends(engine),
                    cfg: Settings = Depends(settings)):
     """End the binding (calls in progress go on); its X rests in quarantine when it was the last on X."""
     ended = provision.unbind(db, binding_id, cfg.quarantine, tenant_id=who.tenant_id)

@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 
 from callctl.api.auth import platform
 from callctl.api.deps import Settings, engine, settings
-from callctl.api.schemas import BlockIn, BlockOut
+from callctl.api.schemas import BlockIn, BlockOut, PathId, QueryId, text_query
 from callctl.core.enums import BlockScope
 from callctl.store import blocks
 from callctl.store.tokens import Principal
@@ -33,10 +33,10 @@ def add_block(body: BlockIn, who: Principal = Depends(platform), db: Engine = De
 
 @router.get("", response_model=list[BlockOut])
 def list_blocks(
-    tenant: str | None = Query(None, max_length=100),
+    tenant: str | None = text_query(min_length=1, max_length=100),
     scope: BlockScope | None = None,
-    binding_id: int | None = None,
-    number: str | None = Query(None, max_length=40, description="the virtual number X"),
+    binding_id: QueryId = None,
+    number: str | None = text_query(min_length=1, max_length=40, description="the virtual number X"),
     active: bool = Query(False, description="only blocks in force now"),
     limit: int = Query(100, ge=1, le=10000),
     who: Principal = Depends(platform),
@@ -48,7 +48,7 @@ def list_blocks(
 
 
 @router.delete("/{block_id}", response_model=BlockOut)
-def lift_block(block_id: int, by: str = Query(min_length=1, max_length=80, description="the person who lifts it"),
+def lift_block(block_id: PathId, by: str = text_query(..., min_length=1, max_length=80, description="the person who lifts it"),
                who: Principal = Depends(platform), db: Engine = Depends(engine)):
     """Lift the block: its end becomes now; the block stays on record as evidence."""
     lifted = blocks.lift_block(db, block_id, f"{by} (api token {who.token_id})")

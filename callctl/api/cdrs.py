@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 
 from callctl.api.auth import tenant
 from callctl.api.deps import Settings, engine, settings
-from callctl.api.schemas import CdrPage
+from callctl.api.schemas import CdrPage, QueryId
 from callctl.core.times import parse_time
 from callctl.store import cdrs, provision
 from callctl.store.tokens import Principal
@@ -19,7 +19,7 @@ router = APIRouter(tags=["cdrs"])
 
 @router.get("/v1/cdrs", response_model=CdrPage)
 def cdr_page(
-    x: str | None = Query(None, max_length=40), binding: int | None = Query(None, ge=1),
+    x: str | None = Query(None, max_length=40), binding: QueryId = None,
     since: str | None = Query(None, max_length=40, description="ISO with zone, or an age: 15m, 2h, 7d"),
     until: str | None = Query(None, max_length=40),
     decision: Literal["bridged", "rejected"] | None = None,

@@ -6,7 +6,7 @@ from sqlalchemy.engine import Engine
 
 from callctl.api.auth import tenant
 from callctl.api.deps import Settings, engine, settings
-from callctl.api.schemas import PreferenceIn, PreferenceOut
+from callctl.api.schemas import PreferenceIn, PreferenceOut, text_query
 from callctl.store import customers
 from callctl.store.tokens import Principal
 
@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1/customers", tags=["customers"])
 
 
 @router.get("/preferences", response_model=PreferenceOut)
-def get_preferences(customer: str = Query(max_length=40), who: Principal = Depends(tenant),
+def get_preferences(customer: str = text_query(..., min_length=1, max_length=40), who: Principal = Depends(tenant),
                     db: Engine = Depends(engine), cfg: Settings = Depends(settings)):
     """The customer's word on this tenant's calls (defaults when they never said)."""
     return customers.get_preference(db, who.tenant_name, customer, region=cfg.region)

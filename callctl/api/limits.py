@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import Match
 
 MAX_BODY_BYTES = 1024 * 1024
 BODY_TIMEOUT = 10.0
@@ -24,8 +25,9 @@ BODY_TIMEOUT = 10.0
 
 class BodyGuard:
     def __init__(self, app, authenticate: Callable[[str], Any], max_bytes: int = MAX_BODY_BYTES,
-                 timeout: float = BODY_TIMEOUT):
+                 timeout: float = BODY_TIMEOUT, routes: list | None = None):
         self.app = app
+        self.routes = routes if routes is not None else []
         self.authenticate = authenticate
         self.max_bytes = max_bytes
         self.timeout = timeout
@@ -40,6 +42,8 @@ class BodyGuard:
         chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
         if not chunked and length in (b"", b"0"):
             return await self.app(scope, receive, send)  # no body: the route checks the token
+        if not any(route.matches(scope)[0] is Match.FULL for route in self.routes):
+            return await self.app(scope, receive, send)  # no such operation: 404 or 405, the body unread
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
         try:
             who = (await run_in_threadpool(self.authenticate, token.strip())

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 
 from callctl.api.auth import person
 from callctl.api.deps import engine
-from callctl.api.schemas import DecisionIn, GrantOut, RevealIn, RevealOut
+from callctl.api.schemas import DecisionIn, GrantOut, PathId, QueryId, RevealIn, RevealOut
 from callctl.store import reveal
 
 log = structlog.get_logger("callctl.api")
@@ -26,23 +26,23 @@ def request_reveal(body: RevealIn, by: str = Depends(person), db: Engine = Depen
 
 
 @router.get("/v1/reveals", response_model=list[GrantOut])
-def list_reveals(binding_id: int | None = None, _by: str = Depends(person), db: Engine = Depends(engine)):
+def list_reveals(binding_id: QueryId = None, _by: str = Depends(person), db: Engine = Depends(engine)):
     return reveal.list_grants(db, binding_id)
 
 
 @router.post("/v1/reveals/{grant_id}/approve", response_model=GrantOut)
-def approve_reveal(grant_id: int, body: DecisionIn, by: str = Depends(person), db: Engine = Depends(engine)):
+def approve_reveal(grant_id: PathId, body: DecisionIn, by: str = Depends(person), db: Engine = Depends(engine)):
     """A second person approves: the grant is active from now for its ttl_seconds."""
     return reveal.approve(db, grant_id, by, body.note)
 
 
 @router.post("/v1/reveals/{grant_id}/refuse", response_model=GrantOut)
-def refuse_reveal(grant_id: int, body: DecisionIn, by: str = Depends(person), db: Engine = Depends(engine)):
+def refuse_reveal(grant_id: PathId, body: DecisionIn, by: str = Depends(person), db: Engine = Depends(engine)):
     return reveal.refuse(db, grant_id, by, body.note)
 
 
 @router.post("/v1/reveals/{grant_id}/use", response_model=RevealOut)
-def use_reveal(grant_id: int, by: str = Depends(person), db: Engine = Depends(engine)):
+def use_reveal(grant_id: PathId, by: str = Depends(person), db: Engine = Depends(engine)):
     """The real number, only under an active grant and only for its requester."""
     shown = reveal.use(db, grant_id, by)
     log.info("reveal used", grant=grant_id, by=by)

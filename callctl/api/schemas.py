@@ -3,12 +3,32 @@ numbers in responses are masked (RevealOut is the one exception, under an audite
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
+from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from callctl.core.bounds import MAX_ID, MAX_SECONDS, PRINTABLE_PATTERN
 from callctl.core.decision import Mode
 from callctl.core.enums import BlockDirection, BlockScope, RevealParty, RevealScenario
+
+
+# Every bound the server enforces on an input is stated here, so the OpenAPI document
+# says it (callctl/core/bounds.py): ids the database can hold, TTLs and durations of at
+# most a century, text without control characters (PostgreSQL refuses NUL).
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+Seconds = Annotated[int, Field(ge=1, le=MAX_SECONDS)]
+PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
+QueryId = Annotated[int | None, Query(ge=1, le=MAX_ID)]
+
+
+def text(default=..., *, min_length: int | None = None, max_length: int, **kw):
+    """A text field: printable, at most max_length characters."""
+    return Field(default, min_length=min_length, max_length=max_length, pattern=PRINTABLE_PATTERN, **kw)
+
+
+def text_query(default=None, *, min_length: int | None = None, max_length: int, **kw):
+    return Query(default, min_length=min_length, max_length=max_length, pattern=PRINTABLE_PATTERN, **kw)
 
 
 class Body(BaseModel):
@@ -16,12 +36,13 @@ class Body(BaseModel):
 
 
 class BindingIn(Body):
-    customer: str = Field(max_length=40, description="the customer's real number (A), E.164 or national")
+    customer: str = text(min_length=1, max_length=40, description="the customer's real number (A), E.164 or national")
     mode: Mode = Mode.AXN
-    other_party: str | None = Field(None, max_length=40, description="AXB: the other party's real number (B)")
-    reference: str | None = Field(None, max_length=100, description="e.g. the policy number")
-    expires_at: datetime | None = Field(None, description="long-term: ISO date-time with zone")
-    ttl_seconds: int | None = Field(None, description="temporary: seconds from now")
+    other_party: str | None = text(None, min_length=1, max_length=40,
+                                   description="AXB: the other party's real number (B)")
+    reference: str | None = text(None, max_length=100, description="e.g. the policy number")
+    expires_at: datetime | None = Field(None, description="long-term: ISO date-time with zone, in the future")
+    ttl_seconds: Seconds | None = Field(None, description="temporary: seconds from now")
     purposes: list[Literal["service", "claims", "renewal", "marketing"]] | None = Field(
         None, description="purposes of calls the customer accepts; default all but marketing")
     profile: Literal["elderly", "claims"] | None = Field(None, description="protection profile")
@@ -29,12 +50,12 @@ class BindingIn(Body):
 
 class ExtendIn(Body):
     expires_at: datetime | None = Field(None, description="new expiry (ISO, with zone); null: never expires")
-    ttl_seconds: int | None = Field(None, description="or: seconds from now")
+    ttl_seconds: Seconds | None = Field(None, description="or: seconds from now")
 
 
 class UpdateIn(Body):
-    customer: str | None = Field(None, max_length=40, description="the customer's new real number")
-    reference: str | None = Field(None, max_length=100)
+    customer: str | None = text(None, min_length=1, max_length=40, description="the customer's new real number")
+    reference: str | None = text(None, max_length=100)
 
 
 class BindingOut(BaseModel):
@@ -60,11 +81,11 @@ class BindingPage(BaseModel):
 
 
 class PreferenceIn(Body):
-    customer: str = Field(max_length=40, description="the customer's number")
+    customer: str = text(min_length=1, max_length=40, description="the customer's number")
     calls: Literal["allowed", "none", "service_only"] | None = None
     quiet_hours: str | None = Field(None, max_length=11, description="HH:MM-HH:MM in the tenant's zone; '' clears")
     channel: Literal["phone", "app", "sms", "none"] | None = None
-    consent_source: str = Field(min_length=1, max_length=100, description="where the customer said so, e.g. app")
+    consent_source: str = text(min_length=1, max_length=100, description="where the customer said so, e.g. app")
     consent_at: datetime = Field(description="when the customer said so (ISO, with zone)")
 
 
@@ -96,15 +117,15 @@ class BlockIn(Body):
     scope: BlockScope = Field(
         description="binding (binding_id), caller (tenant + caller), number (number = X), tenant (a suspension)")
     direction: BlockDirection
-    reason: str = Field(max_length=500, description="why; free text without phone numbers")
-    by: str = Field(min_length=1, max_length=80, description="the person who sets it")
-    tenant: str | None = Field(None, max_length=100)
-    binding_id: int | None = None
-    number: str | None = Field(None, max_length=40, description="the virtual number X")
-    caller: str | None = Field(None, max_length=40, description="the caller's real number")
+    reason: str = text(min_length=1, max_length=500, description="why; free text without phone numbers")
+    by: str = text(min_length=1, max_length=80, description="the person who sets it")
+    tenant: str | None = text(None, min_length=1, max_length=100)
+    binding_id: Id | None = None
+    number: str | None = text(None, min_length=1, max_length=40, description="the virtual number X")
+    caller: str | None = text(None, min_length=1, max_length=40, description="the caller's real number")
     starts_at: datetime | None = Field(None, description="ISO date-time with zone; default now")
     ends_at: datetime | None = Field(None, description="ISO date-time with zone; default: until lifted")
-    duration_seconds: int | None = Field(None, description="or: seconds from the start")
+    duration_seconds: Seconds | None = Field(None, description="or: seconds from the start")
 
 
 class BlockOut(BaseModel):
@@ -125,16 +146,16 @@ class BlockOut(BaseModel):
 
 
 class RevealIn(Body):
-    binding_id: int
+    binding_id: Id
     party: RevealParty = Field(RevealParty.A, description="a: the customer; b: AXB's other party")
     scenario: RevealScenario
-    case_reference: str = Field(min_length=1, max_length=100)
+    case_reference: str = text(min_length=1, max_length=100)
     max_uses: int = Field(1, ge=1, le=100)
     ttl_seconds: int = Field(3600, ge=60, le=7 * 86400, description="how long the grant lasts once approved")
 
 
 class DecisionIn(Body):
-    note: str = Field("", max_length=500)
+    note: str = text("", max_length=500)
 
 
 class GrantOut(BaseModel):

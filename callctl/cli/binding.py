@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from callctl.cli import common
 from callctl.cli.common import clock, engine, moment, print_json, run_bulk, table, values
 from callctl.core.decision import Mode
 from callctl.core.enums import BindingView
@@ -100,16 +101,16 @@ def register(top):
     cmd.add_argument("--profile", choices=["elderly", "claims"], help="protection profile (tighter hours)")
     expiry = cmd.add_mutually_exclusive_group()
     expiry.add_argument("--expires", help="ISO date-time with zone, a date (UTC), or a time from now: 30d")
-    expiry.add_argument("--ttl", type=int, help="seconds from now")
+    expiry.add_argument("--ttl", type=common.seconds, help="seconds from now")
     cmd.set_defaults(func=bind)
 
     cmd = top.add_parser("unbind", help="end a binding; its X is quarantined")
-    cmd.add_argument("binding_id", type=int)
+    cmd.add_argument("binding_id", type=common.ident)
     cmd.set_defaults(func=unbind)
 
     binding = top.add_parser("binding", help="read and change bindings").add_subparsers(dest="sub", required=True)
     cmd = binding.add_parser("get", help="one binding (numbers masked)")
-    cmd.add_argument("binding_id", type=int)
+    cmd.add_argument("binding_id", type=common.ident)
     cmd.set_defaults(func=get)
     cmd = binding.add_parser("list", help="bindings in id order, a page at a time")
     cmd.add_argument("--tenant")
@@ -117,20 +118,20 @@ def register(top):
     cmd.add_argument("--status", choices=values(BindingView),
                      help="active: in force; expired: past its expiry (its X released by housekeeping); "
                           "ended: unbound")
-    cmd.add_argument("--after", type=int, default=0, help="show ids after this one (paging)")
-    cmd.add_argument("--limit", type=int, default=100, help="1-1000 (default 100)")
+    cmd.add_argument("--after", type=common.after, default=0, help="show ids after this one (paging)")
+    cmd.add_argument("--limit", type=common.count(1000), default=100, help="1-1000 (default 100)")
     cmd.add_argument("--json", action="store_true", help="JSON for programs")
     cmd.set_defaults(func=list_)
     cmd = binding.add_parser("extend", help="set a new expiry (renewal; an expired binding is revived on "
                                             "its X unless X serves someone else now)")
-    cmd.add_argument("binding_id", type=int)
+    cmd.add_argument("binding_id", type=common.ident)
     new_expiry = cmd.add_mutually_exclusive_group()
     new_expiry.add_argument("--expires", help="ISO date-time with zone, a date (UTC), or a time from now: 30d")
-    new_expiry.add_argument("--ttl", type=int, help="seconds from now")
+    new_expiry.add_argument("--ttl", type=common.seconds, help="seconds from now")
     new_expiry.add_argument("--no-expiry", action="store_true", help="never expires (until unbound)")
     cmd.set_defaults(func=extend)
     cmd = binding.add_parser("update", help="change the customer's number or the reference")
-    cmd.add_argument("binding_id", type=int)
+    cmd.add_argument("binding_id", type=common.ident)
     cmd.add_argument("--customer", help="the customer's new real number (A)")
     cmd.add_argument("--reference")
     cmd.set_defaults(func=update)

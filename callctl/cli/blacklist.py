@@ -1,6 +1,7 @@
 """`callctl blacklist`: the shared harassment blacklist (docs/regulator.md)."""
 from __future__ import annotations
 
+from callctl.cli import common
 from callctl.cli.common import clock, engine, login, print_json, table
 
 BLACKLIST_TABLE = [
@@ -44,15 +45,15 @@ def register(top) -> None:
     propose = sub.add_parser("propose", help="propose a caller number; in force after two approvals")
     propose.add_argument("--caller", required=True, help="the caller's number")
     propose.add_argument("--reason", required=True, help="why (no phone numbers in here)")
-    propose.add_argument("--finding", type=int, action="append", help="evidence: a finding about this caller")
-    propose.add_argument("--cdr", type=int, action="append", help="evidence: a CDR of a call from this caller")
-    propose.add_argument("--duration", type=int, help="seconds in force from the second approval (default: until lifted)")
+    propose.add_argument("--finding", type=common.ident, action="append", help="evidence: a finding about this caller")
+    propose.add_argument("--cdr", type=common.ident, action="append", help="evidence: a CDR of a call from this caller")
+    propose.add_argument("--duration", type=common.seconds, help="seconds in force from the second approval (default: until lifted)")
     steps = {"approve": "approve (the second approval puts it in force)", "refuse": "refuse a proposal",
              "appeal": "record an appeal against an entry in force", "uphold": "decide an appeal: the entry stays",
              "lift": "end an entry in force now (it stays on record)", "show": "one entry with its evidence"}
     for name, what in steps.items():
         step = sub.add_parser(name, help=what)
-        step.add_argument("entry_id", type=int)
+        step.add_argument("entry_id", type=common.ident)
         if name not in ("show", "approve"):
             step.add_argument("--note", required=name == "appeal", help="why (an appeal's grounds)")
         step.set_defaults(func=blacklist)

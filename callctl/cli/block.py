@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from callctl.cli import common
 from callctl.cli.common import clock, engine, login, moment, print_json, table, values
 from callctl.core.enums import BlockDirection, BlockScope
 
@@ -70,27 +71,27 @@ def register(top) -> None:
     cmd.add_argument("--reason", required=True, help="why (no phone numbers in here)")
     cmd.add_argument("--by", help="who sets it (default: your login)")
     cmd.add_argument("--tenant")
-    cmd.add_argument("--binding", type=int, help="binding id")
+    cmd.add_argument("--binding", type=common.ident, help="binding id")
     cmd.add_argument("--number", help="virtual number X")
     cmd.add_argument("--caller", help="the caller's number")
     cmd.add_argument("--starts", help="ISO date-time with zone, a date (UTC), or a time from now: 1h (default now)")
     end = cmd.add_mutually_exclusive_group()
     end.add_argument("--ends", help="same forms as --starts (default: until lifted)")
-    end.add_argument("--duration", type=int, help="seconds from the start")
+    end.add_argument("--duration", type=common.seconds, help="seconds from the start")
     cmd.add_argument("--cut-active", action="store_true",
                      help="also hang up the live calls it refuses now (over AMI, within a second)")
     cmd.set_defaults(func=add)
     cmd = block.add_parser("list", help="blocks, newest first")
     cmd.add_argument("--tenant")
     cmd.add_argument("--scope", choices=values(BlockScope))
-    cmd.add_argument("--binding", type=int)
+    cmd.add_argument("--binding", type=common.ident)
     cmd.add_argument("--number")
     cmd.add_argument("--caller")
     cmd.add_argument("--active", action="store_true", help="only blocks in force now")
-    cmd.add_argument("--limit", type=int, default=100)
+    cmd.add_argument("--limit", type=common.count(10000), default=100)
     cmd.add_argument("--json", action="store_true", help="JSON for programs")
     cmd.set_defaults(func=list_)
     cmd = block.add_parser("lift", help="end a block now (it stays on record)")
-    cmd.add_argument("block_id", type=int)
+    cmd.add_argument("block_id", type=common.ident)
     cmd.add_argument("--by", help="who lifts it (default: your login)")
     cmd.set_defaults(func=lift)

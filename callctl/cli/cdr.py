@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from callctl.cli import common
 from callctl.cli.common import clock, engine, print_json, table, values
 
 CDR_TABLE = [
@@ -78,14 +79,14 @@ def register(top) -> None:
 
     cdr = top.add_parser("cdr", help="call detail records").add_subparsers(dest="sub", required=True)
     clist = cdr.add_parser("list", help="newest calls first")
-    clist.add_argument("--limit", type=int, default=50)
+    clist.add_argument("--limit", type=common.count(100000), default=50)
     ctail = cdr.add_parser("tail", help="the last calls, then new ones as they are written (Ctrl-C stops)")
-    ctail.add_argument("--backlog", type=int, default=10, help="calls shown first (default 10)")
+    ctail.add_argument("--backlog", type=common.count(100000), default=10, help="calls shown first (default 10)")
     ctail.add_argument("--every", type=float, default=1.0, help="seconds between looks (default 1)")
     for sub in (clist, ctail):
         sub.add_argument("--tenant", help="tenant name")
         sub.add_argument("--x", help="virtual number")
-        sub.add_argument("--binding", type=int, help="binding id")
+        sub.add_argument("--binding", type=common.ident, help="binding id")
         sub.add_argument("--since", help="ISO date/date-time with zone, or an age: 15m, 2h, 7d")
         sub.add_argument("--decision", choices=values(CallDecision))
         sub.add_argument("--reason", choices=[str(reason) for reason in Reason])

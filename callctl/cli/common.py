@@ -6,6 +6,7 @@ import getpass
 import json
 import sys
 
+from callctl.core.bounds import MAX_ID
 from callctl.core.times import parse_time
 
 
@@ -35,6 +36,36 @@ def clock(value: str | None) -> str:
 def moment(text: str | None, option: str, *, ahead: bool = False):
     """Every --since/--until/--starts/--ends/--expires: callctl.core.times.parse_time."""
     return parse_time(text, option, ahead=ahead, code="invalid_time")
+
+
+def ident(text: str) -> int:
+    """An id argument: a row id the database can hold (1 to 2**63-1)."""
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"an id, 1 to {MAX_ID}")
+    return int(text)
+
+
+def after(text: str) -> int:
+    """--after: 0 (the start) or an id."""
+    return 0 if text == "0" else ident(text)
+
+
+def count(limit: int):
+    """A --limit / --uses / --batch argument: a whole number from 1 to `limit`."""
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= limit:
+            raise argparse.ArgumentTypeError(f"a whole number, 1 to {limit}")
+        return int(text)
+    parse.__name__ = "count"
+    return parse
+
+
+def seconds(text: str) -> int:
+    """A --ttl / --duration argument (the store checks the range and says why)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a whole number of seconds") from None
 
 
 def non_negative(text: str) -> int:

@@ -1,6 +1,7 @@
 """`callctl findings`: what the anomaly job found."""
 from __future__ import annotations
 
+from callctl.cli import common
 from callctl.cli.common import clock, engine, moment, print_json, table
 
 FINDING_TABLE = [
@@ -39,6 +40,6 @@ def register(top) -> None:
     cmd.add_argument("--rule", choices=list(RULES))
     cmd.add_argument("--since", help="findings whose last call is at or after it: ISO date-time with zone, "
                                      "a date (UTC), or an age: 15m, 2h, 7d")
-    cmd.add_argument("--limit", type=int, default=100)
+    cmd.add_argument("--limit", type=common.count(100000), default=100)
     cmd.add_argument("--json", action="store_true", help="JSON for programs")
     cmd.set_defaults(func=list_, needs_keys=False)

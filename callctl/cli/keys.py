@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from datetime import datetime, timezone
 
+from callctl.cli import common
 from callctl.cli.common import engine, table
 
 
@@ -55,7 +56,7 @@ def register(top) -> None:
     cmd.set_defaults(func=generate, needs_keys=False)
     keys.add_parser("list", help="keys in the ring and the stored numbers under each").set_defaults(func=list_)
     cmd = keys.add_parser("rotate", help="re-encrypt stored numbers under the current key")
-    cmd.add_argument("--batch", type=int, default=1000, help="rows per transaction (default 1000)")
+    cmd.add_argument("--batch", type=common.count(1000000), default=1000, help="rows per transaction (default 1000)")
     cmd.add_argument("--rehash", action="store_true",
                      help="rewrite every row, hashes too (after the lookup secret changed)")
     cmd.set_defaults(func=rotate)

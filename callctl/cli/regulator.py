@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from callctl.cli import common
 from callctl.cli.common import engine
 
 
@@ -52,5 +53,5 @@ def register(top) -> None:
     cmd.add_argument("--cursor-file", help="resume from the cursor kept in this file and keep it up to date")
     cmd.add_argument("--follow", action="store_true", help="keep reading new events (SIGTERM stops it)")
     cmd.add_argument("--interval", type=float, default=2.0, help="--follow: seconds between reads when idle")
-    cmd.add_argument("--limit", type=int, default=500, help="events per read (1-1000)")
+    cmd.add_argument("--limit", type=common.count(1000), default=500, help="events per read (1-1000)")
     cmd.set_defaults(func=feed)

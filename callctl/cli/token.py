@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from callctl.cli import common
 from callctl.cli.common import engine, print_json
 
 
@@ -34,5 +35,5 @@ def register(top) -> None:
     cmd.set_defaults(func=create)
     token.add_parser("list", help="tokens (never the tokens themselves)").set_defaults(func=list_)
     cmd = token.add_parser("revoke", help="stop a token working, at once")
-    cmd.add_argument("token_id", type=int)
+    cmd.add_argument("token_id", type=common.ident)
     cmd.set_defaults(func=revoke)

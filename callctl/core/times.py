@@ -19,17 +19,19 @@ def parse_time(text: str | None, what: str, now: datetime | None = None, *, ahea
     if text is None:
         return None
     text = text.strip()
-    if match := _AGE.match(text):
-        age = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-        now = now or datetime.now(timezone.utc)
-        return now + age if ahead else now - age
     try:
+        if match := _AGE.match(text):
+            age = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+            now = now or datetime.now(timezone.utc)
+            return now + age if ahead else now - age
         value = datetime.fromisoformat(text)
+        if value.tzinfo is None:
+            if len(text) > 10:
+                raise ProvisionError(code, f"--{what} must be an ISO date-time with zone: give a time zone,"
+                                           " e.g. 2026-11-29T08:00+08:00")
+            value = value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+    except OverflowError:  # 99999999d, or 9999-12-31T23:59-14:00 (the year 10000 in UTC)
+        raise ProvisionError(code, f"--{what} is out of range (years 1 to 9999)") from None
     except ValueError:
         raise ProvisionError(code, f"--{what} must be {FORMS}") from None
-    if value.tzinfo is None:
-        if len(text) > 10:
-            raise ProvisionError(code, f"--{what} must be an ISO date-time with zone: give a time zone,"
-                                       " e.g. 2026-11-29T08:00+08:00")
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)

@@ -8,12 +8,13 @@ here is seen by every daemon on the very next call.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from callctl.core.bounds import MAX_ID, MAX_SECONDS, printable
 from callctl.core.enums import BlockDirection, BlockScope
 from callctl.core.numbers import InvalidNumber, mask, to_e164
 from callctl.errors import Conflict, NotFound, ProvisionError
@@ -57,8 +58,9 @@ def block_view(block: Block, tenant_name: str, x: str | None, now: datetime) -> 
 
 def _text(value: str | None, what: str, longest: int) -> str:
     text = (value or "").strip()
-    if not text or len(text) > longest:
-        raise ProvisionError(f"invalid_{what.replace(' ', '_')}", f"{what} must be 1-{longest} characters")
+    if not text or len(text) > longest or not printable(text):
+        raise ProvisionError(f"invalid_{what.replace(' ', '_')}",
+                             f"{what} must be 1-{longest} printable characters")
     return text
 
 
@@ -77,7 +79,10 @@ def _no_phone_number(reason: str, region: str) -> None:
 def _aware(value: datetime | None, what: str) -> datetime | None:
     if value is not None and value.tzinfo is None:
         raise ProvisionError("invalid_time", f"{what} needs a time zone, e.g. 2027-01-01T00:00:00+08:00")
-    return value
+    try:
+        return value.astimezone(timezone.utc) if value is not None else None
+    except OverflowError:  # 9999-12-31T23:59-14:00 is in the year 10000
+        raise ProvisionError("invalid_time", f"{what} is out of range") from None
 
 
 def add_block(
@@ -119,10 +124,14 @@ def add_block(
     if ends_at is not None and duration_seconds is not None:
         raise ProvisionError("invalid_time", "give an end or a duration, not both")
     if duration_seconds is not None:
-        if duration_seconds <= 0:
-            raise ProvisionError("invalid_time", "duration must be a positive number of seconds")
-        ends_at = starts_at + timedelta(seconds=duration_seconds)
-    if _aware(ends_at, "end") is not None and (ends_at <= starts_at or ends_at <= now):
+        if not 0 < duration_seconds <= MAX_SECONDS:
+            raise ProvisionError("invalid_time", f"duration must be 1 to {MAX_SECONDS} seconds")
+        try:
+            ends_at = starts_at + timedelta(seconds=duration_seconds)
+        except OverflowError:
+            raise ProvisionError("invalid_time", "the end is out of range") from None
+    ends_at = _aware(ends_at, "end")
+    if ends_at is not None and (ends_at <= starts_at or ends_at <= now):
         raise ProvisionError("invalid_time", "the end must be after the start and in the future")
     caller_e164 = parse_number(caller, "caller", region) if caller is not None else None
     x = parse_number(number, "virtual number", region) if number is not None else None
@@ -150,7 +159,7 @@ def _target(session: Session, scope: str, tenant_name: str | None, binding_id: i
     """The tenant a block belongs to, and its X / binding; a named tenant must agree."""
     number_row = binding = None
     if scope == "binding":
-        binding = session.get(Binding, binding_id)
+        binding = session.get(Binding, binding_id) if 0 < binding_id <= MAX_ID else None
         if binding is None:
             raise NotFound("binding_not_found", f"no binding {binding_id}")
         if binding.status != "active":
@@ -216,7 +225,7 @@ def lift_block(engine: Engine, block_id: int, lifted_by: str, now: datetime | No
     now = now or utcnow()
     lifted_by = _text(lifted_by, "lifted by", 100)
     with Session(engine) as session, session.begin():
-        block = session.get(Block, block_id, with_for_update=True)
+        block = session.get(Block, block_id, with_for_update=True) if 0 < block_id <= MAX_ID else None
         if block is None:
             raise NotFound("block_not_found", f"no block {block_id}")
         if block.ends_at is not None and block.ends_at <= now:

@@ -137,7 +137,8 @@ def key_id_of(token: str) -> str | None:
 
 
 def read_key_file(path: str | os.PathLike) -> str:
-    file = Path(path)
+    # A relative path is read from the working directory: say which file that was.
+    file = Path(path).absolute()
     try:
         mode = file.stat().st_mode
     except FileNotFoundError:
@@ -145,9 +146,16 @@ def read_key_file(path: str | os.PathLike) -> str:
             f"key file {file} does not exist (create one with 'callctl keys generate', "
             f"or set {ENV_KEYS})"
         ) from None
+    except OSError as exc:
+        raise KeyConfigError(f"key file {file} cannot be read ({exc.strerror})") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyConfigError(f"key file {file} is readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
-    return file.read_text()
+    try:
+        return file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyConfigError(f"key file {file} is not a key file (not text: docs/keys.md)") from None
+    except OSError as exc:
+        raise KeyConfigError(f"key file {file} cannot be read ({exc.strerror})") from None
 
 
 def load_ring(key_file: str, current: str = "", environ=os.environ) -> KeyRing:

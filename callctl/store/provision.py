@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from callctl.core.bounds import MAX_ID, MAX_SECONDS, printable
 from callctl.core.decision import DEFAULT_PURPOSES, Mode, Profile, Purpose, known_zone
 from callctl.core.enums import NumberState
 from callctl.core.numbers import InvalidNumber, mask, to_e164
@@ -486,19 +487,16 @@ def expiry_from(expires_at: datetime | None, ttl_seconds: int | None, now: datet
     if expires_at is not None and ttl_seconds is not None:
         raise ProvisionError("invalid_expiry", "give an expiry date or a TTL, not both")
     if ttl_seconds is not None:
-        if ttl_seconds <= 0:
-            raise ProvisionError("invalid_expiry", "TTL must be a positive number of seconds")
-        try:
-            expires_at = now + timedelta(seconds=ttl_seconds)
-        except OverflowError:  # past year 9999
-            raise ProvisionError("invalid_expiry", "TTL is too long") from None
+        if not 0 < ttl_seconds <= MAX_SECONDS:
+            raise ProvisionError("invalid_expiry", f"TTL must be 1 to {MAX_SECONDS} seconds")
+        expires_at = now + timedelta(seconds=ttl_seconds)
     if expires_at is not None:
         if expires_at.tzinfo is None:
             raise ProvisionError("invalid_expiry", "expiry needs a time zone, e.g. 2027-01-01T00:00:00+08:00")
         try:
             expires_at = expires_at.astimezone(timezone.utc)  # shown as stored: UTC
-        except OverflowError:  # e.g. 9999-12-31T23:00:00-14:00
-            raise ProvisionError("invalid_expiry", "expiry is too far in the future") from None
+        except OverflowError:  # e.g. 9999-12-31T23:59:59-14:00 is in the year 10000
+            raise ProvisionError("invalid_expiry", "expiry is out of range") from None
         if expires_at <= now:
             raise ProvisionError("invalid_expiry", "expiry is in the past")
     return expires_at
@@ -569,13 +567,16 @@ def add_callers(engine: Engine, tenant_name: str, *, callers: list[str] = (), ca
 def parse_reference(reference: str | None) -> str | None:
     if reference is not None and len(reference) > 100:
         raise ProvisionError("invalid_reference", "reference must be at most 100 characters")
+    if reference is not None and not printable(reference):
+        raise ProvisionError("invalid_reference", "reference must be printable text (no control characters)")
     return reference
 
 
 def _scoped_binding(session: Session, binding_id: int, tenant_id: int | None, *, lock: bool = False) -> Binding:
     """The binding, if it exists and (when tenant_id is given) belongs to that tenant.
     Another tenant's binding is reported exactly like a missing one."""
-    binding = session.get(Binding, binding_id, with_for_update=lock)
+    # (an id past what the database stores is nobody's: SQLite would overflow on it)
+    binding = session.get(Binding, binding_id, with_for_update=lock) if 0 < binding_id <= MAX_ID else None
     if binding is None or (tenant_id is not None and binding.tenant_id != tenant_id):
         raise NotFound("binding_not_found", f"no binding {binding_id}")
     return binding

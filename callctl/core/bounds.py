@@ -1,0 +1,16 @@
+"""The bounds every input is checked against: the API's schemas (which state them), the
+CLI's arguments and the store use the same ones, so no value the database cannot hold
+(or the clock cannot reach) gets as far as a query."""
+from __future__ import annotations
+
+import unicodedata
+
+MAX_ID = 2 ** 63 - 1  # the largest id SQLite's INTEGER and PostgreSQL's bigint hold
+MAX_SECONDS = 100 * 366 * 86400  # a TTL or a duration: at most a century
+# Text a person typed: no control characters (PostgreSQL refuses NUL) and no lone
+# surrogates (they cannot be stored as UTF-8). As a JSON Schema pattern too.
+PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+
+
+def printable(text: str) -> bool:
+    return not any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text)

@@ -4,7 +4,8 @@ A real Asterisk 22 in the local lab (lab/lab.sh), the daemon `callctl serve aste
 on the embedded SQLite default, two sample tenants provisioned with the real `callctl`
 CLI as an administrator would, SIPp calls through Asterisk (a SIPp carrier on one side,
 a SIPp phone on 127.0.0.1:5070 that checks what reaches it on the other), then the
-CDRs printed with `callctl cdr list`.
+CDRs printed with `callctl cdr list`. Then a customer opts out of one tenant and an agent
+number goes on the shared blacklist, each refused on its next call.
 
 Every number here is made up. Real numbers (customers, agents, strangers) are shown
 masked on screen, as callctl itself shows them; virtual numbers X and the tenants'
@@ -163,6 +164,7 @@ def provision() -> dict:
         "li": bind(ACME, LI, "TMP-2024-0002", "--ttl", str(EXPIRY_TTL), note=f"  <- temporary, {EXPIRY_TTL} s"),
         "liu": bind(ACME, LIU, "POL-2019-0917"),
         "zhao": bind(BLUESKY, ZHAO, "BS-88001"),
+        "wang_bluesky": bind(BLUESKY, WANG, "BS-88002", note="  <- Wang is insured by both"),
     }
     u = json.loads(callctl("unbind", str(bindings["liu"]["id"])))
     out(f"binding {u['id']}: {u['status']} (policy {u['reference']} ended); X {u['x']} rests in quarantine")
@@ -430,7 +432,65 @@ def run_calls(bindings: dict, daemon: harness.Process) -> list[Scenario]:
     place_call(n, back)
     settle()
     report(n, back)
-    return everything
+    return everything + customers_word(bindings, n)
+
+
+def customers_word(bindings: dict, n: int) -> list[Scenario]:
+    """Wang opts out of acme (support staff, on Wang's word; the insurer's app can do it
+    over the API, the customer on the self-service line), then acme's next call to Wang
+    is refused while bluesky, whom Wang did not refuse, still gets through. Then a bluesky
+    agent number goes on the shared harassment blacklist (proposed with a CDR of its
+    calls as evidence, approved by two people) and is refused on its very next call."""
+    x_wang, x_wang_bs, x_zhao = (bindings[k]["x"] for k in ("wang", "wang_bluesky", "zhao"))
+    agent = ACME_AGENTS[0]
+    say("   the customer's word: Wang tells support he wants no more calls from acme (audited):")
+    pref = json.loads(callctl("customer", "set", "--tenant", ACME, "--customer", WANG, "--calls", "none",
+                              "--by", "support:li",
+                              shown=f"customer set --tenant {ACME} --customer {m(WANG)} --calls none --by support:li"))
+    out(f"{pref['tenant']} / {pref['customer']}: calls {pref['calls']}, set by {pref['updated_by']}")
+    opted = [
+        Scenario(f"acme agent {m(agent)} dials X {x_wang} (Wang opted out of acme)", agent, x_wang, 403,
+                 "403 Forbidden (opted_out), no phone rings", cdr=("rejected", "opted_out", None)),
+        Scenario(f"bluesky agent {m(BLUESKY_AGENT)} dials X {x_wang_bs} (Wang's bluesky policy)", BLUESKY_AGENT,
+                 x_wang_bs, 200, f"200, the phone rings as customer {m(WANG)}: he refused acme only",
+                 ruri=WANG, forbidden=[nsn(BLUESKY_AGENT)], cdr=("bridged", None, m(WANG))),
+    ]
+    n += 1
+    phone = nobody_phone("opted-out")
+    try:
+        place_call(n, opted[0])
+    finally:
+        check_nobody(phone, opted[:1])
+    settle()
+    report(n, opted[0])
+    n += 1
+    place_call(n, opted[1])
+    settle()
+    report(n, opted[1])
+
+    say(f"   the shared blacklist: bluesky agent {m(BLUESKY_AGENT)} is reported for harassment;")
+    say("   platform staff propose it with one of its CDRs as evidence, two other people approve:")
+    evidence = min(r["id"] for r in read_cdrs() if r["caller_masked"] == m(BLUESKY_AGENT))
+    entry = json.loads(callctl("blacklist", "propose", "--caller", BLUESKY_AGENT, "--reason", "harassment reported",
+                               "--cdr", str(evidence), "--by", "ops:chen",
+                               shown=f"blacklist propose --caller {m(BLUESKY_AGENT)} --reason 'harassment reported' "
+                                     f"--cdr {evidence} --by ops:chen"))
+    out(f"entry {entry['id']}: {entry['caller']} {entry['status']}")
+    for person in ("ops:wang", "ops:zhao"):
+        entry = json.loads(callctl("blacklist", "approve", str(entry["id"]), "--by", person))
+        out(f"entry {entry['id']}: {entry['status']}" + (", in force" if entry["in_force"] else ", not yet in force"))
+    barred = Scenario(f"bluesky agent {m(BLUESKY_AGENT)} dials X {x_zhao} (now on the blacklist)", BLUESKY_AGENT,
+                      x_zhao, 403, "403 Forbidden (blacklisted), no phone rings",
+                      cdr=("rejected", "blacklisted", None))
+    n += 1
+    phone = nobody_phone("blacklisted")
+    try:
+        place_call(n, barred)
+    finally:
+        check_nobody(phone, [barred])
+    settle()
+    report(n, barred)
+    return opted + [barred]
 
 
 def demo(daemon: harness.Process, extra_checks: list) -> list[Scenario]:

@@ -3,6 +3,9 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PBX   ?= asterisk
+# The lab's script for PBX=asterisk (default) or PBX=freeswitch.
+LAB_SH := $(if $(filter freeswitch,$(PBX)),lab/freeswitch.sh,lab/lab.sh)
 
 .PHONY: deps venv test test-cluster test-fast demo bench lab-up lab-down lab-status clean
 
@@ -17,8 +20,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## Whole suite: unit, PostgreSQL and SQLite, FastAGI protocol, SIPp, real Asterisk lab.
+## Whole suite: unit, PostgreSQL and SQLite, FastAGI and ESL protocols, SIPp, real Asterisk
+## and FreeSWITCH labs (FreeSWITCH is built once first: about 3 min, cached).
 test: deps venv
+	bash lab/freeswitch.sh build
 	$(PY) -m pytest -q -rfEs
 
 ## Many nodes: failover of replicated PostgreSQL under SIPp load, in network namespaces
@@ -33,21 +38,22 @@ test-fast: deps venv
 ## The main job: real Asterisk, the daemon on SQLite, sample tenants, SIPp calls, CDRs printed.
 # lab/ and bench/ run as modules from the repository root (they import lab.sipp, lab.harness).
 demo: deps venv
-	$(PY) -m lab.demo
+	$(PY) -m lab.demo --pbx $(PBX)
 
 ## SIPp load through the real Asterisk: callctl against a minimal FastAGI, side by side.
 bench: deps venv
 	$(PY) -m bench.bench
 
 lab-up: deps
-	bash lab/lab.sh up
+	bash $(LAB_SH) up
 
 lab-down:
-	bash lab/lab.sh down
+	bash $(LAB_SH) down
 
 lab-status:
-	bash lab/lab.sh status
+	bash $(LAB_SH) status
 
 clean:
 	-bash lab/lab.sh down
+	-bash lab/freeswitch.sh down
 	rm -rf var .pytest_cache

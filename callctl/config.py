@@ -59,6 +59,23 @@ class AgiConfig(Listener):
         return netacl.parse_cidrs(value)
 
 
+class FreeSwitchConfig(Listener):
+    """`callctl serve freeswitch` (docs/esl.md)."""
+    listen: str = "127.0.0.1:8084"  # the dialplan's socket application connects here
+    # Peers that may connect (FreeSWITCH): CIDRs, as agi.allow. $CALLCTL_FREESWITCH_ALLOW.
+    allow: list[str] = list(netacl.LOOPBACK)
+    command_timeout: float = Field(5.0, gt=0)  # seconds FreeSWITCH may take to answer a command
+    linger: int = Field(60, ge=5, le=3600)  # seconds FreeSWITCH keeps a hung-up call's socket for its CDR
+    # The inbound event socket, for `callctl cdr import-pbx --pbx freeswitch`.
+    esl: str = "127.0.0.1:8021"
+    esl_password: str = "ClueCon"
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _cidrs(cls, value):
+        return netacl.parse_cidrs(value)
+
+
 class ApiConfig(Listener):
     listen: str = "127.0.0.1:8080"
     workers: int = Field(1, ge=1, le=64)  # server processes sharing the listen socket
@@ -153,6 +170,7 @@ class Config(Strict):
     agi: AgiConfig = AgiConfig()
     metrics: MetricsConfig = MetricsConfig()
     ami: AmiConfig = AmiConfig()
+    freeswitch: FreeSwitchConfig = FreeSwitchConfig()
     api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
     keys: KeysConfig = KeysConfig()
@@ -175,6 +193,10 @@ ENV_OVERRIDES = {
     "CALLCTL_HOUSEKEEPING_SECONDS": (None, "housekeeping_seconds"),
     "CALLCTL_AGI_LISTEN": ("agi", "listen"),
     "CALLCTL_AGI_ALLOW": ("agi", "allow"),
+    "CALLCTL_FREESWITCH_LISTEN": ("freeswitch", "listen"),
+    "CALLCTL_FREESWITCH_ALLOW": ("freeswitch", "allow"),
+    "CALLCTL_FREESWITCH_ESL": ("freeswitch", "esl"),
+    "CALLCTL_FREESWITCH_ESL_PASSWORD": ("freeswitch", "esl_password"),
     "CALLCTL_API_LISTEN": ("api", "listen"),
     "CALLCTL_API_WORKERS": ("api", "workers"),
     "CALLCTL_API_MAX_BODY_BYTES": ("api", "max_body_bytes"),

@@ -43,6 +43,7 @@ WARM_CONNECTIONS = 2  # per kind (routing, CDRs) opened at start; more when call
 # Backend name -> "module:attribute" of an object with serve(cfg).
 BACKENDS: dict[str, str] = {
     "asterisk": "callctl.asterisk.server:AsteriskBackend",
+    "freeswitch": "callctl.freeswitch.server:FreeSwitchBackend",
 }
 
 

@@ -1,7 +1,8 @@
 """`make demo`: callctl's main job, shown to a person.
 
 A real Asterisk 22 in the local lab (lab/lab.sh), the daemon `callctl serve asterisk`
-on the embedded SQLite default, two sample tenants provisioned with the real `callctl`
+on the embedded SQLite default (or, with `--pbx freeswitch` / `make demo PBX=freeswitch`,
+the real FreeSWITCH lab (lab/freeswitch.sh) and `callctl serve freeswitch`), two sample tenants provisioned with the real `callctl`
 CLI as an administrator would, SIPp calls through Asterisk (a SIPp carrier on one side,
 a SIPp phone on 127.0.0.1:5070 that checks what reaches it on the other), then the
 CDRs printed with `callctl cdr list`. Then a customer opts out of one tenant and an agent
@@ -43,6 +44,11 @@ CALLCTL = Path(sys.executable).with_name("callctl")
 LAB_CACHE = Path(os.environ.get("CALLCTL_LAB_CACHE", "/var/cache/callctl")) / "asterisk-sid"
 PHONE_PORT = 5070
 TALK_MS = 1000
+# The PBX the demo runs through: `--pbx freeswitch` (make demo PBX=freeswitch) or Asterisk.
+_ARGS = sys.argv[1:]
+PBX = harness.FREESWITCH if "--pbx" in _ARGS and _ARGS[_ARGS.index("--pbx") + 1:][:1] == ["freeswitch"] \
+    else harness.ASTERISK
+PBX_NAME = "FreeSWITCH 1.11" if PBX is harness.FREESWITCH else "Asterisk 22"
 
 # --- sample data (made up) -----------------------------------------------------------
 ACME, BLUESKY = "acme-insurance", "bluesky-life"
@@ -249,11 +255,11 @@ def place_call(n: int, sc: Scenario, uac_port: int = 5090) -> None:
         if sc.code == 200:
             result = sipp.run_uac("uac_call", calls=[(sc.caller, sc.called)], talk_ms=TALK_MS, pai=True,
                                   timeout=30, local_port=uac_port, workdir=trace_dir / "carrier",
-                                  extra_args=trace("carrier"))
+                                  extra_args=trace("carrier"), target=PBX.sip_target)
         else:
             result = sipp.run_uac("uac_expect_reject", calls=[(sc.caller, sc.called)], expect_code=sc.code,
                                   pai=True, timeout=30, local_port=uac_port, workdir=trace_dir / "carrier",
-                                  extra_args=trace("carrier"))
+                                  extra_args=trace("carrier"), target=PBX.sip_target)
     finally:
         far = phone.stop() if phone else None
 
@@ -311,8 +317,8 @@ def report(n: int, sc: Scenario) -> None:
 
 
 def settle() -> None:
-    """Let Asterisk finish the call (and the hangup AGI write its CDR) before the next."""
-    harness.wait_no_channels()
+    """Let the PBX finish the call (and the daemon write its CDR) before the next."""
+    PBX.wait_no_channels()
 
 
 # --- CDRs -----------------------------------------------------------------------------
@@ -425,7 +431,7 @@ def run_calls(bindings: dict, daemon: harness.Process) -> list[Scenario]:
             raise DemoError(f"binding {li} was not released by the daemon's housekeeping within 60 s")
         time.sleep(0.2)
     say(f"   (binding {li} {binding_state(li)} after {elapsed(waited)})")
-    say("   rejected calls, placed at once (Asterisk plays each reason's announcement as early media, up to 5 s):")
+    say("   rejected calls, placed at once (the PBX plays each reason's announcement as early media, up to 5 s):")
     phone = nobody_phone("rejects")
     try:
         with ThreadPoolExecutor(len(rejected)) as pool:
@@ -516,14 +522,16 @@ def customers_word(bindings: dict, n: int) -> list[Scenario]:
 
 
 def demo(daemon: harness.Process, extra_checks: list) -> list[Scenario]:
-    heading(1, "The lab: Asterisk 22 on 127.0.0.1:5060 with the product dialplan")
+    heading(1, f"The lab: {PBX_NAME} on {PBX.sip_target} with the product dialplan")
     t = time.monotonic()
-    if (LAB_CACHE / ".callctl-ready").exists():
+    if PBX is harness.FREESWITCH:
+        say("   starting FreeSWITCH (built once from source, about 3 min, cached in /var/cache/callctl/freeswitch)")
+    elif (LAB_CACHE / ".callctl-ready").exists():
         say(f"   starting Asterisk (chroot cached in {LAB_CACHE})")
     else:
         say(f"   building the Asterisk chroot first (Debian sid + Asterisk 22): about 40 s, once; cached in {LAB_CACHE}")
-    harness.lab("up")
-    say(f"   Asterisk is up ({elapsed(t)})")
+    PBX.up()
+    say(f"   {PBX_NAME} is up ({elapsed(t)})")
 
     heading(2, f"Provisioning with the callctl CLI (database {DB_PATH.relative_to(REPO)})")
     shutil.rmtree(WORK, ignore_errors=True)
@@ -531,21 +539,24 @@ def demo(daemon: harness.Process, extra_checks: list) -> list[Scenario]:
     bindings = provision()
 
     heading(3, "The daemon")
-    say(f"   $ callctl serve asterisk      (FastAGI on {harness.AGI_HOST}:{harness.AGI_PORT}, "
-        f"log: {daemon.log_path.relative_to(REPO)})")
+    say(f"   $ callctl serve {PBX.name}      ({'ESL' if PBX is harness.FREESWITCH else 'FastAGI'} on "
+        f"{harness.AGI_HOST}:{daemon.port}, log: {daemon.log_path.relative_to(REPO)})")
     t = time.monotonic()
     daemon.start()
     say(f"   listening ({elapsed(t)})")
 
-    heading(4, "Calls: a SIPp carrier dials Asterisk; a SIPp phone on 127.0.0.1:5070 takes every outbound leg")
+    heading(4, f"Calls: a SIPp carrier dials {PBX_NAME}; a SIPp phone on 127.0.0.1:5070 takes every outbound leg")
     say("   The carrier also sends the caller's real number in P-Asserted-Identity. The phone fails the call")
     say("   if it is dialled as the wrong number, is not shown X, or sees the caller's real number anywhere.")
     scenarios = run_calls(bindings, daemon)
 
     heading(5, "CDRs, as support staff read them")
     say("   The call made while the daemon was stopped found no daemon at hangup either: the dialplan kept")
-    say("   its CDR in a file on the PBX (CALLCTL_CDR_FALLBACK), which the operator imports:")
-    out(callctl("cdr", "import-pbx", str(harness.CDR_FALLBACK)).strip())  # the chroot's /var/spool/asterisk
+    if PBX is harness.FREESWITCH:
+        say("   its CDR on the PBX (mod_db, docs/esl.md), which the operator imports:")
+    else:
+        say("   its CDR in a file on the PBX (CALLCTL_CDR_FALLBACK), which the operator imports:")
+    out(callctl("cdr", "import-pbx", *PBX.import_args()).strip())
     table = callctl("cdr", "list")
     for line in table.rstrip().splitlines():
         say("     " + line)
@@ -570,11 +581,11 @@ def demo(daemon: harness.Process, extra_checks: list) -> list[Scenario]:
 
 def main() -> int:
     started = time.monotonic()
-    say("callctl demo: privacy numbers through a real Asterisk 22, the daemon on SQLite")
+    say(f"callctl demo: privacy numbers through a real {PBX_NAME}, the daemon on SQLite")
     say("(all numbers are made up; real numbers are shown masked, as callctl shows them everywhere)")
     scenarios: list[Scenario] = []
     extra_checks: list[tuple[bool, str]] = []
-    daemon = harness.callctl_daemon(DB_URL, WORK, log_format="json",
+    daemon = harness.callctl_daemon(DB_URL, WORK, log_format="json", pbx=PBX.name,
                                     extra_env={"CALLCTL_KEY_FILE": str(KEY_FILE)})
     waited = 0.0
     try:
@@ -589,7 +600,7 @@ def main() -> int:
                 daemon.stop()
                 say("   daemon stopped")
                 try:
-                    harness.lab("down")
+                    PBX.down()
                     say("   lab down")
                 except harness.LabError as exc:
                     say(f"   lab down failed: {exc}")

@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 LAB_SH = REPO / "lab" / "lab.sh"
 AGI_HOST, AGI_PORT = "127.0.0.1", 4573
+ESL_PORT = 8084  # callctl serve freeswitch in the FreeSWITCH lab
 SIP_TARGET = "127.0.0.1:5060"
 PHONE_PORT = 5070  # every outbound leg goes to the SIPp phone here
 LOCK_FILE = Path(os.environ.get("CALLCTL_LAB_LOCK", "/tmp/callctl-lab.lock"))
@@ -76,6 +77,97 @@ def lab(command: str, *args: str, timeout: float = 600) -> str:
     if done.returncode != 0:
         raise LabError(f"lab.sh {command} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
     return done.stdout
+
+
+FS_SH = REPO / "lab" / "freeswitch.sh"
+FS_SIP_TARGET = "127.0.0.1:5062"
+FS_ESL = ("127.0.0.1", 8021, "ClueCon")  # the FreeSWITCH lab's inbound event socket
+
+
+def fs_lab(command: str, timeout: float = 3600) -> str:
+    """Run lab/freeswitch.sh COMMAND (build, up, down); LabError with its output on failure."""
+    done = subprocess.run(["bash", str(FS_SH), command], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise LabError(f"freeswitch.sh {command} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def fs_api(command: str, timeout: float = 10.0) -> str:
+    """One `api` command over the FreeSWITCH lab's inbound event socket; its response body."""
+    host, port, password = FS_ESL
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        reader = sock.makefile("rb")
+
+        def message() -> tuple[dict, bytes]:
+            headers = {}
+            while (line := reader.readline().rstrip(b"\n")):
+                name, _, value = line.decode().partition(": ")
+                headers[name] = value
+            length = int(headers.get("Content-Length", "0"))
+            return headers, reader.read(length) if length else b""
+
+        message()  # auth/request
+        sock.sendall(f"auth {password}\n\n".encode())
+        if not message()[0].get("Reply-Text", "").startswith("+OK"):
+            raise LabError("the FreeSWITCH lab refused the event socket password")
+        sock.sendall(f"api {command}\n\n".encode())
+        return message()[1].decode(errors="replace")
+
+
+class Pbx:
+    """One of the lab's PBXs, as the lab tests use it: where SIPp sends calls, how many
+    channels are up, which daemon serves it, and how the CDRs it kept are imported."""
+
+    def __init__(self, name: str, sip_target: str):
+        self.name, self.sip_target = name, sip_target
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def up(self) -> None:
+        lab("up") if self.name == "asterisk" else fs_lab("up")
+
+    def down(self) -> None:
+        lab("down") if self.name == "asterisk" else fs_lab("down")
+
+    def active_channels(self) -> int:
+        if self.name == "asterisk":
+            return active_channels()
+        out = fs_api("show channels count")
+        for word in out.split():
+            if word.isdigit():
+                return int(word)
+        raise LabError(f"unexpected 'show channels count' output: {out!r}")
+
+    def wait_no_channels(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.active_channels():
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name} still has active channels")
+            time.sleep(0.1)
+
+    def kept_cdrs(self) -> int:
+        """CDRs the PBX keeps for `callctl cdr import-pbx` (no daemon took them)."""
+        if self.name == "asterisk":
+            return len(CDR_FALLBACK.read_text().splitlines()) if CDR_FALLBACK.exists() else 0
+        count = fs_api("db count/callctl_cdr").strip()
+        return int(count) if count.isdigit() else 0
+
+    def forget_kept_cdrs(self) -> None:
+        if self.name == "asterisk":
+            CDR_FALLBACK.unlink(missing_ok=True)
+            return
+        for key in fs_api("db list/callctl_cdr").strip().split(","):
+            if key and not key.startswith("-ERR"):  # "-ERR no reply": none kept
+                fs_api(f"db delete/callctl_cdr/{key}")
+
+    def import_args(self) -> list[str]:
+        """`callctl cdr import-pbx` arguments for this PBX."""
+        return [str(CDR_FALLBACK)] if self.name == "asterisk" else ["--pbx", "freeswitch"]
+
+
+ASTERISK = Pbx("asterisk", SIP_TARGET)
+FREESWITCH = Pbx("freeswitch", FS_SIP_TARGET)
 
 
 def asterisk_cli(command: str) -> str:
@@ -143,8 +235,8 @@ class Process:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> "Process":
-        if self.port == AGI_PORT:
-            free_agi_port()
+        if self.port in (AGI_PORT, ESL_PORT):
+            free_agi_port(self.port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         env = {**os.environ, **(self.env or {})}
@@ -182,15 +274,16 @@ class Process:
 
 
 def callctl_daemon(database_url: str, workdir: Path, log_format: str = "json", extra_env: dict | None = None,
-                   port: int = AGI_PORT) -> Process:
-    """`callctl serve asterisk` as an administrator would run it, configured by environment.
-    Tests that do not need the lab's Asterisk pass a free port of their own."""
+                   port: int | None = None, pbx: str = "asterisk") -> Process:
+    """`callctl serve asterisk|freeswitch` as an administrator would run it, configured by
+    environment. Tests that do not need the lab's PBX pass a free port of their own."""
     workdir = Path(workdir)
+    port = port or (AGI_PORT if pbx == "asterisk" else ESL_PORT)
     env = {
         "CALLCTL_CONFIG": str(REPO / "conf" / "callctl.yaml"),
         "CALLCTL_DATABASE_URL": database_url,
         "CALLCTL_SPOOL_DIR": str(workdir / "spool"),
-        "CALLCTL_AGI_LISTEN": f"{AGI_HOST}:{port}",
+        "CALLCTL_AGI_LISTEN" if pbx == "asterisk" else "CALLCTL_FREESWITCH_LISTEN": f"{AGI_HOST}:{port}",
         "CALLCTL_LOG_FORMAT": log_format,
         "CALLCTL_NODE": "lab",
         "CALLCTL_AUDIT_CHECKPOINT": str(workdir / "callctl.audit-head"),  # one per database
@@ -200,7 +293,7 @@ def callctl_daemon(database_url: str, workdir: Path, log_format: str = "json", e
     }
     callctl = Path(sys.executable).with_name("callctl")
     argv = [str(callctl)] if callctl.exists() else [sys.executable, "-m", "callctl.cli"]
-    return Process(argv + ["serve", "asterisk"], workdir / "callctl.log", env=env, port=port)
+    return Process(argv + ["serve", pbx], workdir / "callctl.log", env=env, port=port)
 
 
 def minimal_fastagi(workdir: Path) -> Process:

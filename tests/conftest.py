@@ -60,3 +60,28 @@ def lab_up():
             yield
         finally:
             harness.lab("down")
+
+
+@pytest.fixture(scope="session")
+def fs_lab_up():
+    """The FreeSWITCH lab (lab/freeswitch.sh), once per test session, under the same lock."""
+    from lab import harness
+
+    with harness.LabLock():
+        harness.clear_stale_phones()
+        harness.fs_lab("up")
+        try:
+            yield
+        finally:
+            harness.fs_lab("down")
+            # FreeSWITCH's own log is product output too: the leak check reads it.
+            log = harness.REPO / "var" / "lab-freeswitch" / "log" / "freeswitch.log"
+            leaks.record("log", "freeswitch-lab", log.read_text(errors="replace") if log.exists() else "")
+
+
+@pytest.fixture(scope="session")
+def both_labs_up(lab_up, fs_lab_up):
+    """Asterisk and FreeSWITCH labs up side by side (their ports differ; one phone on 5070)."""
+    from lab import harness
+
+    return {"asterisk": harness.ASTERISK, "freeswitch": harness.FREESWITCH}

@@ -21,7 +21,7 @@ import pytest
 from lab import sipp
 from callctl.store import provision
 from lab import harness
-from tests.test_lab_calls import Lab, digits, running_lab
+from tests.test_lab_calls import LABS, Lab, digits, lab_params, running_lab
 from tests.test_modes import bind_on
 
 pytestmark = pytest.mark.lab
@@ -53,11 +53,11 @@ class ModesLab(Lab):
                 "uac_extension",
                 calls=[(caller, x, f"P-Asserted-Identity: <sip:{caller}@127.0.0.1>", keys)],
                 talk_ms=talk_ms if expect_cause is None else 40_000,
-                variables=variables, timeout=60,
+                variables=variables, timeout=60, target=self.pbx.sip_target,
             )
         finally:
             far = uas.stop()
-        harness.wait_no_channels()
+        self.pbx.wait_no_channels()
         return result, far
 
     def last_cdr(self, count_before: int) -> dict:
@@ -83,17 +83,23 @@ def _numbers(engine) -> None:
     bind_on(engine, "acme", AXE_X, "AXE", C2, extension=EXT_2)
 
 
-@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
-def lab(request, lab_up, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp(f"modes-{request.param}")
-    with running_lab(request.param, workdir, _numbers, ModesLab) as env:
-        env.param = request.param
+@pytest.fixture(scope="module", params=LABS, ids=["-".join(p) for p in LABS])
+def lab(request, tmp_path_factory):
+    kind, pbx = lab_params(request)
+    workdir = tmp_path_factory.mktemp(f"modes-{kind}-{pbx}")
+    with running_lab(kind, workdir, _numbers, ModesLab, pbx=pbx) as env:
+        env.param = kind
         yield env
 
 
 def postgresql_only(lab):
     if lab.param != "postgresql":
         pytest.skip("lifecycle edges and the slower AXE paths run on PostgreSQL")
+
+
+def asterisk_only(lab):
+    if lab.pbx is not harness.ASTERISK:
+        pytest.skip("provisioning edges at call time: the daemon decides the same whatever the PBX")
 
 
 # --- AXB ------------------------------------------------------------------------------
@@ -183,6 +189,7 @@ def test_call_one_second_after_expiry_is_rejected_as_expired(lab):
 
 def test_extended_binding_routes_again(lab):
     postgresql_only(lab)
+    asterisk_only(lab)
     customer = "+8613800000481"
     binding = provision.bind(lab.engine, "acme", customer, ttl_seconds=1)
     _sleep_until(datetime.fromisoformat(binding["expires_at"]) + timedelta(seconds=1))
@@ -195,6 +202,7 @@ def test_extended_binding_routes_again(lab):
 
 def test_changed_customer_number_routes_to_the_new_number_only(lab):
     postgresql_only(lab)
+    asterisk_only(lab)
     old, new = "+8613800000491", "+8613800000492"
     binding = provision.bind(lab.engine, "acme", old)
     provision.update_binding(lab.engine, binding["id"], customer=new)
@@ -218,6 +226,7 @@ def test_unbound_x_no_longer_routes(lab):
 
 def test_unbinding_one_axb_pair_leaves_the_other_pairs_routing(lab):
     postgresql_only(lab)
+    asterisk_only(lab)
     a3, b3 = "+8613800000451", "+8613600000452"
     binding = provision.bind(lab.engine, "ride", a3, mode="AXB", other_party=b3)
     assert binding["x"] == AXB_X
@@ -230,6 +239,7 @@ def test_unbinding_one_axb_pair_leaves_the_other_pairs_routing(lab):
 
 def test_quarantined_x_is_reallocated_only_after_the_cooldown_to_the_new_customer(lab):
     postgresql_only(lab)
+    asterisk_only(lab)
     old, new = "+8613800000461", "+8613800000462"
     first = provision.bind(lab.engine, "solo", old)
     assert first["x"] == SOLO_X
@@ -258,18 +268,18 @@ def test_unbinding_during_a_call_does_not_cut_it(lab):
     uas = sipp.start_uas(harness.PHONE_PORT, expect_ruri=customer, expect_from=binding["x"])
     try:
         caller = sipp.start(
-            "uac_call", remote=harness.SIP_TARGET, calls=[(AGENT, binding["x"])], max_calls=1,
+            "uac_call", remote=lab.pbx.sip_target, calls=[(AGENT, binding["x"])], max_calls=1,
             variables={"talk_ms": talk_ms},
         )
         deadline = time.monotonic() + 10
-        while harness.active_channels() < 2:  # both legs up: the call is in progress
+        while lab.pbx.active_channels() < 2:  # both legs up: the call is in progress
             assert time.monotonic() < deadline, "the call never came up"
             time.sleep(0.05)
         provision.unbind(lab.engine, binding["id"], timedelta(days=30))
         result = caller.wait(timeout=30)
     finally:
         phone = uas.stop()
-    harness.wait_no_channels()
+    lab.pbx.wait_no_channels()
     assert result.ok and result.successful == 1, result.summary()
     assert result.remote_hangups == 0, "the PBX cut the call"  # the caller sent BYE itself
     assert result.elapsed_s >= talk_ms / 1000

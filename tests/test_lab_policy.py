@@ -1,4 +1,5 @@
-"""Call policy through the real Asterisk 22 lab, on SQLite and PostgreSQL: blocks set
+"""Call policy through the real Asterisk 22 lab, on SQLite and PostgreSQL, and through the
+real FreeSWITCH lab on PostgreSQL (tests/test_lab_calls.py LABS): blocks set
 with the `callctl` command while the daemon runs (seen on the very next call, one way
 only), tenant suspension, calling hours (480), the maximum call duration cut by the PBX
 (the phone sees Asterisk's BYE), the ring timeout (the PBX cancels the ringing phone), and no
@@ -20,7 +21,7 @@ from lab import sipp
 from callctl.store import provision
 from lab import harness
 from tests import leaks, realnumbers
-from tests.test_lab_calls import Lab, running_lab
+from tests.test_lab_calls import LABS, Lab, lab_params, running_lab
 
 pytestmark = pytest.mark.lab
 
@@ -59,10 +60,11 @@ def _numbers(engine) -> None:
     provision.add_numbers(engine, "acme", POOL)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def lab(request, lab_up, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp(f"policy-{request.param}")
-    with running_lab(request.param, workdir, _numbers, PolicyLab) as env:
+@pytest.fixture(scope="module", params=LABS, ids=["-".join(p) for p in LABS])
+def lab(request, tmp_path_factory):
+    kind, pbx = lab_params(request)
+    workdir = tmp_path_factory.mktemp(f"policy-{kind}-{pbx}")
+    with running_lab(kind, workdir, _numbers, PolicyLab, pbx=pbx) as env:
         yield env
 
 
@@ -167,9 +169,10 @@ def test_identity_headers_from_the_carrier_never_reach_the_far_end(lab, caller, 
                    "Real Name"],
     )
     try:
-        result = sipp.run_uac("uac_call", calls=[(caller, x, *headers)], talk_ms=200, timeout=30)
+        result = sipp.run_uac("uac_call", calls=[(caller, x, *headers)], talk_ms=200, timeout=30,
+                              target=lab.pbx.sip_target)
     finally:
         far = phone.stop()
-    harness.wait_no_channels()
+    lab.pbx.wait_no_channels()
     assert result.ok, result.summary()
     assert far.successful == 1 and "check failed" not in far.log, far.log

@@ -61,15 +61,33 @@ def tail(cfg, args):
 
 
 def import_pbx(cfg, args):
-    from callctl.asterisk.fallback import import_fallback
     from callctl.service import CallService
 
     service = CallService(engine(cfg), spool=None, region=cfg.region, node=cfg.node)
-    counts = import_fallback(service, Path(args.file))
+    if args.pbx == "freeswitch":
+        from callctl.freeswitch.esl import EslError
+        from callctl.freeswitch.fallback import import_kept, inbound
+
+        where = f"FreeSWITCH at {cfg.freeswitch.esl}"
+        try:
+            esl = inbound(cfg.freeswitch.esl, cfg.freeswitch.esl_password)
+        except (OSError, EslError) as exc:
+            raise SystemExit(f"error: cannot reach {where}: {type(exc).__name__}: {exc}") from None
+        try:
+            counts = import_kept(service, esl)
+        finally:
+            esl.sock.close()
+    else:
+        from callctl.asterisk.fallback import import_fallback
+
+        if not args.file:
+            raise SystemExit("error: name the PBX's file (CALLCTL_CDR_FALLBACK)")
+        where = args.file
+        counts = import_fallback(service, Path(args.file))
     if args.json:
         print_json(counts)
     else:
-        print(f"imported from {args.file}: {counts['written']} written, {counts['duplicate']} already there"
+        print(f"imported from {where}: {counts['written']} written, {counts['duplicate']} already there"
               + (f", {counts['unreadable']} unreadable line(s) skipped" if counts["unreadable"] else ""))
 
 
@@ -94,7 +112,9 @@ def register(top) -> None:
     clist.add_argument("--until", help="exclusive end, same forms as --since")
     clist.set_defaults(func=list_)
     ctail.set_defaults(func=tail)
-    cmd = cdr.add_parser("import-pbx", help="CDRs the dialplan kept while no daemon answered (CALLCTL_CDR_FALLBACK)")
-    cmd.add_argument("file", help="the PBX's file; removed once every line is in the database")
+    cmd = cdr.add_parser("import-pbx", help="CDRs the PBX kept while no daemon answered")
+    cmd.add_argument("file", nargs="?", help="Asterisk: the CALLCTL_CDR_FALLBACK file; removed once every line is in the database")
+    cmd.add_argument("--pbx", choices=["asterisk", "freeswitch"], default="asterisk",
+                     help="freeswitch: the CDRs kept in mod_db, over the inbound event socket (freeswitch.esl)")
     cmd.add_argument("--json", action="store_true")
     cmd.set_defaults(func=import_pbx)

@@ -11,14 +11,18 @@
 # RTP 21000-21999 (the Asterisk lab uses 20000-20999).
 # Env: CALLCTL_LAB_CACHE (default /var/cache/callctl): where the build is cached.
 #      CALLCTL_FREESWITCH_SRC: a directory holding src-freeswitch.tar.xz, src-sofia-sip.tar.xz
-#                              and src-spandsp.tar.xz (default /work/shared/freeswitch).
+#                              and src-spandsp.tar.xz (default ../shared/freeswitch beside
+#                              the repository, else /work/shared/freeswitch).
 #      CALLCTL_FREESWITCH_PREFIX: an installed FreeSWITCH (bin/freeswitch, lib/freeswitch/mod)
 #                                 to use instead of building one.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${CALLCTL_LAB_CACHE:-/var/cache/callctl}"
-SRC="${CALLCTL_FREESWITCH_SRC:-/work/shared/freeswitch}"
+# The sources sit in shared/ beside the checkout (CI's clone too); the workplace's copy otherwise.
+if [[ -d "$REPO/../shared/freeswitch" ]]; then DEFAULT_SRC="$(cd "$REPO/../shared/freeswitch" && pwd)"
+else DEFAULT_SRC=/work/shared/freeswitch; fi
+SRC="${CALLCTL_FREESWITCH_SRC:-$DEFAULT_SRC}"
 PREFIX="${CALLCTL_FREESWITCH_PREFIX:-$CACHE/freeswitch}"
 STATE="$REPO/var/lab-freeswitch"
 PIDFILE="$STATE/run/freeswitch.pid"

@@ -143,9 +143,9 @@ def test_rotation_rewrites_under_the_current_key_and_the_old_key_can_go(acme, ri
     ring(f"{LOOKUP} {K1} {K2}")  # k2 added: current for writes, k1 still read
     service = CallService(acme, CdrSpool(tmp_path / "spool"))
     assert service.route(X1, A)[1].action == "bridge"  # rows under k1 still read
-    assert reencrypt(acme, batch=1) == {"bindings": 1, "blocks": 1}
+    assert reencrypt(acme, batch=1) == {"bindings": 1, "blocks": 1, "blacklist": 0}
     assert key_usage(acme) == {"k2": 2}
-    assert reencrypt(acme) == {"bindings": 0, "blocks": 0}  # nothing left to do
+    assert reencrypt(acme) == {"bindings": 0, "blocks": 0, "blacklist": 0}  # nothing left to do
     hashes = raw_hashes(acme)
     ring(f"{LOOKUP} {K2}")  # k1 removed from the ring
     decision = service.route(X1, AGENT)[1]
@@ -170,7 +170,7 @@ def test_rehash_after_a_new_lookup_secret(acme, ring, tmp_path):
     ring(f"lookup={new_key()} {K1}")
     service = CallService(acme, CdrSpool(tmp_path / "spool"))
     assert service.route(X1, AGENT)[1].action == "bridge"  # stale hash: the block is not found
-    assert reencrypt(acme, rehash=True) == {"bindings": 1, "blocks": 1}
+    assert reencrypt(acme, rehash=True) == {"bindings": 1, "blocks": 1, "blacklist": 0}
     assert service.route(X1, AGENT)[1].reason == "blocked"
 
 
@@ -226,12 +226,13 @@ def test_cli_generate_rotate_list_with_a_key_file(tmp_path):
     listed = run("keys", "list").stdout
     assert "old" in listed and "new  current (writes)  0" in listed
     rotated = run("keys", "rotate")
-    assert rotated.returncode == 0 and "under key 'new': bindings 1, blocks 0" in rotated.stdout
+    assert rotated.returncode == 0 and "under key 'new': blacklist 0, bindings 1, blocks 0" in rotated.stdout
     keys.write_text("\n".join(line for line in keys.read_text().splitlines() if not line.startswith("old=")))
     listed = run("keys", "list").stdout
     assert "new  current (writes)  1" in listed and "old" not in listed
     assert A not in (tmp_path / "callctl.db").read_bytes().decode("latin-1")
-    assert run("keys", "generate", "--id", "new").stderr.strip().endswith("has a key 'new' already")
+    again = run("keys", "generate", "--id", "new").stderr.strip()
+    assert again.startswith("callctl: key error:") and "has a key 'new' already (" in again  # then the config read
     keys.chmod(0o644)
     done = run("keys", "list")
     assert done.returncode == 2 and "readable by others (mode 644); chmod 600" in done.stderr
@@ -242,4 +243,4 @@ def test_daemon_with_a_bad_key_stops_at_startup(tmp_path):
            "CALLCTL_AGI_LISTEN": "127.0.0.1:0", "CALLCTL_KEYS": "lookup=AAAA k1=AAAA"}
     done = cli("serve", "asterisk", env=env, cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.strip() == "callctl: key error: CALLCTL_KEYS: key 'lookup' must be 32 bytes, not 3"
+    assert done.stderr.strip().startswith("callctl: key error: CALLCTL_KEYS: key 'lookup' must be 32 bytes, not 3 (")

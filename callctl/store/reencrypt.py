@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from typing import Callable
 
-from sqlalchemy import String, and_, case, func, or_, select, type_coerce, update
+from sqlalchemy import String, and_, case, func, inspect, or_, select, type_coerce, update
 from sqlalchemy.engine import Engine
 
 from callctl.store import crypto
@@ -46,7 +46,10 @@ def reencrypt(
     Returns rows rewritten per table."""
     ring = crypto.ring() if not only_plaintext else None
     done: dict[str, int] = {}
+    present = set(inspect(engine).get_table_names())  # a schema part-way through its migrations
     for table, names in encrypted_columns():
+        if table.name not in present:
+            continue
         if only_plaintext:
             stale = [and_(table.c[n].is_not(None), ~_raw(table, n).contains(":")) for n in names]
         elif rehash:

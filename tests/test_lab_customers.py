@@ -28,9 +28,10 @@ SELF_SERVICE = "+8617299916000"  # the customers' self-service line (the daemon'
 
 
 class CustomersLab(ModesLab):
-    def __init__(self, engine, url, workdir):
-        super().__init__(engine, url, workdir)
-        self.daemon = harness.callctl_daemon(url, workdir, extra_env={"CALLCTL_SELFSERVICE_NUMBERS": SELF_SERVICE})
+    def __init__(self, engine, url, workdir, pbx: harness.Pbx = harness.ASTERISK):
+        super().__init__(engine, url, workdir, pbx)  # the self-service line is Asterisk's
+        self.daemon = harness.callctl_daemon(url, workdir, pbx=pbx.name,
+                                             extra_env={"CALLCTL_SELFSERVICE_NUMBERS": SELF_SERVICE})
 
     def self_service(self, caller: str, keys: str) -> sipp.SippResult:
         """The customer calls the self-service line and keys while the menu plays; the

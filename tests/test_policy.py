@@ -256,7 +256,7 @@ def test_block_commands_add_list_lift(cli):
     (["block", "add", "--scope", "number", "--number", "+8617199990000", "--direction", "both", "--reason", "x"],
      1, "[number_not_found]"),
     (["block", "lift", "4711"], 1, "no block 4711 [block_not_found]"),
-    (["block", "lift", "first"], 2, "invalid int value"),
+    (["block", "lift", "first"], 2, "argument block_id: an id, 1 to"),
     (["block", "list", "--caller", "+86 138"], 1, "[invalid_number]"),
     (["tenant", "update", "acme", "--hours", "21:00"], 1, "HH:MM-HH:MM"),
     (["tenant", "update", "acme", "--tz", "Shanghai"], 1, "unknown time zone"),

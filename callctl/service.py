@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
-from callctl.core.decision import Bridge, CollectExtension, Decision, Reason, Reject, SelfService, decide
+from callctl.core.decision import Bridge, CollectExtension, Decision, Purpose, Reason, Reject, SelfService, decide
 from callctl.core.numbers import call_identifier, caller_e164, mask
 from callctl.store import customers
 from callctl.metrics import DB_ERRORS, DB_RECONNECTS, SPOOL_REPLAYED
@@ -26,6 +26,7 @@ from callctl.store.spool import CdrSpool, SpoolError, encode
 
 log = structlog.get_logger("callctl.calls")
 _REASONS = {reason.value for reason in Reason}
+_PURPOSES = {purpose.value for purpose in Purpose}
 _MAX_EXTENSION = 8  # digits; the width of bindings.extension
 _CALL_ID_WIDTH, _NODE_WIDTH = 150, 64  # cdrs.call_id, cdrs.node
 _DIAL_STATUS = re.compile(r"[A-Z]{1,20}\Z")  # ANSWER, BUSY, NOANSWER, CHANUNAVAIL...
@@ -53,6 +54,7 @@ class FinishedCall:
     dial_status: str = ""
     hangup_cause: int | None = None
     node: str = ""
+    purpose: str = ""  # the decision's (to_customer calls): why the customer was called
 
 
 class CallService:
@@ -272,6 +274,7 @@ class CallService:
             "dial_status": call.dial_status if _DIAL_STATUS.match(call.dial_status) else None,
             "hangup_cause": call.hangup_cause if call.hangup_cause is not None and call.hangup_cause <= _MAX_CAUSE else None,
             "node": call_identifier(call.node or self.node, _NODE_WIDTH) or None,
+            "purpose": call.purpose if call.purpose in _PURPOSES else None,
         }
 
 
@@ -302,6 +305,8 @@ def decision_variables(decision: Decision) -> dict[str, str]:
         values["tenant"] = str(decision.tenant_id)
     if decision.direction is not None:
         values["direction"] = str(decision.direction)
+    if decision.purpose is not None:
+        values["purpose"] = str(decision.purpose)
     values["action"] = decision.action
     return values
 

@@ -69,7 +69,8 @@ def test_expired_binding_frees_its_only_x_and_reads_expired_everywhere(engine):
     (kind, body, tenant), = _events(engine, "binding.expired")
     assert body["id"] == old["id"] and body["customer"] == "+86138****0171" and body["x"] == X
     # The old customer no longer reaches anyone through X; the new one does.
-    assert _call(engine, AGENT, X, later) == Bridge(CUSTOMER_2, X, 30, 3600, new["id"], 1, "to_customer")
+    assert _call(engine, AGENT, X, later) == Bridge(CUSTOMER_2, X, 30, 3600, new["id"], 1, "to_customer",
+                                                     purpose="service")
 
 
 def test_the_allocator_releases_lapsed_bindings_when_the_pool_has_nothing_else(engine):

@@ -48,7 +48,7 @@ def test_stub_backend_drives_the_call_path(engine, tmp_path):
     with proc:
         assert ask(port, f"route stub-1 {X} {AGENT}").split() == [
             f"dest={A}", f"clid={X}", "ring_timeout=30", "max_seconds=3600", "binding=1", "tenant=1",
-            "direction=to_customer", "action=bridge"]
+            "direction=to_customer", "purpose=service", "action=bridge"]
         assert ask(port, f"route stub-2 {X} +8613700000000").endswith("action=reject")
         assert ask(port, f"end stub-2 {X} +8613700000000 reject unknown_caller 1 1795887084") == "written"
         assert ask(port, f"end stub-2 {X} +8613700000000 reject unknown_caller 1 1795887084") == "duplicate"

@@ -19,7 +19,25 @@ def facts(agent=True, strict=True, bindings=None, blocks=()):
 
 def test_agent_reaches_customer_presenting_x():
     d = decide(AGENT, NOW, facts())
-    assert d == Bridge(A, X, 25, 600, 11, 7, Direction.TO_CUSTOMER)
+    assert d == Bridge(A, X, 25, 600, 11, 7, Direction.TO_CUSTOMER, purpose="service")
+
+
+@pytest.mark.parametrize("group, decision, reason", [
+    ("claims", Bridge, None), ("renewal", Bridge, None), ("marketing", Reject, Reason.PURPOSE_NOT_ALLOWED),
+])
+def test_a_call_to_a_customer_carries_the_agents_purpose_bridged_or_refused(group, decision, reason):
+    tenant = TenantFacts(7, HOTLINE, True, True, ring_timeout=25, max_call_seconds=600, caller_purpose=group)
+    d = decide(AGENT, NOW, NumberFacts(X, tenant, (BindingFacts(11, Mode.AXN, A),), mode=Mode.AXN))
+    assert isinstance(d, decision) and d.purpose == group and getattr(d, "reason", None) == reason
+    # Refused before the customer's word too (a block), the purpose is kept for the CDR.
+    blocked = decide(AGENT, NOW, NumberFacts(X, tenant, (BindingFacts(11, Mode.AXN, A),),
+                                             (BlockFacts("binding", "both", binding_id=11),), mode=Mode.AXN))
+    assert (blocked.reason, blocked.purpose) == (Reason.BLOCKED, group)
+
+
+def test_a_call_from_a_customer_has_no_purpose():
+    assert decide(A, NOW, facts(agent=False)).purpose is None
+    assert decide(A, NOW, facts(agent=False, blocks=[BlockFacts("binding", "both", binding_id=11)])).purpose is None
 
 
 def test_customer_reaches_hotline_presenting_x():
@@ -47,7 +65,7 @@ def test_expiry_is_exact_to_the_second():
     expires = NOW + timedelta(seconds=1)
     f = facts(bindings=[BindingFacts(11, Mode.AXN, A, expires_at=expires)])
     assert isinstance(decide(AGENT, NOW, f), Bridge)
-    assert decide(AGENT, expires, f) == Reject(Reason.EXPIRED, 7, 11, Direction.TO_CUSTOMER)
+    assert decide(AGENT, expires, f) == Reject(Reason.EXPIRED, 7, 11, Direction.TO_CUSTOMER, purpose="service")
 
 
 @pytest.mark.parametrize("block, caller, blocked", [

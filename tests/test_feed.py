@@ -38,11 +38,11 @@ def acme(engine):
     return [provision.bind(engine, "acme", c) for c in CUSTOMERS]
 
 
-def call(engine, x: str, caller: str = AGENT, reason: str = "") -> None:
+def call(engine, x: str, caller: str = AGENT, reason: str = "", purpose: str = "claims") -> None:
     start = datetime.now(timezone.utc).timestamp()
     CallService(engine, CdrSpool(tempfile.mkdtemp(prefix="callctl-feed-spool-"))).record(agi_call(
         f"feed-{next(_ids)}", called=x, caller=caller, action="reject" if reason else "bridge", reason=reason,
-        tenant="1", direction="to_customer", start=f"{start:.3f}", end=f"{start + 5:.3f}",
+        tenant="1", direction="to_customer", purpose=purpose, start=f"{start:.3f}", end=f"{start + 5:.3f}",
         destination="" if reason else CUSTOMERS[0], dial_status="" if reason else "ANSWER"))
 
 
@@ -119,6 +119,7 @@ def test_every_kind_of_event_once_in_order_and_no_number(engine, acme):
     rejected = next(e for e in events if e["type"] == "call" and e["decision"] == "rejected")
     assert (rejected["tenant"], rejected["reason"], rejected["caller"], rejected["x"]) == ("acme", "blocked",
                                                                                          mask(AGENT), X[0])
+    assert rejected["purpose"] == "claims"  # why the agent called, as the PBX reported the decision
     used = next(e for e in events if e.get("action") == "reveal_used")
     assert (used["scenario"], used["case_reference"], used["by"], used["tenant"]) == ("claim", "CLM-1", "alice", "acme")
     text = json.dumps(events)

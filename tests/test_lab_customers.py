@@ -79,10 +79,13 @@ def test_customer_opts_out_of_one_insurer_by_dtmf_on_the_self_service_line(lab):
     result, phone = lab.call(AGENT_B, X_B, expect_ruri=CUSTOMER, expect_from=X_B, forbidden=[digits(AGENT_B)])
     assert result.ok, result.summary()
     assert phone.successful == 1 and "check failed" not in phone.log, phone.log
-    # The customer still reaches ins_a's hotline.
+    # The customer still reaches ins_a's hotline (a call from a customer has no purpose).
+    before = len(lab.cdrs())
     result, phone = lab.call(CUSTOMER, X_A, expect_ruri=HOTLINE_A, expect_from=X_A, forbidden=[digits(CUSTOMER)])
     assert result.ok, result.summary()
     assert phone.successful == 1 and "check failed" not in phone.log, phone.log
+    cdr = lab.last_cdr(before)
+    assert (cdr["decision"], cdr["direction"], cdr["purpose"]) == ("bridged", "from_customer", None)
 
     # Keying 1 again allows ins_a's calls again.
     result = lab.self_service(CUSTOMER, "1")
@@ -94,7 +97,12 @@ def test_marketing_agent_refused_service_agent_bridged(lab):
     before = len(lab.cdrs())
     result, phone = lab.call(MARKETER_A, X_A2, expect_code=403, expect_ruri="nobody")
     assert result.ok and phone.attempted == 0, result.summary()
-    assert lab.last_cdr(before)["reject_reason"] == "purpose_not_allowed"
+    refused = lab.last_cdr(before)
+    # The CDR says why the customer was called (the regulator's feed and export read it).
+    assert (refused["reject_reason"], refused["purpose"]) == ("purpose_not_allowed", "marketing")
+    before = len(lab.cdrs())
     result, phone = lab.call(AGENT_A, X_A2, expect_ruri=CUSTOMER_2, expect_from=X_A2, forbidden=[digits(AGENT_A)])
     assert result.ok, result.summary()
     assert phone.successful == 1 and "check failed" not in phone.log, phone.log
+    bridged = lab.last_cdr(before)
+    assert (bridged["decision"], bridged["direction"], bridged["purpose"]) == ("bridged", "to_customer", "service")

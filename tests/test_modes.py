@@ -37,7 +37,8 @@ def described(bindings) -> dict:
 
 
 def bridge(destination, binding_id, direction):
-    return Bridge(destination, X, 25, 600, binding_id, 7, direction)
+    purpose = "service" if direction == Direction.TO_CUSTOMER else None  # calls to customers say why
+    return Bridge(destination, X, 25, 600, binding_id, 7, direction, purpose=purpose)
 
 
 AXB_PAIRS = (BindingFacts(21, Mode.AXB, A1, B1), BindingFacts(22, Mode.AXB, A2, B2))
@@ -69,7 +70,7 @@ def test_axb_a_lapsed_pair_never_shadows_a_live_one_of_the_same_party():
     f = facts((lapsed,) + AXB_PAIRS)
     assert decide(A1, NOW, f) == bridge(B1, 21, Direction.FROM_CUSTOMER)
     # The other party of the lapsed pair has no live pair: it is told so.
-    assert decide("+8613600000009", NOW, f) == Reject(Reason.EXPIRED, 7, 20, Direction.TO_CUSTOMER)
+    assert decide("+8613600000009", NOW, f) == Reject(Reason.EXPIRED, 7, 20, Direction.TO_CUSTOMER, purpose="service")
 
 
 def test_axb_pair_without_second_party_routes_nobody():
@@ -79,7 +80,7 @@ def test_axb_pair_without_second_party_routes_nobody():
 
 def test_axb_binding_block_stops_that_pair_only():
     f = facts(AXB_PAIRS, blocks=[BlockFacts("binding", "both", binding_id=21)])
-    assert decide(B1, NOW, f) == Reject(Reason.BLOCKED, 7, 21, Direction.TO_CUSTOMER)
+    assert decide(B1, NOW, f) == Reject(Reason.BLOCKED, 7, 21, Direction.TO_CUSTOMER, purpose="service")
     assert isinstance(decide(A2, NOW, f), Bridge)
 
 
@@ -87,7 +88,7 @@ def test_axb_binding_block_stops_that_pair_only():
 
 def test_axe_agent_is_prompted_for_the_extension():
     assert decide(AGENT, NOW, facts(AXE_SHARED, agent=True)) == CollectExtension(
-        digits=3, tries=EXTENSION_TRIES, tenant_id=7
+        digits=3, tries=EXTENSION_TRIES, tenant_id=7, purpose="service"
     )
     assert EXTENSION_TRIES == 2  # one retry, then the rejection
 
@@ -95,9 +96,9 @@ def test_axe_agent_is_prompted_for_the_extension():
 @pytest.mark.parametrize("extension, expected", [
     ("135", bridge(C1, 31, Direction.TO_CUSTOMER)),
     ("468", bridge(C2, 32, Direction.TO_CUSTOMER)),
-    ("999", Reject(Reason.INVALID_EXTENSION, 7, None, Direction.TO_CUSTOMER)),
-    ("", Reject(Reason.INVALID_EXTENSION, 7, None, Direction.TO_CUSTOMER)),  # nothing keyed
-    ("13", Reject(Reason.INVALID_EXTENSION, 7, None, Direction.TO_CUSTOMER)),
+    ("999", Reject(Reason.INVALID_EXTENSION, 7, None, Direction.TO_CUSTOMER, purpose="service")),
+    ("", Reject(Reason.INVALID_EXTENSION, 7, None, Direction.TO_CUSTOMER, purpose="service")),  # nothing keyed
+    ("13", Reject(Reason.INVALID_EXTENSION, 7, None, Direction.TO_CUSTOMER, purpose="service")),
 ])
 def test_axe_keyed_extension_picks_the_customer(extension, expected):
     assert decide(AGENT, NOW, facts(AXE_SHARED, agent=True), extension) == expected
@@ -121,10 +122,10 @@ def test_axe_extension_from_someone_never_prompted_is_refused():
 
 def test_axe_expiry_and_binding_blocks_apply_once_the_extension_chose():
     lapsed = (BindingFacts(31, Mode.AXE, C1, extension="135", expires_at=NOW),) + AXE_SHARED[1:]
-    assert decide(AGENT, NOW, facts(lapsed, agent=True), "135") == Reject(Reason.EXPIRED, 7, 31, Direction.TO_CUSTOMER)
+    assert decide(AGENT, NOW, facts(lapsed, agent=True), "135") == Reject(Reason.EXPIRED, 7, 31, Direction.TO_CUSTOMER, purpose="service")
     blocked = facts(AXE_SHARED, agent=True, blocks=[BlockFacts("binding", "to_customer", binding_id=32)])
     assert isinstance(decide(AGENT, NOW, blocked), CollectExtension)  # the binding is not known yet
-    assert decide(AGENT, NOW, blocked, "468") == Reject(Reason.BLOCKED, 7, 32, Direction.TO_CUSTOMER)
+    assert decide(AGENT, NOW, blocked, "468") == Reject(Reason.BLOCKED, 7, 32, Direction.TO_CUSTOMER, purpose="service")
     assert isinstance(decide(AGENT, NOW, blocked, "135"), Bridge)
 
 
@@ -133,13 +134,13 @@ def test_axe_expiry_and_binding_blocks_apply_once_the_extension_chose():
 ])
 def test_axe_blocks_that_need_no_binding_stop_the_call_before_the_prompt(block):
     d = decide(AGENT, NOW, facts(AXE_SHARED, agent=True, blocks=[block]))
-    assert d == Reject(Reason.BLOCKED, 7, None, Direction.TO_CUSTOMER)
+    assert d == Reject(Reason.BLOCKED, 7, None, Direction.TO_CUSTOMER, purpose="service")
 
 
 def test_axe_outside_calling_hours_is_rejected_before_the_prompt():
     tenant = TenantFacts(7, HOTLINE, True, True, 25, 600, "Asia/Shanghai", time(8, 0), time(9, 0))
     f = NumberFacts(X, tenant, AXE_SHARED, **described(AXE_SHARED))
-    assert decide(AGENT, NOW, f) == Reject(Reason.OUTSIDE_HOURS, 7, None, Direction.TO_CUSTOMER)
+    assert decide(AGENT, NOW, f) == Reject(Reason.OUTSIDE_HOURS, 7, None, Direction.TO_CUSTOMER, purpose="service")
     assert decide(C1, NOW, f).destination == HOTLINE  # customers may always call
 
 

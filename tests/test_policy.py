@@ -68,7 +68,7 @@ def tenant_facts(**kw):
 def test_outside_hours_rejects_calls_to_customers_only():
     assert isinstance(decide(AGENT, DAY, tenant_facts()), Bridge)
     night = decide(AGENT, NIGHT, tenant_facts())
-    assert night == Reject(Reason.OUTSIDE_HOURS, 7, 11, Direction.TO_CUSTOMER)
+    assert night == Reject(Reason.OUTSIDE_HOURS, 7, 11, Direction.TO_CUSTOMER, purpose="service")
     assert decision_variables(night)["reason"] == "outside_hours"
     # The customer may always call the tenant.
     from_customer = decide(CUSTOMER, NIGHT, tenant_facts(caller_is_agent=False))

@@ -154,11 +154,12 @@ def test_decision_variables_set_action_last():
 
 def test_cdr_from_garbage_fields_still_written(service, acme):
     call = agi_call("lab-2.2", called="x;DROP", caller="\x00", action="", start="nan",
-                        end="-1", dialed_ms="abc", answered_ms="99999999999999", hangup_cause="1e9")
+                        end="-1", dialed_ms="abc", answered_ms="99999999999999", hangup_cause="1e9",
+                        purpose="x" * 40)
     assert service.record(call) == "written"
     [row] = provision.list_cdrs(acme)
     assert row["decision"] == "rejected" and row["reject_reason"] == "unavailable"
-    assert row["virtual_number"] is None and row["hangup_cause"] is None
+    assert row["virtual_number"] is None and row["hangup_cause"] is None and row["purpose"] is None
 
 
 def test_database_down_fails_closed_and_spools_then_replays_once(acme, tmp_path):

@@ -150,6 +150,7 @@ class Bridge:
     direction: Direction
     action: str = "bridge"
     max_concurrent: int | None = None  # the PBX refuses the call past this many of the tenant's
+    purpose: str | None = None  # why the customer is called (to_customer only; call_purpose)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class Reject:
     binding_id: int | None = None
     direction: Direction | None = None
     action: str = "reject"
+    purpose: str | None = None  # as Bridge.purpose
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ class CollectExtension:
     direction: Direction = Direction.TO_CUSTOMER
     binding_id: None = None
     action: str = "extension"
+    purpose: str | None = None  # as Bridge.purpose
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ class SelfService:
     binding_id: None = None
     direction: None = None
     action: str = "selfservice"
+    purpose: None = None
 
 
 Decision = Bridge | Reject | CollectExtension | SelfService
@@ -205,7 +209,8 @@ def decide(
             return Reject(Reason.UNKNOWN_CALLER, tenant_id=tenant.id)
         bindings = tuple(b for b in bindings if b.mode == Mode.AXE and b.extension == extension)
         if not bindings:
-            return Reject(Reason.INVALID_EXTENSION, tenant.id, direction=Direction.TO_CUSTOMER)
+            return Reject(Reason.INVALID_EXTENSION, tenant.id, direction=Direction.TO_CUSTOMER,
+                          purpose=call_purpose(tenant))
         mode = Mode.AXE
     elif mode == Mode.AXE and _customer_binding(caller, bindings, now) is None:
         return _axe_prompt(caller, now, facts)
@@ -213,7 +218,7 @@ def decide(
     if found is None:
         return Reject(Reason.UNKNOWN_CALLER, tenant_id=tenant.id)
     binding, direction, destination = found
-    reject = _rejecter(tenant.id, binding.id, direction)
+    reject = _rejecter(tenant, binding.id, direction)
     if facts.blacklisted and direction == Direction.TO_CUSTOMER:  # it reaches no customer, any tenant's
         return reject(Reason.BLACKLISTED)
     if binding.expires_at is not None and now >= binding.expires_at:
@@ -235,7 +240,7 @@ def _customer_refuses(binding: BindingFacts, tenant: TenantFacts, now: datetime)
     """The customer's word on this call: their preference (no calls, service only, not
     in their quiet hours) outranks the tenant, then the purposes they accept. A caller
     that is no agent of the tenant (AXB's other party) calls for the service itself."""
-    purpose = tenant.caller_purpose or Purpose.SERVICE
+    purpose = call_purpose(tenant)
     if binding.calls == Calls.NONE or (binding.calls == Calls.SERVICE_ONLY and purpose != Purpose.SERVICE):
         return Reason.OPTED_OUT
     if binding.quiet is not None and within_hours(now, tenant.time_zone, *binding.quiet) is not False:
@@ -243,6 +248,13 @@ def _customer_refuses(binding: BindingFacts, tenant: TenantFacts, now: datetime)
     if purpose not in (binding.purposes if binding.purposes is not None else DEFAULT_PURPOSES):
         return Reason.PURPOSE_NOT_ALLOWED
     return None
+
+
+def call_purpose(tenant: TenantFacts) -> str:
+    """Why the caller calls a customer: an agent for its caller group's purpose, anyone
+    else (AXB's other party) for the service itself. (A purpose this code does not know
+    is kept as it is: no customer accepts it, so the call is refused, never let through.)"""
+    return tenant.caller_purpose or Purpose.SERVICE
 
 
 def _closed(tenant: TenantFacts, now: datetime) -> Reason | None:
@@ -264,6 +276,7 @@ def _bridge(facts: NumberFacts, destination: str, binding_id: int | None, direct
         tenant_id=tenant.id,
         direction=direction,
         max_concurrent=tenant.max_concurrent_calls,
+        purpose=call_purpose(tenant) if direction == Direction.TO_CUSTOMER else None,
     )
 
 
@@ -292,8 +305,9 @@ def _zone(name: str) -> ZoneInfo | None:
         return None
 
 
-def _rejecter(tenant_id: int, binding_id: int, direction: Direction):
-    return lambda reason: Reject(reason, tenant_id, binding_id, direction)
+def _rejecter(tenant: TenantFacts, binding_id: int, direction: Direction):
+    purpose = call_purpose(tenant) if direction == Direction.TO_CUSTOMER else None
+    return lambda reason: Reject(reason, tenant.id, binding_id, direction, purpose=purpose)
 
 
 def _axe_prompt(caller: str | None, now: datetime, facts: NumberFacts) -> Decision:
@@ -303,15 +317,16 @@ def _axe_prompt(caller: str | None, now: datetime, facts: NumberFacts) -> Decisi
     tenant = facts.tenant
     if tenant.caller_is_agent:
         if facts.blacklisted:
-            return Reject(Reason.BLACKLISTED, tenant.id, direction=Direction.TO_CUSTOMER)
+            return Reject(Reason.BLACKLISTED, tenant.id, direction=Direction.TO_CUSTOMER, purpose=call_purpose(tenant))
         # Blocks that need no binding (caller, X, tenant) and calling hours stop the
         # call before the prompt: it is answered (and charged) once prompted.
         if any(_blocks(block, None, caller, Direction.TO_CUSTOMER, now) for block in facts.blocks):
-            return Reject(Reason.BLOCKED, tenant.id, direction=Direction.TO_CUSTOMER)
+            return Reject(Reason.BLOCKED, tenant.id, direction=Direction.TO_CUSTOMER, purpose=call_purpose(tenant))
         closed = _closed(tenant, now)
         if closed is not None:
-            return Reject(closed, tenant.id, direction=Direction.TO_CUSTOMER)
-        return CollectExtension(digits=facts.extension_digits, tries=EXTENSION_TRIES, tenant_id=tenant.id)
+            return Reject(closed, tenant.id, direction=Direction.TO_CUSTOMER, purpose=call_purpose(tenant))
+        return CollectExtension(digits=facts.extension_digits, tries=EXTENSION_TRIES, tenant_id=tenant.id,
+                                purpose=call_purpose(tenant))
     if tenant.strict:
         return Reject(Reason.UNKNOWN_CALLER, tenant_id=tenant.id)
     return _bridge(facts, tenant.hotline, None, Direction.FROM_CUSTOMER)

@@ -65,7 +65,7 @@ def finished_call(headers: Mapping[str, str]) -> FinishedCall:
         called=var("callctl_called"), caller=var("callctl_caller"), destination=var("callctl_dest"),
         action=var("callctl_action"), reason=var("callctl_reason"),
         binding=parse_int(var("callctl_binding")), tenant=parse_int(var("callctl_tenant")),
-        direction=var("callctl_direction"), start=start, end=end,
+        direction=var("callctl_direction"), purpose=var("callctl_purpose"), start=start, end=end,
         ring_seconds=(bridged - start).total_seconds() if bridged and start else None,
         talk_seconds=max((end - bridged).total_seconds(), 0.0) if bridged and end else 0.0,
         dial_status=dial_status(var("DIALSTATUS")),

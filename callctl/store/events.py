@@ -40,7 +40,7 @@ def record(session: Session, tenant_id: int, kind: Kind, body: dict, now: dateti
 # The CDR fields an insurer is told of a call (all masked or its own).
 _CALL_FIELDS = ("call_id", "binding_id", "virtual_number", "direction", "caller_masked", "callee_masked",
                 "decision", "reject_reason", "started_at", "answered_at", "ended_at", "ring_seconds",
-                "talk_seconds", "dial_status", "hangup_cause")
+                "talk_seconds", "dial_status", "hangup_cause", "purpose")
 
 
 def call_event(row: dict) -> tuple[str, str] | None:

@@ -287,6 +287,7 @@ class Cdr(Base):
     node: Mapped[str | None] = mapped_column(String(64))
     # Keyed non-reversible hash of the caller's number: "per caller" anomaly rules group on it.
     caller_hash: Mapped[str | None] = mapped_column(String(64))
+    purpose: Mapped[str | None] = mapped_column(String(16))  # to_customer calls: why (0120)
     feed_txid: Mapped[int | None] = mapped_column(BigInteger, server_default=FetchedValue())  # FEED_TXID
 
 

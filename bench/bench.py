@@ -353,7 +353,7 @@ def in_process_latency(bench_url: str, n_bindings: int, samples: int, rng: rando
     async def measure(spool: str) -> dict[str, list[float]]:
         store = await PgCallStore.open(bench_url, size=1, timeout=5.0)
         try:
-            service = CallService(None, CdrSpool(spool), pg=store)
+            service = CallService(None, CdrSpool(spool), store=store)
             for i in rng.sample(range(1, n_bindings + 1), min(200, n_bindings)):  # warm-up (pool, caches)
                 await service.route_on_loop(x_number(i), AGENT)
                 if shared:

@@ -32,7 +32,8 @@ from callctl.metrics import CDRS, DB_ERRORS, SPOOL_DEPTH, CdrOutcome, MetricsSer
 from callctl.service import CallService, FinishedCall
 from callctl.store.partitions import ensure_cdr_partitions
 from callctl.store.provision import expire_due
-from callctl.store.pgcalls import PgCallStore, PgUnavailable
+from callctl.store.callstore import StoreUnavailable, ThreadedCallStore
+from callctl.store.pgcalls import PgCallStore
 from callctl.store import keycheck
 from callctl.store.keycheck import KeyMismatch
 from callctl.store.spool import CdrSpool, SpoolError
@@ -71,14 +72,14 @@ def serve(name: str, cfg) -> None:
     load_backend(name).serve(cfg)
 
 
-def open_service(cfg, pg: PgCallStore | None = None) -> CallService:
+def open_service(cfg) -> CallService:
     """Engine, spool and service: what every backend's process holds."""
     from callctl.store.db import make_engine
 
     engine = make_engine(cfg.database_url, pool_size=cfg.db_threads, pre_ping=False, timeout=cfg.db_timeout)
     spool = CdrSpool(cfg.spool_dir)
     spool.check_writable()
-    service = CallService(engine, spool, region=cfg.region, node=cfg.node, pg=pg,
+    service = CallService(engine, spool, region=cfg.region, node=cfg.node,
                           selfservice=frozenset(cfg.selfservice_numbers))
     service.profile_hours = _profile_hours(cfg.anomaly_rules)
     # A ring that is not the database's stops the daemon here (KeyMismatch: exit 2); a
@@ -169,10 +170,11 @@ class Housekeeping:
 
 
 class AsyncDaemon:
-    """The asyncio daemon. On PostgreSQL routing and CDR writes run on the event loop
-    (service.pg, asyncpg); on SQLite in two thread pools. Either way a call waiting for
-    its decision never queues behind CDR writes (slow, or timing out while the database
-    is down). Spooling has its own small thread pool, free while CDR writes hang."""
+    """The asyncio daemon. Routing and CDR writes go through the call store
+    (callctl.store.callstore): on PostgreSQL on the event loop (asyncpg), on SQLite in two
+    thread pools. Either way a call waiting for its decision never queues behind CDR
+    writes (slow, or timing out while the database is down). Spooling has its own small
+    thread pool, free while CDR writes hang."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -189,11 +191,13 @@ class AsyncDaemon:
         # another thread computes: that wait was most of the decision's p99 under load.
         sys.setswitchinterval(0.0005)
         self.service = open_service(cfg)
-        if self.service.engine.dialect.name == "postgresql":
-            self.service.pg = await PgCallStore.open(cfg.database_url, cfg.db_threads, cfg.db_timeout)
         self.route_executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-route")
         self.cdr_executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-cdr")
         self.spool_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="callctl-spool")
+        if self.service.engine.dialect.name == "postgresql":
+            self.service.store = await PgCallStore.open(cfg.database_url, cfg.db_threads, cfg.db_timeout)
+        else:
+            self.service.store = ThreadedCallStore(self.service.engine, self.route_executor, self.cdr_executor)
 
     async def route(self, called: str, caller: str, extension: str | None,
                     call_id: str) -> tuple[str | None, Decision]:
@@ -202,11 +206,7 @@ class AsyncDaemon:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.decision_timeout):
-                if service.pg is not None:
-                    x, decision = await service.route_on_loop(called, caller, None, extension)
-                else:
-                    x, decision = await asyncio.get_running_loop().run_in_executor(
-                        self.route_executor, service.route, called, caller, None, extension)
+                x, decision = await service.route_on_loop(called, caller, None, extension)
         except TimeoutError:
             DB_ERRORS.labels("route").inc()
             log.error("no decision in time: rejected as unavailable", call_id=call_id,
@@ -235,18 +235,13 @@ class AsyncDaemon:
         row = service.cdr_row(call)
         try:
             async with asyncio.timeout(self.write_timeout):
-                if service.pg is not None:
-                    return "written" if await service.store_row_on_loop(row) else "duplicate"
-                # write_row spools, in its thread, what the database refuses
-                return await loop.run_in_executor(self.cdr_executor, service.write_row, row)
-        except (TimeoutError, PgUnavailable) as exc:
-            why = str(exc) if isinstance(exc, PgUnavailable) else "timeout"
+                return "written" if await service.store_row_on_loop(row) else "duplicate"
+        except (TimeoutError, StoreUnavailable) as exc:
+            why = str(exc) if isinstance(exc, StoreUnavailable) else "timeout"
             try:
                 return await loop.run_in_executor(self.spool_executor, service.spool_row, row, why)
             except SpoolError as lost:
                 return lost
-        except SpoolError as lost:  # SQLite: write_row spools in its thread
-            return lost
 
     async def run(self, backend_cls) -> None:
         await self.open()
@@ -283,8 +278,7 @@ class AsyncDaemon:
         await metrics.close()
         for executor in (self.route_executor, self.cdr_executor, self.spool_executor):
             executor.shutdown(wait=True)
-        if service.pg is not None:
-            await service.pg.close()
+        await service.store.close()
         service.engine.dispose()
         log.info("stopped")
 
@@ -293,11 +287,10 @@ class AsyncDaemon:
         connections, so the first calls after a start do not each pay for one."""
         loop = asyncio.get_running_loop()
         keeper = Housekeeping(self.service, self.cfg)
-        if self.service.pg is not None:
-            try:
-                await self.service.pg.warm(WARM_CONNECTIONS)
-            except PgUnavailable as exc:  # down at start: connections are made when it is back
-                log.info("database not reachable at start", error=str(exc))
+        try:
+            await self.service.store.warm(WARM_CONNECTIONS)
+        except StoreUnavailable as exc:  # down at start: connections are made when it is back
+            log.info("database not reachable at start", error=str(exc))
         while not self.stop.is_set():
             try:
                 await loop.run_in_executor(self.cdr_executor, keeper.step)

@@ -11,17 +11,16 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
 import structlog
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from callctl.core.decision import Bridge, CollectExtension, Decision, Purpose, Reason, Reject, SelfService, decide
 from callctl.core.numbers import call_identifier, caller_e164, mask
 from callctl.store import customers
-from callctl.metrics import DB_ERRORS, DB_RECONNECTS, SPOOL_REPLAYED
+from callctl.metrics import DB_ERRORS, SPOOL_REPLAYED
 from callctl.store.calls import call_facts, write_cdr, write_cdrs
 from callctl.store.crypto import number_hash
-from callctl.store.pgcalls import PgCallStore, PgUnavailable
+from callctl.store.callstore import CallStore, StoreUnavailable, reconnecting
 from callctl.store.spool import CdrSpool, SpoolError, encode
 
 log = structlog.get_logger("callctl.calls")
@@ -59,16 +58,16 @@ class FinishedCall:
 
 class CallService:
     def __init__(self, engine: Engine, spool: CdrSpool, region: str = "CN", node: str = "",
-                 pg: PgCallStore | None = None, selfservice: frozenset[str] = frozenset()):
+                 store: CallStore | None = None, selfservice: frozenset[str] = frozenset()):
         self.engine = engine
         self.selfservice = selfservice  # the self-service line's numbers: no routing, a menu
         self.profile_hours: dict = {}  # protection profile -> (from, until): conf/anomaly.yaml profiles
         self.spool = spool
         self.region = region
         self.node = node
-        # The daemon on PostgreSQL: the call path's two statements run on its event loop
-        # (route_on_loop, store_row_on_loop) instead of in threads.
-        self.pg = pg
+        # The asyncio daemon's call store (callctl.store.callstore): route_on_loop and
+        # store_row_on_loop go through it. The synchronous methods use the engine.
+        self.store = store
         # False until the key ring was checked against the database (the daemon starts
         # while it is down): calls are rejected as unavailable meanwhile, never decided
         # with a ring that may not be the database's (callctl/store/keycheck.py).
@@ -84,15 +83,11 @@ class CallService:
         database that cannot answer gives Reject(unavailable), never a guess.
         """
         now = now or datetime.now(timezone.utc)
-        x, caller_number, extension = self._read_call(called, caller, extension)
-        if x is None:
-            return None, Reject(Reason.UNKNOWN_NUMBER)
-        if not self.keys_checked:
-            return x, _unavailable(x, "key ring not checked against the database yet")
-        if x in self.selfservice:
-            return x, SelfService()
+        x, caller_number, extension, early = self._before_facts(called, caller, extension)
+        if early is not None:
+            return x, early
         try:
-            facts = _reconnecting(call_facts, self.engine, x, caller_number, now, extension)
+            facts = reconnecting(call_facts, self.engine, x, caller_number, now, extension)
         except SQLAlchemyError as exc:
             return x, _unavailable(x, type(exc).__name__)
         return x, decide(caller_number, now, facts, extension, self.profile_hours)
@@ -100,36 +95,40 @@ class CallService:
     async def route_on_loop(
         self, called: str, caller: str, now: datetime | None = None, extension: str | None = None
     ) -> tuple[str | None, Decision]:
-        """route(), its database read run on the event loop (self.pg)."""
+        """route(), the facts read through the daemon's call store (self.store), awaited."""
         now = now or datetime.now(timezone.utc)
-        x, caller_number, extension = self._read_call(called, caller, extension)
-        if x is None:
-            return None, Reject(Reason.UNKNOWN_NUMBER)
-        if not self.keys_checked:
-            return x, _unavailable(x, "key ring not checked against the database yet")
-        if x in self.selfservice:
-            return x, SelfService()
+        x, caller_number, extension, early = self._before_facts(called, caller, extension)
+        if early is not None:
+            return x, early
         try:
-            facts = await self.pg.facts(x, caller_number, now, extension)
-        except PgUnavailable as exc:
+            facts = await self.store.facts(x, caller_number, now, extension)
+        except StoreUnavailable as exc:
             return x, _unavailable(x, str(exc))
         return x, decide(caller_number, now, facts, extension, self.profile_hours)
 
+    def _before_facts(self, called: str, caller: str, extension: str | None):
+        """The numbers read, and the decisions that need no facts: (x, caller, extension,
+        decision or None)."""
+        x, caller_number, extension = self._read_call(called, caller, extension)
+        if x is None:
+            return None, caller_number, extension, Reject(Reason.UNKNOWN_NUMBER)
+        if not self.keys_checked:
+            return x, caller_number, extension, _unavailable(x, "key ring not checked against the database yet")
+        if x in self.selfservice:
+            return x, caller_number, extension, SelfService()
+        return x, caller_number, extension, None
+
     async def health(self) -> dict[str, str]:
         """/healthz: does the database answer, is the spool writable? "ok" or what is wrong."""
-        loop = asyncio.get_running_loop()
         parts = {}
         try:
-            if self.pg is not None:
-                await self.pg.ping()
-            else:
-                await loop.run_in_executor(None, _select_one, self.engine)
+            await self.store.ping()
             parts["database"] = "ok"
-        except (PgUnavailable, SQLAlchemyError) as exc:
+        except StoreUnavailable as exc:
             DB_ERRORS.labels("health").inc()
-            parts["database"] = f"not answering ({str(exc) if isinstance(exc, PgUnavailable) else type(exc).__name__})"
+            parts["database"] = f"not answering ({exc})"
         try:
-            await loop.run_in_executor(None, self.spool.check_writable)
+            await asyncio.get_running_loop().run_in_executor(None, self.spool.check_writable)
             parts["spool"] = "ok"
         except SpoolError as exc:
             parts["spool"] = str(exc)
@@ -155,12 +154,13 @@ class CallService:
 
     def store_row(self, row: dict) -> bool:
         """Insert one CDR row; True if it was new. Database errors are raised."""
-        return _reconnecting(write_cdr, self.engine, row)
+        return reconnecting(write_cdr, self.engine, row)
 
     async def store_row_on_loop(self, row: dict) -> bool:
-        """store_row() on the event loop (self.pg). PgUnavailable when the database did
-        not take the row: the adapter spools it then, off the loop (spooling fsyncs)."""
-        return await self.pg.write_cdr(row)
+        """store_row() through the daemon's call store (self.store). StoreUnavailable when
+        the database did not take the row: the daemon spools it then, off the loop
+        (spooling fsyncs)."""
+        return await self.store.write_cdr(row)
 
     def write_row(self, row: dict) -> str:
         try:
@@ -317,24 +317,6 @@ def _unavailable(x: str, error: str) -> Reject:
     # X masked: it was not found to be ours (it may be a person's number).
     log.error("database unavailable for routing", x=mask(x), error=error)
     return Reject(Reason.UNAVAILABLE)
-
-
-def _select_one(engine: Engine) -> None:
-    with engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
-
-
-def _reconnecting(query, engine: Engine, *args):
-    """Run a database call; once more if its pooled connection had died (database
-    restart, failover). SQLAlchemy then invalidates the whole pool, so the retry gets a
-    fresh connection: cheaper than pinging before every checkout on the call path."""
-    try:
-        return query(engine, *args)
-    except DBAPIError as exc:
-        if not exc.connection_invalidated:
-            raise
-        DB_RECONNECTS.inc()
-        return query(engine, *args)
 
 
 def parse_int(value: str) -> int | None:

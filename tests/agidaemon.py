@@ -25,6 +25,7 @@ from types import SimpleNamespace
 from callctl import daemon as daemon_module, logs, service as service_module
 from callctl.asterisk import fastagi, server
 from callctl.service import CallService
+from callctl.store.callstore import ThreadedCallStore
 from callctl.store.pgcalls import PgCallStore
 from callctl.store.spool import CdrSpool
 from tests import leaks
@@ -122,7 +123,9 @@ def running(engine, pg_url: str | None, spool_dir, node: str = "lab"):
         if engine.dialect.name == "postgresql":
             pg = on_loop(PgCallStore.open(pg_url, 2, 5.0))
         spool = CdrSpool(spool_dir)
-        calls = CallService(engine, spool, node=node, pg=pg)
+        # The daemon's call store: asyncpg on PostgreSQL, the routing and CDR threads on SQLite.
+        store = pg or ThreadedCallStore(engine, executors[0], executors[1])
+        calls = CallService(engine, spool, node=node, store=store)
         daemon = daemon_module.AsyncDaemon(SimpleNamespace(db_timeout=9.0))  # bounds of 10 s
         daemon.service = calls
         daemon.route_executor, daemon.cdr_executor, daemon.spool_executor = executors

@@ -77,7 +77,7 @@ def test_facts_and_decisions_match_the_threaded_path(rich, pg_url, tmp_path):
     threaded = CallService(rich, CdrSpool(tmp_path / "spool"))
 
     async def compare(store):
-        on_loop_service = CallService(rich, CdrSpool(tmp_path / "spool"), pg=store)
+        on_loop_service = CallService(rich, CdrSpool(tmp_path / "spool"), store=store)
         for x, caller, extension in cases:
             expected = call_facts(rich, x, caller, NOW, extension)
             assert await store.facts(x, caller, NOW, extension) == expected, (x, caller, extension)
@@ -104,7 +104,7 @@ def test_cdr_rows_written_once_and_read_back_alike(pg_url, tmp_path):
     row = service.cdr_row(call, datetime.now(timezone.utc))
 
     async def write_twice(store):
-        on_loop_service = CallService(engine, service.spool, pg=store)
+        on_loop_service = CallService(engine, service.spool, store=store)
         return [await on_loop_service.store_row_on_loop(row) for _ in range(2)]
 
     assert asyncio.run(on_loop(write_twice)(pg_url)) == [True, False]
@@ -171,7 +171,7 @@ def test_no_database_fails_closed_in_time_without_numbers(tmp_path):
         url = f"postgresql://postgres@127.0.0.1:{sock.getsockname()[1]}/nothing"
 
     async def calls(store):
-        service = CallService(None, CdrSpool(tmp_path / "spool"), pg=store)
+        service = CallService(None, CdrSpool(tmp_path / "spool"), store=store)
         started = time.monotonic()
         decision = await service.route_on_loop(X1, AGENT)
         with pytest.raises(PgUnavailable) as info:

@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 from callctl.core.decision import NumberFacts
 from callctl.metrics import DB_RECONNECTS
+from callctl.store.callstore import StoreUnavailable
 from callctl.store.calls import _FACTS, _FACTS_BY_EXTENSION, facts_from_rows, facts_params, cdr_insert, cdr_params
 from callctl.store.events import PG_CALL_EVENT, call_event
 
@@ -35,9 +36,8 @@ _LOST = (asyncpg.PostgresConnectionError, asyncpg.exceptions.AdminShutdownError,
 _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
 
 
-class PgUnavailable(Exception):
-    """The database did not answer (down, unreachable, too slow) or refused the
-    statement. The message is the error's class name: never a value."""
+class PgUnavailable(StoreUnavailable):
+    """StoreUnavailable, from asyncpg."""
 
 
 class _Statement:
@@ -180,7 +180,7 @@ class _Connections:
 
 
 class PgCallStore:
-    """Two sets of connections: routing reads never wait for a connection behind CDR
+    """The CallStore of PostgreSQL (callctl.store.callstore). Two sets of connections: routing reads never wait for a connection behind CDR
     inserts (slow, or hanging while the database is in trouble)."""
 
     def __init__(self, reads: _Connections, inserts: _Connections):

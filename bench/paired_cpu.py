@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""The daemon's CPU per call, this checkout against another commit, measured paired.
+
+    .venv/bin/python -m bench.paired_cpu REF [--calls 3000] [--rate 150] [--bindings 100000]
+
+Two `callctl serve asterisk` daemons run side by side on one bench database (bench/data.py):
+this checkout's and REF's (its tree exported with `git archive`, run on this venv).
+A client speaking FastAGI as Asterisk does (the environment, an answer to each command)
+places calls at `--rate`, alternating between the daemons call by call, each call a route
+session and then the hangup session reporting the CDR. Both see the same load at the same
+moments, so the machine's noise falls on both; the figure is each daemon's CPU (user +
+system, /proc) over its calls, and their ratio REF/HEAD (above 1: this checkout is cheaper).
+
+No PBX and no SIP: this measures the daemon alone (`make bench` measures the whole path
+through Asterisk with SIPp). Numbers are the bench's synthetic ones.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.data import AGENT, BenchError, prepare_database, x_number
+from callctl.store import crypto
+from lab.harness import Process, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+DB_NAME = "callctl_bench_paired"
+
+
+def export_tree(ref: str, into: Path) -> Path:
+    """REF's files (not its .git) under `into`; BenchError when REF is not a commit."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", ref], capture_output=True)
+    if archive.returncode != 0:
+        raise BenchError(f"git archive {ref}: {archive.stderr.decode().strip()}")
+    into.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def daemon(tree: Path, url: str, workdir: Path) -> Process:
+    """`callctl serve asterisk` from `tree`'s sources (PYTHONPATH), on a port of its own."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {
+        "PYTHONPATH": str(tree), "CALLCTL_CONFIG": str(tree / "conf" / "callctl.yaml"),
+        "CALLCTL_DATABASE_URL": url, "CALLCTL_SPOOL_DIR": str(workdir / "spool"),
+        "CALLCTL_AGI_LISTEN": f"127.0.0.1:{port}", "CALLCTL_LOG_FORMAT": "json", "CALLCTL_NODE": "bench",
+        "CALLCTL_AUDIT_CHECKPOINT": str(workdir / "audit-head"),
+        "CALLCTL_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+        "CALLCTL_HOUSEKEEPING_SECONDS": "3600",  # the calls' CPU only
+    }
+    argv = [sys.executable, "-c", "import sys; from callctl.cli import main; sys.exit(main())", "serve", "asterisk"]
+    return Process(argv, workdir / "callctl.log", env=env, cwd=tree, port=port)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def agi(port: int, script: str, uniqueid: str, env: dict, args: list[str] = ()) -> dict[str, str]:
+    """One FastAGI session as Asterisk runs it; the variables the daemon set."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = {"agi_network_script": script, "agi_request": f"agi://127.0.0.1:{port}/{script}",
+             "agi_channel": "PJSIP/carrier-00000001", "agi_uniqueid": uniqueid, **env}
+    lines.update({f"agi_arg_{n}": arg for n, arg in enumerate(args, 1)})
+    writer.write(b"".join(f"{k}: {v}\n".encode() for k, v in lines.items()) + b"\n")
+    variables: dict[str, str] = {}
+    try:
+        while line := await reader.readline():
+            command = line.decode().strip()
+            if command.startswith("EXEC MSet "):
+                variables.update(pair.partition("=")[::2] for pair in command[10:].strip('"').split(","))
+                writer.write(b"200 result=0\n")
+            elif command.startswith("SET VARIABLE "):
+                name, _, value = command[13:].partition(" ")
+                variables[name] = value.strip('"')
+                writer.write(b"200 result=1\n")
+            else:
+                writer.write(b"510 Invalid or unknown command\n")
+    finally:
+        writer.close()
+    return variables
+
+
+async def one_call(port: int, n: int, x: str) -> bool:
+    """A bridged call as the product dialplan makes it: route, then the hangup's CDR."""
+    started = time.time()
+    uniqueid = f"{started:.0f}.{n}"
+    routed = await agi(port, "route", uniqueid, {"agi_extension": x, "agi_callerid": AGENT})
+    if routed.get("CALLCTL_ACTION") != "bridge":
+        return False
+    args = [f"called={x}", f"caller={AGENT}", f"dest={routed['CALLCTL_DEST']}", "action=bridge", "reason=",
+            f"binding={routed.get('CALLCTL_BINDING', '')}", f"tenant={routed.get('CALLCTL_TENANT', '')}",
+            "direction=to_customer", f"start={started:.3f}", f"end={started + 1:.3f}", "dialstatus=ANSWER",
+            "dialedtime=1000", "answeredtime=900", "hangupcause=16", "node=bench"]
+    done = await agi(port, "hangup", uniqueid, {}, args)
+    return bool(done.get("CALLCTL_CDR"))
+
+
+async def drive(ports: dict[str, int], pids: dict[str, int], calls: int, rate: float, bindings: int,
+                seed: int) -> dict:
+    """`calls` calls per daemon, alternating, at `rate` calls/s in all."""
+    rng = random.Random(seed)
+    names = list(ports)
+    before = {name: cpu_seconds(pids[name]) for name in names}
+    tasks, failed = [], {name: 0 for name in names}
+    began = time.monotonic()
+    for n in range(calls * len(names)):
+        name = names[n % len(names)]  # the same X for the pair: the same work for both
+        x = x_number(rng.randint(1, bindings)) if n % len(names) == 0 else x
+        tasks.append((name, asyncio.create_task(one_call(ports[name], n, x))))
+        await asyncio.sleep(max(0.0, began + (n + 1) / rate - time.monotonic()))
+    for name, task in tasks:
+        try:
+            failed[name] += not await task
+        except OSError:
+            failed[name] += 1
+    await asyncio.sleep(0.5)  # the last CDR writes
+    return {name: {"cpu_ms_per_call": (cpu_seconds(pids[name]) - before[name]) * 1000 / calls,
+                   "failed": failed[name]} for name in names}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("ref", help="the commit to compare this checkout against (e.g. a tag, a hash, HEAD~5)")
+    p.add_argument("--calls", type=int, default=3000, help="calls per daemon per round (default 3,000)")
+    p.add_argument("--rate", type=float, default=150, help="calls/s offered in all (default 150)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, the daemons restarted each (default 3)")
+    p.add_argument("--warmup", type=int, default=200, help="uncounted calls per daemon first (default 200)")
+    p.add_argument("--bindings", type=int, default=100_000, help="AXN bindings loaded (default 100,000)")
+    p.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    args = p.parse_args(argv)
+    os.environ.setdefault(crypto.ENV_KEYS, f"{crypto.LOOKUP}={crypto.new_key()} bench={crypto.new_key()}")
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{DB_NAME}"
+    try:
+        print(f"preparing {DB_NAME}: {args.bindings:,} AXN bindings ...", flush=True)
+        prepare_database(args.pg_admin, url, args.bindings)
+        with tempfile.TemporaryDirectory(prefix="callctl-paired-") as tmp:
+            trees = {"HEAD": REPO, args.ref: export_tree(args.ref, Path(tmp) / "ref")}
+            results = []
+            for round_ in range(args.rounds):
+                order = list(trees) if round_ % 2 == 0 else list(reversed(trees))  # who goes first alternates
+                running = {name: daemon(trees[name], url, Path(tmp) / f"{name.replace('/', '_')}-{round_}").start()
+                           for name in order}
+                try:
+                    # Uncounted warm-up: connections made, statements prepared, caches filled.
+                    asyncio.run(drive({n: d.port for n, d in running.items()}, {n: d.proc.pid for n, d in running.items()},
+                                      args.warmup, args.rate, args.bindings, seed=1000 + round_))
+                    got = asyncio.run(drive({n: d.port for n, d in running.items()},
+                                            {n: d.proc.pid for n, d in running.items()},
+                                            args.calls, args.rate, args.bindings, seed=round_))
+                finally:
+                    for d in running.values():
+                        d.stop()
+                results.append(got)
+                print(f"round {round_ + 1}: " + ", ".join(
+                    f"{name} {r['cpu_ms_per_call']:.3f} ms/call ({r['failed']} failed)" for name, r in got.items())
+                    + f"; {args.ref}/HEAD {got[args.ref]['cpu_ms_per_call'] / got['HEAD']['cpu_ms_per_call']:.3f}",
+                      flush=True)
+    except BenchError as exc:
+        print(f"paired_cpu: {exc}", file=sys.stderr)
+        return 1
+    ratios = sorted(r[args.ref]["cpu_ms_per_call"] / r["HEAD"]["cpu_ms_per_call"] for r in results)
+    print(f"daemon CPU per call, {args.ref}/HEAD over {args.rounds} rounds: "
+          f"{ratios[0]:.3f}-{ratios[-1]:.3f} (median {ratios[len(ratios) // 2]:.3f}); above 1: HEAD is cheaper")
+    return 0 if all(r[n]["failed"] == 0 for r in results for n in r) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -161,6 +161,21 @@ class Pbx:
             if key and not key.startswith("-ERR"):  # "-ERR no reply": none kept
                 fs_api(f"db delete/callctl_cdr/{key}")
 
+    def kept_lines(self) -> dict[str, str]:
+        """The CDRs the PBX keeps as they are (key -> line; Asterisk's file has one key)."""
+        if self.name == "asterisk":
+            return {"": CDR_FALLBACK.read_text()} if CDR_FALLBACK.exists() else {}
+        keys = fs_api("db list/callctl_cdr").strip().split(",")
+        return {key: fs_api(f"db select/callctl_cdr/{key}") for key in keys if key and not key.startswith("-ERR")}
+
+    def restore_kept_lines(self, lines: dict[str, str]) -> None:
+        """Put kept CDRs back as they were (a PBX retry, a restored backup)."""
+        for key, line in lines.items():
+            if self.name == "asterisk":
+                CDR_FALLBACK.write_text(line)
+            else:
+                fs_api(f"db insert/callctl_cdr/{key}/{line}")
+
     def import_args(self) -> list[str]:
         """`callctl cdr import-pbx` arguments for this PBX."""
         return [str(CDR_FALLBACK)] if self.name == "asterisk" else ["--pbx", "freeswitch"]

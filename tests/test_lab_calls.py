@@ -1,7 +1,7 @@
 """Masked calls end to end: SIPp carrier -> real Asterisk 22 (product dialplan) ->
 `callctl serve asterisk` over FastAGI -> SIPp phone, on SQLite and on PostgreSQL; and the
 same calls through the real FreeSWITCH (product dialplan) -> `callctl serve freeswitch`
-over the event socket, on PostgreSQL (the parity of the two PBXs).
+over the event socket, on both databases too (the parity of the two PBXs).
 
 The phone (uas_check) checks what really reaches the far end: the Request-URI user,
 the From user, and that the other party's real number is in no header or SDP line.
@@ -111,8 +111,10 @@ def _numbers(engine) -> None:
     provision.add_numbers(engine, "acme", POOL)
 
 
-# (database, PBX): both databases through Asterisk; FreeSWITCH on PostgreSQL.
+# (database, PBX): both databases through Asterisk; FreeSWITCH on PostgreSQL (the modes'
+# and policy tests). This module's calls run through FreeSWITCH on SQLite too.
 LABS = [("sqlite", "asterisk"), ("postgresql", "asterisk"), ("postgresql", "freeswitch")]
+CALL_LABS = [*LABS, ("sqlite", "freeswitch")]
 
 
 def lab_params(request) -> tuple[str, harness.Pbx]:
@@ -122,7 +124,7 @@ def lab_params(request) -> tuple[str, harness.Pbx]:
     return kind, harness.ASTERISK if pbx == "asterisk" else harness.FREESWITCH
 
 
-@pytest.fixture(scope="module", params=LABS, ids=["-".join(p) for p in LABS])
+@pytest.fixture(scope="module", params=CALL_LABS, ids=["-".join(p) for p in CALL_LABS])
 def lab(request, tmp_path_factory):
     kind, pbx = lab_params(request)
     with running_lab(kind, tmp_path_factory.mktemp(f"lab-{kind}-{pbx}"), _numbers, pbx=pbx) as env:
@@ -208,6 +210,9 @@ def test_daemon_down_fails_closed_with_503(lab):
     assert import_pbx(lab)["written"] == 1
     (kept,) = [row for row in lab.cdrs() if row["call_id"] not in before]
     assert (kept["decision"], kept["reject_reason"], kept["virtual_number"]) == ("rejected", "unavailable", x)
+    # The PBX's own end of the call: its cause, its node, its times (the announcement played).
+    assert (kept["hangup_cause"], kept["node"], kept["caller_masked"]) == (34, "lab", "+86139****0002")
+    assert kept["ended_at"] > kept["started_at"]
     # Back up: the same call goes through.
     assert lab.call(AGENT, x, expect_ruri="+8613800000012", expect_from=x)[0].ok
 
@@ -217,10 +222,6 @@ def test_cdr_kept_by_the_pbx_while_the_daemon_is_down_is_imported_once(lab):
     nobody, twice, so the dialplan keeps the CDR in CALLCTL_CDR_FALLBACK; on FreeSWITCH
     the CDR the dialplan keeps in mod_db is not deleted by any daemon. `callctl cdr
     import-pbx` writes it, once, and removes it from the PBX."""
-    if lab.pbx is harness.FREESWITCH:
-        # Open: on FreeSWITCH the kept CDR of a call bridged when its daemon was killed
-        # is imported as rejected (the dialplan's copy lacks the bridge decision).
-        pytest.skip("FreeSWITCH: kept CDR of a bridged call whose daemon was killed reads rejected (open)")
     lab.pbx.forget_kept_cdrs()
     x = bound(lab, "+8613800000016")["x"]
     before = {row["call_id"] for row in lab.cdrs()}
@@ -238,16 +239,20 @@ def test_cdr_kept_by_the_pbx_while_the_daemon_is_down_is_imported_once(lab):
         lab.daemon.start()
     assert outcome and outcome[0].ok, outcome
     assert lab.pbx.kept_cdrs() == 1
-    kept = harness.CDR_FALLBACK.read_text() if lab.pbx is harness.ASTERISK else None
+    kept = lab.pbx.kept_lines()
     assert {row["call_id"] for row in lab.cdrs()} == before  # nobody wrote it
     first = import_pbx(lab)
     assert first == {"written": 1, "duplicate": 0, "unreadable": 0} and lab.pbx.kept_cdrs() == 0
     (new,) = [row for row in lab.cdrs() if row["call_id"] not in before]
-    assert new["decision"] == "bridged" and new["virtual_number"] == x
-    assert new["callee_masked"] == "+86138****0016" and 2.5 <= new["talk_seconds"] <= 4.5
-    if kept is not None:
-        harness.CDR_FALLBACK.write_text(kept)  # the same line again (a PBX retry, a restored file)
-        assert import_pbx(lab) == {"written": 0, "duplicate": 1, "unreadable": 0}
+    # The same CDR the daemon would have written (test_every_attempt_has_a_masked_cdr...).
+    assert new["decision"] == "bridged" and new["reject_reason"] is None and new["virtual_number"] == x
+    assert new["caller_masked"] == "+86139****0002" and new["callee_masked"] == "+86138****0016"
+    assert new["direction"] == "to_customer" and new["binding_id"] is not None and new["tenant_id"] is not None
+    assert new["dial_status"] == "ANSWER" and new["hangup_cause"] == 16 and new["node"] == "lab"
+    assert 2.5 <= new["talk_seconds"] <= 4.5 and 0 <= new["ring_seconds"] < 2
+    assert new["answered_at"] is not None and new["started_at"] < new["answered_at"] < new["ended_at"]
+    lab.pbx.restore_kept_lines(kept)  # the same line again (a PBX retry, a restored file)
+    assert import_pbx(lab) == {"written": 0, "duplicate": 1, "unreadable": 0}
     assert len([row for row in lab.cdrs() if row["call_id"] not in before]) == 1
 
 
@@ -289,9 +294,7 @@ def test_all_calls_routed_each_cdr_written_once(lab):
     """Every routed call of this module produced exactly one CDR (call ids unique). Calls
     whose hangup found no daemon have theirs from the PBX's file instead (import_pbx)."""
     rows = [row for row in lab.cdrs() if row["call_id"] not in lab.imported]
-    # Asterisk: the fail-closed call and the call whose daemon was killed; FreeSWITCH: the
-    # fail-closed call only (the other test is skipped there, see it).
-    kept = 2 if lab.pbx is harness.ASTERISK else 1
+    kept = 2  # the fail-closed call and the call whose daemon was killed
     assert len(lab.imported) == kept and len(lab.cdrs()) == len(rows) + kept
     events = harness.json_events(lab.daemon.output())
     routed = [e for e in events if e.get("event") == "call routed"]

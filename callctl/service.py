@@ -26,6 +26,7 @@ from callctl.store.spool import CdrSpool, SpoolError, encode
 log = structlog.get_logger("callctl.calls")
 _REASONS = {reason.value for reason in Reason}
 _PURPOSES = {purpose.value for purpose in Purpose}
+HANGUP_BY = ("caller", "callee", "pbx")  # cdrs.hangup_by
 _MAX_EXTENSION = 8  # digits; the width of bindings.extension
 _CALL_ID_WIDTH, _NODE_WIDTH = 150, 64  # cdrs.call_id, cdrs.node
 _DIAL_STATUS = re.compile(r"[A-Z]{1,20}\Z")  # ANSWER, BUSY, NOANSWER, CHANUNAVAIL...
@@ -54,6 +55,7 @@ class FinishedCall:
     hangup_cause: int | None = None
     node: str = ""
     purpose: str = ""  # the decision's (to_customer calls): why the customer was called
+    hangup_by: str = ""  # who ended the call: caller | callee | pbx ("": not reported)
 
 
 class CallService:
@@ -275,6 +277,7 @@ class CallService:
             "hangup_cause": call.hangup_cause if call.hangup_cause is not None and call.hangup_cause <= _MAX_CAUSE else None,
             "node": call_identifier(call.node or self.node, _NODE_WIDTH) or None,
             "purpose": call.purpose if call.purpose in _PURPOSES else None,
+            "hangup_by": call.hangup_by if call.hangup_by in HANGUP_BY else None,
         }
 
 

@@ -14,6 +14,8 @@ import pytest
 from sqlalchemy import select
 
 from callctl.freeswitch.esl import EslProtocolError, parse_headers
+from callctl.freeswitch.fallback import kept_headers
+from callctl.freeswitch.server import finished_call, hangup_by
 from callctl.store import provision
 from callctl.store.db import make_engine, upgrade
 from callctl.store.models import Cdr
@@ -32,6 +34,28 @@ def test_headers_are_url_decoded_one_by_one_after_the_split():
     for garbage in (b"no colon here", b": no name", b"Bad Name: x"):
         with pytest.raises(EslProtocolError):
             parse_headers(garbage)
+
+
+@pytest.mark.parametrize("disposition, bridged, other_leg, who", [
+    ("recv_bye", True, "NORMAL_CLEARING", "caller"), ("recv_cancel", False, "", "caller"),
+    ("send_bye", True, "NORMAL_CLEARING", "callee"), ("send_bye", True, "ALLOTTED_TIMEOUT", "pbx"),
+    ("send_bye", False, "", "pbx"), ("send_refuse", False, "", "pbx"), ("", True, "NORMAL_CLEARING", ""),
+])
+def test_who_hung_up_from_the_callers_leg(disposition, bridged, other_leg, who):
+    assert hangup_by(disposition, bridged, other_leg) == who
+
+
+def test_kept_lines_of_both_versions_read():
+    """Version 2 adds who hung up before the caller; version 1 lines (kept before it) still read."""
+    head = "1733300000000000|1733300009000000|1733300002000000|16|SUCCESS|bridge||7|1|to_customer|+8617100000001|+8613800000031|lab"
+    old = kept_headers("u1", f"1|{head}|%2B8613900000031")
+    new = kept_headers("u2", f"2|{head}|recv_bye|NORMAL_CLEARING|service|%2B8613900000031")
+    assert old["variable_callctl_caller"] == new["variable_callctl_caller"] == "+8613900000031"
+    assert finished_call(old).hangup_by == "" and finished_call(new).hangup_by == "caller"
+    assert (finished_call(old).purpose, finished_call(new).purpose) == ("", "service")
+    assert finished_call(new).talk_seconds == 7.0 and finished_call(new).action == "bridge"
+    assert kept_headers("u3", f"2|{head}|%2B8613900000031") is None  # a field short
+    assert kept_headers("u4", f"3|{head}|recv_bye|NORMAL_CLEARING|service|%2B8613900000031") is None
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

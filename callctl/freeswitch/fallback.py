@@ -20,20 +20,26 @@ from callctl.service import CallService
 
 log = structlog.get_logger("callctl.freeswitch")
 
-# The kept line's fields after its version ("1"), as CHANNEL_HANGUP_COMPLETE names them.
-_FIELDS = ("variable_start_uepoch", "variable_end_uepoch", "variable_bridge_uepoch",
-           "variable_hangup_cause_q850", "variable_DIALSTATUS", "variable_callctl_action",
-           "variable_callctl_reason", "variable_callctl_binding", "variable_callctl_tenant",
-           "variable_callctl_direction", "variable_callctl_called", "variable_callctl_dest",
-           "FreeSWITCH-Switchname", "variable_callctl_caller")
+# The kept line's fields after its version, as CHANNEL_HANGUP_COMPLETE names them.
+# Version 2 adds who hung up and the purpose (before the caller); lines kept before it
+# are version 1.
+_FIELDS_1 = ("variable_start_uepoch", "variable_end_uepoch", "variable_bridge_uepoch",
+             "variable_hangup_cause_q850", "variable_DIALSTATUS", "variable_callctl_action",
+             "variable_callctl_reason", "variable_callctl_binding", "variable_callctl_tenant",
+             "variable_callctl_direction", "variable_callctl_called", "variable_callctl_dest",
+             "FreeSWITCH-Switchname", "variable_callctl_caller")
+_FIELDS = {"1": _FIELDS_1,
+           "2": (*_FIELDS_1[:-1], "variable_sip_hangup_disposition", "variable_last_bridge_hangup_cause",
+                 "variable_callctl_purpose", "variable_callctl_caller")}
 
 
 def kept_headers(call_id: str, line: str) -> dict[str, str] | None:
     """A kept line as the headers finished_call() reads; None if it is not one."""
     fields = line.strip().split("|")
-    if fields[0] != "1" or len(fields) != len(_FIELDS) + 1:
+    names = _FIELDS.get(fields[0], ())
+    if len(fields) != len(names) + 1:
         return None
-    headers = dict(zip(_FIELDS, fields[1:]))
+    headers = dict(zip(names, fields[1:]))
     headers["variable_callctl_caller"] = unquote(headers["variable_callctl_caller"])
     headers["Unique-ID"] = call_id
     return headers

@@ -50,6 +50,19 @@ def dial_status(word: str) -> str:
     return _DIAL_STATUS.get(word, "CHANUNAVAIL")
 
 
+def hangup_by(disposition: str, bridged: bool, bridge_cause: str) -> str:
+    """Who ended the call, from the caller's leg: sofia's sip_hangup_disposition (recv_bye,
+    recv_cancel: the caller's side; send_bye, send_refuse, send_cancel: FreeSWITCH) and,
+    once bridged, how the other leg ended (last_bridge_hangup_cause: NORMAL_CLEARING when
+    the callee hung up, ALLOTTED_TIMEOUT when the maximum duration cut it). "" when the
+    channel reports no disposition (not a SIP call)."""
+    if disposition in ("recv_bye", "recv_cancel"):
+        return "caller"
+    if not disposition:
+        return ""
+    return "callee" if bridged and bridge_cause == "NORMAL_CLEARING" else "pbx"
+
+
 def finished_call(headers: Mapping[str, str]) -> FinishedCall:
     """A hung-up channel's variables (CHANNEL_HANGUP_COMPLETE's headers, or the copy the
     dialplan kept on the PBX) as a FinishedCall. Talk time is the bridged leg's, as on
@@ -71,6 +84,8 @@ def finished_call(headers: Mapping[str, str]) -> FinishedCall:
         dial_status=dial_status(var("DIALSTATUS")),
         hangup_cause=parse_int(var("hangup_cause_q850")),
         node=headers.get("FreeSWITCH-Switchname", ""),
+        hangup_by=hangup_by(var("sip_hangup_disposition"), bridged is not None,
+                            var("last_bridge_hangup_cause")),
     )
 
 

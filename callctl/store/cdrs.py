@@ -23,7 +23,7 @@ CDR_COLUMNS = (
     "id", "call_id", "tenant_id", "binding_id", "virtual_number", "direction",
     "caller_masked", "callee_masked", "decision", "reject_reason", "started_at",
     "answered_at", "ended_at", "ring_seconds", "talk_seconds", "dial_status",
-    "hangup_cause", "node", "purpose",
+    "hangup_cause", "node", "purpose", "hangup_by",
 )
 DECISIONS = tuple(CallDecision)
 REASONS = tuple(str(reason) for reason in Reason)

@@ -288,6 +288,7 @@ class Cdr(Base):
     # Keyed non-reversible hash of the caller's number: "per caller" anomaly rules group on it.
     caller_hash: Mapped[str | None] = mapped_column(String(64))
     purpose: Mapped[str | None] = mapped_column(String(16))  # to_customer calls: why (0120)
+    hangup_by: Mapped[str | None] = mapped_column(String(8))  # caller | callee | pbx (0130)
     feed_txid: Mapped[int | None] = mapped_column(BigInteger, server_default=FetchedValue())  # FEED_TXID
 
 

@@ -149,6 +149,9 @@ class CallSession:
         self.call_id = self.channel.get("Unique-ID", "")[:64]
         esl.command("myevents")
         esl.command(f"linger {self.cfg.linger}")
+        # Connected and talking: cancel the dialplan's guard against a daemon that takes
+        # the connection and never speaks (sched_hangup, group = the call's uuid).
+        esl.api(f"sched_del {self.call_id}")
         if self.channel.get("Channel-State") == "CS_HANGUP" or self.channel.get("Answer-State") == "hangup":
             log.info("call gone before its decision", call_id=self.call_id)
         else:

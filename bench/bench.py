@@ -17,16 +17,23 @@
    by 10,000 pairs (both loaded set-based too, +86172... X), with their ratio to AXN.
    `--only inprocess` runs steps 1 and 2 alone (no lab):
        .venv/bin/python -m bench.bench --only inprocess --database callctl_bench_inprocess
-3. The lab (held under LabLock the whole time): Asterisk up, a SIPp UAS on 5070 answers
-   every outbound leg, SIPp UAC calls from the agent to random bound X at stepped rates.
-   Two FastAGI servers take turns on 4573, interleaved per step: `callctl serve asterisk`
-   on the bench database, and bench/minimal_fastagi.py (the floor of AGI cost here).
+3. The lab (held under LabLock the whole time): each PBX in turn (`--pbx asterisk`,
+   `freeswitch` or `both`, the default), a SIPp UAS on 5070 answers every outbound leg,
+   SIPp UAC calls from the agent to random bound X at stepped rates. Two servers take
+   turns on the PBX's port, interleaved per step: callctl (`callctl serve asterisk` on
+   FastAGI 4573, `callctl serve freeswitch` on ESL 8084) on the bench database, and the
+   minimal application (bench/minimal_fastagi.py, bench/minimal_esl.py: the floor of
+   the protocol's cost, bridging every call to one destination).
    A step is clean when every call succeeds and the mean INVITE->200 setup time is under
    100 ms; a rate is clean for a server when its best repeat is clean. A server stops
    stepping after two consecutive unclean rates. The ratio of the two highest clean
    rates means something only once the minimal server found its limit: the default
    rates go on until both have (on this 2-core box: 325-350 and 400-450 calls/s).
-4. Prints a table per step and a summary; writes var/bench/result.json.
+4. Prints a table per step, a summary per PBX and, with both, their figures side by
+   side (CPU ms per call of the call server, the PBX and PostgreSQL); writes
+   var/bench/result.json. A short smoke run of both paths (about a minute):
+       .venv/bin/python -m bench.bench --only calls --bindings 20000 --samples 200 \
+           --rates 20,40 --seconds 2 --repeats 1 --warmup 5
 5. Provisioning throughput on the same database (bench/provisioning_bench.py): pool
    import, `callctl bind --bulk`, and POST /v1/bindings through `callctl serve api`,
    bindings per second with the 1,000,000 bindings present. `--only provisioning` runs
@@ -78,20 +85,23 @@ from bench.data import (
     x_number,
 )
 from lab.harness import (
+    ASTERISK,
+    FREESWITCH,
     LabError,
     LabLock,
+    Pbx,
     callctl_daemon,
     json_events,
-    lab,
+    minimal_esl,
     minimal_fastagi,
-    wait_no_channels,
 )
 
 SETUP_LIMIT_MS = 100.0            # a clean step keeps the mean INVITE->200 below this
 OUT_DIR = REPO / "var" / "bench"
 
 SERVERS = ("callctl", "minimal")
-LABEL = {"callctl": "callctl", "minimal": "minimal FastAGI"}
+PBXS = {"asterisk": ASTERISK, "freeswitch": FREESWITCH}
+LABEL = {"callctl": "callctl", "minimal": "minimal app"}  # FastAGI (Asterisk) or ESL (FreeSWITCH)
 
 
 def fmt(v: float | None, digits: int = 1) -> str:
@@ -217,12 +227,14 @@ def say_in_process(inproc: dict) -> None:
 # ---------------------------------------------------------------------------- SIPp steps
 
 class Servers:
-    """The two FastAGI servers; at most one runs (both want 127.0.0.1:4573)."""
+    """callctl and the minimal application for one PBX; at most one runs (both want its
+    port: FastAGI 4573, ESL 8084)."""
 
-    def __init__(self, bench_url: str, workdir: Path):
+    def __init__(self, bench_url: str, workdir: Path, pbx: Pbx = ASTERISK):
+        workdir = Path(workdir) / pbx.name
         self.procs = {
-            "callctl": callctl_daemon(bench_url, workdir),
-            "minimal": minimal_fastagi(workdir),
+            "callctl": callctl_daemon(bench_url, workdir, pbx=pbx.name),
+            "minimal": minimal_fastagi(workdir) if pbx is ASTERISK else minimal_esl(workdir),
         }
         self.running: str | None = None
 
@@ -257,11 +269,11 @@ class Servers:
             return f.read().decode(errors="replace")
 
 
-def box_cpu_s() -> dict[str, float]:
-    """CPU seconds (user + system, all threads) used so far by Asterisk and by all of
-    PostgreSQL's processes: with the FastAGI server's, where the box's CPU goes per call.
+def box_cpu_s(pbx: Pbx = ASTERISK) -> dict[str, float]:
+    """CPU seconds (user + system, all threads) used so far by the PBX and by all of
+    PostgreSQL's processes: with the call server's, where the box's CPU goes per call.
     Sampled while the step's daemon runs: its database backends exit with it."""
-    totals = {"asterisk": 0.0, "postgres": 0.0}
+    totals = {pbx.name: 0.0, "postgres": 0.0}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             name, seconds = process_cpu_s(stat.read_text())
@@ -269,7 +281,7 @@ def box_cpu_s() -> dict[str, float]:
             continue  # gone meanwhile
         if name in totals:
             totals[name] += seconds
-    return totals
+    return {"pbx": totals[pbx.name], "postgres": totals["postgres"]}
 
 
 def process_cpu_s(stat: str) -> tuple[str, float]:
@@ -279,17 +291,18 @@ def process_cpu_s(stat: str) -> tuple[str, float]:
     return head.partition(" (")[2], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def place_calls(pairs: list[tuple[str, str]], rate: float, talk_ms: int, what: str) -> sipp.SippResult:
-    """One SIPp UAC run at `rate` calls/s over `pairs`, with a fresh UAS answering."""
+def place_calls(pairs: list[tuple[str, str]], rate: float, talk_ms: int, what: str,
+                pbx: Pbx = ASTERISK) -> sipp.SippResult:
+    """One SIPp UAC run at `rate` calls/s over `pairs` into the PBX, with a fresh UAS answering."""
     count = len(pairs)
     uas = sipp.start_uas(5070)
     try:
         res = sipp.run_uac(
-            "uac_call", "127.0.0.1:5060", calls=pairs, count=count, rate=rate,
+            "uac_call", pbx.sip_target, calls=pairs, count=count, rate=rate,
             limit=max(200, int(rate * 10)), talk_ms=talk_ms, timeout=count / rate + 60,
         )
         try:
-            wait_no_channels(timeout=40)
+            pbx.wait_no_channels(timeout=40)
         except LabError as exc:
             raise BenchError(f"{what}: {exc} after the step") from None
     finally:
@@ -304,17 +317,19 @@ def step_is_clean(res: sipp.SippResult, count: int) -> bool:
             and mean is not None and mean < SETUP_LIMIT_MS)
 
 
-def run_steps(args, servers: Servers, engine, n_bindings: int, rng: random.Random) -> tuple[list, list]:
+def run_steps(args, servers: Servers, engine, n_bindings: int, rng: random.Random,
+              pbx: Pbx = ASTERISK) -> tuple[list, list]:
     steps: list[dict] = []
     routed_ms: list[float] = []
     active = {s: True for s in SERVERS}
     unclean_run = {s: 0 for s in SERVERS}
     order_flip = 0
     header = (f"{'rate':>5}  {'server':<16}{'rep':>3}  {'attempted':>9}{'ok':>7}{'failed':>7}  "
-              f"{'setup mean':>10}{'p95':>7}  {'CPU/call':>8}{'Ast':>6}{'PG':>6}  {'AGI p50':>7}{'p99':>7}  {'CDRs':>6}  clean")
-    say("\nLoad steps. setup = SIPp INVITE -> 200 OK (ms); CPU/call = the FastAGI server's CPU ms per call\n"
-        "(route + hangup sessions), Ast and PG the same for Asterisk and PostgreSQL; AGI = the daemon's\n"
-        "'call routed' ms; CDRs = rows written in the step.")
+              f"{'setup mean':>10}{'p95':>7}  {'CPU/call':>8}{'PBX':>6}{'PG':>6}  {'dec p50':>7}{'p99':>7}  {'CDRs':>6}  clean")
+    say(f"\nLoad steps through {pbx.name}. setup = SIPp INVITE -> 200 OK (ms); CPU/call = the call server's\n"
+        "CPU ms per call (callctl or the minimal application: FastAGI route + hangup sessions, or the ESL\n"
+        "session), PBX and PG the same for the PBX and PostgreSQL; dec = the daemon's 'call routed' ms;\n"
+        "CDRs = rows written in the step.")
     say(header)
     say("-" * len(header))
     for rate in args.rates:
@@ -331,25 +346,25 @@ def run_steps(args, servers: Servers, engine, n_bindings: int, rng: random.Rando
                 # warm-up: connections opened, code paths hot; not counted
                 warm = [(AGENT, x_number(i)) for i in rng.choices(range(1, n_bindings + 1), k=args.warmup)]
                 if warm:
-                    w = place_calls(warm, min(20.0, rate), args.talk_ms, f"{name} warm-up")
+                    w = place_calls(warm, min(20.0, rate), args.talk_ms, f"{name} warm-up", pbx)
                     if not w.ok:
                         raise BenchError(f"{LABEL[name]} warm-up calls failed: {w.summary()} "
                                          f"(sipp files in {w.workdir}):\n{servers.procs[name].output()[-1500:]}")
                 offset = servers.log_size(name)
                 cdrs_before = cdr_count(engine) if name == "callctl" else 0
-                t0, cpu0, box0 = time.monotonic(), servers.cpu_s(), box_cpu_s()
-                res = place_calls(pairs, rate, args.talk_ms, f"{name} at {rate}/s")
-                wall, cpu1, box1 = time.monotonic() - t0, servers.cpu_s(), box_cpu_s()
+                t0, cpu0, box0 = time.monotonic(), servers.cpu_s(), box_cpu_s(pbx)
+                res = place_calls(pairs, rate, args.talk_ms, f"{name} at {rate}/s", pbx)
+                wall, cpu1, box1 = time.monotonic() - t0, servers.cpu_s(), box_cpu_s(pbx)
                 servers.stop()  # flushes the daemon's log; next step starts the other server
                 row = {
-                    "rate": rate, "server": name, "repeat": rep + 1, "calls": count,
+                    "pbx": pbx.name, "rate": rate, "server": name, "repeat": rep + 1, "calls": count,
                     "attempted": res.created, "successful": res.successful, "failed": res.failed,
                     "status": res.status, "failure_reasons": res.failure_reasons,
                     "uas_failed": res.uas_failed, "retransmissions": res.retransmissions,
                     "setup_ms_mean": res.setup_ms_mean, "setup_ms_p95": res.setup_ms_p95,
                     "setup_ms_max": res.setup_ms_max, "sipp_elapsed_s": round(res.elapsed_s, 2),
                     "wall_s": round(wall, 2),
-                    # the FastAGI server's own CPU per call (route + hangup AGI sessions)
+                    # the call server's own CPU per call (FastAGI route + hangup sessions, or the ESL session)
                     "server_cpu_ms_per_call": round((cpu1 - cpu0) * 1000 / max(res.created, 1), 2)
                     if cpu0 is not None and cpu1 is not None else None,
                     **{f"{part}_cpu_ms_per_call": round((box1[part] - box0[part]) * 1000 / max(res.created, 1), 2)
@@ -398,10 +413,10 @@ def run_steps(args, servers: Servers, engine, n_bindings: int, rng: random.Rando
                     note += " (" + "; ".join(why) + ")"
                 say(f"{rate:>5g}  {LABEL[name]:<16}{rep + 1:>3}  {res.created:>9}{res.successful:>7}{res.failed:>7}  "
                     f"{fmt(res.setup_ms_mean):>10}{fmt(res.setup_ms_p95):>7}  {fmt(row['server_cpu_ms_per_call'], 2):>8}"
-                    f"{fmt(row['asterisk_cpu_ms_per_call'], 2):>6}{fmt(row['postgres_cpu_ms_per_call'], 2):>6}  "
+                    f"{fmt(row['pbx_cpu_ms_per_call'], 2):>6}{fmt(row['postgres_cpu_ms_per_call'], 2):>6}  "
                     f"{agi}  {note}")
         verdict = ", ".join(f"{LABEL[n]} {'clean' if any(c) else 'NOT clean'}" for n, c in per_server.items())
-        say(f"{'':>5}  rate {rate:g}/s (best of {args.repeats}): {verdict}")
+        say(f"{'':>5}  {pbx.name} rate {rate:g}/s (best of {args.repeats}): {verdict}")
         for name, cleans in per_server.items():
             if any(cleans):
                 unclean_run[name] = 0
@@ -439,6 +454,8 @@ def parse_args(argv=None):
                    help="run one part: calls (SIPp through the lab), provisioning (bulk and API throughput), "
                         "anomaly (the anomaly job over CDRs) or inprocess (the in-process decision latency "
                         "of AXN, AXE and AXB calls, no lab)")
+    p.add_argument("--pbx", choices=["asterisk", "freeswitch", "both"], default="both",
+                   help="the PBX the calls go through (default both, one after the other, side by side)")
     p.add_argument("--bulk-rows", type=int, help="bindings in the bulk file (default 50,000; quick 10,000)")
     p.add_argument("--api-requests", type=int, help="POST /v1/bindings requests (default 3,000; quick 1,000)")
     p.add_argument("--api-concurrency", type=int, default=16, help="concurrent API clients (default 16)")
@@ -515,38 +532,49 @@ def main(argv=None) -> int:
         return 0
 
     engine = make_engine(bench_url, pool_size=1)
-    servers = Servers(bench_url, OUT_DIR)
-    lab_up = False
+    pbxs = list(PBXS.values()) if args.pbx == "both" else [PBXS[args.pbx]]
+    result["steps"], result["summary"] = [], {}
     try:
         with LabLock():
-            try:
-                say("Lab: starting Asterisk ...")
-                lab("up")
-                lab_up = True
-                steps, routed_ms = run_steps(args, servers, engine, args.bindings, rng)
-            finally:
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
-                servers.stop()
-                if lab_up:
-                    try:
-                        lab("down")
-                    except LabError as exc:
-                        say(f"warning: {exc}")
+            for pbx in pbxs:  # one lab at a time: the other PBX's idle CPU stays out of the figures
+                steps, routed_ms = run_pbx(args, pbx, bench_url, engine, rng)
+                result["summary"][pbx.name] = summarize(args, steps, routed_ms, inproc, db)
+                result["steps"] += [{k: v for k, v in s.items() if k != "route_ms"} for s in steps]
     finally:
         engine.dispose()
 
-    summary = summarize(args, steps, routed_ms, inproc, db)
-    result["steps"] = [{k: v for k, v in s.items() if k != "route_ms"} for s in steps]
-    result["summary"] = summary
     result["run_s"] = round(time.monotonic() - started, 1)
     out = OUT_DIR / "result.json"
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print_summary(summary, result["run_s"], out)
+    for name, summary in result["summary"].items():
+        print_summary(summary, name, result["run_s"], out)
+    if len(result["summary"]) > 1:
+        print_side_by_side(result["summary"])
     if args.only is None:
         signal.signal(signal.SIGTERM, _interrupt)
         bench_provisioning(args, bench_url, result, started)
         return bench_anomaly(args)
     return 0
+
+
+def run_pbx(args, pbx: Pbx, bench_url: str, engine, rng: random.Random) -> tuple[list, list]:
+    """The load steps through one PBX's lab: up, callctl and the minimal app interleaved, down."""
+    servers = Servers(bench_url, OUT_DIR, pbx)
+    up = False
+    try:
+        say(f"Lab: starting {pbx.name} ...")
+        pbx.up()
+        up = True
+        return run_steps(args, servers, engine, args.bindings, rng, pbx)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
+        servers.stop()
+        if up:
+            try:
+                pbx.down()
+            except LabError as exc:
+                say(f"warning: {exc}")
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def bench_provisioning(args, bench_url: str, result: dict, started: float) -> int:
@@ -612,7 +640,7 @@ def summarize(args, steps, routed_ms, inproc, db) -> dict:
         cpu = [s["server_cpu_ms_per_call"] for s in steps
                if s["server"] == name and s.get("server_cpu_ms_per_call") is not None]
         best[name]["cpu_ms_per_call_median"] = statistics.median(cpu) if cpu else None
-        for part in ("asterisk", "postgres"):
+        for part in ("pbx", "postgres"):
             used = [s[f"{part}_cpu_ms_per_call"] for s in steps if s["server"] == name]
             best[name][f"{part}_cpu_ms_per_call_median"] = statistics.median(used) if used else None
     c, m = best["callctl"]["highest_clean_rate"], best["minimal"]["highest_clean_rate"]
@@ -646,7 +674,7 @@ def _route_stats(steps: list[dict]) -> dict:
     return {"calls": len(ms), "p50": sipp.percentile(ms, 50), "p99": sipp.percentile(ms, 99), "max": max(ms) if ms else None}
 
 
-def print_summary(s: dict, run_s: float, out: Path) -> None:
+def print_summary(s: dict, pbx: str, run_s: float, out: Path) -> None:
     def rate_text(name):
         b = s["servers"][name]
         if b["highest_clean_rate"] is None:
@@ -657,12 +685,12 @@ def print_summary(s: dict, run_s: float, out: Path) -> None:
     d, dc, ip = s["daemon_route_ms"], s["daemon_route_ms_clean_steps"], s["in_process_route_ms"]
     ratio = s["ratio_callctl_over_minimal"]
     verdict = ("met" if s["ratio_met"] else "NOT met") if s["ratio_determined"] else \
-        "not determined: the minimal FastAGI's limit was not reached, offer higher --rates"
+        "not determined: the minimal application's limit was not reached, offer higher --rates"
     best_of = f"best of {s['repeats']} repeat{'s' if s['repeats'] != 1 else ''}"
     lines = [
         "",
         "=" * 78,
-        "callctl benchmark summary",
+        f"callctl benchmark summary: {pbx}",
         "=" * 78,
         f"bindings in PostgreSQL        {s['bindings']:,} (fresh load {s['load_s']:.1f} s)",
         f"clean step                    every call ok and mean INVITE->200 < {SETUP_LIMIT_MS:g} ms; a rate is clean if",
@@ -676,10 +704,10 @@ def print_summary(s: dict, run_s: float, out: Path) -> None:
         f"  same, clean steps only      p50 {fmt(dc['p50'], 2)} ms, p99 {fmt(dc['p99'], 2)} ms over {dc['calls']:,} calls",
         "  p99 by offered rate         " + ", ".join(
             f"{rate:g}/s {fmt(p99, 1)}" for rate, p99 in s["daemon_route_p99_ms_by_rate"].items()) + " ms",
-        f"FastAGI server CPU per call   callctl {fmt(s['servers']['callctl']['cpu_ms_per_call_median'], 2)} ms, "
+        f"call server CPU per call      callctl {fmt(s['servers']['callctl']['cpu_ms_per_call_median'], 2)} ms, "
         f"minimal {fmt(s['servers']['minimal']['cpu_ms_per_call_median'], 2)} ms (median over steps; route + hangup)",
-        f"Asterisk CPU per call         with callctl {fmt(s['servers']['callctl']['asterisk_cpu_ms_per_call_median'], 2)} ms, "
-        f"with minimal {fmt(s['servers']['minimal']['asterisk_cpu_ms_per_call_median'], 2)} ms (median over steps)",
+        f"{pbx + ' CPU per call':<30}with callctl {fmt(s['servers']['callctl']['pbx_cpu_ms_per_call_median'], 2)} ms, "
+        f"with minimal {fmt(s['servers']['minimal']['pbx_cpu_ms_per_call_median'], 2)} ms (median over steps)",
         f"PostgreSQL CPU per call       with callctl {fmt(s['servers']['callctl']['postgres_cpu_ms_per_call_median'], 2)} ms, "
         f"with minimal {fmt(s['servers']['minimal']['postgres_cpu_ms_per_call_median'], 2)} ms (median over steps)",
         f"in-process route() latency    p50 {fmt(ip['p50'], 2)} ms, p99 {fmt(ip['p99'], 2)} ms over {ip['calls']:,} random X",
@@ -688,6 +716,22 @@ def print_summary(s: dict, run_s: float, out: Path) -> None:
     ]
     say("\n".join(lines))
 
+
+
+def print_side_by_side(summaries: dict[str, dict]) -> None:
+    """The PBXs' figures in columns (medians over steps, CPU ms per call)."""
+    names = list(summaries)
+    rows = [
+        ("highest clean rate, callctl", lambda s: fmt(s["servers"]["callctl"]["highest_clean_rate"], 0)),
+        ("highest clean rate, minimal", lambda s: fmt(s["servers"]["minimal"]["highest_clean_rate"], 0)),
+        ("ratio callctl / minimal", lambda s: fmt(s["ratio_callctl_over_minimal"], 2)),
+        ("decision p50 / p99 ms", lambda s: f"{fmt(s['daemon_route_ms']['p50'], 2)} / {fmt(s['daemon_route_ms']['p99'], 2)}"),
+    ] + [(f"CPU ms/call with {server}: {part}", lambda s, k=key, v=server: fmt(s["servers"][v][k], 2))
+         for server in SERVERS for part, key in (("server", "cpu_ms_per_call_median"), ("PBX", "pbx_cpu_ms_per_call_median"),
+                                                ("PostgreSQL", "postgres_cpu_ms_per_call_median"))]
+    say("\n" + f"{'':<38}" + "".join(f"{n:>18}" for n in names))
+    for label, value in rows:
+        say(f"{label:<38}" + "".join(f"{value(summaries[n]):>18}" for n in names))
 
 if __name__ == "__main__":
     try:

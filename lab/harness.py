@@ -317,6 +317,13 @@ def minimal_fastagi(workdir: Path) -> Process:
                    Path(workdir) / "minimal_fastagi.log")
 
 
+def minimal_esl(workdir: Path) -> Process:
+    """The floor of the event socket's cost: bridges every call to one destination
+    (bench/minimal_esl.py), on the daemon's ESL port."""
+    return Process([sys.executable, str(REPO / "bench" / "minimal_esl.py"), f"{AGI_HOST}:{ESL_PORT}"],
+                   Path(workdir) / "minimal_esl.log", port=ESL_PORT)
+
+
 def json_events(text: str) -> list[dict]:
     """The JSON log events in a daemon's output (other lines ignored)."""
     events = []

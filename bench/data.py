@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from callctl.store import crypto
 from callctl.store.db import make_engine, upgrade
-from callctl.store.provision import add_tenant
+from callctl.store.tenants import add_tenant
 
 DB_NAME = "callctl_bench"
 TENANT = "bench"

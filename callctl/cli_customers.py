@@ -31,14 +31,14 @@ def _who(args) -> str:
 
 
 def cmd_tenant_callers(cfg, args):
-    from callctl.store.provision import add_callers
+    from callctl.store.tenants import add_callers
 
     _print_json(add_callers(_engine(cfg), args.name, callers=args.caller, caller_prefixes=args.caller_prefix,
                             purpose=args.purpose, region=cfg.region))
 
 
 def cmd_binding_policy(cfg, args):
-    from callctl.store.provision import set_binding_policy
+    from callctl.store.bindings import set_binding_policy
 
     if args.purpose is None and args.profile is None and not args.no_profile:
         raise SystemExit("callctl: give --purpose, --profile or --no-profile")
@@ -115,7 +115,7 @@ def cmd_webhook_deliver(cfg, args):
 def add_parsers(top, tenant, binding) -> None:
     """The commands, added to `callctl`'s parser (`tenant`, `binding`: their subcommands)."""
     from callctl.core.decision import Calls, Channel, Purpose
-    from callctl.store.provision import PROFILES
+    from callctl.store.inputs import PROFILES
 
     purposes = [p.value for p in Purpose]
     callers = tenant.add_parser("callers", help="put agents' numbers/prefixes in the caller group of a purpose")

@@ -31,7 +31,7 @@ from callctl.core.numbers import caller_e164, mask
 from callctl.metrics import CDRS, DB_ERRORS, SPOOL_DEPTH, CdrOutcome, MetricsServer, count_decision
 from callctl.service import CallService, FinishedCall
 from callctl.store.partitions import ensure_cdr_partitions
-from callctl.store.provision import expire_due
+from callctl.store.bindings import expire_due
 from callctl.store.callstore import StoreUnavailable, ThreadedCallStore
 from callctl.store.pgcalls import PgCallStore
 from callctl.store import keycheck

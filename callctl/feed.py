@@ -40,7 +40,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from callctl.core.numbers import mask
 from callctl.store.models import AnomalyFinding, AuditEntry, Binding, Block, Cdr, RevealGrant, Tenant, VirtualNumber
-from callctl.store.provision import ProvisionError
+from callctl.errors import ProvisionError
 
 SOURCES = ("call", "block", "finding", "audit")
 _TAGS = {"call": "c", "block": "b", "finding": "f", "audit": "a"}

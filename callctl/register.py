@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from callctl.errors import ProvisionError
 from callctl.store.models import Binding, VirtualNumber
-from callctl.store.provision import tenant_row
+from callctl.store.tenants import tenant_row
 
 COLUMNS = ("tenant", "policy_reference", "contact_number", "contact_extension", "contact_number_kind", "mode",
            "valid_from", "valid_until", "status_as_of", "as_of", "binding_id")

@@ -28,7 +28,7 @@ from callctl.core.decision import Channel
 from callctl.errors import NotFound, ProvisionError
 from callctl.store import crypto
 from callctl.store.models import Binding, CustomerPreference, Event, Tenant, Webhook, WebhookDelivery, utcnow
-from callctl.store.provision import tenant_row
+from callctl.store.tenants import tenant_row
 
 log = structlog.get_logger("callctl.webhooks")
 

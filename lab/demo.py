@@ -324,7 +324,7 @@ def settle() -> None:
 # --- CDRs -----------------------------------------------------------------------------
 def read_cdrs() -> list[dict]:
     from callctl.store.db import make_engine
-    from callctl.store.provision import list_cdrs
+    from callctl.store.cdrs import list_cdrs
 
     engine = make_engine(DB_URL, pool_size=1)
     try:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import select
 
 from callctl.core.numbers import call_identifier
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
 from callctl.store.db import make_engine, upgrade
 from callctl.store.calls import write_cdr
 from callctl.store.models import Cdr
@@ -35,9 +35,9 @@ def provisioned(request, tmp_path_factory):
         with engine.begin() as conn:
             conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     upgrade(engine)
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
-    provision.add_numbers(engine, "acme", [X])
-    provision.bind(engine, "acme", CUSTOMER)
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
+    pool.add_numbers(engine, "acme", [X])
+    bindings.bind(engine, "acme", CUSTOMER)
     yield engine
     leaks.record_tables(engine, request.node.nodeid)
     engine.dispose()

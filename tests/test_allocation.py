@@ -15,9 +15,9 @@ from sqlalchemy import text
 
 from callctl.core.decision import Bridge
 from callctl.service import CallService
-from callctl.store import crypto, provision
+from callctl.store import allocation, bindings, crypto, pool as store_pool, tenants
 from callctl.store.db import make_engine
-from callctl.store.provision import ProvisionError
+from callctl.errors import ProvisionError
 from callctl.store.spool import CdrSpool
 
 HOTLINE, AGENT = "+861058000000", "+8613900000001"
@@ -27,8 +27,8 @@ ALL_DAY = "00:00-24:00"  # calling hours must not make these tests depend on the
 
 
 def pool(engine, size):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
-    provision.add_numbers(engine, "acme", X[:size])
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
+    store_pool.add_numbers(engine, "acme", X[:size])
     return engine
 
 
@@ -40,24 +40,24 @@ def code_of(call) -> str:
 
 def test_axb_reuses_x_but_never_for_a_shared_party(engine, tmp_path):
     pool(engine, 2)
-    ab = provision.bind(engine, "acme", A, mode="AXB", other_party=B)
-    cd = provision.bind(engine, "acme", C, mode="AXB", other_party=D)
+    ab = bindings.bind(engine, "acme", A, mode="AXB", other_party=B)
+    cd = bindings.bind(engine, "acme", C, mode="AXB", other_party=D)
     assert ab["x"] == cd["x"] == X[0]  # two disjoint pairs share X
     assert ab["other_party"] == "+86138****0002"
-    ac = provision.bind(engine, "acme", A, mode="AXB", other_party=C)  # A and C are on X[0]
+    ac = bindings.bind(engine, "acme", A, mode="AXB", other_party=C)  # A and C are on X[0]
     assert ac["x"] == X[1]
-    assert code_of(lambda: provision.bind(engine, "acme", C, mode="AXB", other_party=A)) == "pool_exhausted"
+    assert code_of(lambda: bindings.bind(engine, "acme", C, mode="AXB", other_party=A)) == "pool_exhausted"
     # the pairs route on their X: (X, caller) picks the other party
     service = CallService(engine, CdrSpool(tmp_path / "spool"))
     assert service.route(X[0], A)[1].destination == B
     assert service.route(X[0], D)[1].destination == C
     assert service.route(X[1], C)[1].destination == A
     # an AXN binding never lands on an X serving pairs, nor the other way round
-    assert code_of(lambda: provision.bind(engine, "acme", "+8613800000009")) == "pool_exhausted"
-    provision.unbind(engine, ac["id"], timedelta(0))  # X[1] rests for a cooldown of zero
-    axn = provision.bind(engine, "acme", "+8613800000009")
+    assert code_of(lambda: bindings.bind(engine, "acme", "+8613800000009")) == "pool_exhausted"
+    bindings.unbind(engine, ac["id"], timedelta(0))  # X[1] rests for a cooldown of zero
+    axn = bindings.bind(engine, "acme", "+8613800000009")
     assert axn["x"] == X[1]
-    assert code_of(lambda: provision.bind(engine, "acme", A, mode="AXB", other_party=C)) == "pool_exhausted"
+    assert code_of(lambda: bindings.bind(engine, "acme", A, mode="AXB", other_party=C)) == "pool_exhausted"
 
 
 @pytest.mark.parametrize("kwargs, code", [
@@ -70,37 +70,37 @@ def test_axb_reuses_x_but_never_for_a_shared_party(engine, tmp_path):
 ])
 def test_bad_mode_input_changes_nothing(engine, kwargs, code):
     pool(engine, 1)
-    assert code_of(lambda: provision.bind(engine, "acme", A, **kwargs)) == code
-    assert provision.pool_status(engine, "acme")["free"] == 1
-    assert provision.list_bindings(engine)["items"] == []
+    assert code_of(lambda: bindings.bind(engine, "acme", A, **kwargs)) == code
+    assert store_pool.pool_status(engine, "acme")["free"] == 1
+    assert bindings.list_bindings(engine)["items"] == []
 
 
 def test_axe_fills_extensions_then_takes_the_next_x(engine):
     pool(engine, 2)
-    made = [provision.bind(engine, "acme", A, mode="AXE", extension_digits=1) for _ in range(20)]
+    made = [bindings.bind(engine, "acme", A, mode="AXE", extension_digits=1) for _ in range(20)]
     on_first = [b["extension"] for b in made if b["x"] == X[0]]
     assert sorted(on_first) == [str(d) for d in range(10)]  # every 1-digit extension, once
     assert sorted(b["extension"] for b in made if b["x"] == X[1]) == [str(d) for d in range(10)]
-    assert code_of(lambda: provision.bind(engine, "acme", B, mode="AXE", extension_digits=1)) == "pool_exhausted"
-    provision.unbind(engine, made[3]["id"], timedelta(days=1))
-    assert provision.pool_status(engine, "acme")["bound"] == 2  # X stays with its other extensions
-    again = provision.bind(engine, "acme", B, mode="AXE", extension_digits=1)
+    assert code_of(lambda: bindings.bind(engine, "acme", B, mode="AXE", extension_digits=1)) == "pool_exhausted"
+    bindings.unbind(engine, made[3]["id"], timedelta(days=1))
+    assert store_pool.pool_status(engine, "acme")["bound"] == 2  # X stays with its other extensions
+    again = bindings.bind(engine, "acme", B, mode="AXE", extension_digits=1)
     assert (again["x"], again["extension"]) == (made[3]["x"], made[3]["extension"])
 
 
 def test_axe_extensions_have_k_digits(engine):
     pool(engine, 1)
-    ext = provision.bind(engine, "acme", A, mode="AXE", extension_digits=4)["extension"]
+    ext = bindings.bind(engine, "acme", A, mode="AXE", extension_digits=4)["extension"]
     assert len(ext) == 4 and ext.isdigit()
 
 
 def test_quarantined_x_is_not_reallocated_to_any_mode_before_its_cooldown(engine):
     pool(engine, 1)
-    first = provision.bind(engine, "acme", A, mode="AXB", other_party=B)
-    provision.unbind(engine, first["id"], timedelta(hours=1))
+    first = bindings.bind(engine, "acme", A, mode="AXB", other_party=B)
+    bindings.unbind(engine, first["id"], timedelta(hours=1))
     for mode, other in (("AXN", None), ("AXB", D), ("AXE", None)):
-        assert code_of(lambda: provision.bind(engine, "acme", C, mode=mode, other_party=other)) == "pool_exhausted"
-    later = provision.bind(engine, "acme", C, mode="AXE", now=first_time(first) + timedelta(hours=1, seconds=1))
+        assert code_of(lambda: bindings.bind(engine, "acme", C, mode=mode, other_party=other)) == "pool_exhausted"
+    later = bindings.bind(engine, "acme", C, mode="AXE", now=first_time(first) + timedelta(hours=1, seconds=1))
     assert later["x"] == X[0]
 
 
@@ -128,11 +128,11 @@ def writer(url: str, seed: int, start_at: float) -> list[tuple[str, str]]:
             mode = rng.choice(["AXN", "AXB", "AXB", "AXE"])
             a, b = rng.sample(PARTIES, 2)
             try:
-                made = provision.bind(engine, "acme", a, mode=mode, other_party=b if mode == "AXB" else None,
+                made = bindings.bind(engine, "acme", a, mode=mode, other_party=b if mode == "AXB" else None,
                                       extension_digits=1)
                 outcomes.append(("ok", mode))
                 if rng.random() < 0.5:  # unbinds, so X moves between states while others bind
-                    provision.unbind(engine, made["id"], timedelta(0))
+                    bindings.unbind(engine, made["id"], timedelta(0))
             except ProvisionError as exc:
                 outcomes.append((exc.code, mode))
     finally:
@@ -188,7 +188,7 @@ def test_eight_parallel_writers_never_conflict(engine):
 def test_the_table_check_catches_a_conflict(engine):
     """The whole-table assertion above can fail: a forged double AXB party is caught."""
     pool(engine, 1)
-    provision.bind(engine, "acme", A, mode="AXB", other_party=B)
+    bindings.bind(engine, "acme", A, mode="AXB", other_party=B)
     with engine.begin() as conn:
         conn.execute(text(
             "INSERT INTO bindings (tenant_id, number_id, mode, party_a, party_a_hash, party_b, party_b_hash, status)"
@@ -200,7 +200,7 @@ def test_the_table_check_catches_a_conflict(engine):
 
 def test_bound_pairs_route(engine, tmp_path):
     pool(engine, 1)
-    provision.bind(engine, "acme", A, mode="AXB", other_party=B)
+    bindings.bind(engine, "acme", A, mode="AXB", other_party=B)
     service = CallService(engine, CdrSpool(tmp_path / "spool"))
     decision = service.route(X[0], B)[1]
     assert isinstance(decision, Bridge) and decision.destination == A
@@ -217,13 +217,13 @@ def test_a_pool_held_by_another_writer_is_a_clear_error_not_a_hang(engine):
         holder.begin()
         holder.execute(text("SELECT id FROM virtual_numbers FOR UPDATE"))
         started = time.monotonic()
-        assert code_of(lambda: provision.bind(engine, "acme", A)) == "pool_busy"
+        assert code_of(lambda: bindings.bind(engine, "acme", A)) == "pool_busy"
         waited = time.monotonic() - started
-        assert provision.LOCK_WAIT_SECONDS - 0.5 <= waited < provision.LOCK_WAIT_SECONDS + 5
+        assert allocation.LOCK_WAIT_SECONDS - 0.5 <= waited < allocation.LOCK_WAIT_SECONDS + 5
     finally:
         holder.rollback()
         holder.close()
-    assert provision.bind(engine, "acme", A)["x"] == X[0]
+    assert bindings.bind(engine, "acme", A)["x"] == X[0]
 
 
 # ------------------------------------------------------------------ lock discipline (PostgreSQL)
@@ -271,7 +271,7 @@ def test_a_bind_that_waited_for_the_only_x_takes_it(engine, monkeypatch, mode):
     postgresql_only(engine)
     pool(engine, 1)
     holding, go = threading.Event(), threading.Event()
-    claim = provision._claim
+    claim = allocation.claim
 
     def held_claim(*args):
         if threading.current_thread().name == "holder":
@@ -279,11 +279,11 @@ def test_a_bind_that_waited_for_the_only_x_takes_it(engine, monkeypatch, mode):
             go.wait(60)
         return claim(*args)
 
-    monkeypatch.setattr(provision, "_claim", held_claim)
+    monkeypatch.setattr(allocation, "claim", held_claim)
     other = lambda party: party if mode == "AXB" else None  # noqa: E731
-    first, first_out = in_thread("holder", lambda: provision.bind(engine, "acme", A, mode=mode, other_party=other(B)))
+    first, first_out = in_thread("holder", lambda: bindings.bind(engine, "acme", A, mode=mode, other_party=other(B)))
     assert holding.wait(60)
-    second, second_out = in_thread("waiter", lambda: provision.bind(engine, "acme", C, mode=mode, other_party=other(D)))
+    second, second_out = in_thread("waiter", lambda: bindings.bind(engine, "acme", C, mode=mode, other_party=other(D)))
     wait_for_lock_waiters(engine, 1)
     go.set()
     first.join(60), second.join(60)
@@ -301,7 +301,7 @@ def test_a_writer_never_holds_an_x_it_turned_down(engine, monkeypatch):
     pool(engine, 2)
     both_hold = threading.Barrier(2, timeout=60)
     turned_down: set[str] = set()
-    claim = provision._claim
+    claim = allocation.claim
 
     def changed_under_us(session, number, *args):
         name = threading.current_thread().name
@@ -311,8 +311,8 @@ def test_a_writer_never_holds_an_x_it_turned_down(engine, monkeypatch):
             return False
         return claim(session, number, *args)
 
-    monkeypatch.setattr(provision, "_claim", changed_under_us)
-    runs = [in_thread(name, lambda party=party: provision.bind(engine, "acme", party))
+    monkeypatch.setattr(allocation, "claim", changed_under_us)
+    runs = [in_thread(name, lambda party=party: bindings.bind(engine, "acme", party))
             for name, party in (("one", A), ("two", B))]
     for thread, _ in runs:
         thread.join(60)
@@ -339,7 +339,7 @@ def stress_writer(url: str, tasks, ready, results) -> None:
             ready.wait()
             for mode, a, b, digits in jobs:
                 try:
-                    provision.bind(engine, tenant, a, mode=mode, other_party=b, extension_digits=digits)
+                    bindings.bind(engine, tenant, a, mode=mode, other_party=b, extension_digits=digits)
                     outcomes.append("ok")
                 except ProvisionError as exc:
                     outcomes.append(exc.code)
@@ -388,8 +388,8 @@ def test_stress_parallel_writer_processes_per_mode(engine):
             for name, size, jobs, capacity in stress_cases(rnd):
                 serial += 1
                 tenant = f"t{serial}"
-                provision.add_tenant(engine, tenant, HOTLINE, hours=ALL_DAY)
-                provision.add_numbers(engine, tenant, [f"+8617{serial:05d}{i:04d}" for i in range(size)])
+                tenants.add_tenant(engine, tenant, HOTLINE, hours=ALL_DAY)
+                store_pool.add_numbers(engine, tenant, [f"+8617{serial:05d}{i:04d}" for i in range(size)])
                 for w, q in enumerate(tasks):
                     q.put((tenant, jobs(w)))
                 outcomes = Counter(code for _ in writers for code in results.get(timeout=120))

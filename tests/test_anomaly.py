@@ -15,7 +15,9 @@ from callctl.config import ConfigError
 from callctl.core.decision import Reason, Reject
 from callctl.service import CallService
 from callctl.store.models import AnomalyFinding, AnomalyState, Block, Cdr
-from callctl.store.provision import add_numbers, add_tenant, bind
+from callctl.store.pool import add_numbers
+from callctl.store.tenants import add_tenant
+from callctl.store.bindings import bind
 from callctl.store.spool import CdrSpool
 
 T0 = datetime(2026, 11, 2, 2, 0, tzinfo=timezone.utc)  # 10:00 in Asia/Shanghai

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from callctl.store import provision
+from callctl.store import tenants
 from callctl.store.db import make_engine, upgrade
 from callctl.store.tokens import create_token
 from lab.harness import ApiServer
@@ -27,7 +27,7 @@ def api(tmp_path_factory):
     url = f"sqlite:///{workdir}/callctl.db"
     engine = make_engine(url)
     upgrade(engine)
-    provision.add_tenant(engine, "acme", HOTLINE)
+    tenants.add_tenant(engine, "acme", HOTLINE)
     token = create_token(engine, tenant_name="acme")["token"]
     engine.dispose()
     with ApiServer(url, workdir, extra_env={"CALLCTL_API_BODY_TIMEOUT": "1"}) as server:

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
-from callctl.store import db as db_mod, provision, reveal
+from callctl.store import bindings, db as db_mod, pool, reveal, tenants
 from callctl.store.models import AuditEntry, utcnow
 from tests import realnumbers
 from tests.test_cli import run
@@ -23,10 +23,10 @@ CUSTOMER = realnumbers.person("+8613800000061")
 
 @pytest.fixture
 def bound(engine, tmp_path):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
-    provision.add_numbers(engine, "acme", [X])
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
+    pool.add_numbers(engine, "acme", [X])
     reveal.use_checkpoint(tmp_path / "audit-head")
-    yield engine, provision.bind(engine, "acme", CUSTOMER)["id"]
+    yield engine, bindings.bind(engine, "acme", CUSTOMER)["id"]
     reveal.use_checkpoint(None)
 
 

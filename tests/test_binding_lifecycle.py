@@ -10,8 +10,8 @@ import pytest
 
 from callctl.core.decision import Bridge, Reason
 from callctl.service import CallService
-from callctl.store import provision
-from callctl.store.provision import ProvisionError
+from callctl.store import bindings, pool, tenants
+from callctl.errors import ProvisionError
 from callctl.store.spool import CdrSpool
 
 from tests.test_cli import cli  # noqa: F401  (the real `callctl` command, both databases)
@@ -23,10 +23,10 @@ NOW = datetime(2026, 11, 29, 8, 0, tzinfo=timezone.utc)
 
 @pytest.fixture
 def acme(engine):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
-    provision.add_numbers(engine, "acme", [X1, X2, X3])
-    provision.add_tenant(engine, "other", "+861058000001", callers=["+8613900000009"])
-    provision.add_numbers(engine, "other", ["+8617200000001"])
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
+    pool.add_numbers(engine, "acme", [X1, X2, X3])
+    tenants.add_tenant(engine, "other", "+861058000001", callers=["+8613900000009"])
+    pool.add_numbers(engine, "other", ["+8617200000001"])
     return engine
 
 
@@ -35,8 +35,8 @@ def route(engine, tmp_path, x, caller, now):
 
 
 def test_long_term_and_temporary_bindings_expire_at_call_time(acme, tmp_path):
-    long_term = provision.bind(acme, "acme", A, expires_at=NOW + timedelta(days=365), now=NOW)
-    temporary = provision.bind(acme, "acme", A2, ttl_seconds=600, now=NOW)
+    long_term = bindings.bind(acme, "acme", A, expires_at=NOW + timedelta(days=365), now=NOW)
+    temporary = bindings.bind(acme, "acme", A2, ttl_seconds=600, now=NOW)
     assert long_term["expires_at"] == "2027-11-29T08:00:00+00:00"
     assert temporary["expires_at"] == "2026-11-29T08:10:00+00:00"
     after_ttl = NOW + timedelta(seconds=601)
@@ -45,15 +45,15 @@ def test_long_term_and_temporary_bindings_expire_at_call_time(acme, tmp_path):
 
 
 def test_extend_renews_even_after_expiry_and_can_drop_the_expiry(acme, tmp_path):
-    binding = provision.bind(acme, "acme", A, ttl_seconds=60, now=NOW)
+    binding = bindings.bind(acme, "acme", A, ttl_seconds=60, now=NOW)
     late = NOW + timedelta(seconds=61)
     assert route(acme, tmp_path, X1, AGENT, late).reason == Reason.EXPIRED
-    renewed = provision.extend_binding(acme, binding["id"], NOW + timedelta(days=30), now=late)
+    renewed = bindings.extend_binding(acme, binding["id"], NOW + timedelta(days=30), now=late)
     assert renewed["expires_at"] == "2026-12-29T08:00:00+00:00" and renewed["status"] == "active"
     assert isinstance(route(acme, tmp_path, X1, AGENT, late), Bridge)
-    by_ttl = provision.extend_binding(acme, binding["id"], ttl_seconds=120, now=late)
+    by_ttl = bindings.extend_binding(acme, binding["id"], ttl_seconds=120, now=late)
     assert by_ttl["expires_at"] == (late + timedelta(seconds=120)).isoformat()
-    forever = provision.extend_binding(acme, binding["id"], None, now=late)
+    forever = bindings.extend_binding(acme, binding["id"], None, now=late)
     assert forever["expires_at"] is None
     assert isinstance(route(acme, tmp_path, X1, AGENT, late + timedelta(days=3650)), Bridge)
 
@@ -65,64 +65,64 @@ def test_extend_renews_even_after_expiry_and_can_drop_the_expiry(acme, tmp_path)
     (NOW + timedelta(days=1), 60, "invalid_expiry"),               # both
 ])
 def test_bad_extension_changes_nothing(acme, expires_at, ttl, code):
-    binding = provision.bind(acme, "acme", A, ttl_seconds=60, now=NOW)
+    binding = bindings.bind(acme, "acme", A, ttl_seconds=60, now=NOW)
     with pytest.raises(ProvisionError) as info:
-        provision.extend_binding(acme, binding["id"], expires_at, ttl_seconds=ttl, now=NOW)
+        bindings.extend_binding(acme, binding["id"], expires_at, ttl_seconds=ttl, now=NOW)
     assert info.value.code == code
-    assert provision.get_binding(acme, binding["id"])["expires_at"] == binding["expires_at"]
+    assert bindings.get_binding(acme, binding["id"])["expires_at"] == binding["expires_at"]
 
 
 def test_change_the_customers_number(acme, tmp_path):
-    binding = provision.bind(acme, "acme", A, reference="POL-1", now=NOW)
-    changed = provision.update_binding(acme, binding["id"], customer="138 0000 0002", reference="POL-1b")
+    binding = bindings.bind(acme, "acme", A, reference="POL-1", now=NOW)
+    changed = bindings.update_binding(acme, binding["id"], customer="138 0000 0002", reference="POL-1b")
     assert changed["customer"] == "+86138****0002" and changed["reference"] == "POL-1b"
     assert A2 not in json.dumps(changed)
     assert route(acme, tmp_path, X1, AGENT, NOW).destination == A2
     assert route(acme, tmp_path, X1, A2, NOW).destination == HOTLINE  # the new number is the customer
     with pytest.raises(ProvisionError) as info:
-        provision.update_binding(acme, binding["id"], customer="12345")
+        bindings.update_binding(acme, binding["id"], customer="12345")
     assert info.value.code == "invalid_number"
     assert route(acme, tmp_path, X1, AGENT, NOW).destination == A2
 
 
 def test_unbind_quarantines_for_the_cooldown_then_reallocates(acme, tmp_path):
     cooldown = timedelta(hours=6)
-    first = provision.bind(acme, "acme", A, now=NOW)
-    provision.bind(acme, "acme", A2, now=NOW)
-    provision.bind(acme, "acme", A2, now=NOW)
-    ended = provision.unbind(acme, first["id"], cooldown, now=NOW)
+    first = bindings.bind(acme, "acme", A, now=NOW)
+    bindings.bind(acme, "acme", A2, now=NOW)
+    bindings.bind(acme, "acme", A2, now=NOW)
+    ended = bindings.unbind(acme, first["id"], cooldown, now=NOW)
     assert ended["status"] == "ended" and ended["ended_at"] == NOW.isoformat()
-    assert provision.pool_status(acme, "acme") == {"free": 0, "bound": 2, "quarantined": 1, "disabled": 0}
+    assert pool.pool_status(acme, "acme") == {"free": 0, "bound": 2, "quarantined": 1, "disabled": 0}
     assert route(acme, tmp_path, X1, AGENT, NOW).reason == Reason.UNKNOWN_NUMBER
     for moment in (NOW, NOW + cooldown - timedelta(seconds=1)):
         with pytest.raises(ProvisionError) as info:
-            provision.bind(acme, "acme", A, now=moment)
+            bindings.bind(acme, "acme", A, now=moment)
         assert info.value.code == "pool_exhausted"
-    again = provision.bind(acme, "acme", A, now=NOW + cooldown)
+    again = bindings.bind(acme, "acme", A, now=NOW + cooldown)
     assert again["x"] == X1 and again["id"] != first["id"]
     with pytest.raises(ProvisionError) as info:
-        provision.unbind(acme, first["id"], cooldown)
+        bindings.unbind(acme, first["id"], cooldown)
     assert info.value.code == "binding_ended"
-    for change in (lambda b: provision.extend_binding(acme, b, ttl_seconds=60),
-                   lambda b: provision.update_binding(acme, b, customer=A2)):
+    for change in (lambda b: bindings.extend_binding(acme, b, ttl_seconds=60),
+                   lambda b: bindings.update_binding(acme, b, customer=A2)):
         with pytest.raises(ProvisionError) as info:
             change(first["id"])
         assert info.value.code == "binding_ended"
 
 
 def test_get_and_list_paged_and_filtered(acme):
-    ids = [provision.bind(acme, "acme", A, reference=ref, ttl_seconds=ttl, now=NOW)["id"]
+    ids = [bindings.bind(acme, "acme", A, reference=ref, ttl_seconds=ttl, now=NOW)["id"]
            for ref, ttl in (("POL-1", None), ("POL-2", 60), ("POL-1", None))]
-    provision.unbind(acme, ids[2], timedelta(days=1), now=NOW)
+    bindings.unbind(acme, ids[2], timedelta(days=1), now=NOW)
     later = NOW + timedelta(seconds=61)
-    assert provision.get_binding(acme, ids[0])["reference"] == "POL-1"
-    everything = provision.list_bindings(acme, now=later)
+    assert bindings.get_binding(acme, ids[0])["reference"] == "POL-1"
+    everything = bindings.list_bindings(acme, now=later)
     assert [b["id"] for b in everything["items"]] == ids and everything["next"] is None
-    first = provision.list_bindings(acme, limit=2, now=later)
+    first = bindings.list_bindings(acme, limit=2, now=later)
     assert [b["id"] for b in first["items"]] == ids[:2] and first["next"] == ids[1]
-    rest = provision.list_bindings(acme, limit=2, after=first["next"], now=later)
+    rest = bindings.list_bindings(acme, limit=2, after=first["next"], now=later)
     assert [b["id"] for b in rest["items"]] == ids[2:] and rest["next"] is None
-    by = lambda **kw: [b["id"] for b in provision.list_bindings(acme, now=later, **kw)["items"]]
+    by = lambda **kw: [b["id"] for b in bindings.list_bindings(acme, now=later, **kw)["items"]]
     assert by(reference="POL-1") == [ids[0], ids[2]]
     assert by(status="active") == [ids[0]]
     assert by(status="expired") == [ids[1]]
@@ -131,29 +131,29 @@ def test_get_and_list_paged_and_filtered(acme):
     assert by(reference="nothing") == []
     for bad in ({"status": "gone"}, {"limit": 0}, {"limit": 5000}, {"after": -1}):
         with pytest.raises(ProvisionError) as info:
-            provision.list_bindings(acme, **bad)
+            bindings.list_bindings(acme, **bad)
         assert info.value.code in ("invalid_status", "invalid_page")
     assert A not in json.dumps(everything)
 
 
 def test_another_tenants_binding_is_not_found(acme):
-    mine = provision.bind(acme, "acme", A, now=NOW)
-    theirs = provision.tenant_id_of(acme, "other")
-    acme_id = provision.tenant_id_of(acme, "acme")
-    assert provision.get_binding(acme, mine["id"], tenant_id=acme_id)["id"] == mine["id"]
+    mine = bindings.bind(acme, "acme", A, now=NOW)
+    theirs = tenants.tenant_id_of(acme, "other")
+    acme_id = tenants.tenant_id_of(acme, "acme")
+    assert bindings.get_binding(acme, mine["id"], tenant_id=acme_id)["id"] == mine["id"]
     attempts = [
-        lambda: provision.get_binding(acme, mine["id"], tenant_id=theirs),
-        lambda: provision.extend_binding(acme, mine["id"], ttl_seconds=60, tenant_id=theirs),
-        lambda: provision.update_binding(acme, mine["id"], customer=A2, tenant_id=theirs),
-        lambda: provision.unbind(acme, mine["id"], timedelta(days=1), tenant_id=theirs),
+        lambda: bindings.get_binding(acme, mine["id"], tenant_id=theirs),
+        lambda: bindings.extend_binding(acme, mine["id"], ttl_seconds=60, tenant_id=theirs),
+        lambda: bindings.update_binding(acme, mine["id"], customer=A2, tenant_id=theirs),
+        lambda: bindings.unbind(acme, mine["id"], timedelta(days=1), tenant_id=theirs),
     ]
     for attempt in attempts:
         with pytest.raises(ProvisionError) as info:
             attempt()
         assert info.value.code == "binding_not_found"
-    assert provision.list_bindings(acme, tenant_id=theirs)["items"] == []
-    assert provision.get_binding(acme, mine["id"])["status"] == "active"
-    assert provision.get_binding(acme, mine["id"])["customer"] == "+86138****0001"
+    assert bindings.list_bindings(acme, tenant_id=theirs)["items"] == []
+    assert bindings.get_binding(acme, mine["id"])["status"] == "active"
+    assert bindings.get_binding(acme, mine["id"])["customer"] == "+86138****0001"
 
 
 def test_binding_commands(cli):  # noqa: F811

@@ -19,10 +19,10 @@ from callctl.anomaly.job import run_pass
 from callctl.core.decision import Bridge, Reason
 from callctl.core.numbers import mask
 from callctl.service import CallService
-from callctl.store import blacklist, provision, reveal
+from callctl.store import bindings, blacklist, pool, reveal, tenants
 from callctl.store.crypto import number_hash
 from callctl.store.models import AuditEntry, BlacklistEntry, BlacklistEvidence, Cdr
-from callctl.store.provision import ProvisionError
+from callctl.errors import ProvisionError
 from callctl.store.spool import CdrSpool
 from tests import realnumbers
 
@@ -38,11 +38,11 @@ _CALL_IDS = itertools.count(1)
 @pytest.fixture
 def two(engine):
     for n, (name, x) in enumerate((("acme", X[0]), ("bolt", X[1]))):
-        provision.add_tenant(engine, name, HOTLINES[n], callers=[HARASSER, OTHER_AGENT])
-        provision.update_tenant(engine, name, hours="00:00-24:00")
-        provision.add_numbers(engine, name, [x])
-    provision.add_tenant(engine, "calm", HOTLINES[2], callers=[OTHER_AGENT])
-    return {"acme": provision.bind(engine, "acme", CUSTOMERS[0]), "bolt": provision.bind(engine, "bolt", CUSTOMERS[1])}
+        tenants.add_tenant(engine, name, HOTLINES[n], callers=[HARASSER, OTHER_AGENT])
+        tenants.update_tenant(engine, name, hours="00:00-24:00")
+        pool.add_numbers(engine, name, [x])
+    tenants.add_tenant(engine, "calm", HOTLINES[2], callers=[OTHER_AGENT])
+    return {"acme": bindings.bind(engine, "acme", CUSTOMERS[0]), "bolt": bindings.bind(engine, "bolt", CUSTOMERS[1])}
 
 
 def route(engine, caller, x):

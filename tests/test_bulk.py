@@ -15,8 +15,9 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 from sqlalchemy import text
 
-from callctl.store import bulk, provision
-from callctl.store.provision import ProvisionError
+from callctl.store.models import utcnow
+from callctl.store import bindings, bulk, pool as store_pool, tenants
+from callctl.errors import ProvisionError
 from tests import leaks
 from tests.test_cli import cli  # noqa: F401  (the real `callctl` command, both databases)
 
@@ -35,9 +36,9 @@ def rows_of(path) -> list[dict]:
 
 
 def test_pool_import(engine, tmp_path):
-    provision.add_tenant(engine, "acme", HOTLINE)
-    provision.add_tenant(engine, "other", "+861058000001")
-    provision.add_numbers(engine, "acme", ["+8617100000009"])
+    tenants.add_tenant(engine, "acme", HOTLINE)
+    tenants.add_tenant(engine, "other", "+861058000001")
+    store_pool.add_numbers(engine, "acme", ["+8617100000009"])
     source = write(tmp_path / "pool.csv", [
         "number,tenant",
         "+8617100000001,",            # 2: --tenant
@@ -56,8 +57,8 @@ def test_pool_import(engine, tmp_path):
         (4, "duplicate_row"), (5, "invalid_number"), (6, "number_exists"), (8, "tenant_not_found"), (9, "invalid_row"),
     ]
     assert "line 2" in str(result.errors[0])
-    assert provision.pool_status(engine, "acme")["free"] == 1 + 1 + 12
-    assert provision.pool_status(engine, "other")["free"] == 1
+    assert store_pool.pool_status(engine, "acme")["free"] == 1 + 1 + 12
+    assert store_pool.pool_status(engine, "other")["free"] == 1
     rejected = rows_of(result.rejected_file)
     assert [r["line"] for r in rejected] == ["4", "5", "6", "8", "9"]
     assert rejected[2]["number"] == "+8617100000009" and rejected[2]["error"].startswith("number_exists")
@@ -65,8 +66,8 @@ def test_pool_import(engine, tmp_path):
 
 
 def test_bind_bulk_mixed_modes_errors_and_exhaustion(engine, tmp_path):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
-    provision.add_numbers(engine, "acme", [f"+86171000000{i:02d}" for i in range(1, 8)])
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
+    store_pool.add_numbers(engine, "acme", [f"+86171000000{i:02d}" for i in range(1, 8)])
     source = write(tmp_path / "policies.csv", [
         "customer,mode,other_party,reference,expires_at,ttl_seconds",
         "+8613800000001,,,POL-1,2030-01-01T00:00:00+08:00,",   # 2
@@ -92,8 +93,8 @@ def test_bind_bulk_mixed_modes_errors_and_exhaustion(engine, tmp_path):
     assert made[2]["mode"] == "AXB" and len(made[3]["extension"]) == 2
     assert len({r["x"] for r in made}) == 7 and len({r["id"] for r in made}) == 7
     assert "13800000001" not in result.bound_file.read_text()
-    assert provision.pool_status(engine, "acme") == {"free": 0, "bound": 7, "quarantined": 0, "disabled": 0}
-    page = provision.list_bindings(engine, reference="POL-2")["items"]
+    assert store_pool.pool_status(engine, "acme") == {"free": 0, "bound": 7, "quarantined": 0, "disabled": 0}
+    page = bindings.list_bindings(engine, reference="POL-2")["items"]
     assert page[0]["customer"] == "+86138****0002" and page[0]["expires_at"]
     rejected = rows_of(result.rejected_file)
     assert [r["line"] for r in rejected] == ["6", "7", "8", "9", "10", "14", "15", "16"]
@@ -101,14 +102,14 @@ def test_bind_bulk_mixed_modes_errors_and_exhaustion(engine, tmp_path):
 
 
 def test_bind_bulk_reuses_x_after_cooldown_only(engine, tmp_path):
-    provision.add_tenant(engine, "acme", HOTLINE)
-    provision.add_numbers(engine, "acme", ["+8617100000001", "+8617100000002"])
-    first = provision.bind(engine, "acme", "+8613800000001")
-    provision.unbind(engine, first["id"], timedelta(hours=1))
+    tenants.add_tenant(engine, "acme", HOTLINE)
+    store_pool.add_numbers(engine, "acme", ["+8617100000001", "+8617100000002"])
+    first = bindings.bind(engine, "acme", "+8613800000001")
+    bindings.unbind(engine, first["id"], timedelta(hours=1))
     source = write(tmp_path / "b.csv", ["customer", "+8613800000002", "+8613800000003"])
     result = bulk.bind_bulk(engine, source, tenant_name="acme")
     assert result.done == 1 and [e.code for e in result.errors] == ["pool_exhausted"]
-    later = bulk.bind_bulk(engine, source, tenant_name="acme", now=provision.utcnow() + timedelta(hours=1, seconds=1))
+    later = bulk.bind_bulk(engine, source, tenant_name="acme", now=utcnow() + timedelta(hours=1, seconds=1))
     # line 2 was bound by the first load (reported, not bound again); line 3 takes X1 now
     assert (later.done, later.existing, later.errors) == (1, 1, [])
     assert [(r["line"], r["x"]) for r in rows_of(later.bound_file)] == [("2", "+8617100000002"), ("3", "+8617100000001")]
@@ -153,8 +154,8 @@ def test_bulk_rows_land_in_batches_not_one_transaction_per_row(engine, tmp_path)
     INSERTs; on PostgreSQL, 3 COPYs)."""
     from sqlalchemy import event
 
-    provision.add_tenant(engine, "acme", HOTLINE)
-    provision.add_numbers(engine, "acme", [f"+861710000{i:04d}" for i in range(1, 31)])
+    tenants.add_tenant(engine, "acme", HOTLINE)
+    store_pool.add_numbers(engine, "acme", [f"+861710000{i:04d}" for i in range(1, 31)])
     commits, inserts = [], []
     on_commit = lambda conn: commits.append(1)  # noqa: E731
 
@@ -178,8 +179,8 @@ def test_bulk_rows_land_in_batches_not_one_transaction_per_row(engine, tmp_path)
 
 def test_bind_bulk_keeps_awkward_text_intact(engine, tmp_path):
     """References with tabs, backslashes, quotes and line breaks land as written (COPY escaping)."""
-    provision.add_tenant(engine, "acme", HOTLINE)
-    provision.add_numbers(engine, "acme", ["+8617100000001", "+8617100000002"])
+    tenants.add_tenant(engine, "acme", HOTLINE)
+    store_pool.add_numbers(engine, "acme", ["+8617100000001", "+8617100000002"])
     awkward = ['POL\t1 \\N "quoted"', "POL-2\nsecond line\\"]
     leaks.test_input(tmp_path / "b.csv")
     with open(tmp_path / "b.csv", "w", newline="") as handle:
@@ -187,7 +188,7 @@ def test_bind_bulk_keeps_awkward_text_intact(engine, tmp_path):
         writer.writerow(["customer", "reference"])
         writer.writerows([["+8613800000001", awkward[0]], ["+8613800000002", awkward[1]]])
     assert bulk.bind_bulk(engine, tmp_path / "b.csv", tenant_name="acme").done == 2
-    assert [b["reference"] for b in provision.list_bindings(engine)["items"]] == awkward
+    assert [b["reference"] for b in bindings.list_bindings(engine)["items"]] == awkward
 
 
 # ------------------------------------------------------------------ #15: nothing lost, nothing twice
@@ -208,14 +209,14 @@ def test_an_undecodable_byte_spoils_only_its_own_row(engine, tmp_path):
     """#15.1: one byte that is not UTF-8 in the middle of a file larger than a decoding
     chunk: only its row is rejected, with its true line number and its bytes kept; every
     other row is done; the counts add up."""
-    provision.add_tenant(engine, "acme", HOTLINE)
+    tenants.add_tenant(engine, "acme", HOTLINE)
     numbers = [f"+86171{i:08d}".encode() for i in range(1, 1201)]
     numbers[599] += b"\xe9"  # line 601
     pool = write_bytes(tmp_path / "pool.csv", b"number\n" + b"\n".join(numbers) + b"\n")
     result = bulk.import_pool(engine, pool, tenant_name="acme", batch_size=500)
     assert (result.rows, result.done) == (1200, 1199)
     assert [(e.line, e.code) for e in result.errors] == [(601, "invalid_text")]
-    assert provision.pool_status(engine, "acme")["free"] == 1199
+    assert store_pool.pool_status(engine, "acme")["free"] == 1199
     assert result.rejected_file.read_bytes() == b'line,error,number\n601,invalid_text: not UTF-8 text (a byte that is not),' \
         + numbers[599] + b"\n"
 
@@ -235,8 +236,8 @@ def test_bind_bulk_never_crashes_keeps_what_it_committed_and_binds_nobody_twice(
     UTC, a NUL) are rejected like any bad row, after and before committed batches; what
     was committed is in FILE.bound.csv. Loading the corrected file again binds only the
     rows fixed (the idempotency rule: one active binding per customer and reference)."""
-    provision.add_tenant(engine, "acme", HOTLINE)
-    provision.add_numbers(engine, "acme", [f"+86171{i:08d}" for i in range(1, 21)])
+    tenants.add_tenant(engine, "acme", HOTLINE)
+    store_pool.add_numbers(engine, "acme", [f"+86171{i:08d}" for i in range(1, 21)])
     good = [f"+86138{i:08d},POL-{i},,".encode() for i in range(1, 13)]
     bad = {
         3: b"nope,POL-B1,,",                                   # an earlier bad row
@@ -279,8 +280,8 @@ def test_the_rejected_file_keeps_raw_rows_is_0600_and_loads_again(engine, tmp_pa
     """#15.3: a row with the wrong number of fields is kept as it was (not as empty
     columns); an existing FILE.rejected.csv becomes 0600; the rejected file, fixed,
     loads again as it is (its line and error columns are ignored)."""
-    provision.add_tenant(engine, "acme", HOTLINE)
-    provision.add_numbers(engine, "acme", [f"+86171{i:08d}" for i in range(1, 6)])
+    tenants.add_tenant(engine, "acme", HOTLINE)
+    store_pool.add_numbers(engine, "acme", [f"+86171{i:08d}" for i in range(1, 6)])
     stale = tmp_path / "p.rejected.csv"
     stale.write_text("left from an earlier run\n")
     stale.chmod(0o644)
@@ -306,7 +307,7 @@ def test_the_rejected_file_keeps_raw_rows_is_0600_and_loads_again(engine, tmp_pa
                      .replace(",+8613800000002\n", ",+8613800000002,POL-2\n").replace("bad number", "+8613800000005"))
     again = bulk.bind_bulk(engine, stale, tenant_name="acme")
     assert (again.rows, again.done, again.errors) == (3, 3, [])
-    references = {b["reference"] for b in provision.list_bindings(engine)["items"]}
+    references = {b["reference"] for b in bindings.list_bindings(engine)["items"]}
     assert references == {"POL-1, with a comma", "POL-2", 'POL "3"\nsecond line', "POL-4", "POL-5"}
 
 
@@ -317,8 +318,8 @@ def test_bind_bulk_waits_for_an_x_another_writer_holds(engine, tmp_path):
         pytest.skip("SQLite has one writer at a time: no row locks to wait for")
     from tests.test_allocation import in_thread, wait_for_lock_waiters
 
-    provision.add_tenant(engine, "acme", HOTLINE)
-    provision.add_numbers(engine, "acme", ["+8617100000001", "+8617100000002"])
+    tenants.add_tenant(engine, "acme", HOTLINE)
+    store_pool.add_numbers(engine, "acme", ["+8617100000001", "+8617100000002"])
     source = write(tmp_path / "b.csv", ["customer", "+8613800000001", "+8613800000002"])
     holder = engine.connect()
     try:
@@ -409,8 +410,8 @@ def test_fuzz_bulk_files_never_crash_lose_or_leak(engine, tmp_path, data, batch_
     n = next(_examples)
     tenant, folder = f"fuzz{n}", tmp_path / f"ex{n}"
     folder.mkdir()
-    provision.add_tenant(engine, tenant, HOTLINE)
-    provision.add_numbers(engine, tenant, [f"+86171{n:04d}{i:04d}" for i in range(3)])
+    tenants.add_tenant(engine, tenant, HOTLINE)
+    store_pool.add_numbers(engine, tenant, [f"+86171{n:04d}{i:04d}" for i in range(3)])
     source = write_bytes(folder / "f.csv", data)
     lines = data.count(b"\n") + 1
     results = []
@@ -421,7 +422,7 @@ def test_fuzz_bulk_files_never_crash_lose_or_leak(engine, tmp_path, data, batch_
             assert exc.code == "invalid_file"
             event("refused whole")
             assert sorted(p.name for p in folder.iterdir()) == ["f.csv"]  # nothing written
-            assert provision.list_bindings(engine, tenant_id=provision.tenant_id_of(engine, tenant))["items"] == []
+            assert bindings.list_bindings(engine, tenant_id=tenants.tenant_id_of(engine, tenant))["items"] == []
             return
         results.append(result)
         event(f"loaded: {'some' if result.done else 'no'} rows done, {'some' if result.errors else 'no'} rejected")
@@ -438,7 +439,7 @@ def test_fuzz_bulk_files_never_crash_lose_or_leak(engine, tmp_path, data, batch_
         assert not _DIGITS.search(printed + result.bound_file.read_text())
     first, second = results
     assert (second.done, second.existing) == (0, first.done)  # loaded twice: nobody bound twice
-    assert len(provision.list_bindings(engine, tenant_id=provision.tenant_id_of(engine, tenant))["items"]) == first.done
+    assert len(bindings.list_bindings(engine, tenant_id=tenants.tenant_id_of(engine, tenant))["items"]) == first.done
     assert_no_conflict(engine)
 
 
@@ -453,7 +454,7 @@ def test_fuzz_pool_files_never_crash_or_lose(engine, tmp_path, data, batch_size)
     n = next(_examples)
     tenant, folder = f"fuzz{n}", tmp_path / f"ex{n}"
     folder.mkdir()
-    provision.add_tenant(engine, tenant, HOTLINE)
+    tenants.add_tenant(engine, tenant, HOTLINE)
     data = data.replace(b"FFFF", b"%04d" % n)  # each example its own numbers
     source = write_bytes(folder / "f.csv", data)
     lines = data.count(b"\n") + 1
@@ -464,12 +465,12 @@ def test_fuzz_pool_files_never_crash_or_lose(engine, tmp_path, data, batch_size)
         except ProvisionError as exc:
             assert exc.code == "invalid_file"
             assert sorted(p.name for p in folder.iterdir()) == ["f.csv"]
-            assert sum(provision.pool_status(engine, tenant).values()) == 0
+            assert sum(store_pool.pool_status(engine, tenant).values()) == 0
             return
         assert result.rows == result.done + len(result.errors)
         event(f"loaded: {'some' if result.done else 'no'} numbers added")
         numbered = [e.line for e in result.errors]
         assert len(set(numbered)) == len(numbered) and all(2 <= line <= lines for line in numbered)
         done.append(result.done)
-        assert sum(provision.pool_status(engine, tenant).values()) == done[0]
+        assert sum(store_pool.pool_status(engine, tenant).values()) == done[0]
     assert done[1] == 0

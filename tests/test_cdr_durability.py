@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
 from callctl.store.db import make_engine, upgrade
 from callctl.store.partitions import cdr_partitions
 from lab import harness
@@ -142,9 +142,9 @@ def setup(cluster, tmp_path):
     url = "postgresql+psycopg2://" + cluster.dsn.split("://", 1)[1]
     engine = make_engine(url)
     upgrade(engine)
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
-    provision.add_numbers(engine, "acme", [X])
-    provision.bind(engine, "acme", CUSTOMER)
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
+    pool.add_numbers(engine, "acme", [X])
+    bindings.bind(engine, "acme", CUSTOMER)
     port = free_port()
     daemon = harness.callctl_daemon(url, tmp_path, port=port, extra_env={"CALLCTL_DB_TIMEOUT": "1"})
     yield engine, daemon, port, tmp_path / "spool"

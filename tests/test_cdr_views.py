@@ -16,9 +16,9 @@ from sqlalchemy import text
 
 from callctl.service import CallService
 from tests.agicalls import agi_call
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
 from callctl.store.cdrs import CdrFilter, follow_cdrs, list_cdrs
-from callctl.store.provision import ProvisionError
+from callctl.errors import ProvisionError
 from callctl.store.spool import CdrSpool
 from tests.test_cli import run
 
@@ -31,12 +31,12 @@ T0 = datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)
 @pytest.fixture
 def world(engine, tmp_path):
     """Two tenants; calls over three days: bridged and rejected for several reasons."""
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
-    provision.add_tenant(engine, "bolt", "+861058000001", callers=["+8613900000009"])
-    provision.add_numbers(engine, "acme", [X1, X2])
-    provision.add_numbers(engine, "bolt", [X3])
-    b1 = provision.bind(engine, "acme", "+8613800000001")["id"]
-    b3 = provision.bind(engine, "bolt", "+8613800000003")["id"]
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
+    tenants.add_tenant(engine, "bolt", "+861058000001", callers=["+8613900000009"])
+    pool.add_numbers(engine, "acme", [X1, X2])
+    pool.add_numbers(engine, "bolt", [X3])
+    b1 = bindings.bind(engine, "acme", "+8613800000001")["id"]
+    b3 = bindings.bind(engine, "bolt", "+8613800000003")["id"]
     service = CallService(engine, CdrSpool(tmp_path / "spool"))
     calls = [  # (day, X, tenant id, binding, action, reason)
         (0, X1, 1, b1, "bridge", ""), (0, X1, 1, b1, "reject", "blocked"), (1, X2, 1, "", "reject", "unknown_number"),

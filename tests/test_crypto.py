@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import insert, select, text
 
 from callctl.service import CallService
-from callctl.store import crypto, db as db_mod, provision
+from callctl.store import bindings, crypto, db as db_mod, pool, tenants
 from callctl.store.crypto import DecryptError, KeyConfigError, KeyRing, new_key
 from callctl.store.models import Binding, Block
 from callctl.store.reencrypt import key_usage, reencrypt
@@ -40,8 +40,8 @@ def ring():
 
 @pytest.fixture
 def acme(engine):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
-    provision.add_numbers(engine, "acme", [X1])
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
+    pool.add_numbers(engine, "acme", [X1])
     return engine
 
 
@@ -60,7 +60,7 @@ def raw_rows(engine) -> str:
 
 
 def test_numbers_are_ciphertext_in_the_tables_and_plain_in_python(acme, tmp_path):
-    binding = provision.bind(acme, "acme", A)
+    binding = bindings.bind(acme, "acme", A)
     add_caller_block(acme, STRANGER)
     stored = raw_rows(acme)
     assert A not in stored and STRANGER not in stored and A[3:] not in stored
@@ -79,7 +79,7 @@ def test_numbers_are_ciphertext_in_the_tables_and_plain_in_python(acme, tmp_path
 
 
 def test_caller_block_is_found_by_hash_at_call_time(acme, tmp_path):
-    provision.bind(acme, "acme", A)
+    bindings.bind(acme, "acme", A)
     service = CallService(acme, CdrSpool(tmp_path / "spool"))
     assert service.route(X1, A)[1].action == "bridge"
     add_caller_block(acme, A)  # a customer's own number blocked (harassing the tenant)
@@ -137,7 +137,7 @@ def test_current_key_is_the_last_listed_or_the_named_one():
 
 def test_rotation_rewrites_under_the_current_key_and_the_old_key_can_go(acme, ring, tmp_path):
     ring(f"{LOOKUP} {K1}")
-    provision.bind(acme, "acme", A)
+    bindings.bind(acme, "acme", A)
     add_caller_block(acme, AGENT)
     assert key_usage(acme) == {"k1": 2}
     ring(f"{LOOKUP} {K1} {K2}")  # k2 added: current for writes, k1 still read
@@ -165,7 +165,7 @@ def raw_hashes(engine) -> list:
 
 def test_rehash_after_a_new_lookup_secret(acme, ring, tmp_path):
     ring(f"{LOOKUP} {K1}")
-    provision.bind(acme, "acme", A)
+    bindings.bind(acme, "acme", A)
     add_caller_block(acme, AGENT)
     ring(f"lookup={new_key()} {K1}")
     service = CallService(acme, CdrSpool(tmp_path / "spool"))
@@ -176,7 +176,7 @@ def test_rehash_after_a_new_lookup_secret(acme, ring, tmp_path):
 
 def test_a_row_under_a_removed_key_is_a_clear_error(acme, ring):
     ring(f"{LOOKUP} {K1}")
-    provision.bind(acme, "acme", A)
+    bindings.bind(acme, "acme", A)
     ring(f"{LOOKUP} {K2}")
     with pytest.raises(DecryptError, match="'k1' which is not in the key ring"), acme.connect() as conn:
         conn.scalar(select(Binding.party_a))

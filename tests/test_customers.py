@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import func, select
 
 from callctl.core.decision import Bridge, Reason, Reject, decide
-from callctl.store import calls, customers, provision, reveal
+from callctl.store import bindings, calls, customers, pool as store_pool, reveal, tenants
 from callctl.store.models import AuditEntry, Event, VirtualNumber
-from callctl.store.provision import ProvisionError
+from callctl.errors import ProvisionError
 
 AGENT, MARKETER, HOTLINE = "+8613900000171", "+8613900000172", "+861058000171"
 OTHER_AGENT, OTHER_HOTLINE = "+8613900000173", "+861058000173"
@@ -29,11 +29,11 @@ SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 
 def _tenants(engine, pool=(X,)):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
-    provision.add_callers(engine, "acme", callers=[MARKETER], purpose="marketing")
-    provision.add_numbers(engine, "acme", list(pool))
-    provision.add_tenant(engine, "other", OTHER_HOTLINE, callers=[OTHER_AGENT], hours=ALL_DAY)
-    provision.add_numbers(engine, "other", [OTHER_X])
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
+    tenants.add_callers(engine, "acme", callers=[MARKETER], purpose="marketing")
+    store_pool.add_numbers(engine, "acme", list(pool))
+    tenants.add_tenant(engine, "other", OTHER_HOTLINE, callers=[OTHER_AGENT], hours=ALL_DAY)
+    store_pool.add_numbers(engine, "other", [OTHER_X])
 
 
 def _call(engine, caller, x, now=T0):
@@ -51,21 +51,21 @@ def _events(engine, kind=None):
 
 def test_expired_binding_frees_its_only_x_and_reads_expired_everywhere(engine):
     _tenants(engine)
-    old = provision.bind(engine, "acme", CUSTOMER, ttl_seconds=2, now=T0)
+    old = bindings.bind(engine, "acme", CUSTOMER, ttl_seconds=2, now=T0)
     later = T0 + timedelta(seconds=3)
     with pytest.raises(ProvisionError) as exc:  # without housekeeping (no quarantine given)
-        provision.bind(engine, "acme", CUSTOMER_2, now=later)
+        bindings.bind(engine, "acme", CUSTOMER_2, now=later)
     assert exc.value.code == "pool_exhausted"
-    assert provision.get_binding(engine, old["id"])["status"] == "expired"  # before housekeeping too
-    assert provision.expire_due(engine, timedelta(0), now=later) == 1
-    assert provision.expire_due(engine, timedelta(0), now=later) == 0
-    assert provision.pool_status(engine, "acme")["quarantined"] == 1
-    new = provision.bind(engine, "acme", CUSTOMER_2, now=later)
+    assert bindings.get_binding(engine, old["id"])["status"] == "expired"  # before housekeeping too
+    assert bindings.expire_due(engine, timedelta(0), now=later) == 1
+    assert bindings.expire_due(engine, timedelta(0), now=later) == 0
+    assert store_pool.pool_status(engine, "acme")["quarantined"] == 1
+    new = bindings.bind(engine, "acme", CUSTOMER_2, now=later)
     assert new["x"] == X
-    view = provision.get_binding(engine, old["id"])
+    view = bindings.get_binding(engine, old["id"])
     assert view["status"] == "expired" and view["ended_at"] == old["expires_at"]
-    assert [b["id"] for b in provision.list_bindings(engine, status="expired", now=later)["items"]] == [old["id"]]
-    assert provision.list_bindings(engine, status="ended", now=later)["items"] == []
+    assert [b["id"] for b in bindings.list_bindings(engine, status="expired", now=later)["items"]] == [old["id"]]
+    assert bindings.list_bindings(engine, status="ended", now=later)["items"] == []
     (kind, body, tenant), = _events(engine, "binding.expired")
     assert body["id"] == old["id"] and body["customer"] == "+86138****0171" and body["x"] == X
     # The old customer no longer reaches anyone through X; the new one does.
@@ -75,36 +75,36 @@ def test_expired_binding_frees_its_only_x_and_reads_expired_everywhere(engine):
 
 def test_the_allocator_releases_lapsed_bindings_when_the_pool_has_nothing_else(engine):
     _tenants(engine)
-    provision.bind(engine, "acme", CUSTOMER, ttl_seconds=2, now=T0)
-    made = provision.bind(engine, "acme", CUSTOMER_2, now=T0 + timedelta(seconds=3), quarantine=timedelta(0))
+    bindings.bind(engine, "acme", CUSTOMER, ttl_seconds=2, now=T0)
+    made = bindings.bind(engine, "acme", CUSTOMER_2, now=T0 + timedelta(seconds=3), quarantine=timedelta(0))
     assert made["x"] == X
     # With a real cooldown, the released X rests: the pool is exhausted still.
-    provision.add_numbers(engine, "acme", [X2])
-    provision.bind(engine, "acme", CUSTOMER_3, ttl_seconds=2, now=T0)
+    store_pool.add_numbers(engine, "acme", [X2])
+    bindings.bind(engine, "acme", CUSTOMER_3, ttl_seconds=2, now=T0)
     with pytest.raises(ProvisionError) as exc:
-        provision.bind(engine, "acme", CUSTOMER, now=T0 + timedelta(seconds=3), quarantine=timedelta(days=30))
+        bindings.bind(engine, "acme", CUSTOMER, now=T0 + timedelta(seconds=3), quarantine=timedelta(days=30))
     assert exc.value.code == "pool_exhausted"
 
 
 def test_late_renewal_revives_on_the_same_x_unless_x_was_reused(engine):
     _tenants(engine, pool=(X, X2))
-    first = provision.bind(engine, "acme", CUSTOMER, ttl_seconds=2, now=T0)
-    second = provision.bind(engine, "acme", CUSTOMER_2, ttl_seconds=2, now=T0)
+    first = bindings.bind(engine, "acme", CUSTOMER, ttl_seconds=2, now=T0)
+    second = bindings.bind(engine, "acme", CUSTOMER_2, ttl_seconds=2, now=T0)
     later = T0 + timedelta(seconds=3)
-    provision.expire_due(engine, timedelta(0), now=later)
-    revived = provision.extend_binding(engine, first["id"], ttl_seconds=3600, now=later)
+    bindings.expire_due(engine, timedelta(0), now=later)
+    revived = bindings.extend_binding(engine, first["id"], ttl_seconds=3600, now=later)
     assert revived["status"] == "active" and revived["x"] == first["x"] and revived["ended_at"] is None
     assert _call(engine, AGENT, first["x"], later + timedelta(seconds=1)).destination == CUSTOMER
     # second's X goes to someone else: no revival, the new customer keeps it.
-    taken = provision.bind(engine, "acme", CUSTOMER_3, now=later)
+    taken = bindings.bind(engine, "acme", CUSTOMER_3, now=later)
     assert taken["x"] == second["x"]
     with pytest.raises(ProvisionError) as exc:
-        provision.extend_binding(engine, second["id"], ttl_seconds=3600, now=later)
+        bindings.extend_binding(engine, second["id"], ttl_seconds=3600, now=later)
     assert exc.value.code == "binding_expired" and "bind again" in str(exc.value)
-    assert provision.get_binding(engine, second["id"])["status"] == "expired"
-    ended = provision.unbind(engine, taken["id"], timedelta(0), now=later)
+    assert bindings.get_binding(engine, second["id"])["status"] == "expired"
+    ended = bindings.unbind(engine, taken["id"], timedelta(0), now=later)
     with pytest.raises(ProvisionError) as exc:  # an unbound binding is never revived
-        provision.extend_binding(engine, ended["id"], ttl_seconds=3600, now=later)
+        bindings.extend_binding(engine, ended["id"], ttl_seconds=3600, now=later)
     assert exc.value.code == "binding_ended"
 
 
@@ -115,10 +115,10 @@ def test_expiry_by_two_housekeepers_at_once_releases_each_binding_once(engine, t
     _tenants(engine, pool=pool)
     customers_ = [f"+861380001{i:04d}" for i in range(40)]
     for customer in customers_:
-        provision.bind(engine, "acme", customer, ttl_seconds=2, now=T0)
+        bindings.bind(engine, "acme", customer, ttl_seconds=2, now=T0)
     later = T0 + timedelta(seconds=3)
     counts = []
-    threads = [threading.Thread(target=lambda: counts.append(provision.expire_due(engine, timedelta(0), now=later)))
+    threads = [threading.Thread(target=lambda: counts.append(bindings.expire_due(engine, timedelta(0), now=later)))
                for _ in range(2)]
     for thread in threads:
         thread.start()
@@ -134,8 +134,8 @@ def test_expiry_by_two_housekeepers_at_once_releases_each_binding_once(engine, t
 
 def test_customer_preferences_outrank_the_insurer_and_are_audited(engine):
     _tenants(engine)
-    provision.bind(engine, "acme", CUSTOMER, now=T0)
-    provision.bind(engine, "other", CUSTOMER, now=T0)
+    bindings.bind(engine, "acme", CUSTOMER, now=T0)
+    bindings.bind(engine, "other", CUSTOMER, now=T0)
     view = customers.set_preference(engine, "acme", CUSTOMER, actor="support:li", calls="none", now=T0)
     assert view["calls"] == "none" and view["customer"] == "+86138****0171"
     refused = _call(engine, AGENT, X)
@@ -177,26 +177,26 @@ def test_bad_preferences_change_nothing(engine, given, code):
 
 def test_purposes_of_caller_groups_and_bindings(engine):
     _tenants(engine, pool=(X, X2))
-    default = provision.bind(engine, "acme", CUSTOMER, now=T0)
+    default = bindings.bind(engine, "acme", CUSTOMER, now=T0)
     assert default["purposes"] == ["claims", "renewal", "service"]
     assert _call(engine, MARKETER, default["x"]).reason == Reason.PURPOSE_NOT_ALLOWED
     assert isinstance(_call(engine, AGENT, default["x"]), Bridge)
     assert _call(engine, CUSTOMER, default["x"]).destination == HOTLINE  # never limited towards the tenant
-    marketing = provision.bind(engine, "acme", CUSTOMER_2, purposes=["service", "marketing"], now=T0)
+    marketing = bindings.bind(engine, "acme", CUSTOMER_2, purposes=["service", "marketing"], now=T0)
     assert isinstance(_call(engine, MARKETER, marketing["x"]), Bridge)
-    provision.set_binding_policy(engine, marketing["id"], purposes=["claims"])
+    bindings.set_binding_policy(engine, marketing["id"], purposes=["claims"])
     assert _call(engine, AGENT, marketing["x"]).reason == Reason.PURPOSE_NOT_ALLOWED
     with pytest.raises(ProvisionError) as exc:
-        provision.bind(engine, "acme", CUSTOMER_3, purposes=["spam"])
+        bindings.bind(engine, "acme", CUSTOMER_3, purposes=["spam"])
     assert exc.value.code == "invalid_purpose"
-    groups = provision.list_tenants(engine)[0]["caller_groups"]
+    groups = tenants.list_tenants(engine)[0]["caller_groups"]
     assert groups == {"marketing": [MARKETER], "service": [AGENT]}
 
 
 def test_self_service_menu_and_keys(engine):
     _tenants(engine)
-    provision.bind(engine, "acme", CUSTOMER, now=T0)
-    provision.bind(engine, "other", CUSTOMER, now=T0)
+    bindings.bind(engine, "acme", CUSTOMER, now=T0)
+    bindings.bind(engine, "other", CUSTOMER, now=T0)
     menu = customers.selfservice_menu(engine, CUSTOMER)
     assert [(m["key"], m["tenant"], m["calls"]) for m in menu] == [("1", "acme", "allowed"), ("2", "other", "allowed")]
     assert customers.selfservice_toggle(engine, CUSTOMER, "2")["calls"] == "none"
@@ -266,8 +266,8 @@ def test_a_protected_customer_is_called_only_within_the_profiles_hours(engine):
     from datetime import time as clock
 
     _tenants(engine, pool=(X, X2))
-    plain = provision.bind(engine, "acme", CUSTOMER, now=T0)
-    elderly = provision.bind(engine, "acme", CUSTOMER_2, profile="elderly", now=T0)
+    plain = bindings.bind(engine, "acme", CUSTOMER, now=T0)
+    elderly = bindings.bind(engine, "acme", CUSTOMER_2, profile="elderly", now=T0)
     local = T0.astimezone(SHANGHAI)
     # The profile's hours end an hour before T0 (local): the elderly customer is not called now.
     hours = {"elderly": (clock(0, 0) if local.hour < 1 else clock(0, 0), (local - timedelta(hours=1)).time())}
@@ -287,8 +287,8 @@ def test_profiles_tighten_per_customer_rules_and_lengthen_automatic_blocks(engin
     from callctl.store.models import Block
 
     _tenants(engine, pool=(X, X2))
-    plain = provision.bind(engine, "acme", CUSTOMER, now=T0)
-    elderly = provision.bind(engine, "acme", CUSTOMER_2, profile="elderly", now=T0)
+    plain = bindings.bind(engine, "acme", CUSTOMER, now=T0)
+    elderly = bindings.bind(engine, "acme", CUSTOMER_2, profile="elderly", now=T0)
     start = T0 - timedelta(hours=3)
     rows = [_cdr(f"pf-{b}-{n}", "bridged") | {"binding_id": b, "started_at": start + timedelta(minutes=n)}
             for b in (plain["id"], elderly["id"]) for n in range(3)]

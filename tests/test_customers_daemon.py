@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from callctl.store import provision
+from callctl.store import pool
 from callctl.store.db import make_engine
 from lab import harness
 from tests import leaks, realnumbers
@@ -73,7 +73,7 @@ def test_expired_binding_frees_the_only_x_by_the_daemons_housekeeping(box):
     cli = box["cli"]
     old = json.loads(cli("bind", "--tenant", "acme", "--customer", CUSTOMER, "--ttl", "2").stdout)
     # Nobody acts: the daemon's housekeeping puts X in (a zero) quarantine.
-    _until(lambda: provision.pool_status(box["engine"], "acme")["quarantined"] == 1)
+    _until(lambda: pool.pool_status(box["engine"], "acme")["quarantined"] == 1)
     # The CLI's own release would quarantine X for its 30 days: this bind works thanks to the daemon.
     new = cli("bind", "--tenant", "acme", "--customer", CUSTOMER_2)
     assert new.returncode == 0, new.stderr

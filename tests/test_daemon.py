@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from callctl import daemon
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
 from callctl.store.models import Cdr
 from lab import harness
 
@@ -36,9 +36,9 @@ def test_unknown_backend_is_a_clear_error():
 
 
 def test_stub_backend_drives_the_call_path(engine, tmp_path):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
-    provision.add_numbers(engine, "acme", [X])
-    provision.bind(engine, "acme", A)
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
+    pool.add_numbers(engine, "acme", [X])
+    bindings.bind(engine, "acme", A)
     port = harness.free_port()
     proc = harness.Process([sys.executable, "-c", _RUN_STUB], tmp_path / "stub.log", port=port, env={
         "CALLCTL_CONFIG": str(harness.REPO / "conf" / "callctl.yaml"),

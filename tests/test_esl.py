@@ -16,7 +16,7 @@ from sqlalchemy import select
 from callctl.freeswitch.esl import EslProtocolError, parse_headers
 from callctl.freeswitch.fallback import kept_headers
 from callctl.freeswitch.server import finished_call, hangup_by
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
 from callctl.store.db import make_engine, upgrade
 from callctl.store.models import Cdr
 from lab import harness
@@ -65,9 +65,9 @@ def daemon(request, tmp_path_factory):
     url = database.url if database else f"sqlite:///{workdir}/callctl.db"
     engine = make_engine(url)
     upgrade(engine)
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
-    provision.add_numbers(engine, "acme", [X])
-    provision.bind(engine, "acme", A)
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
+    pool.add_numbers(engine, "acme", [X])
+    bindings.bind(engine, "acme", A)
     proc = harness.callctl_daemon(url, workdir, port=harness.free_port(), pbx="freeswitch",
                                   extra_env={"CALLCTL_DB_TIMEOUT": "2"})
     with proc:

@@ -20,7 +20,7 @@ from callctl.core.decision import (
     BindingFacts, Bridge, CollectExtension, Direction, Mode, NumberFacts, Reason, Reject, TenantFacts, decide,
 )
 from callctl.service import CallService
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
 from callctl.store.calls import _FACTS, _FACTS_BY_EXTENSION, call_facts, facts_params
 from callctl.store.models import Binding, Tenant, VirtualNumber
 from callctl.store.pgcalls import _FACTS_BY_EXTENSION_SQL, _FACTS_SQL
@@ -62,8 +62,8 @@ def fill(engine, x: str, mode: str, members: range) -> None:
 
 @pytest.fixture
 def crowd(engine, tmp_path):
-    provision.add_tenant(engine, "crowd", HOTLINE, callers=[AGENT], hours="00:00-24:00")
-    provision.add_numbers(engine, "crowd", [X_AXE, X_AXB, X_AXE_SMALL, X_AXB_SMALL, X_AXN])
+    tenants.add_tenant(engine, "crowd", HOTLINE, callers=[AGENT], hours="00:00-24:00")
+    pool.add_numbers(engine, "crowd", [X_AXE, X_AXB, X_AXE_SMALL, X_AXB_SMALL, X_AXN])
     fill(engine, X_AXE, "AXE", range(N))
     fill(engine, X_AXB, "AXB", range(N))
     fill(engine, X_AXE_SMALL, "AXE", range(N, N + 2))
@@ -163,7 +163,7 @@ def test_the_prompt_asks_for_the_longest_extension_on_x(crowd):
     """Extensions of two widths on one X (axe_extension_digits changed between binds):
     the prompt takes as many digits as the longest one still bound."""
     engine, service = crowd
-    provision.add_numbers(engine, "crowd", ["+8617100007009"])
+    pool.add_numbers(engine, "crowd", ["+8617100007009"])
     realnumbers.person(customer(N + 20), customer(N + 21))
     with Session(engine) as session, session.begin():
         number = session.scalar(select(VirtualNumber).where(VirtualNumber.e164 == "+8617100007009"))
@@ -174,7 +174,7 @@ def test_the_prompt_asks_for_the_longest_extension_on_x(crowd):
         session.flush()
         longest = long.id
     assert service.route("+8617100007009", AGENT, NOW)[1].digits == 5
-    provision.unbind(engine, longest, timedelta(days=1))
+    bindings.unbind(engine, longest, timedelta(days=1))
     assert service.route("+8617100007009", AGENT, NOW)[1].digits == 3
 
 

@@ -9,7 +9,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from callctl.asterisk.fallback import import_fallback
 from callctl.service import CallService
-from callctl.store import provision
+from callctl.store import cdrs, tenants
 
 X, AGENT, CUSTOMER = "+8617100000001", "+8613900000001", "+8613800000001"
 
@@ -24,7 +24,7 @@ def kept(call_id: str, **extra) -> str:
 
 @pytest.fixture
 def service(engine):
-    provision.add_tenant(engine, "acme", "+861058000000", callers=[AGENT])
+    tenants.add_tenant(engine, "acme", "+861058000000", callers=[AGENT])
     return CallService(engine, spool=None)
 
 
@@ -35,7 +35,7 @@ def test_each_kept_cdr_written_once_and_the_file_removed(service, tmp_path):
                                                                reason="unavailable", dest="")]) + "\n")
     assert import_fallback(service, path) == {"written": 2, "duplicate": 1, "unreadable": 1}
     assert not path.exists() and not path.with_name("fallback.txt.importing").exists()
-    rows = {r["call_id"]: r for r in provision.list_cdrs(service.engine)}
+    rows = {r["call_id"]: r for r in cdrs.list_cdrs(service.engine)}
     assert rows["pbx1-1795887084.1"]["decision"] == "bridged"
     assert rows["pbx1-1795887084.1"]["callee_masked"] == "+86138****0001"
     assert rows["pbx1-1795887084.1"]["talk_seconds"] == 8.0
@@ -48,7 +48,7 @@ def test_an_import_cut_short_is_finished_first_and_new_lines_follow(service, tmp
     path.with_name("fallback.txt.importing").write_text(kept("pbx1-1795887084.1") + "\n")
     path.write_text(kept("pbx1-1795887084.1") + "\n" + kept("pbx1-1795887099.3") + "\n")
     assert import_fallback(service, path) == {"written": 2, "duplicate": 1, "unreadable": 0}
-    assert sorted(r["call_id"] for r in provision.list_cdrs(service.engine)) == [
+    assert sorted(r["call_id"] for r in cdrs.list_cdrs(service.engine)) == [
         "pbx1-1795887084.1", "pbx1-1795887099.3"]
 
 

@@ -16,10 +16,10 @@ from sqlalchemy import insert, select
 from callctl import feed
 from callctl.core.numbers import mask
 from callctl.service import CallService
-from callctl.store import blacklist, blocks, customers, provision, reveal
+from callctl.store import bindings, blacklist, blocks, customers, pool, reveal, tenants
 from callctl.store.crypto import number_hash
 from callctl.store.models import AuditEntry, Block, Cdr
-from callctl.store.provision import ProvisionError
+from callctl.errors import ProvisionError
 from callctl.store.spool import CdrSpool
 from tests import leaks, realnumbers
 from tests.agicalls import agi_call
@@ -33,9 +33,9 @@ _ids = itertools.count(1)
 
 @pytest.fixture
 def acme(engine):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
-    provision.add_numbers(engine, "acme", X)
-    return [provision.bind(engine, "acme", c) for c in CUSTOMERS]
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
+    pool.add_numbers(engine, "acme", X)
+    return [bindings.bind(engine, "acme", c) for c in CUSTOMERS]
 
 
 def call(engine, x: str, caller: str = AGENT, reason: str = "", purpose: str = "claims") -> None:

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import insert, text
 
-from callctl.store import crypto, keycheck, provision
+from callctl.store import bindings, crypto, keycheck, pool, tenants
 from callctl.store.crypto import ENV_KEYS, KeyRing, new_key
 from callctl.store.keycheck import KeyMismatch
 from callctl.store.models import Block
@@ -38,9 +38,9 @@ def ring_text(**changes: str) -> str:
 
 @pytest.fixture
 def acme(engine):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
-    provision.add_numbers(engine, "acme", [X])
-    provision.bind(engine, "acme", CUSTOMER)
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
+    pool.add_numbers(engine, "acme", [X])
+    bindings.bind(engine, "acme", CUSTOMER)
     with engine.begin() as conn:  # a caller block, found by lookup hash at call time
         conn.execute(insert(Block), {"tenant_id": 1, "scope": "caller", "direction": "both", "reason": "harassment",
                                      "created_by": "pytest", "caller": CUSTOMER,
@@ -124,9 +124,9 @@ def test_daemon_started_while_the_database_is_down_checks_the_ring_when_it_retur
     url = "postgresql+psycopg2://" + cluster.dsn.split("://", 1)[1]
     engine = make_engine(url)
     upgrade(engine)
-    provision.add_tenant(engine, "acme", durability.HOTLINE, callers=[durability.AGENT], hours="00:00-24:00")
-    provision.add_numbers(engine, "acme", [durability.X])  # the numbers route_call dials
-    provision.bind(engine, "acme", durability.CUSTOMER)
+    tenants.add_tenant(engine, "acme", durability.HOTLINE, callers=[durability.AGENT], hours="00:00-24:00")
+    pool.add_numbers(engine, "acme", [durability.X])  # the numbers route_call dials
+    bindings.bind(engine, "acme", durability.CUSTOMER)
     engine.dispose()
     for ring, expected in ((SESSION, "bridge"), (ring_text(lookup=new_key()), None)):
         cluster.stop()

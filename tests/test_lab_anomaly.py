@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from lab import sipp
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
+from callctl.store.cdrs import list_cdrs
 from callctl.store.db import make_engine, upgrade
 from lab import harness
 from tests.pg import TestDatabase
@@ -43,9 +44,9 @@ def lab(tmp_path_factory):
     database = TestDatabase()
     engine = make_engine(database.url)
     upgrade(engine)
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
-    provision.add_numbers(engine, "acme", ["+8617100000001"])
-    binding = provision.bind(engine, "acme", CUSTOMER)
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
+    pool.add_numbers(engine, "acme", ["+8617100000001"])
+    binding = bindings.bind(engine, "acme", CUSTOMER)
     (workdir / "anomaly.yaml").write_text(RULES)
     daemon = harness.callctl_daemon(database.url, workdir)
     try:
@@ -65,7 +66,7 @@ def lab(tmp_path_factory):
 
 def cdrs(engine, count: int, timeout: float = 10.0) -> list[dict]:
     deadline = time.monotonic() + timeout
-    while len(rows := provision.list_cdrs(engine, limit=100)) < count and time.monotonic() < deadline:
+    while len(rows := list_cdrs(engine, limit=100)) < count and time.monotonic() < deadline:
         time.sleep(0.1)
     return rows
 

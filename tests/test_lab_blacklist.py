@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from lab import sipp
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
 from lab import harness
 from tests import realnumbers
 from tests.test_lab_policy import PolicyLab
@@ -38,8 +38,8 @@ blacklist: {min_tenants: 2}
 
 def _numbers(engine) -> None:
     for n, (name, x) in enumerate(POOL.items()):
-        provision.add_tenant(engine, name, HOTLINES[n], callers=[HARASSER], hours="00:00-24:00")
-        provision.add_numbers(engine, name, [x])
+        tenants.add_tenant(engine, name, HOTLINES[n], callers=[HARASSER], hours="00:00-24:00")
+        pool.add_numbers(engine, name, [x])
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def lab(lab_up, tmp_path_factory):
 
 def test_proposed_from_two_tenants_approved_twice_refused_on_both_then_lifted(lab):
     for n, (name, x) in enumerate(POOL.items()):
-        provision.bind(lab.engine, name, CUSTOMERS[n])
+        bindings.bind(lab.engine, name, CUSTOMERS[n])
     x1, x2 = POOL["acme"], POOL["bolt"]
     # Three bridged calls to each tenant's customer: the caller rule fires in both.
     phone = sipp.start_uas(harness.PHONE_PORT)

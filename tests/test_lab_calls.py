@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import text
 
 from lab import sipp
-from callctl.store import provision
+from callctl.store import bindings, cdrs, pool, tenants
 from callctl.store.db import make_engine, upgrade
 from lab import harness
 from tests.pg import TestDatabase
@@ -71,7 +71,7 @@ class Lab:
         return result, far
 
     def cdrs(self) -> list[dict]:
-        return provision.list_cdrs(self.engine, limit=1000)
+        return cdrs.list_cdrs(self.engine, limit=1000)
 
     def wait_cdrs(self, count: int, timeout: float = 10.0) -> list[dict]:
         """CDRs are written by the hangup AGI just after the call ends."""
@@ -107,8 +107,8 @@ def running_lab(kind: str, workdir: Path, provision_numbers, lab_class=None, pbx
 
 
 def _numbers(engine) -> None:
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT, AGENT_2], hours=ALL_DAY)
-    provision.add_numbers(engine, "acme", POOL)
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT, AGENT_2], hours=ALL_DAY)
+    pool.add_numbers(engine, "acme", POOL)
 
 
 # (database, PBX): both databases through Asterisk; FreeSWITCH on PostgreSQL (the modes'
@@ -132,7 +132,7 @@ def lab(request, tmp_path_factory):
 
 
 def bound(lab: Lab, customer: str, **kw) -> dict:
-    return provision.bind(lab.engine, "acme", customer, **kw)
+    return bindings.bind(lab.engine, "acme", customer, **kw)
 
 
 def test_agent_reaches_customer_presenting_x(lab):
@@ -164,7 +164,7 @@ def test_rejected_with_mapped_cause_never_reaching_a_phone(lab, caller, called, 
         called = bound(lab, CUSTOMER_3, ttl_seconds=60, now=past)["x"]
     elif called == "unbound":
         binding = bound(lab, CUSTOMER_3)
-        provision.unbind(lab.engine, binding["id"], timedelta(days=30))
+        bindings.unbind(lab.engine, binding["id"], timedelta(days=30))
         called = binding["x"]
     # A phone that fails any call offered to it: a rejected call must not ring anyone.
     result, phone = lab.call(caller, called, expect_code=code, expect_ruri="nobody")

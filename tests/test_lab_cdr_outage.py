@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import text
 
 from lab import sipp
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
 from callctl.store.db import make_engine, upgrade
 from lab import harness
 from tests.pg import PgCluster
@@ -73,9 +73,9 @@ def test_postgresql_outage_under_load_loses_no_cdr_and_misroutes_nothing(lab_up,
     url = "postgresql+psycopg2://" + cluster.dsn.split("://", 1)[1]
     engine = make_engine(url)
     upgrade(engine)
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
-    provision.add_numbers(engine, "acme", POOL)
-    x = provision.bind(engine, "acme", CUSTOMER)["x"]
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
+    pool.add_numbers(engine, "acme", POOL)
+    x = bindings.bind(engine, "acme", CUSTOMER)["x"]
     daemon = harness.callctl_daemon(url, tmp_path, extra_env={"CALLCTL_DB_TIMEOUT": "1"})
     daemon.start()
     phone = sipp.start_uas(harness.PHONE_PORT, expect_ruri=CUSTOMER, expect_from=x,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from lab import sipp
-from callctl.store import customers, provision
+from callctl.store import bindings, customers, pool, tenants
 from lab import harness
 from tests.test_lab_calls import digits, running_lab
 from tests.test_lab_modes import ALL_DAY, ModesLab
@@ -43,14 +43,14 @@ class CustomersLab(ModesLab):
 
 
 def _numbers(engine) -> None:
-    provision.add_tenant(engine, "ins_a", HOTLINE_A, callers=[AGENT_A], hours=ALL_DAY)
-    provision.add_callers(engine, "ins_a", callers=[MARKETER_A], purpose="marketing")
-    provision.add_numbers(engine, "ins_a", [X_A, X_A2])
-    provision.add_tenant(engine, "ins_b", HOTLINE_B, callers=[AGENT_B], hours=ALL_DAY)
-    provision.add_numbers(engine, "ins_b", [X_B])
-    assert provision.bind(engine, "ins_a", CUSTOMER)["x"] == X_A
-    assert provision.bind(engine, "ins_a", CUSTOMER_2)["x"] == X_A2
-    assert provision.bind(engine, "ins_b", CUSTOMER)["x"] == X_B
+    tenants.add_tenant(engine, "ins_a", HOTLINE_A, callers=[AGENT_A], hours=ALL_DAY)
+    tenants.add_callers(engine, "ins_a", callers=[MARKETER_A], purpose="marketing")
+    pool.add_numbers(engine, "ins_a", [X_A, X_A2])
+    tenants.add_tenant(engine, "ins_b", HOTLINE_B, callers=[AGENT_B], hours=ALL_DAY)
+    pool.add_numbers(engine, "ins_b", [X_B])
+    assert bindings.bind(engine, "ins_a", CUSTOMER)["x"] == X_A
+    assert bindings.bind(engine, "ins_a", CUSTOMER_2)["x"] == X_A2
+    assert bindings.bind(engine, "ins_b", CUSTOMER)["x"] == X_B
 
 
 @pytest.fixture(scope="module", params=["postgresql", "sqlite"])

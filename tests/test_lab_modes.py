@@ -19,7 +19,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from lab import sipp
-from callctl.store import provision
+from callctl.errors import ProvisionError
+from callctl.store import bindings, pool, tenants
 from lab import harness
 from tests.test_lab_calls import LABS, Lab, digits, lab_params, running_lab
 from tests.test_modes import bind_on
@@ -78,15 +79,15 @@ ALL_DAY = "00:00-24:00"  # calling hours must not make these tests depend on the
 
 
 def _numbers(engine) -> None:
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
-    provision.add_numbers(engine, "acme", POOL + [AXE_X])
-    provision.add_tenant(engine, "ride", RIDE_HOTLINE, hours=ALL_DAY)
-    provision.add_numbers(engine, "ride", [AXB_X])
-    provision.add_tenant(engine, "solo", HOTLINE, callers=[AGENT], hours=ALL_DAY)
-    provision.add_numbers(engine, "solo", [SOLO_X])
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
+    pool.add_numbers(engine, "acme", POOL + [AXE_X])
+    tenants.add_tenant(engine, "ride", RIDE_HOTLINE, hours=ALL_DAY)
+    pool.add_numbers(engine, "ride", [AXB_X])
+    tenants.add_tenant(engine, "solo", HOTLINE, callers=[AGENT], hours=ALL_DAY)
+    pool.add_numbers(engine, "solo", [SOLO_X])
     # Real allocation: the second pair goes onto the X already serving AXB pairs.
     for a, b in ((A1, B1), (A2, B2)):
-        assert provision.bind(engine, "ride", a, mode="AXB", other_party=b)["x"] == AXB_X
+        assert bindings.bind(engine, "ride", a, mode="AXB", other_party=b)["x"] == AXB_X
     bind_on(engine, "acme", AXE_X, "AXE", C1, extension=EXT_1)
     bind_on(engine, "acme", AXE_X, "AXE", C2, extension=EXT_2)
 
@@ -184,7 +185,7 @@ def _sleep_until(moment: datetime) -> None:
 
 def test_call_one_second_after_expiry_is_rejected_as_expired(lab):
     postgresql_only(lab)
-    binding = provision.bind(lab.engine, "acme", C3, ttl_seconds=4)
+    binding = bindings.bind(lab.engine, "acme", C3, ttl_seconds=4)
     expires_at = datetime.fromisoformat(binding["expires_at"])
     assert lab.call(AGENT, binding["x"], expect_ruri=C3)[0].ok  # alive before
     _sleep_until(expires_at + timedelta(seconds=1))
@@ -199,11 +200,11 @@ def test_extended_binding_routes_again(lab):
     postgresql_only(lab)
     asterisk_only(lab)
     customer = "+8613800000481"
-    binding = provision.bind(lab.engine, "acme", customer, ttl_seconds=1)
+    binding = bindings.bind(lab.engine, "acme", customer, ttl_seconds=1)
     _sleep_until(datetime.fromisoformat(binding["expires_at"]) + timedelta(seconds=1))
     result, phone = lab.call(AGENT, binding["x"], expect_code=410, expect_ruri="nobody")
     assert result.ok and phone.attempted == 0, result.summary()
-    provision.extend_binding(lab.engine, binding["id"], ttl_seconds=3600)  # a late renewal
+    bindings.extend_binding(lab.engine, binding["id"], ttl_seconds=3600)  # a late renewal
     result, phone = lab.call(AGENT, binding["x"], expect_ruri=customer, expect_from=binding["x"])
     assert result.ok and phone.successful == 1 and "check failed" not in phone.log, phone.log
 
@@ -212,8 +213,8 @@ def test_changed_customer_number_routes_to_the_new_number_only(lab):
     postgresql_only(lab)
     asterisk_only(lab)
     old, new = "+8613800000491", "+8613800000492"
-    binding = provision.bind(lab.engine, "acme", old)
-    provision.update_binding(lab.engine, binding["id"], customer=new)
+    binding = bindings.bind(lab.engine, "acme", old)
+    bindings.update_binding(lab.engine, binding["id"], customer=new)
     result, phone = lab.call(AGENT, binding["x"], expect_ruri=new, expect_from=binding["x"],
                              forbidden=[digits(old)])
     assert result.ok and phone.successful == 1 and "check failed" not in phone.log, phone.log
@@ -224,9 +225,9 @@ def test_changed_customer_number_routes_to_the_new_number_only(lab):
 
 def test_unbound_x_no_longer_routes(lab):
     postgresql_only(lab)
-    binding = provision.bind(lab.engine, "acme", "+8613800000441")
+    binding = bindings.bind(lab.engine, "acme", "+8613800000441")
     assert lab.call(AGENT, binding["x"], expect_ruri="+8613800000441")[0].ok
-    provision.unbind(lab.engine, binding["id"], timedelta(days=30))
+    bindings.unbind(lab.engine, binding["id"], timedelta(days=30))
     for caller in (AGENT, "+8613800000441"):
         result, phone = lab.call(caller, binding["x"], expect_code=404, expect_ruri="nobody")
         assert result.ok and phone.attempted == 0, result.summary()
@@ -236,10 +237,10 @@ def test_unbinding_one_axb_pair_leaves_the_other_pairs_routing(lab):
     postgresql_only(lab)
     asterisk_only(lab)
     a3, b3 = "+8613800000451", "+8613600000452"
-    binding = provision.bind(lab.engine, "ride", a3, mode="AXB", other_party=b3)
+    binding = bindings.bind(lab.engine, "ride", a3, mode="AXB", other_party=b3)
     assert binding["x"] == AXB_X
     assert lab.call(a3, AXB_X, expect_ruri=b3, expect_from=AXB_X)[0].ok
-    provision.unbind(lab.engine, binding["id"], timedelta(days=30))
+    bindings.unbind(lab.engine, binding["id"], timedelta(days=30))
     result, phone = lab.call(a3, AXB_X, expect_code=403, expect_ruri="nobody")
     assert result.ok and phone.attempted == 0, result.summary()
     assert lab.call(A1, AXB_X, expect_ruri=B1, expect_from=AXB_X)[0].ok
@@ -249,17 +250,17 @@ def test_quarantined_x_is_reallocated_only_after_the_cooldown_to_the_new_custome
     postgresql_only(lab)
     asterisk_only(lab)
     old, new = "+8613800000461", "+8613800000462"
-    first = provision.bind(lab.engine, "solo", old)
+    first = bindings.bind(lab.engine, "solo", old)
     assert first["x"] == SOLO_X
-    ended = provision.unbind(lab.engine, first["id"], timedelta(seconds=3))
+    ended = bindings.unbind(lab.engine, first["id"], timedelta(seconds=3))
     cooldown_over = datetime.fromisoformat(ended["ended_at"]) + timedelta(seconds=3)
-    with pytest.raises(provision.ProvisionError) as refused:
-        provision.bind(lab.engine, "solo", new)
+    with pytest.raises(ProvisionError) as refused:
+        bindings.bind(lab.engine, "solo", new)
     assert refused.value.code == "pool_exhausted"
     result, phone = lab.call(AGENT, SOLO_X, expect_code=404, expect_ruri="nobody")  # resting
     assert result.ok and phone.attempted == 0, result.summary()
     _sleep_until(cooldown_over)
-    second = provision.bind(lab.engine, "solo", new)
+    second = bindings.bind(lab.engine, "solo", new)
     assert second["x"] == SOLO_X
     result, phone = lab.call(AGENT, SOLO_X, expect_ruri=new, expect_from=SOLO_X, forbidden=[digits(old)])
     assert result.ok and phone.successful == 1 and "check failed" not in phone.log, phone.log
@@ -271,7 +272,7 @@ def test_quarantined_x_is_reallocated_only_after_the_cooldown_to_the_new_custome
 def test_unbinding_during_a_call_does_not_cut_it(lab):
     postgresql_only(lab)
     customer = "+8613800000471"
-    binding = provision.bind(lab.engine, "acme", customer)
+    binding = bindings.bind(lab.engine, "acme", customer)
     talk_ms = 4000
     uas = sipp.start_uas(harness.PHONE_PORT, expect_ruri=customer, expect_from=binding["x"])
     try:
@@ -283,7 +284,7 @@ def test_unbinding_during_a_call_does_not_cut_it(lab):
         while lab.pbx.active_channels() < 2:  # both legs up: the call is in progress
             assert time.monotonic() < deadline, "the call never came up"
             time.sleep(0.05)
-        provision.unbind(lab.engine, binding["id"], timedelta(days=30))
+        bindings.unbind(lab.engine, binding["id"], timedelta(days=30))
         result = caller.wait(timeout=30)
     finally:
         phone = uas.stop()

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from lab import sipp
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
 from lab import harness
 from tests import leaks, realnumbers
 from tests.test_lab_calls import LABS, Lab, lab_params, running_lab
@@ -56,8 +56,8 @@ class PolicyLab(Lab):
 
 def _numbers(engine) -> None:
     # All day to start with: each test sets the policy it is about.
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
-    provision.add_numbers(engine, "acme", POOL)
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
+    pool.add_numbers(engine, "acme", POOL)
 
 
 @pytest.fixture(scope="module", params=LABS, ids=["-".join(p) for p in LABS])
@@ -69,7 +69,7 @@ def lab(request, tmp_path_factory):
 
 
 def test_block_by_command_stops_the_next_call_one_way_only(lab):
-    binding = provision.bind(lab.engine, "acme", CUSTOMER)
+    binding = bindings.bind(lab.engine, "acme", CUSTOMER)
     x, before = binding["x"], len(lab.cdrs())
     assert lab.call(AGENT, x, expect_ruri=CUSTOMER, expect_from=x)[0].ok  # the daemon has served X
     block = lab.callctl("block", "add", "--scope", "binding", "--binding", str(binding["id"]),
@@ -86,8 +86,8 @@ def test_block_by_command_stops_the_next_call_one_way_only(lab):
 
 
 def test_suspension_rejects_all_calls_to_customers_not_to_the_hotline(lab):
-    first = provision.bind(lab.engine, "acme", CUSTOMER_2)
-    second = provision.bind(lab.engine, "acme", CUSTOMER_3)
+    first = bindings.bind(lab.engine, "acme", CUSTOMER_2)
+    second = bindings.bind(lab.engine, "acme", CUSTOMER_3)
     block = lab.callctl("block", "add", "--scope", "tenant", "--tenant", "acme", "--direction", "to_customer",
                         "--reason", "calling rights suspended", "--by", "regulator")
     try:
@@ -101,7 +101,7 @@ def test_suspension_rejects_all_calls_to_customers_not_to_the_hotline(lab):
 
 
 def test_call_outside_hours_rejected_with_480(lab):
-    binding = provision.bind(lab.engine, "acme", CUSTOMER_4)
+    binding = bindings.bind(lab.engine, "acme", CUSTOMER_4)
     x, before = binding["x"], len(lab.cdrs())
     # A two-hour window that starts two hours from now on the tenant's clock.
     local = datetime.now(timezone.utc).astimezone(ZoneInfo("Asia/Shanghai"))
@@ -120,7 +120,7 @@ def test_call_outside_hours_rejected_with_480(lab):
 
 
 def test_call_cut_at_the_maximum_duration_by_the_pbx(lab):
-    binding = provision.bind(lab.engine, "acme", CUSTOMER_5)
+    binding = bindings.bind(lab.engine, "acme", CUSTOMER_5)
     x, before = binding["x"], len(lab.cdrs())
     lab.callctl("tenant", "update", "acme", "--max-call-seconds", "2")
     try:
@@ -139,7 +139,7 @@ def test_call_cut_at_the_maximum_duration_by_the_pbx(lab):
 
 
 def test_unanswered_call_stops_ringing_at_the_tenant_ring_timeout(lab):
-    binding = provision.bind(lab.engine, "acme", RINGING)
+    binding = bindings.bind(lab.engine, "acme", RINGING)
     x, before = binding["x"], len(lab.cdrs())
     lab.callctl("tenant", "update", "acme", "--ring-timeout", "2")
     try:
@@ -157,7 +157,7 @@ def test_unanswered_call_stops_ringing_at_the_tenant_ring_timeout(lab):
 @pytest.mark.parametrize("caller, callee", [(CUSTOMER, "hotline"), (AGENT, "customer")])
 def test_identity_headers_from_the_carrier_never_reach_the_far_end(lab, caller, callee):
     customer = CUSTOMER_6 if callee == "customer" else CUSTOMER
-    x = provision.bind(lab.engine, "acme", customer)["x"]
+    x = bindings.bind(lab.engine, "acme", customer)["x"]
     headers = [
         f"P-Asserted-Identity: <sip:{caller}@127.0.0.1>",
         f'Remote-Party-ID: "Real Name" <sip:{caller}@127.0.0.1>',

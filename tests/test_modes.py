@@ -12,7 +12,7 @@ from callctl.core.decision import (
 )
 from callctl.service import CallService, decision_variables
 from tests.agicalls import agi_call
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
 from callctl.store.blocks import add_block
 from callctl.store.calls import call_facts
 from callctl.store.models import Binding, Tenant, VirtualNumber
@@ -163,7 +163,7 @@ def test_decision_variables_for_the_prompt_and_a_bindingless_bridge():
 def bind_on(engine, tenant: str, x: str, mode: str, party_a: str, party_b: str | None = None,
             extension: str | None = None) -> int:
     """Put an AXB pair / AXE extension of our choosing on the given X; returns the
-    binding id. (provision.bind picks X and a random extension; the lab keys extensions
+    binding id. (bindings.bind picks X and a random extension; the lab keys extensions
     that Debian's DTMF pcaps can play, see sipp_scenarios/uac_extension.xml.)"""
     with Session(engine) as session, session.begin():
         tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == tenant))
@@ -178,8 +178,8 @@ def bind_on(engine, tenant: str, x: str, mode: str, party_a: str, party_b: str |
 
 @pytest.fixture
 def shared(engine, tmp_path):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
-    provision.add_numbers(engine, "acme", [X, "+8617100000002"])
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
+    pool.add_numbers(engine, "acme", [X, "+8617100000002"])
     ids = [bind_on(engine, "acme", X, "AXE", C1, extension="135"),
            bind_on(engine, "acme", X, "AXE", C2, extension="468")]
     return CallService(engine, CdrSpool(tmp_path / "spool")), ids
@@ -233,14 +233,14 @@ def test_axe_through_the_service(shared):
 
 
 def test_axb_through_the_service(engine, tmp_path):
-    provision.add_tenant(engine, "ride", HOTLINE, hours="00:00-24:00")
-    provision.add_numbers(engine, "ride", [X])
+    tenants.add_tenant(engine, "ride", HOTLINE, hours="00:00-24:00")
+    pool.add_numbers(engine, "ride", [X])
     pair = bind_on(engine, "ride", X, "AXB", A1, B1)
     bind_on(engine, "ride", X, "AXB", A2, B2)
     service = CallService(engine, CdrSpool(tmp_path / "spool"))
     assert service.route(X, A1)[1] == Bridge(B1, X, 30, 3600, pair, 1, Direction.FROM_CUSTOMER)
     assert service.route(X, B2)[1].destination == A2
-    provision.unbind(engine, pair, timedelta(days=30))
+    bindings.unbind(engine, pair, timedelta(days=30))
     assert service.route(X, A1)[1].reason == Reason.UNKNOWN_CALLER  # its pair ended
     assert service.route(X, A2)[1].destination == B2  # X still serves the other pair
 

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from callctl import config, netacl
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
 from callctl.store.db import make_engine, upgrade
 from callctl.store.models import Cdr
 from lab import harness
@@ -43,9 +43,9 @@ def daemon(tmp_path):
     url = f"sqlite:///{tmp_path}/callctl.db"
     engine = make_engine(url)
     upgrade(engine)
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
-    provision.add_numbers(engine, "acme", [X])
-    provision.bind(engine, "acme", CUSTOMER)
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
+    pool.add_numbers(engine, "acme", [X])
+    bindings.bind(engine, "acme", CUSTOMER)
     port = harness.free_port()
     proc = harness.callctl_daemon(url, tmp_path, port=port, extra_env={"CALLCTL_AGI_ALLOW": "127.0.0.1/32"})
     with proc:

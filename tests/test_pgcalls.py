@@ -12,7 +12,7 @@ from sqlalchemy import insert, select, text
 from callctl.core.decision import Reason, Reject
 from callctl.service import CallService
 from tests.agicalls import agi_call
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
 from callctl.store.calls import call_facts
 from callctl.store.models import Block, Cdr
 from callctl.store.pgcalls import _FACTS_SQL, PgCallStore, PgUnavailable
@@ -48,10 +48,10 @@ def rich(pg_url):
     """acme with agents (exact and prefix), AXN, AXB and AXE bindings, blocks in force
     of three scopes, and tenant blocks lifted and not yet in force."""
     engine = bound_on_postgresql(pg_url)  # X1 bound to A (AXN)
-    provision.add_tenant(engine, "beta", "+861058000001", callers=["+8613900000002"], caller_prefixes=["+8610555"])
-    provision.add_numbers(engine, "acme", [X2, X3])
-    axb = provision.bind(engine, "acme", A, mode="AXB", other_party=B)
-    extensions = [provision.bind(engine, "acme", customer, mode="AXE")["extension"] for customer in (B, A)]
+    tenants.add_tenant(engine, "beta", "+861058000001", callers=["+8613900000002"], caller_prefixes=["+8610555"])
+    pool.add_numbers(engine, "acme", [X2, X3])
+    axb = bindings.bind(engine, "acme", A, mode="AXB", other_party=B)
+    extensions = [bindings.bind(engine, "acme", customer, mode="AXE")["extension"] for customer in (B, A)]
     with engine.begin() as conn:
         conn.execute(insert(Block), [
             {"tenant_id": 1, "scope": scope, "direction": direction, "reason": "test", "created_by": "pytest",

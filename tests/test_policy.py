@@ -14,7 +14,8 @@ from callctl.core.decision import (
     BindingFacts, Bridge, Direction, Mode, NumberFacts, Reason, Reject, TenantFacts, decide, within_hours,
 )
 from callctl.service import CallService, decision_variables
-from callctl.store import blocks, provision
+from callctl.errors import ProvisionError
+from callctl.store import bindings, blocks, pool, tenants
 from callctl.store.models import Block
 from callctl.store.spool import CdrSpool
 from tests import realnumbers
@@ -85,10 +86,10 @@ def test_outside_hours_rejects_calls_to_customers_only():
 
 @pytest.fixture
 def acme(engine):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
-    provision.add_numbers(engine, "acme", POOL)
-    provision.add_tenant(engine, "other", "+861058004999")
-    provision.update_tenant(engine, "acme", hours="00:00-24:00")  # blocks only, whatever the clock says
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
+    pool.add_numbers(engine, "acme", POOL)
+    tenants.add_tenant(engine, "other", "+861058004999")
+    tenants.update_tenant(engine, "acme", hours="00:00-24:00")  # blocks only, whatever the clock says
     return engine
 
 
@@ -99,7 +100,7 @@ def route(engine, caller, x, now=None):
 
 
 def test_one_way_binding_block_lets_the_other_direction_through(acme):
-    binding = provision.bind(acme, "acme", CUSTOMER)
+    binding = bindings.bind(acme, "acme", CUSTOMER)
     block = blocks.add_block(acme, scope="binding", binding_id=binding["id"], direction="to_customer",
                              reason="customer complained of harassment", created_by="ops:li")
     assert block["status"] == "active" and block["tenant"] == "acme" and block["x"] == binding["x"]
@@ -112,14 +113,14 @@ def test_one_way_binding_block_lets_the_other_direction_through(acme):
     with acme.connect() as conn:
         row = conn.execute(select(Block.created_by, Block.lifted_by, Block.ends_at)).one()
     assert row.created_by == "ops:li" and row.lifted_by == "ops:wang" and row.ends_at is not None
-    with pytest.raises(provision.ProvisionError) as again:
+    with pytest.raises(ProvisionError) as again:
         blocks.lift_block(acme, block["id"], "ops:wang")
     assert again.value.code == "block_ended"
 
 
 def test_suspension_rejects_all_calls_to_customers_but_not_the_hotline(acme):
-    first = provision.bind(acme, "acme", CUSTOMER)
-    second = provision.bind(acme, "acme", CUSTOMER_2)
+    first = bindings.bind(acme, "acme", CUSTOMER)
+    second = bindings.bind(acme, "acme", CUSTOMER_2)
     blocks.add_block(acme, scope="tenant", tenant="acme", direction="to_customer",
                      reason="licence suspended by regulator", created_by="platform")
     for binding in (first, second):
@@ -131,7 +132,7 @@ def test_suspension_rejects_all_calls_to_customers_but_not_the_hotline(acme):
 
 
 def test_caller_and_number_blocks_and_their_windows(acme):
-    binding = provision.bind(acme, "acme", CUSTOMER)
+    binding = bindings.bind(acme, "acme", CUSTOMER)
     x = binding["x"]
     blocks.add_block(acme, scope="caller", tenant="acme", caller=CUSTOMER, direction="from_customer",
                      reason="abusive calls to the hotline", created_by="ops")
@@ -147,7 +148,7 @@ def test_caller_and_number_blocks_and_their_windows(acme):
 
 
 def test_list_filters_and_masks_the_caller(acme):
-    binding = provision.bind(acme, "acme", CUSTOMER)
+    binding = bindings.bind(acme, "acme", CUSTOMER)
     blocks.add_block(acme, scope="caller", tenant="acme", caller=CUSTOMER, direction="both",
                      reason="r1", created_by="ops")
     blocks.add_block(acme, scope="binding", binding_id=binding["id"], direction="to_customer",
@@ -188,7 +189,7 @@ def test_list_filters_and_masks_the_caller(acme):
 ])
 def test_bad_blocks_are_refused_and_change_nothing(acme, kwargs, code):
     kwargs = {"reason": "test", "created_by": "ops", **kwargs}
-    with pytest.raises(provision.ProvisionError) as refused:
+    with pytest.raises(ProvisionError) as refused:
         blocks.add_block(acme, **kwargs)
     assert refused.value.code == code
     assert "13800004001" not in str(refused.value)
@@ -196,20 +197,20 @@ def test_bad_blocks_are_refused_and_change_nothing(acme, kwargs, code):
 
 
 def test_tenant_policy_settings_validated_and_updated(acme):
-    view = provision.update_tenant(acme, "acme", hours="22:00-06:00", time_zone="Europe/Berlin",
+    view = tenants.update_tenant(acme, "acme", hours="22:00-06:00", time_zone="Europe/Berlin",
                                    ring_timeout=20, max_call_seconds=120)
     assert (view["hours"], view["time_zone"], view["ring_timeout"], view["max_call_seconds"]) == (
         "22:00-06:00", "Europe/Berlin", 20, 120)
-    assert provision.update_tenant(acme, "acme", hours="00:00-24:00")["hours"] == "00:00-00:00"
+    assert tenants.update_tenant(acme, "acme", hours="00:00-24:00")["hours"] == "00:00-00:00"
     for kwargs, code in [
         (dict(hours="8-21"), "invalid_hours"), (dict(hours="08:00-25:00"), "invalid_hours"),
         (dict(time_zone="Asia/Nowhere"), "invalid_time_zone"), (dict(ring_timeout=0), "invalid_limit"),
         (dict(max_call_seconds=86401), "invalid_limit"),
     ]:
-        with pytest.raises(provision.ProvisionError) as refused:
-            provision.update_tenant(acme, "acme", **kwargs)
+        with pytest.raises(ProvisionError) as refused:
+            tenants.update_tenant(acme, "acme", **kwargs)
         assert refused.value.code == code
-    assert provision.list_tenants(acme)[0]["time_zone"] == "Europe/Berlin"
+    assert tenants.list_tenants(acme)[0]["time_zone"] == "Europe/Berlin"
 
 
 # -- the commands --------------------------------------------------------------------

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import update
 
 from callctl import register
-from callctl.store import provision
-from callctl.store.provision import ProvisionError
+from callctl.store import bindings, pool, tenants
+from callctl.errors import ProvisionError
 from callctl.store.models import Binding
 from tests import realnumbers
 from tests.test_cli import run
@@ -34,13 +34,13 @@ def made_at(engine, binding_id: int, created: datetime, ended: datetime | None =
 
 
 def test_one_row_per_policy_as_of_the_date_and_no_real_number(engine, tmp_path):
-    provision.add_tenant(engine, "acme", HOTLINE)
-    provision.add_tenant(engine, "=evil", HOTLINE)
-    provision.add_numbers(engine, "acme", POOL)
-    old = provision.bind(engine, "acme", CUSTOMERS[0], reference="POL-1")
-    new = provision.bind(engine, "acme", CUSTOMERS[1], reference="POL-1")
-    lapsed = provision.bind(engine, "acme", CUSTOMERS[2], reference="=HYPERLINK(1)")
-    later = provision.bind(engine, "acme", CUSTOMERS[3], reference="POL-9")
+    tenants.add_tenant(engine, "acme", HOTLINE)
+    tenants.add_tenant(engine, "=evil", HOTLINE)
+    pool.add_numbers(engine, "acme", POOL)
+    old = bindings.bind(engine, "acme", CUSTOMERS[0], reference="POL-1")
+    new = bindings.bind(engine, "acme", CUSTOMERS[1], reference="POL-1")
+    lapsed = bindings.bind(engine, "acme", CUSTOMERS[2], reference="=HYPERLINK(1)")
+    later = bindings.bind(engine, "acme", CUSTOMERS[3], reference="POL-9")
     made_at(engine, old["id"], DAY - timedelta(days=30), ended=DAY - timedelta(days=5))  # the policy's first X
     made_at(engine, new["id"], DAY - timedelta(days=5))  # re-bound: this one stands for the contact
     made_at(engine, lapsed["id"], DAY - timedelta(days=20), expires=DAY - timedelta(days=1))

@@ -18,7 +18,7 @@ from sqlalchemy import inspect, select, text
 from callctl import regulator
 from callctl.service import CallService
 from tests.agicalls import agi_call
-from callctl.store import provision
+from callctl.store import bindings, pool, tenants
 from callctl.store.spool import CdrSpool
 from tests.test_cli import run
 
@@ -32,12 +32,12 @@ REAL = [AGENT, HOTLINE, HOTLINE_2, *CUSTOMERS]
 
 @pytest.fixture
 def world(engine, tmp_path):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
-    provision.add_tenant(engine, "bolt", HOTLINE_2, callers=[AGENT])
-    provision.add_numbers(engine, "acme", [X1])
-    provision.add_numbers(engine, "bolt", [X2])
-    b1 = provision.bind(engine, "acme", CUSTOMERS[0])["id"]
-    b2 = provision.bind(engine, "bolt", CUSTOMERS[1])["id"]
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
+    tenants.add_tenant(engine, "bolt", HOTLINE_2, callers=[AGENT])
+    pool.add_numbers(engine, "acme", [X1])
+    pool.add_numbers(engine, "bolt", [X2])
+    b1 = bindings.bind(engine, "acme", CUSTOMERS[0])["id"]
+    b2 = bindings.bind(engine, "bolt", CUSTOMERS[1])["id"]
     service = CallService(engine, CdrSpool(tmp_path / "spool"))
     # (day, x, tenant, binding, action, reason, dial status)
     calls = [
@@ -157,8 +157,8 @@ def test_bad_periods_are_clear_errors(engine, world, tmp_path, args, message):
 
 
 def test_formula_like_tenant_names_are_not_formulas_in_csv(engine, tmp_path):
-    provision.add_tenant(engine, "=cmd", HOTLINE, callers=[AGENT])
-    provision.add_numbers(engine, "=cmd", [X1])
+    tenants.add_tenant(engine, "=cmd", HOTLINE, callers=[AGENT])
+    pool.add_numbers(engine, "=cmd", [X1])
     CallService(engine, CdrSpool(tmp_path / "spool")).record(agi_call(
         "lab-1.1", called=X1, caller=AGENT, action="reject", reason="blocked", tenant="1",
         start=f"{T0.timestamp():.3f}"))

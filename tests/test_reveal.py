@@ -10,9 +10,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from callctl.store import provision, reveal
+from callctl.store import bindings, pool, reveal, tenants
 from callctl.store.models import utcnow
-from callctl.store.provision import ProvisionError
+from callctl.errors import ProvisionError
 from callctl.store.reveal import RevealError
 
 from tests import leaks
@@ -23,9 +23,9 @@ A, AGENT, HOTLINE, X1 = "+8613800000041", "+8613900000041", "+861058000041", "+8
 
 @pytest.fixture
 def bound(engine):
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
-    provision.add_numbers(engine, "acme", [X1])
-    return engine, provision.bind(engine, "acme", A)["id"]
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT])
+    pool.add_numbers(engine, "acme", [X1])
+    return engine, bindings.bind(engine, "acme", A)["id"]
 
 
 def audit_rows(engine) -> list:

@@ -7,9 +7,9 @@ from sqlalchemy import create_engine, insert, text
 from callctl.core.decision import Bridge, Direction, Reason, Reject
 from callctl.service import CallService, decision_variables
 from tests.agicalls import agi_call
-from callctl.store import provision
+from callctl.store import bindings, cdrs, pool, tenants
 from callctl.store.models import Block
-from callctl.store.provision import ProvisionError
+from callctl.errors import ProvisionError
 from callctl.store.crypto import number_hash
 from callctl.store.spool import CdrSpool
 
@@ -21,8 +21,8 @@ ALL_DAY = "00:00-24:00"
 @pytest.fixture
 def acme(engine):
     # Calling hours (test_policy.py) must not make these tests depend on the time of day.
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], caller_prefixes=["+8610555"], hours=ALL_DAY)
-    provision.add_numbers(engine, "acme", [X1, X2])
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], caller_prefixes=["+8610555"], hours=ALL_DAY)
+    pool.add_numbers(engine, "acme", [X1, X2])
     return engine
 
 
@@ -32,7 +32,7 @@ def service(acme, tmp_path):
 
 
 def test_bind_routes_both_ways_and_prefix_agents(service, acme):
-    binding = provision.bind(acme, "acme", "138 0000 0001", reference="POL-1")
+    binding = bindings.bind(acme, "acme", "138 0000 0001", reference="POL-1")
     assert binding["x"] == X1 and binding["customer"] == "+86138****0001"
     assert A not in str(binding)
     assert service.route(X1, AGENT)[1].destination == A
@@ -46,21 +46,21 @@ def test_bind_routes_both_ways_and_prefix_agents(service, acme):
 
 def test_expiry_and_unbind_with_quarantine(service, acme):
     now = datetime.now(timezone.utc)
-    binding = provision.bind(acme, "acme", A, ttl_seconds=60, now=now)
+    binding = bindings.bind(acme, "acme", A, ttl_seconds=60, now=now)
     assert isinstance(service.route(X1, AGENT, now=now + timedelta(seconds=59))[1], Bridge)
     assert service.route(X1, AGENT, now=now + timedelta(seconds=61))[1].reason == Reason.EXPIRED
-    provision.unbind(acme, binding["id"], timedelta(days=1), now=now)
+    bindings.unbind(acme, binding["id"], timedelta(days=1), now=now)
     assert service.route(X1, AGENT)[1].reason == Reason.UNKNOWN_NUMBER
-    assert provision.pool_status(acme, "acme") == {"free": 1, "bound": 0, "quarantined": 1, "disabled": 0}
-    assert provision.bind(acme, "acme", A, now=now)["x"] == X2  # X1 rests
+    assert pool.pool_status(acme, "acme") == {"free": 1, "bound": 0, "quarantined": 1, "disabled": 0}
+    assert bindings.bind(acme, "acme", A, now=now)["x"] == X2  # X1 rests
     with pytest.raises(ProvisionError) as info:
-        provision.bind(acme, "acme", A, now=now)
+        bindings.bind(acme, "acme", A, now=now)
     assert info.value.code == "pool_exhausted"
-    assert provision.bind(acme, "acme", A, now=now + timedelta(days=1, seconds=1))["x"] == X1
+    assert bindings.bind(acme, "acme", A, now=now + timedelta(days=1, seconds=1))["x"] == X1
 
 
 def test_block_is_seen_on_the_next_call(service, acme):
-    binding = provision.bind(acme, "acme", A)
+    binding = bindings.bind(acme, "acme", A)
     with acme.begin() as conn:
         conn.execute(text(
             "INSERT INTO blocks (tenant_id, scope, direction, binding_id, reason, created_by, starts_at)"
@@ -78,7 +78,7 @@ def test_block_is_seen_on_the_next_call(service, acme):
     ("tenant", None, 60, None, False, False),          # not yet in force
 ])
 def test_block_scopes_and_time_window(service, acme, scope, target, starts, ends, agent_blocked, customer_blocked):
-    provision.bind(acme, "acme", A)
+    bindings.bind(acme, "acme", A)
     now = datetime.now(timezone.utc)
     with acme.begin() as conn:
         # Through the model: the caller is stored encrypted, with its lookup hash.
@@ -99,18 +99,18 @@ def test_block_scopes_and_time_window(service, acme, scope, target, starts, ends
 ])
 def test_bad_bind_input_changes_nothing(acme, kwargs, code):
     with pytest.raises(ProvisionError) as info:
-        provision.bind(acme, "acme", **kwargs)
+        bindings.bind(acme, "acme", **kwargs)
     assert info.value.code == code and A not in str(info.value)
-    assert provision.pool_status(acme, "acme")["free"] == 2
+    assert pool.pool_status(acme, "acme")["free"] == 2
 
 
 def test_duplicate_tenant_and_number(acme):
     with pytest.raises(ProvisionError, match="exists"):
-        provision.add_tenant(acme, "acme", HOTLINE)
+        tenants.add_tenant(acme, "acme", HOTLINE)
     with pytest.raises(ProvisionError) as info:
-        provision.add_numbers(acme, "acme", [X1, "+8617100000009"])
+        pool.add_numbers(acme, "acme", [X1, "+8617100000009"])
     assert info.value.code == "number_exists"
-    assert sum(provision.pool_status(acme, "acme").values()) == 2
+    assert sum(pool.pool_status(acme, "acme").values()) == 2
 
 
 def finished(call_id="lab-1.1", **extra):
@@ -126,7 +126,7 @@ def finished(call_id="lab-1.1", **extra):
 def test_cdr_written_once_masked(service, acme):
     assert service.record(finished()) == "written"
     assert service.record(finished()) == "duplicate"
-    [row] = provision.list_cdrs(acme)
+    [row] = cdrs.list_cdrs(acme)
     assert row["caller_masked"] == "+86139****0001" and row["callee_masked"] == "+86138****0001"
     assert row["decision"] == "bridged" and row["ring_seconds"] == 2.5 and row["talk_seconds"] == 9.5
     assert row["started_at"].startswith("2025-11-28T08:53:20.25")
@@ -140,7 +140,7 @@ def test_cdr_written_once_masked(service, acme):
 def test_unanswered_bridge_rings_from_start_to_end(service, acme):
     # Asterisk leaves DIALEDTIME_MS/ANSWEREDTIME_MS empty when nobody answered.
     service.record(finished(dial_status="NOANSWER", dialed_ms="", answered_ms="", hangup_cause="19"))
-    [row] = provision.list_cdrs(acme)
+    [row] = cdrs.list_cdrs(acme)
     assert row["ring_seconds"] == 12.0 and row["talk_seconds"] == 0.0 and row["answered_at"] is None
 
 
@@ -157,7 +157,7 @@ def test_cdr_from_garbage_fields_still_written(service, acme):
                         end="-1", dialed_ms="abc", answered_ms="99999999999999", hangup_cause="1e9",
                         purpose="x" * 40)
     assert service.record(call) == "written"
-    [row] = provision.list_cdrs(acme)
+    [row] = cdrs.list_cdrs(acme)
     assert row["decision"] == "rejected" and row["reject_reason"] == "unavailable"
     assert row["virtual_number"] is None and row["hangup_cause"] is None and row["purpose"] is None
 
@@ -175,7 +175,7 @@ def test_database_down_fails_closed_and_spools_then_replays_once(acme, tmp_path)
     up.record(finished("lab-3.1"))  # one of them also arrived directly: still one row
     assert up.replay_spool() == 2
     assert not spool.pending() and up.replay_spool() == 0
-    assert sorted(r["call_id"] for r in provision.list_cdrs(acme)) == ["lab-3.1", "lab-3.2"]
+    assert sorted(r["call_id"] for r in cdrs.list_cdrs(acme)) == ["lab-3.1", "lab-3.2"]
 
 
 def bound_on_postgresql(pg_url: str, **engine_options):
@@ -186,9 +186,9 @@ def bound_on_postgresql(pg_url: str, **engine_options):
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     upgrade(engine)
-    provision.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
-    provision.add_numbers(engine, "acme", [X1])
-    provision.bind(engine, "acme", A)
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours=ALL_DAY)
+    pool.add_numbers(engine, "acme", [X1])
+    bindings.bind(engine, "acme", A)
     return engine
 
 

@@ -11,7 +11,7 @@ from callctl.api.auth import tenant
 from callctl.api.deps import Settings, engine, settings
 from callctl.api.schemas import CdrPage, QueryId
 from callctl.core.times import parse_time
-from callctl.store import cdrs, provision
+from callctl.store import bindings, cdrs
 from callctl.store.tokens import Principal
 
 router = APIRouter(tags=["cdrs"])
@@ -24,7 +24,7 @@ def cdr_page(
     until: str | None = Query(None, max_length=40),
     decision: Literal["bridged", "rejected"] | None = None,
     reason: str | None = Query(None, max_length=40),
-    limit: int = Query(100, ge=1, le=provision.MAX_PAGE), cursor: str | None = Query(None, max_length=200),
+    limit: int = Query(100, ge=1, le=bindings.MAX_PAGE), cursor: str | None = Query(None, max_length=200),
     who: Principal = Depends(tenant), db: Engine = Depends(engine), cfg: Settings = Depends(settings),
 ):
     where = cdrs.CdrFilter.parse(tenant=who.tenant_name, x=x, binding=binding, since=since, until=until,
@@ -36,7 +36,7 @@ def cdr_page(
 def finding_page(
     rule: str | None = Query(None, max_length=32),
     since: str | None = Query(None, max_length=40, description="window ends at or after: ISO, or 15m/2h/7d"),
-    limit: int = Query(100, ge=1, le=provision.MAX_PAGE), cursor: str | None = Query(None, max_length=200),
+    limit: int = Query(100, ge=1, le=bindings.MAX_PAGE), cursor: str | None = Query(None, max_length=200),
     who: Principal = Depends(tenant), db: Engine = Depends(engine),
 ):
     from callctl.anomaly.job import page_findings

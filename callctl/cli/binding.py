@@ -16,7 +16,7 @@ BINDING_TABLE = [
 
 
 def bind(cfg, args):
-    from callctl.store.provision import bind as make
+    from callctl.store.bindings import bind as make
 
     if (args.customer is None) == (args.bulk is None):
         raise SystemExit("callctl: give --customer (one binding) or --bulk FILE")
@@ -37,19 +37,20 @@ def bind(cfg, args):
 
 
 def unbind(cfg, args):
-    from callctl.store.provision import unbind as end
+    from callctl.store.bindings import unbind as end
 
     print_json(end(engine(cfg), args.binding_id, timedelta(days=cfg.quarantine_days)))
 
 
 def get(cfg, args):
-    from callctl.store.provision import get_binding
+    from callctl.store.bindings import get_binding
 
     print_json(get_binding(engine(cfg), args.binding_id))
 
 
 def list_(cfg, args):
-    from callctl.store.provision import list_bindings, tenant_id_of
+    from callctl.store.bindings import list_bindings
+    from callctl.store.tenants import tenant_id_of
 
     db = engine(cfg)
     page = list_bindings(
@@ -67,7 +68,7 @@ def list_(cfg, args):
 
 
 def extend(cfg, args):
-    from callctl.store.provision import extend_binding
+    from callctl.store.bindings import extend_binding
 
     if args.expires is None and args.ttl is None and not args.no_expiry:
         raise SystemExit("callctl: give --expires, --ttl or --no-expiry")
@@ -76,7 +77,7 @@ def extend(cfg, args):
 
 
 def update(cfg, args):
-    from callctl.store.provision import update_binding
+    from callctl.store.bindings import update_binding
 
     if args.customer is None and args.reference is None:
         raise SystemExit("callctl: give --customer and/or --reference")

@@ -5,7 +5,7 @@ from callctl.cli.common import engine, print_json, run_bulk
 
 
 def add(cfg, args):
-    from callctl.store.provision import add_numbers
+    from callctl.store.pool import add_numbers
 
     count = add_numbers(engine(cfg), args.tenant, args.numbers, region=cfg.region)
     print(f"added {count} virtual number(s) to {args.tenant}")
@@ -19,7 +19,7 @@ def import_(cfg, args):
 
 
 def status(cfg, args):
-    from callctl.store.provision import pool_status
+    from callctl.store.pool import pool_status
 
     print_json(pool_status(engine(cfg), args.tenant))
 

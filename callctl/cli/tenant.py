@@ -7,7 +7,7 @@ from callctl.cli.common import engine, print_json
 
 
 def add(cfg, args):
-    from callctl.store.provision import add_tenant
+    from callctl.store.tenants import add_tenant
 
     print_json(add_tenant(
         engine(cfg), args.name, args.hotline,
@@ -18,7 +18,7 @@ def add(cfg, args):
 
 
 def update(cfg, args):
-    from callctl.store.provision import update_tenant
+    from callctl.store.tenants import update_tenant
 
     print_json(update_tenant(
         engine(cfg), args.name, hours=args.hours, time_zone=args.tz, ring_timeout=args.ring_timeout,
@@ -28,7 +28,7 @@ def update(cfg, args):
 
 
 def list_(cfg, args):
-    from callctl.store.provision import list_tenants
+    from callctl.store.tenants import list_tenants
 
     print_json(list_tenants(engine(cfg)))
 

@@ -29,7 +29,8 @@ from callctl.store.blocks import _no_phone_number, _text
 from callctl.store.crypto import number_hash
 from callctl.store.models import (AnomalyFinding, BlacklistEntry, BlacklistEvidence, Cdr, Tenant, TenantCaller,
                                   utcnow)
-from callctl.store.provision import parse_number, tenant_row
+from callctl.store.inputs import parse_number
+from callctl.store.tenants import tenant_row
 from callctl.store.reveal import _person, append
 
 STATUSES = ("proposed", "active", "refused", "lifted")

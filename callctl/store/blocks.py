@@ -20,7 +20,8 @@ from callctl.core.numbers import InvalidNumber, mask, to_e164
 from callctl.errors import Conflict, NotFound, ProvisionError
 from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, Block, Tenant, UTCDateTime, VirtualNumber, utcnow
-from callctl.store.provision import parse_number, tenant_row
+from callctl.store.inputs import parse_number
+from callctl.store.tenants import tenant_row
 from callctl.store.reveal import append
 
 SCOPES = tuple(BlockScope)

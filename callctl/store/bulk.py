@@ -46,7 +46,10 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlch
 
 from callctl.core.decision import Mode
 from callctl.errors import Conflict, NotFound, ProvisionError, Unavailable
-from callctl.store import provision
+from callctl.store.allocation import ALLOCATION_ROUNDS, LOCK_WAIT_SECONDS, bound_columns
+from callctl.store.bindings import bind
+from callctl.store.inputs import binding_parties, expiry_from, parse_number, parse_reference
+from callctl.store.tenants import tenant_id_of
 from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, VirtualNumber, utcnow
 
@@ -247,7 +250,7 @@ class _Tenants:
             raise NotFound("tenant_not_found", "no such tenant (a tenant name has 1-100 characters)")
         if name not in self.ids:
             try:
-                self.ids[name] = provision.tenant_id_of(self.engine, name)
+                self.ids[name] = tenant_id_of(self.engine, name)
             except ProvisionError as exc:
                 if _LONG_DIGITS.search(name):  # a customer's number in the wrong column is not printed
                     raise type(exc)(exc.code, "no tenant of that name (it looks like a phone number)") from None
@@ -286,7 +289,7 @@ def import_pool(engine: Engine, path: str | os.PathLike, *, tenant_name: str | N
                     rejects.add(record, record.error)
                     continue
                 try:
-                    e164 = provision.parse_number(record.values["number"], "virtual number", region)
+                    e164 = parse_number(record.values["number"], "virtual number", region)
                     _, tenant_id = tenants.id_of(record.values)
                     if e164 in seen:
                         raise ProvisionError("duplicate_row", f"{e164} is on line {seen[e164]} already")
@@ -334,7 +337,7 @@ def bind_bulk(engine: Engine, path: str | os.PathLike, *, tenant_name: str | Non
     """Create the file's bindings. AXN rows are bound set-based, a batch at a time (free
     X locked with SKIP LOCKED, one UPDATE, one multi-row INSERT) by a writer thread while
     this one checks the next batch; AXB and AXE rows each need their own conflict check
-    on X, so they go through provision.bind one by one.
+    on X, so they go through bindings.bind one by one.
     The bindings made go to `out` (default FILE.bound.csv): line, id, X, extension, ..."""
     path = Path(path)
     header, records = _rows(path, BIND_COLUMNS, "customer")
@@ -355,13 +358,13 @@ def bind_bulk(engine: Engine, path: str | os.PathLike, *, tenant_name: str | Non
                 row = record.values
                 name, tenant_id = tenants.id_of(row)
                 mode = (row.get("mode") or "AXN").upper()
-                party_a, party_b = provision.binding_parties(mode, row["customer"], row.get("other_party") or None,
-                                                            extension_digits, region)
+                party_a, party_b = binding_parties(mode, row["customer"], row.get("other_party") or None,
+                                                  extension_digits, region)
                 values = {
                     "tenant_id": tenant_id, "mode": mode, "party_a": party_a, "party_b": party_b, "extension": None,
-                    "reference": provision.parse_reference(row.get("reference") or None),
-                    "expires_at": provision.expiry_from(_date(row.get("expires_at")), _int(row.get("ttl_seconds")),
-                                                         todo.when),
+                    "reference": parse_reference(row.get("reference") or None),
+                    "expires_at": expiry_from(_date(row.get("expires_at")), _int(row.get("ttl_seconds")),
+                                               todo.when),
                     "status": "active", "created_at": todo.when,
                 }
                 key = (tenant_id, party_a, values["reference"])
@@ -392,9 +395,9 @@ def bind_bulk(engine: Engine, path: str | os.PathLike, *, tenant_name: str | Non
                 todo.axn.setdefault(v["tenant_id"], []).append((record, name, v))
             else:
                 try:
-                    made = provision.bind(engine, name, v["party_a"], mode=v["mode"], other_party=v["party_b"],
-                                          reference=v["reference"], expires_at=v["expires_at"], region=region,
-                                          extension_digits=extension_digits, now=todo.when)
+                    made = bind(engine, name, v["party_a"], mode=v["mode"], other_party=v["party_b"],
+                                 reference=v["reference"], expires_at=v["expires_at"], region=region,
+                                 extension_digits=extension_digits, now=todo.when)
                 except Exception as exc:  # noqa: BLE001 - see _unexpected
                     todo.problems.append((record, _unexpected(exc)))
                     continue
@@ -466,14 +469,14 @@ def _bind_axn_batch(engine: Engine, tenant_id: int, wanted: list, now: datetime)
     the bound rows for the output file and the rows left, with their error.
     Free X are locked with SKIP LOCKED (parallel loads take different X); X that others
     hold are waited for one at a time, in a new transaction holding no other X (as in
-    provision._allocate: no deadlock), so rows are `pool_exhausted` only when no X is left."""
+    allocation.allocate: no deadlock), so rows are `pool_exhausted` only when no X is left."""
     reusable = or_(VirtualNumber.state == "free",
                    and_(VirtualNumber.state == "quarantined", VirtualNumber.quarantined_until <= now))
     made, rest, wait = [], list(wanted), False
-    for _ in range(provision.ALLOCATION_ROUNDS):
+    for _ in range(ALLOCATION_ROUNDS):
         with engine.begin() as conn:
             if conn.dialect.name == "postgresql":
-                conn.execute(text(f"SET LOCAL lock_timeout = '{provision.LOCK_WAIT_SECONDS}s'"))
+                conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT_SECONDS}s'"))
             try:
                 numbers = _lock_free(conn, tenant_id, reusable, 1, wait=True) if wait else []
             except OperationalError as exc:
@@ -501,7 +504,7 @@ def _bind_numbers(conn: Connection, taken: list, numbers: list[tuple[int, str]])
     """Bind the locked X to the rows, in order; the rows for the output file."""
     conn.execute(
         update(VirtualNumber).where(VirtualNumber.id.in_([n for n, _ in numbers]))
-        .values(**provision.bound_columns(Mode.AXN))
+        .values(**bound_columns(Mode.AXN))
     )
     values = [dict(v, number_id=n) for (_, _, v), (n, _) in zip(taken, numbers)]
     if conn.dialect.name == "postgresql":

@@ -16,10 +16,12 @@ from sqlalchemy.orm import Session
 
 from callctl.core.decision import Calls, Channel
 from callctl.core.numbers import mask
+from callctl.errors import ProvisionError
 from callctl.store import events, reveal
 from callctl.store.crypto import number_hash
+from callctl.store.inputs import parse_hours, parse_number
 from callctl.store.models import Binding, CustomerPreference, Tenant, utcnow
-from callctl.store.provision import ProvisionError, parse_number, tenant_row, parse_hours
+from callctl.store.tenants import tenant_row
 
 CALLS = tuple(c.value for c in Calls)
 CHANNELS = tuple(c.value for c in Channel)

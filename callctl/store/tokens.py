@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from callctl.errors import NotFound, ProvisionError
 from callctl.store.models import ApiToken, Tenant, utcnow
-from callctl.store.provision import tenant_row
+from callctl.store.tenants import tenant_row
 
 ROLES = ("tenant", "regulator", "platform")  # regulator: reads the regulator export, nothing else; platform: the operator's staff (blocks)
 TENANT_ROLES = ("tenant",)  # the roles that act for one tenant

@@ -2,6 +2,7 @@
 """The daemon's CPU per call, this checkout against another commit, measured paired.
 
     .venv/bin/python -m bench.paired_cpu REF [--calls 3000] [--rate 150] [--bindings 100000]
+    .venv/bin/python -m bench.paired_cpu REF --head OTHER   # two commits, neither checked out
 
 Two `callctl serve asterisk` daemons run side by side on one bench database (bench/data.py):
 this checkout's and REF's (its tree exported with `git archive`, run on this venv).
@@ -131,6 +132,7 @@ async def drive(ports: dict[str, int], pids: dict[str, int], calls: int, rate: f
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ref", help="the commit to compare this checkout against (e.g. a tag, a hash, HEAD~5)")
+    p.add_argument("--head", help="measure this commit instead of the checkout (named HEAD in the output)")
     p.add_argument("--calls", type=int, default=3000, help="calls per daemon per round (default 3,000)")
     p.add_argument("--rate", type=float, default=150, help="calls/s offered in all (default 150)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, the daemons restarted each (default 3)")
@@ -144,7 +146,8 @@ def main(argv=None) -> int:
         print(f"preparing {DB_NAME}: {args.bindings:,} AXN bindings ...", flush=True)
         prepare_database(args.pg_admin, url, args.bindings)
         with tempfile.TemporaryDirectory(prefix="callctl-paired-") as tmp:
-            trees = {"HEAD": REPO, args.ref: export_tree(args.ref, Path(tmp) / "ref")}
+            head = REPO if args.head is None else export_tree(args.head, Path(tmp) / "head")
+            trees = {"HEAD": head, args.ref: export_tree(args.ref, Path(tmp) / "ref")}
             results = []
             for round_ in range(args.rounds):
                 order = list(trees) if round_ % 2 == 0 else list(reversed(trees))  # who goes first alternates

@@ -99,7 +99,7 @@ def test_agent_first_call_on_a_crowded_axe_x_reads_no_customer(crowd):
     facts = call_facts(engine, X_AXE, AGENT, NOW)
     assert (facts.bindings, facts.mode, facts.extension_digits) == ((), Mode.AXE, 4)
     assert len(statement_rows(engine, X_AXE, AGENT)) == 1
-    assert service.route(X_AXE, AGENT, NOW)[1] == CollectExtension(digits=4, tries=2, tenant_id=1)
+    assert service.route(X_AXE, AGENT, NOW)[1] == CollectExtension(digits=4, tries=2, tenant_id=1, purpose="service")
     for i in SAMPLE:  # the keyed extension reaches its customer, on its binding
         keyed = call_facts(engine, X_AXE, AGENT, NOW, f"{i:04d}")
         assert [b.party_a for b in keyed.bindings] == [customer(i)]
@@ -128,7 +128,9 @@ def test_each_party_of_a_crowded_axb_x_reaches_the_other(crowd):
             facts = call_facts(engine, X_AXB, caller, NOW)
             assert [b.id for b in facts.bindings] == [pair] and facts.mode == Mode.AXB
             assert len(statement_rows(engine, X_AXB, caller)) == 1
-            assert service.route(X_AXB, caller, NOW)[1] == Bridge(other, X_AXB, 30, 3600, pair, 1, direction)
+            purpose = "service" if direction == Direction.TO_CUSTOMER else None  # AXB's other party: the service
+            assert service.route(X_AXB, caller, NOW)[1] == Bridge(other, X_AXB, 30, 3600, pair, 1, direction,
+                                                                  purpose=purpose)
     # A party of a pair on another X is nobody here.
     assert service.route(X_AXB, customer(N), NOW)[1] == Reject(Reason.UNKNOWN_CALLER, tenant_id=1)
 

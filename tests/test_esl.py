@@ -115,7 +115,7 @@ def test_bridge_presents_x_then_ends_with_the_dial_outcome(daemon):
                                         " sip_copy_custom_headers=false sip_copy_multipart=false")
     assert fake.apps[2][1] == (f"{{origination_caller_id_number={X},origination_caller_id_name={X},sip_cid_type=none,"
                                f"originate_timeout=31,"
-                               f"execute_on_answer='sched_hangup +3601 alloted_timeout'}}sofia/gateway/phones/{A}")
+                               f"execute_on_answer='sched_hangup +3601 ALLOTTED_TIMEOUT'}}sofia/gateway/phones/{A}")
     assert fake.apps[3] == ("hangup", "19")  # NOANSWER, as Asterisk's callctl-dialstatus
     row = cdr(daemon, fake.uuid)
     assert (row["decision"], row["dial_status"], row["callee_masked"]) == ("bridged", "NOANSWER", "+86138****0031")

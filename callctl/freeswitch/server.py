@@ -225,7 +225,7 @@ class CallSession:
         leg = [f"origination_caller_id_number={x}", f"origination_caller_id_name={x}", "sip_cid_type=none",
                f"originate_timeout={decision.ring_timeout + 1}"]
         if decision.max_seconds:
-            leg.append(f"execute_on_answer='sched_hangup +{decision.max_seconds + 1} alloted_timeout'")
+            leg.append(f"execute_on_answer='sched_hangup +{decision.max_seconds + 1} ALLOTTED_TIMEOUT'")
         # The caller's leg: no caller-id headers in its responses, no callee display
         # updates, and none of the carrier's headers copied to the far end's leg
         # (FreeSWITCH copies the caller's sip_h_* variables, its Diversion among them,

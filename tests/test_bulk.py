@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, event, example, given, settings, strategies 
 from sqlalchemy import text
 
 from callctl.store.models import utcnow
-from callctl.store import bindings, bulk, pool as store_pool, tenants
+from callctl.store import bindings, bulk, bulk_csv, pool as store_pool, tenants
 from callctl.errors import ProvisionError
 from tests import leaks
 from tests.test_cli import cli  # noqa: F401  (the real `callctl` command, both databases)
@@ -360,7 +360,7 @@ _sensible = {  # what a column usually holds
 @st.composite
 def bulk_files(draw, known: tuple[str, ...] = bulk.BIND_COLUMNS) -> bytes:
     """A bind --bulk (or pool import) file as an operator's tools might produce it, or break it."""
-    optional = draw(st.permutations(known[1:] + bulk.IGNORED_COLUMNS))
+    optional = draw(st.permutations(known[1:] + bulk_csv.IGNORED_COLUMNS))
     columns = draw(st.permutations([known[0], *optional[:draw(st.integers(0, len(optional)))]]))
     if draw(st.integers(0, 9)) == 0:
         columns = draw(st.lists(st.sampled_from([*columns, known[0].title() + " ", "unknown", ""]), max_size=4))

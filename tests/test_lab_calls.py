@@ -286,7 +286,7 @@ def test_cdr_kept_by_the_pbx_while_the_daemon_is_down_is_imported_once(lab):
     assert new["dial_status"] == "ANSWER" and new["hangup_cause"] == 16 and new["node"] == "lab"
     assert 2.5 <= new["talk_seconds"] <= 4.5 and 0 <= new["ring_seconds"] < 2
     assert new["answered_at"] is not None and new["started_at"] < new["answered_at"] < new["ended_at"]
-    assert new["hangup_by"] == ("caller" if lab.pbx is harness.FREESWITCH else None)
+    assert new["hangup_by"] == "caller"  # the carrier's BYE
     assert new["purpose"] == "service"  # an agent's call to its customer (the tenant's default)
     lab.pbx.restore_kept_lines(kept)  # the same line again (a PBX retry, a restored file)
     assert import_pbx(lab) == {"written": 0, "duplicate": 1, "unreadable": 0}
@@ -319,9 +319,8 @@ def test_every_attempt_has_a_masked_cdr_and_no_real_number_anywhere(lab):
     assert 0.9 <= bridged["talk_seconds"] <= 3 and bridged["hangup_cause"] == 16
     assert bridged["binding_id"] is not None and bridged["node"] == "lab"
     assert rejected["decision"] == "rejected" and rejected["reject_reason"] == "unknown_caller"
-    # Who hung up (FreeSWITCH reports it; Asterisk's CDRs leave it empty so far).
-    reports = lab.pbx is harness.FREESWITCH
-    assert (bridged["hangup_by"], rejected["hangup_by"]) == (("caller", "pbx") if reports else (None, None))
+    # Who hung up: the carrier after its talk time; the PBX for the rejection.
+    assert (bridged["hangup_by"], rejected["hangup_by"]) == ("caller", "pbx")
     assert rejected["caller_masked"] == "+86137****0009" and rejected["callee_masked"] is None
     # Every CDR written so far by this module's calls, and the daemon's whole log.
     everything = str(lab.cdrs()) + lab.daemon.output()
@@ -332,7 +331,7 @@ def test_every_attempt_has_a_masked_cdr_and_no_real_number_anywhere(lab):
 
 def test_callee_hanging_up_is_who_hung_up(lab):
     """The customer's phone ends the call after 1 s while the carrier would talk for 8 s:
-    the CDR says the callee hung up (FreeSWITCH; Asterisk does not report it yet)."""
+    the CDR says the callee hung up."""
     x = bound(lab, "+8613800000017")["x"]
     before = len(lab.cdrs())
     result, phone = lab.call(AGENT, x, talk_ms=8000, expect_ruri="+8613800000017", hangup_ms=1000)
@@ -340,7 +339,7 @@ def test_callee_hanging_up_is_who_hung_up(lab):
     (row, *_) = lab.wait_cdrs(before + 1)
     assert row["decision"] == "bridged" and row["virtual_number"] == x and row["hangup_cause"] == 16
     assert 0.9 <= row["talk_seconds"] <= 3
-    assert row["hangup_by"] == ("callee" if lab.pbx is harness.FREESWITCH else None)
+    assert row["hangup_by"] == "callee"
 
 
 def test_all_calls_routed_each_cdr_written_once(lab):

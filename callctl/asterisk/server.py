@@ -25,7 +25,7 @@ _SKEW = timedelta(minutes=1)  # a start this much before the uniqueid's time: cl
 _TEXT_ARGS = {
     "called": "called", "caller": "caller", "dest": "destination", "action": "action",
     "reason": "reason", "direction": "direction", "dialstatus": "dial_status", "node": "node",
-    "purpose": "purpose",
+    "purpose": "purpose", "hangupby": "hangup_by",
 }
 
 

@@ -39,70 +39,95 @@ def run(cfg: Config) -> list[Check]:
     checks: list[Check] = []
     add = checks.append
     add(Check("config", Status.OK, f"loaded from {cfg.source}" if cfg.source else "no config file: defaults and CALLCTL_* variables"))
-
-    from callctl.store import crypto
-    try:
-        crypto.install(crypto.load_ring(cfg.keys.file, cfg.keys.current))
-        ring = crypto.ring()
-        add(Check("keys", Status.OK, f"key ring loaded: {len(ring.keys)} key(s), current '{ring.current}'"))
-    except Exception as exc:  # the CLI installs the ring at start; a failure there ends it already
-        add(Check("keys", Status.FAIL, str(exc), "callctl keys generate (or set $CALLCTL_KEYS); docs/keys.md"))
+    keys, ring = _keys(cfg)
+    add(keys)
+    if ring is None:
         return checks
 
-    from callctl.store.db import make_engine, migrations
+    from callctl.store.db import make_engine
     engine = make_engine(cfg.database_url, pool_size=1, timeout=cfg.db_timeout)
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-            writable = True
-            if engine.dialect.name == "postgresql":
-                writable = not conn.execute(text("SELECT pg_is_in_recovery()")).scalar()
-        add(Check("database", Status.OK if writable else Status.FAIL,
-                  f"{engine.dialect.name} answers" + ("" if writable else " but is a read-only standby"),
-                  "" if writable else "point database_url at the primary: list every host with "
-                  "target_session_attrs=read-write (README: Running in production)"))
-    except SQLAlchemyError as exc:
-        add(Check("database", Status.FAIL, f"{engine.dialect.name} does not answer ({type(exc).__name__})",
-                  "check database_url, that the server runs and this host may connect (pg_hba.conf)"))
+    database, answers = _database(engine)
+    add(database)
+    if not answers:
         return checks
-
-    try:
-        with engine.connect() as conn:
-            done = {row[0] for row in conn.execute(text("SELECT version FROM schema_migrations"))}
-    except SQLAlchemyError:
-        done = set()
-    missing = [p.stem for p in migrations(engine.dialect.name) if p.stem not in done]
-    add(Check("schema", Status.FAIL if missing else Status.OK,
-              f"{len(missing)} migration(s) not applied, first {missing[0]}" if missing else "all migrations applied",
-              "callctl db upgrade" if missing else ""))
-    if missing:
+    schema = _schema(engine)
+    add(schema)
+    if schema.status == Status.FAIL:
         return checks
     add(_keys_match_database(engine, ring))
-
-    from callctl.service import CallService
-    from callctl.store.models import VirtualNumber
-    from callctl.store.spool import CdrSpool, SpoolError
-    with engine.connect() as conn:
-        x = conn.execute(select(func.min(VirtualNumber.e164))).scalar()
-    service = CallService(engine, spool=None, region=cfg.region, node=cfg.node)
-    if x is None:
-        add(Check("decision", Status.SKIP, "no virtual number provisioned yet", "callctl pool add"))
-    else:
-        _, decision = service.route(x, "anonymous")
-        add(Check("decision", Status.OK if decision.action != "reject" or str(decision.reason) != "unavailable"
-                  else Status.FAIL, f"a test call to the first pool number was decided here: {decision.action}"
-                  + (f" ({decision.reason})" if decision.action == "reject" else "")))
-    try:
-        CdrSpool(cfg.spool_dir).check_writable()
-        add(Check("spool", Status.OK, f"{cfg.spool_dir} writable"))
-    except SpoolError as exc:
-        add(Check("spool", Status.FAIL, str(exc), f"create {cfg.spool_dir}, owned by the daemon's user"))
+    add(_decision(engine, cfg))
+    add(_spool(cfg))
     engine.dispose()
 
     add(_agi(cfg))
     add(_health(cfg))
     checks.extend(asyncio.run(_asterisk(cfg)))
     return checks
+
+
+def _keys(cfg: Config):
+    """The key ring's check, and the ring (None when it cannot be loaded)."""
+    from callctl.store import crypto
+    try:
+        crypto.install(crypto.load_ring(cfg.keys.file, cfg.keys.current))
+        ring = crypto.ring()
+        return Check("keys", Status.OK, f"key ring loaded: {len(ring.keys)} key(s), current '{ring.current}'"), ring
+    except Exception as exc:  # the CLI installs the ring at start; a failure there ends it already
+        return Check("keys", Status.FAIL, str(exc), "callctl keys generate (or set $CALLCTL_KEYS); docs/keys.md"), None
+
+
+def _database(engine) -> tuple[Check, bool]:
+    """The database's check, and whether it answers at all (a read-only standby does)."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            writable = True
+            if engine.dialect.name == "postgresql":
+                writable = not conn.execute(text("SELECT pg_is_in_recovery()")).scalar()
+        return Check("database", Status.OK if writable else Status.FAIL,
+                     f"{engine.dialect.name} answers" + ("" if writable else " but is a read-only standby"),
+                     "" if writable else "point database_url at the primary: list every host with "
+                     "target_session_attrs=read-write (README: Running in production)"), True
+    except SQLAlchemyError as exc:
+        return Check("database", Status.FAIL, f"{engine.dialect.name} does not answer ({type(exc).__name__})",
+                     "check database_url, that the server runs and this host may connect (pg_hba.conf)"), False
+
+
+def _schema(engine) -> Check:
+    from callctl.store.db import migrations
+    try:
+        with engine.connect() as conn:
+            done = {row[0] for row in conn.execute(text("SELECT version FROM schema_migrations"))}
+    except SQLAlchemyError:
+        done = set()
+    missing = [p.stem for p in migrations(engine.dialect.name) if p.stem not in done]
+    return Check("schema", Status.FAIL if missing else Status.OK,
+                 f"{len(missing)} migration(s) not applied, first {missing[0]}" if missing else "all migrations applied",
+                 "callctl db upgrade" if missing else "")
+
+
+def _decision(engine, cfg: Config) -> Check:
+    """A test call to the first pool number, decided here (a routing read: no CDR)."""
+    from callctl.service import CallService
+    from callctl.store.models import VirtualNumber
+    with engine.connect() as conn:
+        x = conn.execute(select(func.min(VirtualNumber.e164))).scalar()
+    service = CallService(engine, spool=None, region=cfg.region, node=cfg.node)
+    if x is None:
+        return Check("decision", Status.SKIP, "no virtual number provisioned yet", "callctl pool add")
+    _, decision = service.route(x, "anonymous")
+    return Check("decision", Status.OK if decision.action != "reject" or str(decision.reason) != "unavailable"
+                 else Status.FAIL, f"a test call to the first pool number was decided here: {decision.action}"
+                 + (f" ({decision.reason})" if decision.action == "reject" else ""))
+
+
+def _spool(cfg: Config) -> Check:
+    from callctl.store.spool import CdrSpool, SpoolError
+    try:
+        CdrSpool(cfg.spool_dir).check_writable()
+        return Check("spool", Status.OK, f"{cfg.spool_dir} writable")
+    except SpoolError as exc:
+        return Check("spool", Status.FAIL, str(exc), f"create {cfg.spool_dir}, owned by the daemon's user")
 
 
 def _keys_match_database(engine, ring) -> Check:

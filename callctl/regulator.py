@@ -68,6 +68,22 @@ def report(engine: Engine, start: datetime, end: datetime, now: datetime | None 
         raise ProvisionError("invalid_period", f"the period is at most {MAX_DAYS} days; export longer ones in parts")
     tables = set(inspect(engine).get_table_names())
     has_findings, has_reveals = FINDINGS_TABLE in tables, REVEALS_TABLE in tables
+    names, per_tenant, daily, findings, counted = _read(engine, start, end, has_findings, has_reveals)
+    tenants, days = _fold(names, per_tenant, daily, findings, counted, has_reveals)
+    return {
+        "period": {"from": start.isoformat(), "to": end.isoformat()},
+        "generated_at": (now or datetime.now(timezone.utc)).isoformat(),
+        "sources": {"findings": FINDINGS_TABLE if has_findings else None,
+                    "reveals": REVEALS_TABLE if has_reveals else None},
+        "tenants": tenants,
+        "daily": days,
+        "findings": findings,
+    }
+
+
+def _read(engine: Engine, start: datetime, end: datetime, has_findings: bool, has_reveals: bool):
+    """The period's counts, in one connection: tenant names, calls per tenant and per
+    day, findings, and (day, tenant id, what, count) rows of refusals, reveals, blocks."""
     in_period = and_(Cdr.started_at >= start, Cdr.started_at < end)
     answered = and_(Cdr.decision == "bridged", Cdr.dial_status == "ANSWER")
     count_if = lambda condition: func.sum(case((condition, 1), else_=0))
@@ -90,7 +106,7 @@ def report(engine: Engine, start: datetime, end: datetime, now: datetime | None 
         ).all()
         findings = _findings(conn, engine, start, end) if has_findings else []
         day_of = lambda column: _day(engine, column)
-        # (day, tenant id, what, count) rows, folded into the tenant and daily tables below.
+        # (day, tenant id, what, count) rows, folded into the tenant and daily tables by _fold.
         counted = {
             "refused": conn.execute(
                 select(day, Cdr.tenant_id, func.coalesce(Cdr.reject_reason, "other"), func.count())
@@ -115,7 +131,11 @@ def report(engine: Engine, start: datetime, end: datetime, now: datetime | None 
                 .join(BlacklistEvidence, BlacklistEvidence.entry_id == BlacklistEntry.id)
                 .where(column >= start, column < end, *([BlacklistEntry.status == status] if status else []))
                 .group_by(day_of(column), BlacklistEvidence.tenant_id))]
+    return names, per_tenant, daily, findings, counted
 
+
+def _fold(names: dict, per_tenant, daily, findings: list, counted: dict, has_reveals: bool) -> tuple[list, list]:
+    """The counts folded into the tenant table and the daily table, both sorted."""
     tenant_name = lambda tenant_id: names.get(tenant_id, "(no tenant: unknown X)") if tenant_id else "(no tenant: unknown X)"
     rows: dict[str, dict] = {}
 
@@ -159,15 +179,8 @@ def report(engine: Engine, start: datetime, end: datetime, now: datetime | None 
         entry = day_row(when, tenant_name(tenant_id))
         entry.update(calls=entry["calls"] + calls, answered=entry["answered"] + ans,
                      rejected=entry["rejected"] + rejected)
-    return {
-        "period": {"from": start.isoformat(), "to": end.isoformat()},
-        "generated_at": (now or datetime.now(timezone.utc)).isoformat(),
-        "sources": {"findings": FINDINGS_TABLE if has_findings else None,
-                    "reveals": REVEALS_TABLE if has_reveals else None},
-        "tenants": sorted(rows.values(), key=lambda r: r["tenant"]),
-        "daily": sorted(days.values(), key=lambda r: (r["day"], r["tenant"])),
-        "findings": findings,
-    }
+    return (sorted(rows.values(), key=lambda r: r["tenant"]),
+            sorted(days.values(), key=lambda r: (r["day"], r["tenant"])))
 
 
 def _blocks(conn, day_of, column, start: datetime, end: datetime, *where) -> list[tuple]:

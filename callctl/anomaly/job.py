@@ -81,43 +81,8 @@ def run_pass(engine: Engine, config: AnomalyConfig, now: datetime | None = None)
         hi = conn.scalar(select(func.coalesce(func.max(Cdr.id), 0)))
         result.from_id, result.to_id = lo, hi
         if hi > lo:
-            count, first, last = conn.execute(
-                select(func.count(), func.min(Cdr.started_at), func.max(Cdr.started_at))
-                .where(Cdr.id > lo, Cdr.id <= hi)
-            ).one()
-            result.cdrs = count
-            if count:
-                above = (conn.scalar(select(func.coalesce(func.max(AnomalyFinding.id), 0))),
-                         conn.scalar(select(func.coalesce(func.max(Block.id), 0))))
-                tenants = conn.execute(select(Tenant.id, Tenant.name, Tenant.time_zone, Tenant.calls_from,
-                                              Tenant.calls_until)).all()
-
-                def apply(rule_conn: Connection, name: str) -> tuple[int, int]:
-                    began = time.monotonic()
-                    found = _run_rule(rule_conn, sql, config, name, tenants, first, last, lo, hi, now)
-                    blocks = _place_blocks(rule_conn, config, name, tenants, now)
-                    if found or blocks:
-                        _record_events(rule_conn, name, *above, now)
-                    log.debug("anomaly rule", rule=name, findings=found, seconds=round(time.monotonic() - began, 3))
-                    return found, blocks
-
-                if sql.dialect == "postgresql" and config.workers > 1:
-                    snapshot = conn.scalar(text("SELECT pg_export_snapshot()"))
-                    outcomes = _side_by_side(engine, snapshot, config.workers, apply)
-                else:
-                    outcomes = {name: apply(conn, name) for name in RULES}
-                for name in RULES:
-                    result.findings[name] = outcomes[name][0]
-                    result.blocks += outcomes[name][1]
-        # Every id up to the checkpoint taken `overlap` ago has committed by now and was
-        # read by this pass or an earlier one: it becomes the safe watermark.
-        values = {"passes": state.passes + 1, "updated_at": now}
-        safe = state.safe_id
-        if state.checked_at is None or state.checked_at <= now - timedelta(seconds=config.overlap_seconds):
-            safe = max(state.checked_id, state.safe_id)
-            values.update(safe_id=safe, checked_id=max(hi, safe), checked_at=now)
-        values.update(seen_id=max(hi, safe), seen_count=_count(conn, safe, max(hi, safe)))
-        conn.execute(AnomalyState.__table__.update().where(AnomalyState.job == JOB).values(**values))
+            _run_rules(engine, conn, sql, config, result, now)
+        _advance(conn, config, state, hi, now)
     if config.blacklist.enabled and result.new_findings:
         # After the pass's commit: on PostgreSQL its rules wrote on other connections.
         proposals = config.blacklist
@@ -127,6 +92,54 @@ def run_pass(engine: Engine, config: AnomalyConfig, now: datetime | None = None)
     log.info("anomaly pass", cdrs=result.cdrs, from_id=lo, to_id=hi, findings=result.new_findings,
              blocks=result.blocks, blacklist=result.blacklist, seconds=round(result.seconds, 3))
     return result
+
+
+def _run_rules(engine: Engine, conn: Connection, sql: Sql, config: AnomalyConfig, result: PassResult,
+               now: datetime) -> None:
+    """Every rule over the CDRs from_id < id <= to_id of `result`; counts into `result`."""
+    lo, hi = result.from_id, result.to_id
+    count, first, last = conn.execute(
+        select(func.count(), func.min(Cdr.started_at), func.max(Cdr.started_at))
+        .where(Cdr.id > lo, Cdr.id <= hi)
+    ).one()
+    result.cdrs = count
+    if not count:
+        return
+    above = (conn.scalar(select(func.coalesce(func.max(AnomalyFinding.id), 0))),
+             conn.scalar(select(func.coalesce(func.max(Block.id), 0))))
+    tenants = conn.execute(select(Tenant.id, Tenant.name, Tenant.time_zone, Tenant.calls_from,
+                                  Tenant.calls_until)).all()
+
+    def apply(rule_conn: Connection, name: str) -> tuple[int, int]:
+        began = time.monotonic()
+        found = _run_rule(rule_conn, sql, config, name, tenants, first, last, lo, hi, now)
+        blocks = _place_blocks(rule_conn, config, name, tenants, now)
+        if found or blocks:
+            _record_events(rule_conn, name, *above, now)
+        log.debug("anomaly rule", rule=name, findings=found, seconds=round(time.monotonic() - began, 3))
+        return found, blocks
+
+    if sql.dialect == "postgresql" and config.workers > 1:
+        snapshot = conn.scalar(text("SELECT pg_export_snapshot()"))
+        outcomes = _side_by_side(engine, snapshot, config.workers, apply)
+    else:
+        outcomes = {name: apply(conn, name) for name in RULES}
+    for name in RULES:
+        result.findings[name] = outcomes[name][0]
+        result.blocks += outcomes[name][1]
+
+
+def _advance(conn: Connection, config: AnomalyConfig, state, hi: int, now: datetime) -> None:
+    """Move the watermark past what this pass read."""
+    # Every id up to the checkpoint taken `overlap` ago has committed by now and was
+    # read by this pass or an earlier one: it becomes the safe watermark.
+    values = {"passes": state.passes + 1, "updated_at": now}
+    safe = state.safe_id
+    if state.checked_at is None or state.checked_at <= now - timedelta(seconds=config.overlap_seconds):
+        safe = max(state.checked_id, state.safe_id)
+        values.update(safe_id=safe, checked_id=max(hi, safe), checked_at=now)
+    values.update(seen_id=max(hi, safe), seen_count=_count(conn, safe, max(hi, safe)))
+    conn.execute(AnomalyState.__table__.update().where(AnomalyState.job == JOB).values(**values))
 
 
 def _tune(conn: Connection) -> None:

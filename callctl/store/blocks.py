@@ -106,34 +106,11 @@ def add_block(
     """Add a block. scope 'binding' names binding_id, 'number' names X, 'caller' names
     the tenant and the caller's number, 'tenant' names the tenant (a suspension)."""
     now = now or utcnow()
-    if scope not in SCOPES:
-        raise ProvisionError("invalid_scope", f"scope must be one of {', '.join(SCOPES)}")
-    if direction not in DIRECTIONS:
-        raise ProvisionError("invalid_direction", f"direction must be one of {', '.join(DIRECTIONS)}")
-    targets = {"binding_id": binding_id, "number": number, "caller": caller}
-    needed = {TARGET[scope]} | ({"tenant"} if scope == "caller" else set())
-    extra = sorted(k for k, v in targets.items() if v is not None and k not in needed)
-    if extra:
-        raise ProvisionError("invalid_target", f"a {scope} block takes no {', '.join(extra)}")
-    missing = sorted(k for k in needed if (tenant if k == "tenant" else targets[k]) is None)
-    if missing:
-        raise ProvisionError("invalid_target", f"a {scope} block needs {' and '.join(missing)}")
+    _check_target(scope, direction, tenant, {"binding_id": binding_id, "number": number, "caller": caller})
     reason = _text(reason, "reason", 500)
     _no_phone_number(reason, region)
     created_by = _text(created_by, "created by", 100)
-    starts_at = _aware(starts_at, "start") or now
-    if ends_at is not None and duration_seconds is not None:
-        raise ProvisionError("invalid_time", "give an end or a duration, not both")
-    if duration_seconds is not None:
-        if not 0 < duration_seconds <= MAX_SECONDS:
-            raise ProvisionError("invalid_time", f"duration must be 1 to {MAX_SECONDS} seconds")
-        try:
-            ends_at = starts_at + timedelta(seconds=duration_seconds)
-        except OverflowError:
-            raise ProvisionError("invalid_time", "the end is out of range") from None
-    ends_at = _aware(ends_at, "end")
-    if ends_at is not None and (ends_at <= starts_at or ends_at <= now):
-        raise ProvisionError("invalid_time", "the end must be after the start and in the future")
+    starts_at, ends_at = _block_times(starts_at, ends_at, duration_seconds, now)
     caller_e164 = parse_number(caller, "caller", region) if caller is not None else None
     x = parse_number(number, "virtual number", region) if number is not None else None
     with Session(engine) as session, session.begin():
@@ -154,6 +131,40 @@ def add_block(
         session.add(block)
         session.flush()
         return block_view(block, owner.name, number_row.e164 if number_row else None, now)
+
+
+def _check_target(scope: str, direction: str, tenant: str | None, targets: dict) -> None:
+    """The scope and direction are known, and the block names exactly what its scope needs."""
+    if scope not in SCOPES:
+        raise ProvisionError("invalid_scope", f"scope must be one of {', '.join(SCOPES)}")
+    if direction not in DIRECTIONS:
+        raise ProvisionError("invalid_direction", f"direction must be one of {', '.join(DIRECTIONS)}")
+    needed = {TARGET[scope]} | ({"tenant"} if scope == "caller" else set())
+    extra = sorted(k for k, v in targets.items() if v is not None and k not in needed)
+    if extra:
+        raise ProvisionError("invalid_target", f"a {scope} block takes no {', '.join(extra)}")
+    missing = sorted(k for k in needed if (tenant if k == "tenant" else targets[k]) is None)
+    if missing:
+        raise ProvisionError("invalid_target", f"a {scope} block needs {' and '.join(missing)}")
+
+
+def _block_times(starts_at: datetime | None, ends_at: datetime | None, duration_seconds: int | None,
+                 now: datetime) -> tuple[datetime, datetime | None]:
+    """The block's start (default now) and end (an end, a duration from the start, or none)."""
+    starts_at = _aware(starts_at, "start") or now
+    if ends_at is not None and duration_seconds is not None:
+        raise ProvisionError("invalid_time", "give an end or a duration, not both")
+    if duration_seconds is not None:
+        if not 0 < duration_seconds <= MAX_SECONDS:
+            raise ProvisionError("invalid_time", f"duration must be 1 to {MAX_SECONDS} seconds")
+        try:
+            ends_at = starts_at + timedelta(seconds=duration_seconds)
+        except OverflowError:
+            raise ProvisionError("invalid_time", "the end is out of range") from None
+    ends_at = _aware(ends_at, "end")
+    if ends_at is not None and (ends_at <= starts_at or ends_at <= now):
+        raise ProvisionError("invalid_time", "the end must be after the start and in the future")
+    return starts_at, ends_at
 
 
 def _target(session: Session, scope: str, tenant_name: str | None, binding_id: int | None, number: str | None):

@@ -6,7 +6,7 @@
 
 1. PostgreSQL (127.0.0.1:5432, user postgres, trust auth; bench/data.py, shared with
    the provisioning part): database `callctl_bench` is dropped and created fresh, migrated with callctl's own migrations, one tenant made
-   with callctl.store.provision.add_tenant (hotline + one agent caller), then N virtual
+   with callctl.store.tenants.add_tenant (hotline + one agent caller), then N virtual
    numbers in state `bound` and N AXN bindings to distinct customer numbers, loaded with
    set-based SQL (INSERT ... SELECT FROM generate_series; the customers' numbers
    encrypted and hashed in Python and COPYed in), then VACUUM ANALYZE.

@@ -67,7 +67,7 @@ def _facts_statement(by_extension: bool):
     )
     # Each read once per call (CTEs, used several times): X's id, NULL when X is not ours
     # or not bound; and one active binding on X, which tells X's mode (an X never mixes
-    # modes, provision._claim) and is an AXN X's binding (it has one).
+    # modes, allocation.claim) and is an AXN X's binding (it has one).
     x_row = select(VirtualNumber.id).where(VirtualNumber.e164 == x, VirtualNumber.state == _BOUND).cte("x")
     x_id = select(x_row.c.id).scalar_subquery()
     columns = (Binding.id, Binding.mode, Binding.party_a, Binding.party_b, Binding.extension, Binding.expires_at,

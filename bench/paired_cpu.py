@@ -3,6 +3,7 @@
 
     .venv/bin/python -m bench.paired_cpu REF [--calls 3000] [--rate 150] [--bindings 100000]
     .venv/bin/python -m bench.paired_cpu REF --head OTHER   # two commits, neither checked out
+    .venv/bin/python -m bench.paired_cpu HEAD --ref-env CALLCTL_LOG_LEVEL=warning  # one setting's cost
 
 Two `callctl serve asterisk` daemons run side by side on one bench database (bench/data.py):
 this checkout's and REF's (its tree exported with `git archive`, run on this venv).
@@ -45,7 +46,7 @@ def export_tree(ref: str, into: Path) -> Path:
     return into
 
 
-def daemon(tree: Path, url: str, workdir: Path) -> Process:
+def daemon(tree: Path, url: str, workdir: Path, extra_env: dict | None = None) -> Process:
     """`callctl serve asterisk` from `tree`'s sources (PYTHONPATH), on a port of its own."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -56,6 +57,7 @@ def daemon(tree: Path, url: str, workdir: Path) -> Process:
         "CALLCTL_AUDIT_CHECKPOINT": str(workdir / "audit-head"),
         "CALLCTL_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
         "CALLCTL_HOUSEKEEPING_SECONDS": "3600",  # the calls' CPU only
+        **(extra_env or {}),
     }
     argv = [sys.executable, "-c", "import sys; from callctl.cli import main; sys.exit(main())", "serve", "asterisk"]
     return Process(argv, workdir / "callctl.log", env=env, cwd=tree, port=port)
@@ -133,6 +135,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ref", help="the commit to compare this checkout against (e.g. a tag, a hash, HEAD~5)")
     p.add_argument("--head", help="measure this commit instead of the checkout (named HEAD in the output)")
+    p.add_argument("--ref-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment of REF's daemon only, e.g. CALLCTL_LOG_LEVEL=warning (REF may be HEAD)")
     p.add_argument("--calls", type=int, default=3000, help="calls per daemon per round (default 3,000)")
     p.add_argument("--rate", type=float, default=150, help="calls/s offered in all (default 150)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, the daemons restarted each (default 3)")
@@ -146,12 +150,15 @@ def main(argv=None) -> int:
         print(f"preparing {DB_NAME}: {args.bindings:,} AXN bindings ...", flush=True)
         prepare_database(args.pg_admin, url, args.bindings)
         with tempfile.TemporaryDirectory(prefix="callctl-paired-") as tmp:
+            ref_env = dict(pair.split("=", 1) for pair in args.ref_env)
+            ref_name = f"{args.ref} ({' '.join(args.ref_env)})" if ref_env else args.ref
             head = REPO if args.head is None else export_tree(args.head, Path(tmp) / "head")
-            trees = {"HEAD": head, args.ref: export_tree(args.ref, Path(tmp) / "ref")}
+            trees = {"HEAD": head, ref_name: export_tree(args.ref, Path(tmp) / "ref")}
             results = []
             for round_ in range(args.rounds):
                 order = list(trees) if round_ % 2 == 0 else list(reversed(trees))  # who goes first alternates
-                running = {name: daemon(trees[name], url, Path(tmp) / f"{name.replace('/', '_')}-{round_}").start()
+                running = {name: daemon(trees[name], url, Path(tmp) / f"{'ref' if name == ref_name else 'head'}-{round_}",
+                                        ref_env if name == ref_name else None).start()
                            for name in order}
                 try:
                     # Uncounted warm-up: connections made, statements prepared, caches filled.
@@ -166,13 +173,13 @@ def main(argv=None) -> int:
                 results.append(got)
                 print(f"round {round_ + 1}: " + ", ".join(
                     f"{name} {r['cpu_ms_per_call']:.3f} ms/call ({r['failed']} failed)" for name, r in got.items())
-                    + f"; {args.ref}/HEAD {got[args.ref]['cpu_ms_per_call'] / got['HEAD']['cpu_ms_per_call']:.3f}",
+                    + f"; REF/HEAD {got[ref_name]['cpu_ms_per_call'] / got['HEAD']['cpu_ms_per_call']:.3f}",
                       flush=True)
     except BenchError as exc:
         print(f"paired_cpu: {exc}", file=sys.stderr)
         return 1
-    ratios = sorted(r[args.ref]["cpu_ms_per_call"] / r["HEAD"]["cpu_ms_per_call"] for r in results)
-    print(f"daemon CPU per call, {args.ref}/HEAD over {args.rounds} rounds: "
+    ratios = sorted(r[ref_name]["cpu_ms_per_call"] / r["HEAD"]["cpu_ms_per_call"] for r in results)
+    print(f"daemon CPU per call, {ref_name}/HEAD over {args.rounds} rounds: "
           f"{ratios[0]:.3f}-{ratios[-1]:.3f} (median {ratios[len(ratios) // 2]:.3f}); above 1: HEAD is cheaper")
     return 0 if all(r[n]["failed"] == 0 for r in results for n in r) else 1
 

@@ -139,6 +139,13 @@ class Pbx:
                 return int(word)
         raise LabError(f"unexpected 'show channels count' output: {out!r}")
 
+    def hangup_all(self) -> None:
+        """End every call on the PBX (as an operator would from its console)."""
+        if self.name == "asterisk":
+            asterisk_cli("channel request hangup all")
+        else:
+            fs_api("hupall NORMAL_CLEARING")
+
     def wait_no_channels(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
         while self.active_channels():

@@ -30,7 +30,7 @@ REJECTIONS: dict[Reason, Rejection] = {
     Reason.OPTED_OUT: Rejection(21, "opted_out", "I'm sorry. Your call cannot be completed as dialed."),
     Reason.PURPOSE_NOT_ALLOWED: Rejection(21, "purpose_not_allowed", "Your call cannot be completed on this line."),
     Reason.BLACKLISTED: Rejection(21, "blacklisted", "I'm sorry. Your call cannot be completed as dialed. Goodbye."),
-    # Asterisk's dialplan counts the tenant's live calls itself; FreeSWITCH does not (yet).
+    # The PBX counts the tenant's live calls (Asterisk: GROUP_COUNT; FreeSWITCH: mod_hash's limit).
     Reason.CONCURRENT_LIMIT: Rejection(17, "concurrent_limit", "All circuits are busy now. Please try your call again later."),
     # AXE, wrong or no extension twice: the call was answered, so a BYE carries the cause.
     Reason.INVALID_EXTENSION: Rejection(28, "invalid_extension", "Please check the number and dial again."),

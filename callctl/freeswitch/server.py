@@ -41,6 +41,7 @@ _DIAL_STATUS = {"SUCCESS": "ANSWER", "ANSWER": "ANSWER", "CANCEL": "CANCEL", "BU
 # FreeSWITCH answers Q.850 21 (call rejected) with 603; Asterisk, and what carriers
 # expect of a refusal, is 403: those rejections end with `respond` instead of `hangup`.
 _SIP_RESPONSE = {21: 403}
+LIMIT_REALM = "callctl_tenant"  # mod_hash realm of the tenants' concurrent calls (resource: tenant id)
 KEPT_REALM = "callctl_cdr"  # mod_db realm of the CDRs the dialplan keeps on the PBX
 
 
@@ -176,7 +177,8 @@ class CallSession:
             decision = Reject(Reason.UNAVAILABLE)
         self.set_variables(decision)
         if isinstance(decision, Bridge):
-            self.bridge(decision)
+            if self.within_limit(decision):
+                self.bridge(decision)
         else:
             self.reject(decision.reason)
 
@@ -215,6 +217,28 @@ class CallSession:
         if done is None:
             return None
         return done.event.get("variable_callctl_ext", "")
+
+    def within_limit(self, decision: Bridge) -> bool:
+        """The tenant's concurrent-call limit, counted by FreeSWITCH (mod_hash's `limit`,
+        realm callctl_tenant, the tenant id as resource): the call counts from here until
+        it hangs up, and the count lives in FreeSWITCH, right across daemon restarts.
+        Past the limit: `limit` counts nothing and sets no limit_usage; the call is
+        refused concurrent_limit (486). `limit` also transfers such a call to the
+        dialplan's callctl_concurrent_limit, which refuses it the same way: it takes
+        effect only once the daemon has left the call (the socket application returns)."""
+        if decision.max_concurrent is None or decision.tenant_id is None:
+            return True
+        done = self.esl.execute("limit", f"hash {LIMIT_REALM} {decision.tenant_id} {decision.max_concurrent} "
+                                         "callctl_concurrent_limit XML callctl")
+        if done is None:
+            return False  # hung up meanwhile
+        if done.event.get("variable_limit_usage"):
+            return True
+        log.info("tenant at its concurrent-call limit: refused", call_id=self.call_id,
+                 tenant=decision.tenant_id, limit=decision.max_concurrent)
+        self.esl.execute("multiset", f"callctl_dest= callctl_reason={Reason.CONCURRENT_LIMIT} callctl_action=reject")
+        self.reject(Reason.CONCURRENT_LIMIT)
+        return False
 
     def bridge(self, decision: Bridge) -> None:
         outbound = self.var("callctl_outbound") or "sofia/gateway/carrier-out"

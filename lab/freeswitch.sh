@@ -116,9 +116,9 @@ cmd_build() {
 make_sounds() {
     local dir="$1" name text
     mkdir -p "$dir"
-    PYTHONPATH="$REPO" python3 -c 'from callctl.core.rejections import REJECTIONS, EXTENSION_PROMPTS
+    PYTHONPATH="$REPO" python3 -c 'from callctl.core.rejections import REJECTIONS, EXTENSION_PROMPTS, SELFSERVICE_PROMPTS
 for r in REJECTIONS.values(): print(f"{r.prompt}\t{r.text}")
-for name, text in EXTENSION_PROMPTS.items(): print(f"{name}\t{text}")' |
+for name, text in {**EXTENSION_PROMPTS, **SELFSERVICE_PROMPTS}.items(): print(f"{name}\t{text}")' |
     while IFS=$'\t' read -r name text; do
         [[ -s "$dir/$name.wav" ]] && continue
         espeak-ng -s 170 -w "$dir/$name.raw.wav" "$text" && sox -q "$dir/$name.raw.wav" -r 8000 -c 1 -b 16 "$dir/$name.wav"

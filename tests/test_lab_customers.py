@@ -1,5 +1,6 @@
 """Customers in control, through the real Asterisk 22 lab (product dialplan), `callctl
-serve asterisk` and SIPp (issue #16):
+serve asterisk` and SIPp (issue #16), and the same through the real FreeSWITCH (product
+dialplan, `callctl serve freeswitch` over the event socket):
 
 - a customer calls the self-service line, hears the insurers holding a binding for
   them, keys one (RFC 2833 DTMF) and stops its calls: that insurer's next agent call is
@@ -15,7 +16,7 @@ import pytest
 from lab import sipp
 from callctl.store import bindings, customers, pool, tenants
 from lab import harness
-from tests.test_lab_calls import digits, running_lab
+from tests.test_lab_calls import LABS, digits, lab_params, running_lab
 from tests.test_lab_modes import ALL_DAY, ModesLab
 
 pytestmark = pytest.mark.lab
@@ -29,7 +30,7 @@ SELF_SERVICE = "+8617299916000"  # the customers' self-service line (the daemon'
 
 class CustomersLab(ModesLab):
     def __init__(self, engine, url, workdir, pbx: harness.Pbx = harness.ASTERISK):
-        super().__init__(engine, url, workdir, pbx)  # the self-service line is Asterisk's
+        super().__init__(engine, url, workdir, pbx)
         self.daemon = harness.callctl_daemon(url, workdir, pbx=pbx.name,
                                              extra_env={"CALLCTL_SELFSERVICE_NUMBERS": SELF_SERVICE})
 
@@ -37,8 +38,8 @@ class CustomersLab(ModesLab):
         """The customer calls the self-service line and keys while the menu plays; the
         PBX hangs up after its confirmation (a far-end BYE)."""
         result = sipp.run_uac("uac_extension", calls=[(caller, SELF_SERVICE, "", keys)], talk_ms=30_000,
-                              variables={"key_wait_ms": 1500}, timeout=60)
-        harness.wait_no_channels()
+                              variables={"key_wait_ms": 1500}, timeout=60, target=self.pbx.sip_target)
+        self.pbx.wait_no_channels()
         return result
 
 
@@ -53,10 +54,11 @@ def _numbers(engine) -> None:
     assert bindings.bind(engine, "ins_b", CUSTOMER)["x"] == X_B
 
 
-@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
-def lab(request, lab_up, tmp_path_factory):
-    with running_lab(request.param, tmp_path_factory.mktemp(f"customers-{request.param}"), _numbers,
-                     CustomersLab) as env:
+@pytest.fixture(scope="module", params=LABS, ids=["-".join(p) for p in LABS])
+def lab(request, tmp_path_factory):
+    kind, pbx = lab_params(request)
+    with running_lab(kind, tmp_path_factory.mktemp(f"customers-{kind}-{pbx}"), _numbers, CustomersLab,
+                     pbx=pbx) as env:
         yield env
 
 

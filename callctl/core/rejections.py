@@ -42,6 +42,20 @@ EXTENSION_PROMPTS: dict[str, str] = {
     "invalid_try_again": "That is not a valid extension. Please try again.",
 }
 
+# The customers' self-service line on FreeSWITCH (docs/esl.md, 1c): the menu says, per
+# insurer, "press <n>" then "calls enabled" or "calls disabled" (Asterisk: stock prompts).
+SELFSERVICE_PROMPTS: dict[str, str] = {
+    "selfservice_press": "Press",
+    **{f"selfservice_{n}": word for n, word in enumerate(
+        ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"], start=1)},
+    "selfservice_enabled": "calls enabled.",
+    "selfservice_disabled": "calls disabled.",
+    "selfservice_stopped": "De-activated. Thank you.",
+    "selfservice_allowed": "Activated. Thank you.",
+    "selfservice_invalid": "Invalid option.",
+    "selfservice_nobody": "No insurer holds a number for you.",
+}
+
 
 def rejection(reason: str) -> Rejection:
     """The table's entry; an unknown word (a newer daemon, garbage) ends as unavailable."""

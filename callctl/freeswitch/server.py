@@ -18,10 +18,11 @@ import gevent.event
 import gevent.lock
 import gevent.server
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 
 from callctl.core.decision import Bridge, CollectExtension, Reason, Reject, SelfService
 from callctl.core.numbers import caller_e164
-from callctl.core.rejections import DIAL_END_CAUSES, OTHER_DIAL_END_CAUSE, rejection
+from callctl.core.rejections import DIAL_END_CAUSES, OTHER_DIAL_END_CAUSE, REJECTIONS, rejection
 from callctl import lifecycle
 from callctl.daemon import Housekeeping, counted_cdr, log_routed, open_service
 from callctl.freeswitch.esl import EslClosed, EslError, EslSession
@@ -172,11 +173,10 @@ class CallSession:
             decision = self.axe(decision, called, caller)
             if decision is None:
                 return  # hung up at the prompt: the CDR says invalid_extension
-        if isinstance(decision, SelfService):  # the self-service line is Asterisk's only (so far)
-            log.warning("self-service number called through FreeSWITCH: not served here", call_id=self.call_id)
-            decision = Reject(Reason.UNAVAILABLE)
         self.set_variables(decision)
-        if isinstance(decision, Bridge):
+        if isinstance(decision, SelfService):
+            self.self_service(caller)
+        elif isinstance(decision, Bridge):
             if self.within_limit(decision):
                 self.bridge(decision)
         else:
@@ -239,6 +239,55 @@ class CallSession:
         self.esl.execute("multiset", f"callctl_dest= callctl_reason={Reason.CONCURRENT_LIMIT} callctl_action=reject")
         self.reject(Reason.CONCURRENT_LIMIT)
         return False
+
+    def self_service(self, caller: str) -> None:
+        """The customers' self-service line (docs/esl.md section 2, as Asterisk's
+        callctl-selfservice): answer, the menu of the insurers holding a binding for
+        the caller, one RFC 2833 key toggles that insurer's calls, a confirmation,
+        hang up (16). Database unavailable: its announcement and 34."""
+        if self.esl.execute("answer") is None:
+            return
+        self.answered = True
+        sounds = self.var("callctl_sounds")
+        menu = self.self_service_call(self.calls.service.selfservice_menu, caller)
+        count = parse_int(menu.get("SS_COUNT", "")) if menu else None
+        if count is None:
+            return self.end_with(sounds, "unavailable", REJECTIONS[Reason.UNAVAILABLE].cause)
+        if count == 0:
+            return self.end_with(sounds, "selfservice_nobody", 16)
+        files = []
+        for key in range(1, count + 1):  # "press <n>: enabled" (calls allowed) or "disabled"
+            state = "enabled" if menu.get(f"SS_{key}") == "allowed" else "disabled"
+            files += [f"{sounds}/selfservice_press.wav", f"{sounds}/selfservice_{key}.wav",
+                      f"{sounds}/selfservice_{state}.wav"]
+        done = self.esl.execute("play_and_get_digits", " ".join([
+            "1", "1", "1", "10000", "#", "file_string://" + "!".join(files), "silence_stream://100",
+            "callctl_ss_key", "^[0-9*]$", "10000"]), timeout=len(files) * 5 + 40)
+        if done is None:
+            return
+        key = done.event.get("variable_callctl_ss_key", "")
+        if not key:
+            return self.end_with(sounds, None, 16)
+        result = self.self_service_call(self.calls.service.selfservice_key, caller, key).get("SS_RESULT", "")
+        if result in ("none", "allowed", "invalid"):
+            return self.end_with(sounds, {"none": "selfservice_stopped", "allowed": "selfservice_allowed",
+                                          "invalid": "selfservice_invalid"}[result], 16)
+        self.end_with(sounds, "unavailable", REJECTIONS[Reason.UNAVAILABLE].cause)
+
+    def self_service_call(self, fn, *args) -> dict[str, str]:
+        """A self-service store call within the decision's bound; {} when the database
+        does not answer (the line then plays the unavailable announcement)."""
+        try:
+            with gevent.Timeout(self.calls.decision_timeout):
+                return self.calls.store(fn, *args)
+        except (gevent.Timeout, SQLAlchemyError) as exc:
+            log.error("self-service line: database unavailable", call_id=self.call_id, error=type(exc).__name__)
+            return {}
+
+    def end_with(self, sounds: str, prompt: str | None, cause: int) -> None:
+        if prompt and self.esl.execute("playback", f"{sounds}/{prompt}.wav", timeout=60) is None:
+            return
+        self.esl.execute("hangup", str(cause), wait=False)
 
     def bridge(self, decision: Bridge) -> None:
         outbound = self.var("callctl_outbound") or "sofia/gateway/carrier-out"

@@ -149,7 +149,8 @@ class Config(Strict):
     # The audit log's signed head, kept outside the database (docs/reveal.md).
     audit_checkpoint: str = "var/callctl.audit-head"
     # Numbers of the customers' self-service line (E.164): the daemon answers calls to them
-    # with its menu instead of routing them (dialplan context callctl-selfservice).
+    # with its menu instead of routing them (Asterisk: dialplan context callctl-selfservice;
+    # FreeSWITCH: over the event socket, docs/esl.md).
     selfservice_numbers: list[str] = []
     housekeeping_seconds: float = Field(5.0, gt=0, le=3600)  # expiry, spool replay: how often
 

@@ -12,7 +12,7 @@ CDR_TABLE = [
     ("virtual_number", "X"), ("direction", "direction"), ("caller_masked", "caller"),
     ("callee_masked", "callee"), ("decision", "decision"), ("reject_reason", "reason"),
     ("dial_status", "dial"), ("ring_seconds", "ring s"), ("talk_seconds", "talk s"),
-    ("hangup_cause", "cause"),
+    ("hangup_cause", "cause"), ("hangup_by", "ended by"), ("purpose", "purpose"),
 ]
 # `cdr tail` prints rows as they come: its columns need widths up front, wide enough.
 TAIL_WIDTHS = {"started_at": 19, "call_id": 24, "virtual_number": 15, "caller_masked": 15, "callee_masked": 15}

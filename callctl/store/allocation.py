@@ -11,7 +11,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from callctl.core.decision import Mode
-from callctl.core.enums import NumberState
+from callctl.core.enums import BindingStatus, NumberState
 from callctl.errors import Conflict, Unavailable
 from callctl.store.crypto import number_hash
 from callctl.store.models import Binding, VirtualNumber
@@ -29,7 +29,7 @@ def has_party(parties: list[str]):
 
 def parties_on(session: Session, number_id: int, parties: list[str], except_id: int | None = None) -> bool:
     """Whether an active binding on X, other than except_id, has one of these parties."""
-    query = select(Binding.id).where(Binding.number_id == number_id, Binding.status == "active",
+    query = select(Binding.id).where(Binding.number_id == number_id, Binding.status == BindingStatus.ACTIVE,
                                      has_party(parties))
     if except_id is not None:
         query = query.where(Binding.id != except_id)
@@ -81,16 +81,16 @@ def allocate(session: Session, tenant_id: int, mode: str, pair: tuple[str, str |
 def _candidates(mode: str, parties: list[str], capacity: int, now: datetime) -> list:
     """What can take a binding of `mode`, best first: a shared X already serving the mode
     (AXB exists to reuse X), then a free X, then one whose quarantine is over."""
-    in_use = and_(Binding.number_id == VirtualNumber.id, Binding.status == "active")
+    in_use = and_(Binding.number_id == VirtualNumber.id, Binding.status == BindingStatus.ACTIVE)
     candidates = []
     if mode == Mode.AXB:
-        candidates.append(and_(VirtualNumber.state == "bound", VirtualNumber.mode == mode,
+        candidates.append(and_(VirtualNumber.state == NumberState.BOUND, VirtualNumber.mode == mode,
                                ~exists().where(in_use, has_party(parties))))
     elif mode == Mode.AXE:
-        candidates.append(and_(VirtualNumber.state == "bound", VirtualNumber.mode == mode,
+        candidates.append(and_(VirtualNumber.state == NumberState.BOUND, VirtualNumber.mode == mode,
                                select(func.count()).where(in_use).scalar_subquery() < capacity))
-    candidates.append(VirtualNumber.state == "free")
-    candidates.append(and_(VirtualNumber.state == "quarantined", VirtualNumber.quarantined_until <= now))
+    candidates.append(VirtualNumber.state == NumberState.FREE)
+    candidates.append(and_(VirtualNumber.state == NumberState.QUARANTINED, VirtualNumber.quarantined_until <= now))
     return candidates
 
 
@@ -127,14 +127,14 @@ def claim(session: Session, number: VirtualNumber, mode: str, parties: list[str]
     them all) and take it: returns the AXE extension, None for AXN/AXB, False if X
     cannot take the binding after all."""
     extension = None
-    if number.state == "bound":
+    if number.state == NumberState.BOUND:
         if number.mode != mode:
             return False
         if mode == Mode.AXB and parties_on(session, number.id, parties):
             return False
     if mode == Mode.AXE:
         used = set(session.scalars(select(Binding.extension).where(
-            Binding.number_id == number.id, Binding.status == "active")))
+            Binding.number_id == number.id, Binding.status == BindingStatus.ACTIVE)))
         if len(used) >= capacity:
             return False
         # A random free extension: extensions are not handed out in a guessable order.

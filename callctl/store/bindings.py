@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from callctl.core.enums import BindingStatus, NumberState
 from callctl.core.bounds import MAX_ID
 from callctl.core.decision import DEFAULT_PURPOSES, Mode
 from callctl.core.numbers import mask
@@ -33,7 +34,7 @@ MAX_PAGE = 1000
 def binding_status(binding: Binding, now: datetime | None = None) -> str:
     """active, expired (past its expiry, whether or not housekeeping has released it yet)
     or ended (unbound)."""
-    if binding.status == "active":
+    if binding.status == BindingStatus.ACTIVE:
         lapsed = binding.expires_at is not None and binding.expires_at <= (now or utcnow())
         return "expired" if lapsed else "active"
     return "expired" if binding.end_reason == EXPIRED else "ended"
@@ -134,17 +135,17 @@ def unbind(
 def _end(session: Session, binding: Binding, now: datetime, quarantine: timedelta, reason: str) -> None:
     """End a binding (its row locked); when it was the last on its X, X rests in
     quarantine. X's row lock serialises this with allocation and other ends on X."""
-    binding.status = "ended"
+    binding.status = BindingStatus.ENDED
     binding.end_reason = reason
     binding.ended_at = now if reason == UNBOUND else min(now, binding.expires_at)
     number = session.get(VirtualNumber, binding.number_id, with_for_update=True)
     still_used = session.scalar(
         select(func.count()).where(
-            Binding.number_id == number.id, Binding.status == "active", Binding.id != binding.id
+            Binding.number_id == number.id, Binding.status == BindingStatus.ACTIVE, Binding.id != binding.id
         )
     )
     if not still_used:
-        number.state = "quarantined"
+        number.state = NumberState.QUARANTINED
         number.mode = None
         number.quarantined_until = now + quarantine
     session.flush()
@@ -165,7 +166,7 @@ def expire_due(engine: Engine, quarantine: timedelta, now: datetime | None = Non
 
 
 def _expire(session: Session, now: datetime, quarantine: timedelta, tenant_id: int | None = None) -> int:
-    query = select(Binding).where(Binding.status == "active", Binding.expires_at <= now)
+    query = select(Binding).where(Binding.status == BindingStatus.ACTIVE, Binding.expires_at <= now)
     if tenant_id is not None:
         query = query.where(Binding.tenant_id == tenant_id)
     lapsed = session.scalars(query.order_by(Binding.expires_at).limit(EXPIRE_BATCH)
@@ -206,7 +207,7 @@ def _scoped_binding(session: Session, binding_id: int, tenant_id: int | None, *,
 
 def _active_binding(session: Session, binding_id: int, tenant_id: int | None) -> Binding:
     binding = _scoped_binding(session, binding_id, tenant_id, lock=True)
-    if binding.status != "active":
+    if binding.status != BindingStatus.ACTIVE:
         raise Conflict("binding_ended", f"binding {binding_id} has ended already")
     return binding
 
@@ -257,13 +258,13 @@ def list_bindings(
     if reference is not None:
         query = query.where(Binding.reference == parse_reference(reference))
     in_force = or_(Binding.expires_at.is_(None), Binding.expires_at > now)
-    expired_end = and_(Binding.status == "ended", Binding.end_reason == EXPIRED)
+    expired_end = and_(Binding.status == BindingStatus.ENDED, Binding.end_reason == EXPIRED)
     if status == "ended":
-        query = query.where(Binding.status == "ended", ~expired_end)
+        query = query.where(Binding.status == BindingStatus.ENDED, ~expired_end)
     elif status == "active":
-        query = query.where(Binding.status == "active", in_force)
+        query = query.where(Binding.status == BindingStatus.ACTIVE, in_force)
     elif status == "expired":
-        query = query.where(or_(and_(Binding.status == "active", ~in_force), expired_end))
+        query = query.where(or_(and_(Binding.status == BindingStatus.ACTIVE, ~in_force), expired_end))
     with Session(engine) as session:
         rows = session.execute(query).all()
     items = [binding_view(b, x, t) for b, x, t in rows[:limit]]
@@ -289,9 +290,9 @@ def extend_binding(
     new_expiry = expiry_from(expires_at, ttl_seconds, now)
     with Session(engine) as session, session.begin():
         binding = _scoped_binding(session, binding_id, tenant_id, lock=True)
-        if binding.status != "active" and binding.end_reason == EXPIRED:
+        if binding.status != BindingStatus.ACTIVE and binding.end_reason == EXPIRED:
             _revive(session, binding)
-        elif binding.status != "active":
+        elif binding.status != BindingStatus.ACTIVE:
             raise Conflict("binding_ended", f"binding {binding_id} has ended already")
         binding.expires_at = new_expiry
         try:
@@ -307,12 +308,12 @@ _REUSED = "binding {} has expired and its virtual number serves someone else now
 def _revive(session: Session, binding: Binding) -> None:
     """An expired binding active again on its X, if X can still take it (X row-locked)."""
     number = session.get(VirtualNumber, binding.number_id, with_for_update=True, populate_existing=True)
-    if number.state == "quarantined":
+    if number.state == NumberState.QUARANTINED:
         free = True
-    elif number.state == "bound" and number.mode == binding.mode and binding.mode != Mode.AXN:
+    elif number.state == NumberState.BOUND and number.mode == binding.mode and binding.mode != Mode.AXN:
         taken = (parties_on(session, number.id, [p for p in (binding.party_a, binding.party_b) if p])
                  if binding.mode == Mode.AXB else
-                 session.scalar(select(Binding.id).where(Binding.number_id == number.id, Binding.status == "active",
+                 session.scalar(select(Binding.id).where(Binding.number_id == number.id, Binding.status == BindingStatus.ACTIVE,
                                                          Binding.extension == binding.extension).limit(1)))
         free = not taken
     else:

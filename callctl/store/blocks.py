@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from callctl.core.bounds import MAX_ID, MAX_SECONDS, printable
-from callctl.core.enums import BlockDirection, BlockScope
+from callctl.core.enums import BindingStatus, BlockDirection, BlockScope
 from callctl.core.numbers import InvalidNumber, mask, to_e164
 from callctl.errors import Conflict, NotFound, ProvisionError
 from callctl.store.crypto import number_hash
@@ -174,7 +174,7 @@ def _target(session: Session, scope: str, tenant_name: str | None, binding_id: i
         binding = session.get(Binding, binding_id) if 0 < binding_id <= MAX_ID else None
         if binding is None:
             raise NotFound("binding_not_found", f"no binding {binding_id}")
-        if binding.status != "active":
+        if binding.status != BindingStatus.ACTIVE:
             raise Conflict("binding_ended", f"binding {binding_id} has ended; block its X or the caller")
         number_row = session.get(VirtualNumber, binding.number_id)
         owner = session.get(Tenant, binding.tenant_id)

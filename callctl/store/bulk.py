@@ -42,6 +42,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from callctl.core.enums import BindingStatus
 from callctl.core.decision import Mode
 from callctl.errors import Conflict, NotFound, ProvisionError
 from callctl.store.bindings import bind
@@ -309,7 +310,7 @@ def _bound_already(engine: Engine, wanted: list[dict]) -> dict:
             select(Binding.id, Binding.tenant_id, Binding.party_a_hash, Binding.party_b_hash, Binding.reference,
                    Binding.mode, Binding.extension, Binding.expires_at, VirtualNumber.e164)
             .join(VirtualNumber, VirtualNumber.id == Binding.number_id)
-            .where(Binding.party_a_hash.in_(hashes), Binding.status == "active", Binding.tenant_id.in_(tenants))
+            .where(Binding.party_a_hash.in_(hashes), Binding.status == BindingStatus.ACTIVE, Binding.tenant_id.in_(tenants))
         ).all()
     return {(r.tenant_id, r.party_a_hash, r.reference): r for r in rows}
 

@@ -10,6 +10,7 @@ from sqlalchemy import and_, insert, or_, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from callctl.core.enums import BindingStatus, NumberState
 from callctl.core.decision import Mode
 from callctl.errors import Conflict, Unavailable
 from callctl.store.allocation import ALLOCATION_ROUNDS, LOCK_WAIT_SECONDS, bound_columns
@@ -22,8 +23,8 @@ def bind_axn_batch(engine: Engine, tenant_id: int, wanted: list, now: datetime) 
     Free X are locked with SKIP LOCKED (parallel loads take different X); X that others
     hold are waited for one at a time, in a new transaction holding no other X (as in
     allocation.allocate: no deadlock), so rows are `pool_exhausted` only when no X is left."""
-    reusable = or_(VirtualNumber.state == "free",
-                   and_(VirtualNumber.state == "quarantined", VirtualNumber.quarantined_until <= now))
+    reusable = or_(VirtualNumber.state == NumberState.FREE,
+                   and_(VirtualNumber.state == NumberState.QUARANTINED, VirtualNumber.quarantined_until <= now))
     made, rest, wait = [], list(wanted), False
     for _ in range(ALLOCATION_ROUNDS):
         with engine.begin() as conn:
@@ -36,9 +37,9 @@ def bind_axn_batch(engine: Engine, tenant_id: int, wanted: list, now: datetime) 
                     raise
                 return made, [(r, Unavailable("pool_busy", "the pool is busy; load the rejected rows again"))
                               for r, _, _ in rest]
-            numbers += _lock_free(conn, tenant_id, VirtualNumber.state == "free", len(rest) - len(numbers),
+            numbers += _lock_free(conn, tenant_id, VirtualNumber.state == NumberState.FREE, len(rest) - len(numbers),
                                   [n for n, _ in numbers])
-            numbers += _lock_free(conn, tenant_id, reusable & (VirtualNumber.state != "free"),
+            numbers += _lock_free(conn, tenant_id, reusable & (VirtualNumber.state != NumberState.FREE),
                                   len(rest) - len(numbers), [n for n, _ in numbers])
             taken, rest = rest[:len(numbers)], rest[len(numbers):]
             if taken:
@@ -65,7 +66,7 @@ def _bind_numbers(conn: Connection, taken: list, numbers: list[tuple[int, str]])
         conn.execute(insert(Binding), values)
     # One active AXN binding per X (ux_binding_axn_number): X names the new binding.
     ids = dict(conn.execute(select(Binding.number_id, Binding.id).where(
-        Binding.number_id.in_([n for n, _ in numbers]), Binding.status == "active")).all())
+        Binding.number_id.in_([n for n, _ in numbers]), Binding.status == BindingStatus.ACTIVE)).all())
     return [{"line": record.line, "id": ids[number_id], "tenant": name, "x": x, "extension": "", "mode": "AXN",
              "reference": v["reference"] or "", "expires_at": iso(v["expires_at"])}
             for (record, name, v), (number_id, x) in zip(taken, numbers)]

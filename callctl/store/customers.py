@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from callctl.core.enums import BindingStatus
 from callctl.core.decision import Calls, Channel
 from callctl.core.numbers import mask
 from callctl.errors import ProvisionError
@@ -140,7 +141,7 @@ def _menu(session: Session, caller: str) -> list[dict]:
         .join(Binding, Binding.tenant_id == Tenant.id)
         .outerjoin(CustomerPreference, (CustomerPreference.tenant_id == Tenant.id)
                    & (CustomerPreference.customer_hash == key))
-        .where(Binding.party_a_hash == key, Binding.status == "active")
+        .where(Binding.party_a_hash == key, Binding.status == BindingStatus.ACTIVE)
         .distinct().order_by(Tenant.id).limit(MAX_MENU)
     ).all()
     return [{"key": str(i), "tenant_id": t, "tenant": name, "calls": calls or Calls.ALLOWED.value}

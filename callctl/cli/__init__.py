@@ -9,12 +9,12 @@ import sys
 
 from callctl import config as config_mod
 from callctl import logs
-from callctl.cli import (anomaly, audit, binding, blacklist, block, calls, cdr, common, db, doctor, export, findings,
-                         keys, pool, regulator, reveal, serve, tenant, token)
+from callctl.cli import (anomaly, audit, binding, blacklist, block, calls, cdr, common, customer, db, doctor, export,
+                         findings, keys, pool, regulator, reveal, serve, tenant, token, webhook)
 
 # In the order `callctl --help` lists them.
 NOUNS = (db, tenant, pool, binding, block, blacklist, regulator, cdr, export, anomaly, findings, keys, reveal, audit,
-         calls, doctor, serve, token)
+         calls, doctor, serve, token, customer, webhook)
 
 
 # Exit codes (README.md, "Exit codes").
@@ -32,10 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="callctl", description="Privacy-number call control")
     parser.add_argument("--config", help="config file (default conf/callctl.yaml or $CALLCTL_CONFIG)")
     top = parser.add_subparsers(dest="command", required=True)
-    subs = {noun: noun.register(top) for noun in NOUNS}  # a noun's subcommands, for nouns others extend
-    from callctl import cli_customers
-
-    cli_customers.add_parsers(top, subs[tenant], subs[binding])
+    for noun in NOUNS:
+        noun.register(top)
     return parser
 
 

@@ -5,8 +5,9 @@ from datetime import timedelta
 
 from callctl.cli import common
 from callctl.cli.common import clock, engine, moment, print_json, run_bulk, table, values
-from callctl.core.decision import Mode
+from callctl.core.decision import Mode, Purpose
 from callctl.core.enums import BindingView
+from callctl.store.inputs import PROFILES
 
 BINDING_TABLE = [
     ("id", "id"), ("tenant", "tenant"), ("x", "X"), ("mode", "mode"), ("customer", "customer"),
@@ -85,6 +86,15 @@ def update(cfg, args):
                               reference=args.reference, region=cfg.region))
 
 
+def policy(cfg, args):
+    from callctl.store.bindings import set_binding_policy
+
+    if args.purpose is None and args.profile is None and not args.no_profile:
+        raise SystemExit("callctl: give --purpose, --profile or --no-profile")
+    print_json(set_binding_policy(engine(cfg), args.binding_id, purposes=args.purpose, profile=args.profile,
+                                  clear_profile=args.no_profile))
+
+
 def register(top):
     cmd = top.add_parser("bind", help="bind a virtual number to a customer; prints the binding")
     cmd.add_argument("--tenant", help="the tenant (in --bulk: for rows without a tenant column)")
@@ -97,7 +107,7 @@ def register(top):
                           "AXE: X shared through an extension")
     cmd.add_argument("--other-party", help="AXB: the other party's real number (B)")
     cmd.add_argument("--reference", help="external reference, e.g. a policy number")
-    cmd.add_argument("--purpose", action="append", choices=["service", "claims", "renewal", "marketing"],
+    cmd.add_argument("--purpose", action="append", choices=values(Purpose),
                      help="a purpose of calls the customer accepts (repeatable; default: all but marketing)")
     cmd.add_argument("--profile", choices=["elderly", "claims"], help="protection profile (tighter hours)")
     expiry = cmd.add_mutually_exclusive_group()
@@ -136,4 +146,12 @@ def register(top):
     cmd.add_argument("--customer", help="the customer's new real number (A)")
     cmd.add_argument("--reference")
     cmd.set_defaults(func=update)
+    cmd = binding.add_parser("policy", help="the purposes the customer accepts, the protection profile")
+    cmd.add_argument("binding_id", type=int)
+    cmd.add_argument("--purpose", action="append", choices=values(Purpose),
+                     help="a purpose the customer accepts (repeatable; replaces the list)")
+    which = cmd.add_mutually_exclusive_group()
+    which.add_argument("--profile", choices=PROFILES, help="protection profile: tighter hours and thresholds")
+    which.add_argument("--no-profile", action="store_true", help="no protection profile")
+    cmd.set_defaults(func=policy)
     return binding

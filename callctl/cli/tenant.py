@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from callctl.cli.common import engine, print_json
+from callctl.cli.common import engine, print_json, values
+from callctl.core.decision import Purpose
 
 
 def add(cfg, args):
@@ -33,6 +34,13 @@ def list_(cfg, args):
     print_json(list_tenants(engine(cfg)))
 
 
+def callers(cfg, args):
+    from callctl.store.tenants import add_callers
+
+    print_json(add_callers(engine(cfg), args.name, callers=args.caller, caller_prefixes=args.caller_prefix,
+                           purpose=args.purpose, region=cfg.region))
+
+
 def register(top):
     tenant = top.add_parser("tenant", help="tenants (businesses)").add_subparsers(dest="sub", required=True)
     cmd = tenant.add_parser("add", help="add a tenant")
@@ -59,4 +67,11 @@ def register(top):
     cmd.add_argument("--max-concurrent-calls", type=int,
                      help="calls of the tenant up at once on one PBX (486 past it); 0: no limit")
     cmd.set_defaults(func=update)
+    cmd = tenant.add_parser("callers", help="put agents' numbers/prefixes in the caller group of a purpose")
+    cmd.add_argument("name", help="the tenant")
+    cmd.add_argument("--purpose", required=True, choices=values(Purpose),
+                     help="why these agents call (a binding accepts all but marketing by default)")
+    cmd.add_argument("--caller", action="append", default=[], help="an agent's number (repeatable)")
+    cmd.add_argument("--caller-prefix", action="append", default=[], help="agents' number prefix")
+    cmd.set_defaults(func=callers)
     return tenant

@@ -31,7 +31,7 @@ def api(request, tmp_path_factory):
         ["pool", "add", "--tenant", "acme", *POOL], ["bind", "--tenant", "acme", "--customer", CUSTOMER])
     issued = {role: json.loads(cli("token", "create", "--role", role, *(["--tenant", "acme"] if role == "tenant" else []),
                                    "--name", f"{role} test").stdout)["token"] for role in ("platform", "tenant")}
-    for person in ("ops:li", "ops:wang"):  # named platform tokens: reveals need two people
+    for person in ("ops:li", "ops:wang", "ops:zhao"):  # named platform tokens: reveals need two people
         issued[person] = json.loads(cli("token", "create", "--role", "platform", "--name", person).stdout)["token"]
 
     def keep(response: httpx.Response):
@@ -144,3 +144,51 @@ def test_reveal_needs_a_second_named_person_and_is_audited(api):
     assert actions == ["reveal_requested", "reveal_denied", "decision_refused", "reveal_approved",
                        "reveal_denied", "reveal_used", "reveal_denied"]
     assert CUSTOMER not in audit.text and CUSTOMER.removeprefix("+86") not in audit.text
+
+
+def test_platform_staff_blacklist_a_caller_over_the_api_two_approvals_then_lift(api):
+    """Propose with a CDR as evidence, two approvals by others than the proposer: the
+    caller's next call is refused `blacklisted`; a tenant token only reads its part; a
+    lift restores the calls. Each step is the store's, audited (tests/test_blacklist.py)."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import insert
+
+    from callctl.core.numbers import mask
+    from callctl.store.crypto import number_hash
+    from callctl.store.models import Cdr
+
+    li, wang, zhao, tenant = api["ops:li"], api["ops:wang"], api["ops:zhao"], api["tenant"]
+    with api["engine"].begin() as conn:  # a call the agent line placed: the evidence
+        cdr_id = conn.execute(insert(Cdr).values(
+            call_id="api-bl-1", tenant_id=1, direction="to_customer", decision="bridged",
+            started_at=datetime.now(timezone.utc), caller_hash=number_hash(AGENT), caller_masked=mask(AGENT),
+        ).returning(Cdr.id)).scalar_one()
+    refused = li.post("/v1/blacklist/entries", json={"caller": AGENT, "reason": "harassment complaints"})
+    assert (refused.status_code, refused.json()["error"]["code"]) == (422, "no_evidence")
+    assert tenant.post("/v1/blacklist/entries", json={"caller": AGENT, "reason": "x", "cdrs": [cdr_id]}
+                       ).status_code == 403
+    made = li.post("/v1/blacklist/entries", json={"caller": AGENT, "reason": "harassment complaints",
+                                                  "cdrs": [cdr_id]})
+    assert made.status_code == 201, made.text
+    entry = made.json()
+    assert (entry["status"], entry["caller"]) == ("proposed", mask(AGENT)) and AGENT not in made.text
+    assert li.post(f"/v1/blacklist/entries/{entry['id']}/approve").json()["error"]["code"] == "self_approval"
+    assert wang.post(f"/v1/blacklist/entries/{entry['id']}/approve").status_code == 200
+    assert isinstance(route(api["engine"], AGENT), Bridge)  # one approval: not yet
+    in_force = zhao.post(f"/v1/blacklist/entries/{entry['id']}/approve")
+    assert in_force.status_code == 200 and in_force.json()["status"] == "active", in_force.text
+    assert route(api["engine"], AGENT).reason == Reason.BLACKLISTED
+    assert [e["id"] for e in li.get("/v1/blacklist/entries", params={"status": "active"}).json()] == [entry["id"]]
+    seen = tenant.get("/v1/blacklist")
+    assert seen.status_code == 200 and [e["id"] for e in seen.json()] == [entry["id"]]
+    appealed = tenant.post(f"/v1/blacklist/entries/{entry['id']}/appeal", json={"note": "wrong line"})
+    assert appealed.status_code == 403  # appeals go through platform staff
+    assert li.post(f"/v1/blacklist/entries/{entry['id']}/appeal", json={"note": ""}).status_code == 422
+    lifted = wang.post(f"/v1/blacklist/entries/{entry['id']}/lift", json={"note": "complaint withdrawn"})
+    assert lifted.status_code == 200 and lifted.json()["status"] == "lifted", lifted.text
+    assert isinstance(route(api["engine"], AGENT), Bridge)
+    again = wang.post(f"/v1/blacklist/entries/{entry['id']}/lift", json={})
+    assert again.status_code == 409, again.text
+    missing = li.get("/v1/blacklist/entries/987654")
+    assert missing.status_code == 404

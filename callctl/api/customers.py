@@ -1,7 +1,7 @@
 """/v1/customers/preferences: the customer's word on a tenant's calls (tenant tokens)."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends
 from sqlalchemy.engine import Engine
 
 from callctl.api.auth import tenant

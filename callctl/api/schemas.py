@@ -158,6 +158,19 @@ class DecisionIn(Body):
     note: str = text("", max_length=500)
 
 
+class BlacklistIn(Body):
+    caller: str = text(min_length=1, max_length=40, description="the caller's number")
+    reason: str = text(min_length=1, max_length=500, description="why; free text without phone numbers")
+    findings: list[Id] = Field([], max_length=1000, description="evidence: findings about this caller")
+    cdrs: list[Id] = Field([], max_length=1000, description="evidence: CDRs of calls from this caller")
+    seconds: Seconds | None = Field(None, description="in force this long from the second approval; "
+                                                      "default: until lifted")
+
+
+class AppealIn(Body):
+    note: str = text(min_length=1, max_length=1000, description="the appeal's grounds")
+
+
 class GrantOut(BaseModel):
     id: int
     binding_id: int

@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from callctl.core.numbers import mask
-from callctl.errors import NotFound, ProvisionError
+from callctl.errors import Conflict, Forbidden, NotFound, ProvisionError
 from callctl.store.blocks import _no_phone_number, _text
 from callctl.store.crypto import number_hash
 from callctl.store.models import (AnomalyFinding, BlacklistEntry, BlacklistEvidence, Cdr, Tenant, TenantCaller,
@@ -160,6 +160,10 @@ def _entry(session: Session, entry_id: int) -> BlacklistEntry:
     return entry
 
 
+# A refused step is the person's (403: they may not take it) or the entry's state (409).
+_BY_PERSON = {"self_approval", "second_person"}
+
+
 def _refused_step(engine: Engine, entry_id: int, person: str, action: str, check, change, now: datetime,
                   note: str | None = None) -> dict:
     """One step on an entry: `check` names why it may not happen (the refused attempt
@@ -171,7 +175,7 @@ def _refused_step(engine: Engine, entry_id: int, person: str, action: str, check
         problem = check(entry)
         if problem:
             _audit(session, person, "blacklist_step_refused", entry, now, step=action, refused=problem[0])
-            refused = ProvisionError(*problem)
+            refused = (Forbidden if problem[0] in _BY_PERSON else Conflict)(*problem)
         else:
             action = change(entry) or action
             session.flush()

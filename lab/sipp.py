@@ -596,6 +596,16 @@ def _bound_in(netns: str, host: str, port: int) -> bool:
     return f"{host}:{port}" in out
 
 
+def _bound_here(host: str, port: int) -> bool:
+    """Is a UDP socket bound to host:port (or the wildcard) on this host? Read from the
+    kernel's table: probing by binding the port ourselves would hold it, for an instant,
+    just when sipp binds it (sipp then fails with 'Address already in use')."""
+    wanted = {f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}", f"00000000:{port:04X}"}
+    with open("/proc/net/udp") as table:
+        next(table)
+        return any(line.split()[1] in wanted for line in table)
+
+
 def _wait_bound(proc: SippProcess, host: str, port: int, timeout: float) -> None:
     """Return once sipp holds the UDP port (so calls sent next are not lost)."""
     deadline = time.monotonic() + timeout
@@ -603,16 +613,8 @@ def _wait_bound(proc: SippProcess, host: str, port: int, timeout: float) -> None
         if not proc.running():
             res = proc.wait(timeout=1)
             raise SippError(f"sipp UAS exited at start: status {res.status}: {res.screen[-500:]}")
-        if proc.netns:
-            if _bound_in(proc.netns, host, port):
-                return
-            time.sleep(0.05)
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                return  # taken: sipp has it
+        if _bound_in(proc.netns, host, port) if proc.netns else _bound_here(host, port):
+            return
         time.sleep(0.02)
     proc.kill()
     raise SippError(f"sipp UAS did not bind {host}:{port} within {timeout}s")

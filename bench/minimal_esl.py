@@ -3,7 +3,7 @@
 
 FreeSWITCH's `socket` application (async full) connects once per call, as to `callctl
 serve freeswitch`. Per call it does what the dialplan's contract asks and nothing more
-(docs/esl.md): connect, myevents, linger, the dialplan's guard cancelled (`api sched_del`),
+(docs/esl.md): connect, myevents (filtered as callctl's), linger, the dialplan's guard cancelled (`api sched_del`),
 a bridge to one destination presenting X, and at CHANNEL_HANGUP_COMPLETE the PBX's kept
 CDR deleted (`api db delete`), as callctl acknowledges a CDR. No decision, no database.
 The same runtime and protocol code as callctl's backend (gevent, callctl.freeswitch.esl).
@@ -26,7 +26,7 @@ def handle(sock, _address):
     try:
         channel = esl.connect()
         uuid = channel.get("Unique-ID", "")
-        esl.command("myevents")
+        esl.subscribe()
         esl.command("linger 60")
         esl.api(f"sched_del {uuid}")
         x = channel.get("variable_callctl_called", "")

@@ -89,7 +89,7 @@ class FakeCall:
             headers = dict(line.split(": ", 1) for line in rest if ": " in line)
             if first == "connect":
                 self.reply("+OK", self.channel_headers())
-            elif first in ("myevents",) or first.startswith("linger"):
+            elif first == "myevents" or first.startswith(("linger", "filter Event-Name ")):
                 self.reply("+OK")
                 if first.startswith("linger") and hang_up_at == "route":
                     self.hangup(16)

@@ -13,6 +13,7 @@ import time
 import pytest
 from sqlalchemy import select
 
+from callctl.freeswitch import esl
 from callctl.freeswitch.esl import EslProtocolError, parse_headers
 from callctl.freeswitch.fallback import kept_headers
 from callctl.freeswitch.server import finished_call, hangup_by
@@ -98,7 +99,9 @@ def call(daemon, called: str, caller: str = AGENT, **run) -> FakeCall:
 
 def test_rejected_call_ends_with_the_tables_cause_and_its_cdr_is_acknowledged(daemon):
     fake = call(daemon, UNKNOWN_X)
-    assert fake.commands[:3] == ["connect", "myevents", "linger 60"]
+    # This channel's events, only the three a session waits for, then linger.
+    assert fake.commands[:6] == ["connect", "myevents", *(f"filter Event-Name {name}" for name in esl.EVENTS),
+                                 "linger 60"]
     assert fake.apps == [("multiset", "callctl_reason=unknown_number callctl_action=reject"), ("pre_answer", ""),
                          ("playback", f"{SOUNDS}/unknown_number.wav"), ("hangup", "1")]
     row = cdr(daemon, fake.uuid)

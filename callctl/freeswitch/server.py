@@ -149,7 +149,7 @@ class CallSession:
         esl = self.esl
         self.channel = esl.connect()
         self.call_id = self.channel.get("Unique-ID", "")[:64]
-        esl.command("myevents")
+        esl.subscribe()
         esl.command(f"linger {self.cfg.linger}")
         # Connected and talking: cancel the dialplan's guard against a daemon that takes
         # the connection and never speaks (sched_hangup, group = the call's uuid).

@@ -155,6 +155,9 @@ cmd_down() {
 cmd_up() {
     cmd_build
     cmd_down >/dev/null 2>&1 || true
+    # A fresh PBX database each time: kept CDRs left by an earlier run (a benchmark's
+    # overloaded steps, a killed test) are not this run's, and import-pbx would take them.
+    rm -rf "$STATE/db"
     mkdir -p "$STATE"/{conf/dialplan,log,db,run,sounds}
     make_sounds "$STATE/sounds"
     cp "$REPO/conf/freeswitch/freeswitch.xml" "$STATE/conf/freeswitch.xml"

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bench.data import AGENT, BenchError, prepare_database, x_number
 from callctl.store import crypto
+from lab.agiclient import agi_session
 from lab.harness import Process, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,44 +69,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def agi(port: int, script: str, uniqueid: str, env: dict, args: list[str] = ()) -> dict[str, str]:
-    """One FastAGI session as Asterisk runs it; the variables the daemon set."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    lines = {"agi_network_script": script, "agi_request": f"agi://127.0.0.1:{port}/{script}",
-             "agi_channel": "PJSIP/carrier-00000001", "agi_uniqueid": uniqueid, **env}
-    lines.update({f"agi_arg_{n}": arg for n, arg in enumerate(args, 1)})
-    writer.write(b"".join(f"{k}: {v}\n".encode() for k, v in lines.items()) + b"\n")
-    variables: dict[str, str] = {}
-    try:
-        while line := await reader.readline():
-            command = line.decode().strip()
-            if command.startswith("EXEC MSet "):
-                variables.update(pair.partition("=")[::2] for pair in command[10:].strip('"').split(","))
-                writer.write(b"200 result=0\n")
-            elif command.startswith("SET VARIABLE "):
-                name, _, value = command[13:].partition(" ")
-                variables[name] = value.strip('"')
-                writer.write(b"200 result=1\n")
-            else:
-                writer.write(b"510 Invalid or unknown command\n")
-    finally:
-        writer.close()
-    return variables
-
-
 async def one_call(port: int, n: int, x: str) -> bool:
     """A bridged call as the product dialplan makes it: route, then the hangup's CDR."""
     started = time.time()
     uniqueid = f"{started:.0f}.{n}"
-    routed = await agi(port, "route", uniqueid, {"agi_extension": x, "agi_callerid": AGENT})
-    if routed.get("CALLCTL_ACTION") != "bridge":
+    routed = await agi_session(port, "route", uniqueid, env={"agi_extension": x, "agi_callerid": AGENT})
+    if routed is None or routed.get("CALLCTL_ACTION") != "bridge":
         return False
     args = [f"called={x}", f"caller={AGENT}", f"dest={routed['CALLCTL_DEST']}", "action=bridge", "reason=",
             f"binding={routed.get('CALLCTL_BINDING', '')}", f"tenant={routed.get('CALLCTL_TENANT', '')}",
             "direction=to_customer", f"start={started:.3f}", f"end={started + 1:.3f}", "dialstatus=ANSWER",
             "dialedtime=1000", "answeredtime=900", "hangupcause=16", "node=bench"]
-    done = await agi(port, "hangup", uniqueid, {}, args)
-    return bool(done.get("CALLCTL_CDR"))
+    done = await agi_session(port, "hangup", uniqueid, args)
+    return bool(done and done.get("CALLCTL_CDR"))
 
 
 async def drive(ports: dict[str, int], pids: dict[str, int], calls: int, rate: float, bindings: int,
@@ -115,17 +91,15 @@ async def drive(ports: dict[str, int], pids: dict[str, int], calls: int, rate: f
     names = list(ports)
     before = {name: cpu_seconds(pids[name]) for name in names}
     tasks, failed = [], {name: 0 for name in names}
-    began = time.monotonic()
-    for n in range(calls * len(names)):
-        name = names[n % len(names)]  # the same X for the pair: the same work for both
-        x = x_number(rng.randint(1, bindings)) if n % len(names) == 0 else x
-        tasks.append((name, asyncio.create_task(one_call(ports[name], n, x))))
-        await asyncio.sleep(max(0.0, began + (n + 1) / rate - time.monotonic()))
+    began, n = time.monotonic(), 0
+    for _ in range(calls):
+        x = x_number(rng.randint(1, bindings))  # the same X for each daemon: the same work for both
+        for name in names:
+            tasks.append((name, asyncio.create_task(one_call(ports[name], n, x))))
+            n += 1
+            await asyncio.sleep(max(0.0, began + n / rate - time.monotonic()))
     for name, task in tasks:
-        try:
-            failed[name] += not await task
-        except OSError:
-            failed[name] += 1
+        failed[name] += not await task
     await asyncio.sleep(0.5)  # the last CDR writes
     return {name: {"cpu_ms_per_call": (cpu_seconds(pids[name]) - before[name]) * 1000 / calls,
                    "failed": failed[name]} for name in names}

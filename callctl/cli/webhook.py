@@ -33,7 +33,10 @@ def list_(cfg, args):
     from callctl.webhooks import list_webhooks
 
     rows = list_webhooks(engine(cfg), args.tenant)
-    print_json(rows) if args.json else print(table(rows, WEBHOOK_TABLE))
+    if args.json:
+        print_json(rows)
+    else:
+        print(table(rows, WEBHOOK_TABLE))
 
 
 def test(cfg, args):

@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import structlog
-from sqlalchemy import and_, case, exists, func, insert, literal, select, update
+from sqlalchemy import and_, case, exists, func, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -150,8 +151,11 @@ def queue(session: Session, now: datetime) -> int:
         fresh = select(literal(hook.id), Event.id, literal(now)).where(
             Event.tenant_id == hook.tenant_id, Event.id > hook.queued_upto,
             ~exists().where(WebhookDelivery.webhook_id == hook.id, WebhookDelivery.event_id == Event.id))
-        made += session.execute(insert(WebhookDelivery).from_select(
-            ["webhook_id", "event_id", "next_attempt_at"], fresh)).rowcount
+        # Two deliverers may queue the same event at once (NOT EXISTS sees neither's
+        # uncommitted row): the unique (webhook, event) keeps one, the other skips it.
+        dialect_insert = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+        made += session.execute(dialect_insert(WebhookDelivery).from_select(
+            ["webhook_id", "event_id", "next_attempt_at"], fresh).on_conflict_do_nothing()).rowcount
         # Past events old enough to be committed the cursor moves on (a late commit of a
         # lower id within SETTLE is still found by the NOT EXISTS above).
         settled = session.scalar(select(func.max(Event.id)).where(

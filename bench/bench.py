@@ -84,6 +84,7 @@ from bench.data import (
     shared_party,
     x_number,
 )
+from bench import targets
 from lab.harness import (
     ASTERISK,
     FREESWITCH,
@@ -211,6 +212,21 @@ def in_process_latency(bench_url: str, n_bindings: int, samples: int, rng: rando
             s["p99_over_axn"] = s["p99_ms"] / result["p99_ms"]
             result["shared"][mode] = s
     return result
+
+
+def scale_key(n_bindings: int) -> str | None:
+    """Which scale a run's figures stand for: 1M or 10M bindings (others are smoke runs)."""
+    return {1_000_000: "1m", 10_000_000: "10m"}.get(n_bindings)
+
+
+def record_in_process(inproc: dict, n_bindings: int) -> None:
+    scale = scale_key(n_bindings)
+    if scale:
+        targets.record(f"inprocess_p99_ms_{scale}", inproc["p99_ms"], f"{inproc['samples']:,} random X")
+    if scale == "1m" and inproc.get("shared"):
+        for mode in ("AXE", "AXB"):
+            targets.record(f"inprocess_{mode.lower()}_p99_ms", inproc["shared"][mode]["p99_ms"],
+                           f"p50 {inproc['shared'][mode]['p50_ms']:.2f} ms")
 
 
 def say_in_process(inproc: dict) -> None:
@@ -520,6 +536,7 @@ def main(argv=None) -> int:
     inproc = in_process_latency(bench_url, args.bindings, args.samples, rng, random.Random(args.seed + 1))
     result["in_process"] = inproc
     say_in_process(inproc)
+    record_in_process(inproc, args.bindings)
     cost = crypto_cost(bench_url, args.samples)
     result["crypto"] = cost
     say(f"Encryption per decision (decrypt the customer's number + hash the caller): "
@@ -548,6 +565,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     for name, summary in result["summary"].items():
         print_summary(summary, name, result["run_s"], out)
+        record_calls(name, summary, args.bindings)
     if len(result["summary"]) > 1:
         print_side_by_side(result["summary"])
     if args.only is None:
@@ -592,6 +610,10 @@ def bench_provisioning(args, bench_url: str, result: dict, started: float) -> in
     out = OUT_DIR / "result.json"
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     bulk, api = prov["bulk_bind"], prov["api"]
+    if scale_key(args.bindings) == "1m":
+        targets.record("bulk_binds_per_s", bulk["per_s"], f"{bulk['bindings']:,} rows")
+        targets.record("api_binds_per_s", api["per_s"],
+                       f"{prov['api_workers']} worker(s), {prov['api_concurrency']} clients, p99 {api['latency_ms_p99']:.1f} ms")
     say("\n".join([
         "",
         "=" * 78,
@@ -618,6 +640,8 @@ def bench_anomaly(args) -> int:
     result = anomaly_bench.run(args.pg_admin, n=args.anomaly_cdrs, rules_path=str(REPO / "conf" / "anomaly.yaml"))
     out = OUT_DIR / "anomaly.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
+    if result["cdrs"] >= 10_000_000:
+        targets.record("anomaly_pass_s_10m", result["first_pass"]["seconds"], f"{result['cdrs']:,} CDRs")
     say(f"Anomaly job: {result['first_pass']['cdrs_per_s']:,} CDRs/s over {result['cdrs']:,} CDRs "
         f"({result['first_pass']['seconds']} s for the whole pass; target under 60 s); written to {out}")
     return 0
@@ -667,6 +691,18 @@ def summarize(args, steps, routed_ms, inproc, db) -> dict:
         "in_process_route_ms": {"calls": inproc["samples"], "p50": inproc["p50_ms"], "p99": inproc["p99_ms"]},
         "repeats": args.repeats,
     }
+
+
+def record_calls(pbx: str, s: dict, n_bindings: int) -> None:
+    """The ratio only when the minimal server found its limit (else it says nothing)."""
+    c, m = (s["servers"][n]["highest_clean_rate"] for n in SERVERS)
+    if s["ratio_determined"]:
+        key = "call_ratio_minimal" if pbx == "asterisk" else "call_ratio_freeswitch"
+        targets.record(key, s["ratio_callctl_over_minimal"], f"clean to {c:g} against {m:g} calls/s, {n_bindings:,} bindings")
+    scale = scale_key(n_bindings)
+    if pbx == "asterisk" and scale:
+        d = s["daemon_route_ms"]
+        targets.record(f"decision_p99_ms_{scale}", d["p99"], f"over {d['calls']:,} calls, every rate")
 
 
 def _route_stats(steps: list[dict]) -> dict:
@@ -735,7 +771,9 @@ def print_side_by_side(summaries: dict[str, dict]) -> None:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
+        say(targets.table())
+        sys.exit(code)
     except BenchError as exc:
         print(f"bench: ERROR: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -22,14 +22,18 @@ import argparse
 import asyncio
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench import targets
 from bench.data import AGENT, BenchError, prepare_database, x_number
 from callctl.store import crypto
+from callctl.store.db import make_engine
+from sqlalchemy import text
 from lab.agiclient import agi_session
 from lab.harness import Process, free_port
 
@@ -84,12 +88,33 @@ async def one_call(port: int, n: int, x: str) -> bool:
     return bool(done and done.get("CALLCTL_CDR"))
 
 
+def backend_cpu_seconds(engine, application: str) -> dict[int, float]:
+    """CPU of each PostgreSQL backend serving one daemon (its application_name)."""
+    with engine.connect() as db:
+        pids = db.execute(text("SELECT pid FROM pg_stat_activity WHERE application_name = :a"),
+                          {"a": application}).scalars().all()
+    seconds = {}
+    for pid in pids:
+        try:
+            seconds[pid] = cpu_seconds(pid)
+        except OSError:  # gone since
+            pass
+    return seconds
+
+
+def backend_cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """A backend started in between counts from zero; one that ended is lost (rare: the
+    daemon keeps its connections)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
 async def drive(ports: dict[str, int], pids: dict[str, int], calls: int, rate: float, bindings: int,
-                seed: int) -> dict:
+                seed: int, engine) -> dict:
     """`calls` calls per daemon, alternating, at `rate` calls/s in all."""
     rng = random.Random(seed)
     names = list(ports)
     before = {name: cpu_seconds(pids[name]) for name in names}
+    pg_before = {name: backend_cpu_seconds(engine, application(name)) for name in names}
     tasks, failed = [], {name: 0 for name in names}
     began, n = time.monotonic(), 0
     for _ in range(calls):
@@ -102,7 +127,14 @@ async def drive(ports: dict[str, int], pids: dict[str, int], calls: int, rate: f
         failed[name] += not await task
     await asyncio.sleep(0.5)  # the last CDR writes
     return {name: {"cpu_ms_per_call": (cpu_seconds(pids[name]) - before[name]) * 1000 / calls,
+                   "pg_cpu_ms_per_call": backend_cpu_used(pg_before[name], backend_cpu_seconds(
+                       engine, application(name))) * 1000 / calls,
                    "failed": failed[name]} for name in names}
+
+
+def application(name: str) -> str:
+    """The application_name a daemon's database connections carry."""
+    return "paired_head" if name == "HEAD" else "paired_ref"
 
 
 def main(argv=None) -> int:
@@ -123,6 +155,7 @@ def main(argv=None) -> int:
     try:
         print(f"preparing {DB_NAME}: {args.bindings:,} AXN bindings ...", flush=True)
         prepare_database(args.pg_admin, url, args.bindings)
+        engine = make_engine(url, pool_size=1)
         with tempfile.TemporaryDirectory(prefix="callctl-paired-") as tmp:
             ref_env = dict(pair.split("=", 1) for pair in args.ref_env)
             ref_name = f"{args.ref} ({' '.join(args.ref_env)})" if ref_env else args.ref
@@ -131,22 +164,23 @@ def main(argv=None) -> int:
             results = []
             for round_ in range(args.rounds):
                 order = list(trees) if round_ % 2 == 0 else list(reversed(trees))  # who goes first alternates
-                running = {name: daemon(trees[name], url, Path(tmp) / f"{'ref' if name == ref_name else 'head'}-{round_}",
+                running = {name: daemon(trees[name], f"{url}?application_name={application(name)}", Path(tmp) / f"{'ref' if name == ref_name else 'head'}-{round_}",
                                         ref_env if name == ref_name else None).start()
                            for name in order}
                 try:
                     # Uncounted warm-up: connections made, statements prepared, caches filled.
                     asyncio.run(drive({n: d.port for n, d in running.items()}, {n: d.proc.pid for n, d in running.items()},
-                                      args.warmup, args.rate, args.bindings, seed=1000 + round_))
+                                      args.warmup, args.rate, args.bindings, seed=1000 + round_, engine=engine))
                     got = asyncio.run(drive({n: d.port for n, d in running.items()},
                                             {n: d.proc.pid for n, d in running.items()},
-                                            args.calls, args.rate, args.bindings, seed=round_))
+                                            args.calls, args.rate, args.bindings, seed=round_, engine=engine))
                 finally:
                     for d in running.values():
                         d.stop()
                 results.append(got)
                 print(f"round {round_ + 1}: " + ", ".join(
-                    f"{name} {r['cpu_ms_per_call']:.3f} ms/call ({r['failed']} failed)" for name, r in got.items())
+                    f"{name} {r['cpu_ms_per_call']:.3f} ms/call, PostgreSQL {r['pg_cpu_ms_per_call']:.3f} "
+                    f"({r['failed']} failed)" for name, r in got.items())
                     + f"; REF/HEAD {got[ref_name]['cpu_ms_per_call'] / got['HEAD']['cpu_ms_per_call']:.3f}",
                       flush=True)
     except BenchError as exc:
@@ -155,6 +189,14 @@ def main(argv=None) -> int:
     ratios = sorted(r[ref_name]["cpu_ms_per_call"] / r["HEAD"]["cpu_ms_per_call"] for r in results)
     print(f"daemon CPU per call, {ref_name}/HEAD over {args.rounds} rounds: "
           f"{ratios[0]:.3f}-{ratios[-1]:.3f} (median {ratios[len(ratios) // 2]:.3f}); above 1: HEAD is cheaper")
+    for key, part in (("cpu_ms_per_call", "call_daemon_cpu_ms"), ("pg_cpu_ms_per_call", "call_postgres_cpu_ms")):
+        head = statistics.median(r["HEAD"][key] for r in results)
+        ref = statistics.median(r[ref_name][key] for r in results)
+        print(f"{'daemon' if part == 'call_daemon_cpu_ms' else 'PostgreSQL'} CPU per call, median of rounds: "
+              f"HEAD {head:.3f} ms, {ref_name} {ref:.3f} ms")
+        if args.head is None and not ref_env:
+            targets.record(part, head, f"{ref_name} {ref:.3f} ms beside it; {args.calls:,} calls x {args.rounds} "
+                                       f"rounds at {args.rate:g}/s, {args.bindings:,} bindings")
     return 0 if all(r[n]["failed"] == 0 for r in results for n in r) else 1
 
 

@@ -93,6 +93,7 @@ from lab.harness import (
     Pbx,
     callctl_daemon,
     json_events,
+    floor_fastagi,
     minimal_esl,
     minimal_fastagi,
 )
@@ -100,9 +101,10 @@ from lab.harness import (
 SETUP_LIMIT_MS = 100.0            # a clean step keeps the mean INVITE->200 below this
 OUT_DIR = REPO / "var" / "bench"
 
-SERVERS = ("callctl", "minimal")
+SERVERS = ("callctl", "minimal", "floor")  # the floor only on Asterisk
 PBXS = {"asterisk": ASTERISK, "freeswitch": FREESWITCH}
-LABEL = {"callctl": "callctl", "minimal": "minimal app"}  # FastAGI (Asterisk) or ESL (FreeSWITCH)
+LABEL = {"callctl": "callctl", "minimal": "minimal app",  # FastAGI (Asterisk) or ESL (FreeSWITCH)
+         "floor": "plain durable"}
 
 
 def fmt(v: float | None, digits: int = 1) -> str:
@@ -243,8 +245,8 @@ def say_in_process(inproc: dict) -> None:
 # ---------------------------------------------------------------------------- SIPp steps
 
 class Servers:
-    """callctl and the minimal application for one PBX; at most one runs (both want its
-    port: FastAGI 4573, ESL 8084)."""
+    """callctl, the minimal application and (Asterisk) the plain durable floor for one
+    PBX; at most one runs (all want its port: FastAGI 4573, ESL 8084)."""
 
     def __init__(self, bench_url: str, workdir: Path, pbx: Pbx = ASTERISK):
         workdir = Path(workdir) / pbx.name
@@ -252,6 +254,8 @@ class Servers:
             "callctl": callctl_daemon(bench_url, workdir, pbx=pbx.name),
             "minimal": minimal_fastagi(workdir) if pbx is ASTERISK else minimal_esl(workdir),
         }
+        if pbx is ASTERISK:
+            self.procs["floor"] = floor_fastagi(workdir, bench_url.replace("postgresql+psycopg2://", "postgresql://"))
         self.running: str | None = None
 
     def start(self, name: str) -> None:
@@ -337,13 +341,15 @@ def run_steps(args, servers: Servers, engine, n_bindings: int, rng: random.Rando
               pbx: Pbx = ASTERISK) -> tuple[list, list]:
     steps: list[dict] = []
     routed_ms: list[float] = []
-    active = {s: True for s in SERVERS}
-    unclean_run = {s: 0 for s in SERVERS}
+    names = tuple(servers.procs)
+    active = {s: True for s in names}
+    unclean_run = {s: 0 for s in names}
     order_flip = 0
     header = (f"{'rate':>5}  {'server':<16}{'rep':>3}  {'attempted':>9}{'ok':>7}{'failed':>7}  "
               f"{'setup mean':>10}{'p95':>7}  {'CPU/call':>8}{'PBX':>6}{'PG':>6}  {'dec p50':>7}{'p99':>7}  {'CDRs':>6}  clean")
     say(f"\nLoad steps through {pbx.name}. setup = SIPp INVITE -> 200 OK (ms); CPU/call = the call server's\n"
-        "CPU ms per call (callctl or the minimal application: FastAGI route + hangup sessions, or the ESL\n"
+        "CPU ms per call (callctl, the minimal application or the plain durable floor: FastAGI route + hangup\n"
+        "sessions, or the ESL\n"
         "session), PBX and PG the same for the PBX and PostgreSQL; dec = the daemon's 'call routed' ms;\n"
         "CDRs = rows written in the step.")
     say(header)
@@ -351,9 +357,9 @@ def run_steps(args, servers: Servers, engine, n_bindings: int, rng: random.Rando
     for rate in args.rates:
         if not any(active.values()):
             break
-        per_server: dict[str, list[bool]] = {s: [] for s in SERVERS if active[s]}
+        per_server: dict[str, list[bool]] = {s: [] for s in names if active[s]}
         for rep in range(args.repeats):
-            order = [s for s in (SERVERS if order_flip % 2 == 0 else SERVERS[::-1]) if active[s]]
+            order = [s for s in (names if order_flip % 2 == 0 else names[::-1]) if active[s]]
             order_flip += 1
             for name in order:
                 count = max(1, int(round(rate * args.seconds)))
@@ -649,28 +655,34 @@ def bench_anomaly(args) -> int:
 
 def summarize(args, steps, routed_ms, inproc, db) -> dict:
     best: dict[str, dict] = {}
-    tested: dict[str, list] = {}
-    for name in SERVERS:
+    ran = [name for name in SERVERS if any(s["server"] == name for s in steps)]
+    for name in ran:
         rates = sorted({s["rate"] for s in steps if s["server"] == name})
         clean = [r for r in rates if any(s["clean"] for s in steps if s["server"] == name and s["rate"] == r)]
-        tested[name] = rates
         best[name] = {
             "highest_clean_rate": max(clean) if clean else None,
             "clean_rates": clean,
             "tested_rates": rates,
             "limit_reached": bool(rates) and (not clean or max(clean) < max(rates)),
         }
-    for name in SERVERS:
         cpu = [s["server_cpu_ms_per_call"] for s in steps
                if s["server"] == name and s.get("server_cpu_ms_per_call") is not None]
         best[name]["cpu_ms_per_call_median"] = statistics.median(cpu) if cpu else None
         for part in ("pbx", "postgres"):
             used = [s[f"{part}_cpu_ms_per_call"] for s in steps if s["server"] == name]
             best[name][f"{part}_cpu_ms_per_call_median"] = statistics.median(used) if used else None
-    c, m = best["callctl"]["highest_clean_rate"], best["minimal"]["highest_clean_rate"]
-    ratio = (c / m) if c and m else None
-    # Below the minimal server's limit the ratio says nothing: the floor may go higher.
-    determined = ratio is not None and best["minimal"]["limit_reached"]
+
+    def ratio_to(floor: str) -> tuple[float | None, bool]:
+        """callctl's highest clean rate over `floor`'s, and whether it means anything:
+        below the floor's limit the floor may go higher."""
+        if floor not in best:
+            return None, False
+        c, m = best["callctl"]["highest_clean_rate"], best[floor]["highest_clean_rate"]
+        ratio = (c / m) if c and m else None
+        return ratio, ratio is not None and best[floor]["limit_reached"]
+
+    ratio, determined = ratio_to("minimal")
+    floor_ratio, floor_determined = ratio_to("floor")
     return {
         "bindings": db["bindings"],
         "load_s": db["load_s"],
@@ -679,6 +691,8 @@ def summarize(args, steps, routed_ms, inproc, db) -> dict:
         "ratio_target": 0.95,
         "ratio_determined": determined,
         "ratio_met": determined and ratio >= 0.95,
+        "ratio_callctl_over_floor": floor_ratio,
+        "ratio_floor_determined": floor_determined,
         "daemon_route_ms": {"calls": len(routed_ms), "p50": sipp.percentile(routed_ms, 50), "p99": sipp.percentile(routed_ms, 99),
                             "max": max(routed_ms) if routed_ms else None},
         "daemon_route_ms_clean_steps": _route_stats([s for s in steps if s["server"] == "callctl" and s["clean"]]),
@@ -695,10 +709,13 @@ def summarize(args, steps, routed_ms, inproc, db) -> dict:
 
 def record_calls(pbx: str, s: dict, n_bindings: int) -> None:
     """The ratio only when the minimal server found its limit (else it says nothing)."""
-    c, m = (s["servers"][n]["highest_clean_rate"] for n in SERVERS)
+    c, m = (s["servers"][n]["highest_clean_rate"] for n in ("callctl", "minimal"))
     if s["ratio_determined"]:
         key = "call_ratio_minimal" if pbx == "asterisk" else "call_ratio_freeswitch"
         targets.record(key, s["ratio_callctl_over_minimal"], f"clean to {c:g} against {m:g} calls/s, {n_bindings:,} bindings")
+    if s["ratio_floor_determined"]:
+        f = s["servers"]["floor"]["highest_clean_rate"]
+        targets.record("call_ratio_floor", s["ratio_callctl_over_floor"], f"clean to {c:g} against {f:g} calls/s")
     scale = scale_key(n_bindings)
     if pbx == "asterisk" and scale:
         d = s["daemon_route_ms"]
@@ -733,19 +750,21 @@ def print_summary(s: dict, pbx: str, run_s: float, out: Path) -> None:
         f"                              its {best_of} is clean",
         f"highest clean rate, callctl   {rate_text('callctl')}",
         f"highest clean rate, minimal   {rate_text('minimal')}",
+    ] + ([f"highest clean rate, floor     {rate_text('floor')} (plain durable: one read, one committed insert)"]
+         if "floor" in s["servers"] else []) + [
         f"ratio callctl / minimal       {fmt(ratio, 2)}  (target >= 0.95: {verdict})",
+    ] + ([f"ratio callctl / floor         {fmt(s['ratio_callctl_over_floor'], 2)}  "
+          f"({'the floor found its limit' if s['ratio_floor_determined'] else 'not determined: the floor was clean at every rate'})"]
+         if "floor" in s["servers"] else []) + [
         f"daemon decision latency       p50 {fmt(d['p50'], 2)} ms, p99 {fmt(d['p99'], 2)} ms, max {fmt(d['max'], 1)} ms "
         f"over {d['calls']:,} calls",
         f"  (log 'call routed' ms)      target p99 < 5 ms: {'met' if s['daemon_p99_met'] else 'NOT met'}",
         f"  same, clean steps only      p50 {fmt(dc['p50'], 2)} ms, p99 {fmt(dc['p99'], 2)} ms over {dc['calls']:,} calls",
         "  p99 by offered rate         " + ", ".join(
             f"{rate:g}/s {fmt(p99, 1)}" for rate, p99 in s["daemon_route_p99_ms_by_rate"].items()) + " ms",
-        f"call server CPU per call      callctl {fmt(s['servers']['callctl']['cpu_ms_per_call_median'], 2)} ms, "
-        f"minimal {fmt(s['servers']['minimal']['cpu_ms_per_call_median'], 2)} ms (median over steps; route + hangup)",
-        f"{pbx + ' CPU per call':<30}with callctl {fmt(s['servers']['callctl']['pbx_cpu_ms_per_call_median'], 2)} ms, "
-        f"with minimal {fmt(s['servers']['minimal']['pbx_cpu_ms_per_call_median'], 2)} ms (median over steps)",
-        f"PostgreSQL CPU per call       with callctl {fmt(s['servers']['callctl']['postgres_cpu_ms_per_call_median'], 2)} ms, "
-        f"with minimal {fmt(s['servers']['minimal']['postgres_cpu_ms_per_call_median'], 2)} ms (median over steps)",
+    ] + [f"CPU per call with {LABEL[name] + ':':<13}server {fmt(b['cpu_ms_per_call_median'], 2)} ms, {pbx} "
+         f"{fmt(b['pbx_cpu_ms_per_call_median'], 2)} ms, PostgreSQL {fmt(b['postgres_cpu_ms_per_call_median'], 2)} ms "
+         f"(medians over steps)" for name, b in s["servers"].items()] + [
         f"in-process route() latency    p50 {fmt(ip['p50'], 2)} ms, p99 {fmt(ip['p99'], 2)} ms over {ip['calls']:,} random X",
         f"run time                      {run_s:.0f} s; JSON: {out.relative_to(REPO)}",
         "=" * 78,
@@ -763,7 +782,7 @@ def print_side_by_side(summaries: dict[str, dict]) -> None:
         ("ratio callctl / minimal", lambda s: fmt(s["ratio_callctl_over_minimal"], 2)),
         ("decision p50 / p99 ms", lambda s: f"{fmt(s['daemon_route_ms']['p50'], 2)} / {fmt(s['daemon_route_ms']['p99'], 2)}"),
     ] + [(f"CPU ms/call with {server}: {part}", lambda s, k=key, v=server: fmt(s["servers"][v][k], 2))
-         for server in SERVERS for part, key in (("server", "cpu_ms_per_call_median"), ("PBX", "pbx_cpu_ms_per_call_median"),
+         for server in ("callctl", "minimal") for part, key in (("server", "cpu_ms_per_call_median"), ("PBX", "pbx_cpu_ms_per_call_median"),
                                                 ("PostgreSQL", "postgres_cpu_ms_per_call_median"))]
     say("\n" + f"{'':<38}" + "".join(f"{n:>18}" for n in names))
     for label, value in rows:

@@ -238,7 +238,7 @@ def free_agi_port(port: int = AGI_PORT) -> None:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "callctl" not in cmdline and "minimal_fastagi" not in cmdline:
+        if not any(name in cmdline for name in ("callctl", "minimal_fastagi", "floor_fastagi")):
             raise LabError(f"TCP port {port} is held by another program (pid {pid}): {cmdline[:80]}")
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
@@ -322,6 +322,13 @@ def minimal_fastagi(workdir: Path) -> Process:
     """The floor of AGI cost: answers every call with one destination (bench/minimal_fastagi.py)."""
     return Process([sys.executable, str(REPO / "bench" / "minimal_fastagi.py"), f"{AGI_HOST}:{AGI_PORT}"],
                    Path(workdir) / "minimal_fastagi.log")
+
+
+def floor_fastagi(workdir: Path, dsn: str) -> Process:
+    """The floor of the durable work: one indexed read per route, one committed insert
+    per hangup, written plainly (bench/floor_fastagi.py)."""
+    return Process([sys.executable, str(REPO / "bench" / "floor_fastagi.py"), f"{AGI_HOST}:{AGI_PORT}", dsn],
+                   Path(workdir) / "floor_fastagi.log")
 
 
 def minimal_esl(workdir: Path) -> Process:

@@ -145,6 +145,10 @@ class Config(Strict):
     # Longest wait for the database at call time (connect, statement, lock); past it a
     # call is rejected as unavailable and its CDR goes to the spool.
     db_timeout: float = Field(2.0, gt=0, le=30)
+    # Group commit of CDRs on PostgreSQL: a CDR waits up to this long for others to go
+    # in the same statement and commit; 0 writes each alone. The PBX's hangup is
+    # acknowledged after the commit either way.
+    cdr_group_ms: float = Field(20.0, ge=0, le=1000)
     anomaly_rules: str = "conf/anomaly.yaml"  # the anomaly job's rules (callctl anomaly run)
     # The audit log's signed head, kept outside the database (docs/reveal.md).
     audit_checkpoint: str = "var/callctl.audit-head"
@@ -188,6 +192,7 @@ ENV_OVERRIDES = {
     "CALLCTL_SPOOL_DIR": (None, "spool_dir"),
     "CALLCTL_QUARANTINE_DAYS": (None, "quarantine_days"),
     "CALLCTL_DB_TIMEOUT": (None, "db_timeout"),
+    "CALLCTL_CDR_GROUP_MS": (None, "cdr_group_ms"),
     "CALLCTL_ANOMALY_RULES": (None, "anomaly_rules"),
     "CALLCTL_AUDIT_CHECKPOINT": (None, "audit_checkpoint"),
     "CALLCTL_SELFSERVICE_NUMBERS": (None, "selfservice_numbers"),

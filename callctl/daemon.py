@@ -195,7 +195,8 @@ class AsyncDaemon:
         self.cdr_executor = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix="callctl-cdr")
         self.spool_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="callctl-spool")
         if self.service.engine.dialect.name == "postgresql":
-            self.service.store = await PgCallStore.open(cfg.database_url, cfg.db_threads, cfg.db_timeout)
+            self.service.store = await PgCallStore.open(cfg.database_url, cfg.db_threads, cfg.db_timeout,
+                                                        cfg.cdr_group_ms / 1000 if cfg.cdr_group_ms else None)
         else:
             self.service.store = ThreadedCallStore(self.service.engine, self.route_executor, self.cdr_executor)
 

@@ -44,6 +44,9 @@ DECISION_SECONDS = Histogram(
 SESSIONS = Counter("callctl_sessions", "PBX sessions accepted (FastAGI connections, ESL sockets)", ["protocol"])
 SESSIONS_OPEN = Gauge("callctl_sessions_open", "PBX sessions being served now", ["protocol"])
 CDRS = Counter("callctl_cdrs", "CDRs of finished calls by what became of them", ["outcome"])
+CDR_BATCH_ROWS = Histogram(
+    "callctl_cdr_batch_rows", "CDRs written together in one statement and one commit (group commit)",
+    buckets=(1, 2, 3, 5, 10, 20, 50, 100))
 SPOOL_DEPTH = Gauge("callctl_spool_depth", "CDRs waiting in the local spool for the database")
 SPOOL_REPLAYED = Counter("callctl_spool_replayed", "Spooled CDRs replayed into the database")
 DB_ERRORS = Counter("callctl_db_errors", "Database calls that failed (down, unreachable, too slow)", ["path"])

@@ -3,6 +3,7 @@ loop) against the threaded path every other caller uses: the same facts, the sam
 decisions, the same CDR rows; one prepared statement per connection; connections the
 server dropped replaced; a database that is not there fails closed, in time."""
 import asyncio
+import json
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -264,3 +265,111 @@ def test_warming_with_no_database_is_one_clear_error(tmp_path):
         return str(info.value)
 
     assert asyncio.run(on_loop(calls)(url)) in ("ConnectionRefusedError", "OSError")
+
+
+def _finished_rows(service, count: int, prefix: str) -> list[dict]:
+    start = time.time() - 30
+    return [service.cdr_row(agi_call(
+        f"{prefix}-{n}", called=X1, caller=AGENT, destination=A, action="bridge", binding="1", tenant="1",
+        direction="to_customer", start=f"{start + n:.3f}", end=f"{start + n + 20:.3f}", dial_status="ANSWER",
+        dialed_ms="20000", answered_ms="15000", hangup_cause="16", node="lab"), datetime.now(timezone.utc))
+        for n in range(count)]
+
+
+def _batches() -> tuple[float, float]:
+    """(batches, rows) the group commit has written so far in this process."""
+    from prometheus_client import REGISTRY
+    return (REGISTRY.get_sample_value("callctl_cdr_batch_rows_count") or 0.0,
+            REGISTRY.get_sample_value("callctl_cdr_batch_rows_sum") or 0.0)
+
+
+def test_group_commit_writes_many_cdrs_in_one_statement_each_once_with_its_event(pg_url, tmp_path):
+    from callctl.webhooks import add_webhook
+    engine = bound_on_postgresql(pg_url)
+    add_webhook(engine, "acme", "http://127.0.0.1:9/hook")
+    service = CallService(engine, CdrSpool(tmp_path / "spool"))
+    rows = _finished_rows(service, 30, "group")
+    before = _batches()
+
+    async def write_all(store):
+        return await asyncio.gather(*(store.write_cdr(row) for row in rows))
+
+    async def main():
+        store = await PgCallStore.open(pg_url, size=2, timeout=2.0, cdr_linger=0.2)
+        try:
+            first = await write_all(store)
+            return first, await write_all(store)  # the same calls again: all duplicates
+        finally:
+            await store.close()
+
+    first, again = asyncio.run(main())
+    assert first == [True] * 30 and again == [False] * 30
+    batches, written = (after - was for after, was in zip(_batches(), before))
+    assert written == 60 and batches <= 4  # 30 rows waited together, twice: not 60 statements
+    with engine.connect() as conn:  # every value as given, as from the one-row statement
+        stored = conn.execute(select(*(Cdr.__table__.c[key] for key in rows[0])).order_by(Cdr.call_id)).mappings().all()
+        events = conn.execute(text("SELECT body FROM events WHERE kind = 'call.ended'")).scalars().all()
+    assert [dict(r) for r in stored] == sorted(rows, key=lambda r: r["call_id"])
+    assert sorted(json.loads(body)["call_id"] for body in events) == sorted(r["call_id"] for r in rows)
+    engine.dispose()
+
+
+def test_group_commit_one_call_reported_twice_in_a_batch_is_written_once(pg_url, tmp_path):
+    engine = bound_on_postgresql(pg_url)
+    service = CallService(engine, CdrSpool(tmp_path / "spool"))
+    row = _finished_rows(service, 1, "twice")[0]
+    later = {**row, "started_at": row["started_at"] + timedelta(seconds=2)}  # another start, same call
+
+    async def main():
+        store = await PgCallStore.open(pg_url, size=2, timeout=2.0, cdr_linger=0.2)
+        try:
+            return await asyncio.gather(store.write_cdr(row), store.write_cdr(later))
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == [True, False]
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM cdrs WHERE call_id = 'twice-0'")).scalar() == 1
+    engine.dispose()
+
+
+@pytest.mark.parametrize("refused", ["server", "client"])
+def test_group_commit_a_row_the_database_refuses_fails_alone(pg_url, tmp_path, refused):
+    """A batch refused for one row's sake is written again row by row: the neighbours
+    are written, the bad row alone fails (the daemon then spools it)."""
+    engine = bound_on_postgresql(pg_url)
+    service = CallService(engine, CdrSpool(tmp_path / "spool"))
+    rows = _finished_rows(service, 5, f"refused-{refused}")
+    if refused == "server":
+        rows[2]["call_id"] = "x" * 200  # longer than the column: PostgreSQL refuses it
+    else:
+        rows[2]["hangup_cause"] = 2 ** 40  # no 32-bit integer: asyncpg refuses to send it
+
+    async def main():
+        store = await PgCallStore.open(pg_url, size=2, timeout=2.0, cdr_linger=0.2)
+        try:
+            return await asyncio.gather(*(store.write_cdr(row) for row in rows), return_exceptions=True)
+        finally:
+            await store.close()
+
+    results = asyncio.run(main())
+    assert results[:2] + results[3:] == [True] * 4
+    assert isinstance(results[2], PgUnavailable)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM cdrs")).scalar() == 4
+    engine.dispose()
+
+
+def test_group_commit_with_no_database_fails_every_writer_in_time(tmp_path):
+    async def main():
+        store = await PgCallStore.open("postgresql://postgres@127.0.0.1:1/none", size=2, timeout=1.0, cdr_linger=0.05)
+        service = CallService(None, CdrSpool(tmp_path / "spool"))
+        rows = [{**row, "call_id": f"down-{n}"} for n, row in enumerate(_finished_rows(service, 3, "down"))]
+        began = time.monotonic()
+        results = await asyncio.gather(*(store.write_cdr(row) for row in rows), return_exceptions=True)
+        await store.close()
+        return results, time.monotonic() - began
+
+    results, seconds = asyncio.run(main())
+    assert all(isinstance(r, PgUnavailable) for r in results), results
+    assert seconds < 5

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, time, timedelta, timezone
 
 from sqlalchemy import (
-    String, and_, bindparam, case, cast, exists, func, literal_column, null, or_, select, true, union_all,
+    ARRAY, String, and_, bindparam, case, cast, column, exists, func, literal_column, null, or_, select, true, union_all,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
@@ -193,28 +193,44 @@ CDR_WINDOW = timedelta(days=2)
 _CDR_INSERTS: dict[tuple, object] = {}
 
 
-def cdr_insert(dialect: str, keys: tuple[str, ...]):
+def cdr_insert(dialect: str, keys: tuple[str, ...], many: bool = False):
     """The INSERT of one CDR with these columns (built once per dialect and key set).
 
     Also masks X unless it is one of our pool's numbers (a call to an unknown X may
     carry a person's number there), and keeps a tenant or binding id only if it is one
-    (an id field may hold any digits, a phone number too). Its parameters: cdr_params(row)."""
-    statement = _CDR_INSERTS.get((dialect, keys))
+    (an id field may hold any digits, a phone number too). Its parameters: cdr_params(row).
+
+    many=True (PostgreSQL): the same INSERT of many CDRs in one statement, each
+    parameter an array of the rows' values, read back as rows with unnest(); the
+    statement must not hold two rows of one call (the check for an earlier CDR of the
+    call cannot see a row of its own statement)."""
+    statement = _CDR_INSERTS.get((dialect, keys, many))
     if statement is not None:
         return statement
     table = Cdr.__table__
+    # Texts as text, not varchar(n): a cast to varchar(n) cuts a longer value short
+    # silently, where the column refuses it.
+    types = {key: String() if isinstance(table.c[key].type, String) else table.c[key].type for key in keys} | {
+        "window_from": table.c.started_at.type, "window_to": table.c.started_at.type,
+        "virtual_number_masked": String()}
+    if many:
+        rows = func.unnest(*(bindparam(name, type_=ARRAY(type_)) for name, type_ in types.items())) \
+            .table_valued(*(column(name, type_) for name, type_ in types.items())).render_derived(name="r")
 
-    def param(name, type_):
-        value = bindparam(name, type_=type_)
-        # PostgreSQL types the parameters of INSERT ... SELECT as text unless told
-        # (SQLite's CAST AS DATETIME would make a number of the text).
-        return cast(value, type_) if dialect == "postgresql" else value
+        def param(name, type_):
+            return rows.c[name]
+    else:
+        def param(name, type_):
+            value = bindparam(name, type_=type_)
+            # PostgreSQL types the parameters of INSERT ... SELECT as text unless told
+            # (SQLite's CAST AS DATETIME would make a number of the text).
+            return cast(value, type_) if dialect == "postgresql" else value
 
-    values = {key: param(key, table.c[key].type) for key in keys}
+    values = {key: param(key, types[key]) for key in keys}
     if "virtual_number" in values:
         x = values["virtual_number"]
         values["virtual_number"] = case((exists().where(VirtualNumber.e164 == x), x),
-                                        else_=param("virtual_number_masked", String()))
+                                        else_=param("virtual_number_masked", types["virtual_number_masked"]))
     for key, model in (("tenant_id", Tenant), ("binding_id", Binding)):
         if key in values:
             values[key] = select(model.id).where(model.id == values[key]).scalar_subquery()
@@ -222,12 +238,13 @@ def cdr_insert(dialect: str, keys: tuple[str, ...]):
     node = values.get("node", null())
     same_call = exists().where(
         earlier.c.call_id == values["call_id"], earlier.c.node.is_not_distinct_from(node),
-        earlier.c.started_at >= param("window_from", table.c.started_at.type),
-        earlier.c.started_at <= param("window_to", table.c.started_at.type),
+        earlier.c.started_at >= param("window_from", types["window_from"]),
+        earlier.c.started_at <= param("window_to", types["window_to"]),
     )
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(table).from_select(list(keys), select(*values.values()).where(~same_call))
-    statement = _CDR_INSERTS[(dialect, keys)] = statement.on_conflict_do_nothing()
+    source = select(*values.values()).where(~same_call)
+    statement = insert(table).from_select(list(keys), source.select_from(rows) if many else source)
+    statement = _CDR_INSERTS[(dialect, keys, many)] = statement.on_conflict_do_nothing()
     return statement
 
 

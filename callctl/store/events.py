@@ -83,3 +83,16 @@ PG_CALL_EVENT = (
     "(SELECT 1 FROM webhooks w WHERE w.tenant_id = new.tenant_id AND w.removed_at IS NULL)) "
     "SELECT count(*) FROM new"
 )
+# The same for many CDRs in one statement (pgcalls' group commit): the events' call ids,
+# nodes, kinds and bodies as arrays, matched to the rows written by call and node.
+# $N..: call ids, nodes, kinds, now, bodies. Answers the (call_id, node) of the rows written.
+PG_CALL_EVENTS = (
+    "WITH new AS ({insert} RETURNING call_id, node, tenant_id), "
+    "ev AS (INSERT INTO events (tenant_id, kind, occurred_at, body) "
+    "SELECT new.tenant_id, e.kind, ${n}::timestamptz, e.body FROM new "
+    "JOIN unnest(${c}::text[], ${d}::text[], ${k}::text[], ${b}::text[]) AS e(call_id, node, kind, body) "
+    "ON e.call_id = new.call_id AND e.node IS NOT DISTINCT FROM new.node "
+    "WHERE e.kind IS NOT NULL AND EXISTS "
+    "(SELECT 1 FROM webhooks w WHERE w.tenant_id = new.tenant_id AND w.removed_at IS NULL)) "
+    "SELECT call_id, node FROM new"
+)

@@ -21,10 +21,10 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 
 from callctl.core.decision import NumberFacts
-from callctl.metrics import DB_RECONNECTS
+from callctl.metrics import CDR_BATCH_ROWS, DB_RECONNECTS
 from callctl.store.callstore import StoreUnavailable
 from callctl.store.calls import _FACTS, _FACTS_BY_EXTENSION, facts_from_rows, facts_params, cdr_insert, cdr_params
-from callctl.store.events import PG_CALL_EVENT, call_event
+from callctl.store.events import PG_CALL_EVENT, PG_CALL_EVENTS, call_event
 
 _DIALECT = postgresql.psycopg2.dialect(paramstyle="numeric_dollar")
 # A pooled connection the server closed (restart, failover, pg_terminate_backend): the
@@ -179,20 +179,123 @@ class _Connections:
         self._opened -= len(idle)
 
 
+class _GroupCommit:
+    """CDRs written together: the first waits up to `linger` seconds for others, then
+    all go in one statement and one commit (one WAL flush); each writer is answered only
+    once that commit is done, as when it wrote alone. A batch the database refuses for
+    one row's sake is written again row by row, so that row fails alone; a lost database
+    fails the whole batch, each writer then spools its own row."""
+
+    def __init__(self, write_many: Callable, write_one: Callable, linger: float, max_rows: int = 100):
+        self._write_many, self._write_one = write_many, write_one
+        self.linger, self.max_rows = linger, max_rows
+        self._pending: list[tuple[dict, asyncio.Future]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._writing: set[asyncio.Task] = set()
+
+    def write(self, row: dict) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._pending.append((row, done))
+        if len(self._pending) >= self.max_rows:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.linger, self._flush)
+        return done
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, later, calls = [], [], set()
+        for item in self._pending:
+            call = (item[0].get("call_id"), item[0].get("node"))
+            # A second report of one call waits for the next batch, which then sees the
+            # first one written (one statement cannot see its own rows).
+            if call in calls or len(batch) >= self.max_rows:
+                later.append(item)
+            else:
+                calls.add(call)
+                batch.append(item)
+        self._pending = later
+        task = asyncio.get_running_loop().create_task(self._write(batch))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+        if later:
+            self._timer = asyncio.get_running_loop().call_later(self.linger, self._flush)
+
+    async def _write(self, batch: list[tuple[dict, asyncio.Future]]) -> None:
+        CDR_BATCH_ROWS.observe(len(batch))
+        try:
+            await self._write_batch(batch)
+        except BaseException as exc:  # never leave a writer waiting for nobody: it spools its row
+            unavailable = PgUnavailable(type(exc).__name__)
+            unavailable.__cause__ = exc
+            for _, done in batch:
+                _answer(done, exc=unavailable)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _write_batch(self, batch: list[tuple[dict, asyncio.Future]]) -> None:
+        try:
+            written = await self._write_many([row for row, _ in batch]) if len(batch) > 1 else None
+        except PgUnavailable as exc:
+            if not _refused_rows(exc):
+                for _, done in batch:
+                    _answer(done, exc=exc)
+                return
+            written = None
+        if written is not None:
+            for row, done in batch:
+                _answer(done, (row.get("call_id"), row.get("node")) in written)
+            return
+        for row, done in batch:  # alone, or again one by one: a refused row fails on its own
+            try:
+                _answer(done, await self._write_one(row))
+            except PgUnavailable as exc:
+                _answer(done, exc=exc)
+
+    async def drain(self) -> None:
+        """Write what waits now (the daemon stopping)."""
+        if self._pending:
+            self._flush()
+        if self._writing:
+            await asyncio.gather(*self._writing, return_exceptions=True)
+
+
+def _answer(done: asyncio.Future, result=None, exc: BaseException | None = None) -> None:
+    if done.done():  # the writer stopped waiting (its time ran out: it spooled the row)
+        return
+    if exc is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(result)
+
+
+def _refused_rows(exc: PgUnavailable) -> bool:
+    """The database answered and refused the statement (a value out of range, say), as
+    opposed to not answering: worth writing the rows again one by one."""
+    cause = exc.__cause__
+    return isinstance(cause, asyncpg.PostgresError) and not isinstance(cause, _LOST)
+
+
 class PgCallStore:
     """The CallStore of PostgreSQL (callctl.store.callstore). Two sets of connections: routing reads never wait for a connection behind CDR
-    inserts (slow, or hanging while the database is in trouble)."""
+    inserts (slow, or hanging while the database is in trouble). CDRs are written by
+    group commit (_GroupCommit) unless `cdr_linger` is None."""
 
-    def __init__(self, reads: _Connections, inserts: _Connections):
+    def __init__(self, reads: _Connections, inserts: _Connections, cdr_linger: float | None = None):
         self.reads = reads
         self.inserts = inserts
         self._inserts_by_keys: dict[tuple, _Statement] = {}
+        self._group = None if cdr_linger is None else _GroupCommit(self._write_many, self._write_one, cdr_linger)
 
     @classmethod
-    async def open(cls, url: str, size: int, timeout: float) -> "PgCallStore":
+    async def open(cls, url: str, size: int, timeout: float, cdr_linger: float | None = None) -> "PgCallStore":
         """Up to `size` connections each, made when first needed: the daemon starts
         (and spools CDRs) while the database is down. No call waits on the database
-        longer than `timeout` seconds: connect, statement or lock."""
+        longer than `timeout` seconds: connect, statement or lock. `cdr_linger`: seconds
+        a CDR waits for others to be written with (None: each alone)."""
         ms = str(int(timeout * 1000))
         dsn, settings = _asyncpg_dsn(url)
         settings = {**settings, "statement_timeout": ms, "lock_timeout": ms}
@@ -200,7 +303,7 @@ class PgCallStore:
         def connect():
             return asyncpg.connect(dsn, timeout=timeout, command_timeout=timeout, server_settings=settings)
 
-        return cls(_Connections(connect, size), _Connections(connect, size))
+        return cls(_Connections(connect, size), _Connections(connect, size), cdr_linger)
 
     async def warm(self, count: int) -> None:
         """Open `count` connections of each kind before the first calls need them
@@ -216,6 +319,8 @@ class PgCallStore:
         await _run(self.reads, "fetchval", "SELECT 1", [])
 
     async def close(self, timeout: float = 5.0) -> None:
+        if self._group is not None:
+            await self._group.drain()
         for connections in (self.reads, self.inserts):
             await connections.close(timeout)
 
@@ -230,6 +335,11 @@ class PgCallStore:
     async def write_cdr(self, row: dict) -> bool:
         """write_cdr(), on the event loop: True if new, False if the call was written before.
         A new CDR's event for the tenant's webhooks goes in the same statement."""
+        if self._group is None:
+            return await self._write_one(row)
+        return await self._group.write(row)
+
+    async def _write_one(self, row: dict) -> bool:
         keys = tuple(row)
         statement = self._inserts_by_keys.get(keys)
         if statement is None:
@@ -239,6 +349,25 @@ class PgCallStore:
         kind, body = call_event(row) or (None, None)
         args = statement.args(cdr_params(row)) + [kind, datetime.now(timezone.utc), body]
         return await _run(self.inserts, "fetchval", statement.sql, args) == 1
+
+    async def _write_many(self, rows: list[dict]) -> set[tuple] | None:
+        """Many CDRs in one statement: the (call_id, node) of those that were new. None
+        when the rows do not share one set of columns (then each is written alone)."""
+        keys = tuple(rows[0])
+        if any(tuple(row) != keys for row in rows):
+            return None
+        statement = self._inserts_by_keys.get((keys, "many"))
+        if statement is None:
+            statement = self._inserts_by_keys[(keys, "many")] = _Statement(cdr_insert("postgresql", keys, many=True))
+            n = len(statement.keys)
+            statement.sql = PG_CALL_EVENTS.format(insert=statement.sql, c=n + 1, d=n + 2, k=n + 3, n=n + 4, b=n + 5)
+        params = [cdr_params(row) for row in rows]
+        events = [call_event(row) or (None, None) for row in rows]
+        args = statement.args({key: [p[key] for p in params] for key in statement.keys})
+        args += [[row.get("call_id") for row in rows], [row.get("node") for row in rows],
+                 [kind for kind, _ in events], datetime.now(timezone.utc), [body for _, body in events]]
+        records = await _run(self.inserts, "fetch", statement.sql, args)
+        return {(record[0], record[1]) for record in records}
 
 
 # libpq's client-side options that asyncpg would send the server as settings (and the

@@ -373,3 +373,27 @@ def test_group_commit_with_no_database_fails_every_writer_in_time(tmp_path):
     results, seconds = asyncio.run(main())
     assert all(isinstance(r, PgUnavailable) for r in results), results
     assert seconds < 5
+
+
+def test_the_synchronous_path_prepares_once_per_connection_and_replaces_stale_plans(pg_url):
+    """psycopg2 (the FreeSWITCH backend, the CLI) runs the facts statement and the CDR
+    insert as prepared statements too: PREPARE once per connection, then EXECUTE; a
+    migration that changes a result column's type under the plan costs a new plan."""
+    from callctl.store.calls import write_cdr
+    from callctl.store.db import make_engine
+    engine = bound_on_postgresql(pg_url)
+    one = make_engine(pg_url, pool_size=1)  # one connection: every call on it
+    for _ in range(5):
+        assert call_facts(one, X1, AGENT, NOW).bindings[0].party_a == A
+    service = CallService(one, CdrSpool("/nonexistent"))
+    row = _finished_rows(service, 1, "sync")[0]
+    assert [write_cdr(one, row), write_cdr(one, row)] == [True, False]
+    with one.connect() as conn:
+        statements = conn.exec_driver_sql("SELECT statement FROM pg_prepared_statements").scalars().all()
+    assert sum("FROM virtual_numbers" in s and "INSERT" not in s for s in statements) == 1
+    assert sum(s.startswith("PREPARE") and "INSERT INTO cdrs" in s for s in statements) == 1
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE tenants ALTER COLUMN hotline TYPE varchar(24)")
+    assert call_facts(one, X1, A, NOW).tenant.hotline == HOTLINE
+    one.dispose()
+    engine.dispose()

@@ -20,7 +20,8 @@ from callctl.core.enums import BlockScope
 from callctl.core.numbers import mask
 from callctl.store.crypto import number_hash
 from callctl.store.db import READ_ONLY
-from callctl.store.events import write_call_event
+from callctl.store.events import PG_CALL_EVENT, PG_CALL_EVENTS, call_event, write_call_event
+from callctl.store.prepared import Compiled, execute
 from callctl.store.models import BlacklistEntry, Binding, Block, Cdr, CustomerPreference, Tenant, TenantCaller, VirtualNumber
 
 
@@ -137,6 +138,7 @@ def _facts_statement(by_extension: bool):
 
 _FACTS = _facts_statement(by_extension=False)
 _FACTS_BY_EXTENSION = _facts_statement(by_extension=True)
+FACTS_COMPILED, FACTS_BY_EXTENSION_COMPILED = Compiled(_FACTS), Compiled(_FACTS_BY_EXTENSION)  # PostgreSQL
 
 
 def call_facts(
@@ -149,7 +151,11 @@ def call_facts(
     params = facts_params(x, caller, now, extension)
     with engine.connect() as conn:
         conn.execution_options(**READ_ONLY)
-        rows = conn.execute(_FACTS if extension is None else _FACTS_BY_EXTENSION, params).all()
+        if engine.dialect.name == "postgresql":
+            statement = FACTS_COMPILED if extension is None else FACTS_BY_EXTENSION_COMPILED
+            rows = statement.rows(execute(conn, statement, statement.args(params), read_only=True))
+        else:
+            rows = conn.execute(_FACTS if extension is None else _FACTS_BY_EXTENSION, params).all()
     return facts_from_rows(x, rows)
 
 
@@ -277,7 +283,39 @@ def write_cdrs(engine: Engine, rows: list[dict]) -> int:
     new = 0
     with engine.begin() as conn:
         for row in rows:
-            if conn.execute(cdr_insert(dialect, tuple(row)), cdr_params(row)).rowcount:
+            if dialect == "postgresql":  # prepared, the event in the same statement
+                statement = cdr_with_event(tuple(row))
+                new += execute(conn, statement, cdr_with_event_args(statement, row, now))[0][0]
+            elif conn.execute(cdr_insert(dialect, tuple(row)), cdr_params(row)).rowcount:
                 new += 1
                 write_call_event(conn, row, now)
     return new
+
+
+_WITH_EVENTS: dict[tuple, Compiled] = {}
+
+
+def cdr_with_event(keys: tuple[str, ...], many: bool = False) -> Compiled:
+    """PostgreSQL: the CDR insert (many=True: of many CDRs, cdr_insert) and the event of
+    each new CDR for the tenant's webhooks in one statement (events.PG_CALL_EVENT(S)),
+    compiled once per key set. Its arguments: cdr_with_event_args or cdrs_with_events_args."""
+    statement = _WITH_EVENTS.get((keys, many))
+    if statement is None:
+        statement = _WITH_EVENTS[(keys, many)] = Compiled(cdr_insert("postgresql", keys, many))
+        n = len(statement.keys)
+        statement.sql = (PG_CALL_EVENTS if many else PG_CALL_EVENT).format(
+            insert=statement.sql, k=n + 1, n=n + 2, b=n + 3, c=n + 4, d=n + 5)
+    return statement
+
+
+def cdr_with_event_args(statement: Compiled, row: dict, now: datetime) -> list:
+    kind, body = call_event(row) or (None, None)
+    return statement.args(cdr_params(row)) + [kind, now, body]
+
+
+def cdrs_with_events_args(statement: Compiled, rows: list[dict], now: datetime) -> list:
+    params = [cdr_params(row) for row in rows]
+    events = [call_event(row) or (None, None) for row in rows]
+    return statement.args({key: [p[key] for p in params] for key in statement.keys}) + [
+        [kind for kind, _ in events], now, [body for _, body in events],
+        [row.get("call_id") for row in rows], [row.get("node") for row in rows]]

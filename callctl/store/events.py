@@ -74,7 +74,7 @@ def write_call_event(conn: Connection, row: dict, now: datetime) -> None:
         conn.execute(_CALL_EVENT, {"tenant_id": row["tenant_id"], "kind": made[0], "body": made[1], "now": now})
 
 
-# PostgreSQL on the event loop (callctl.store.pgcalls): the CDR insert and its event in one
+# PostgreSQL (callctl.store.calls.cdr_with_event): the CDR insert and its event in one
 # statement (one transaction), wrapped around the compiled CDR insert. $N..: kind, now, body.
 PG_CALL_EVENT = (
     "WITH new AS ({insert} RETURNING tenant_id), "
@@ -83,9 +83,9 @@ PG_CALL_EVENT = (
     "(SELECT 1 FROM webhooks w WHERE w.tenant_id = new.tenant_id AND w.removed_at IS NULL)) "
     "SELECT count(*) FROM new"
 )
-# The same for many CDRs in one statement (pgcalls' group commit): the events' call ids,
-# nodes, kinds and bodies as arrays, matched to the rows written by call and node.
-# $N..: call ids, nodes, kinds, now, bodies. Answers the (call_id, node) of the rows written.
+# The same for many CDRs in one statement (pgcalls' group commit): the events' kinds,
+# bodies, call ids and nodes as arrays, matched to the rows written by call and node.
+# $N..: kinds, now, bodies, call ids, nodes. Answers the (call_id, node) of the rows written.
 PG_CALL_EVENTS = (
     "WITH new AS ({insert} RETURNING call_id, node, tenant_id), "
     "ev AS (INSERT INTO events (tenant_id, kind, occurred_at, body) "

@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque, namedtuple
+from collections import deque
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
 import asyncpg
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 
 from callctl.core.decision import NumberFacts
 from callctl.metrics import CDR_BATCH_ROWS, DB_RECONNECTS
 from callctl.store.callstore import StoreUnavailable
-from callctl.store.calls import _FACTS, _FACTS_BY_EXTENSION, facts_from_rows, facts_params, cdr_insert, cdr_params
-from callctl.store.events import PG_CALL_EVENT, PG_CALL_EVENTS, call_event
+from callctl.store.calls import (
+    FACTS_BY_EXTENSION_COMPILED, FACTS_COMPILED, cdr_with_event, cdr_with_event_args, cdrs_with_events_args,
+    facts_from_rows, facts_params,
+)
 
-_DIALECT = postgresql.psycopg2.dialect(paramstyle="numeric_dollar")
 # A pooled connection the server closed (restart, failover, pg_terminate_backend): the
 # others went with it, so new ones are made and the statement runs once more. An idle
 # connection that the server's goodbye reached but that asyncpg has not closed yet
@@ -40,33 +40,7 @@ class PgUnavailable(StoreUnavailable):
     """StoreUnavailable, from asyncpg."""
 
 
-class _Statement:
-    """A SQLAlchemy statement as PostgreSQL text with $n parameters, with its columns'
-    bind and result conversions."""
-
-    def __init__(self, statement, column_keys=None):
-        # for_executemany: no implicit RETURNING of the new row's id, which nobody reads.
-        compiled = statement.compile(dialect=_DIALECT, column_keys=column_keys, for_executemany=bool(column_keys))
-        self.sql = str(compiled)
-        self.keys = compiled.positiontup
-        # Literals of the statement itself ('active', 'bound', ...) are parameters too.
-        self.constants = {key: value for key, value in compiled.params.items() if value is not None}
-        self.binders = [compiled.binds[key].type.bind_processor(_DIALECT) for key in self.keys]
-        columns = getattr(statement, "selected_columns", ())
-        self.row = namedtuple("Row", [c.name for c in columns]) if columns else None
-        self.readers = [c.type.result_processor(_DIALECT, None) for c in columns]
-
-    def args(self, params: dict) -> list:
-        values = {**self.constants, **params}
-        return [bind(values[key]) if bind else values[key] for key, bind in zip(self.keys, self.binders)]
-
-    def rows(self, records) -> list:
-        readers = self.readers
-        return [self.row(*(read(v) if read else v for read, v in zip(readers, record))) for record in records]
-
-
-_FACTS_SQL = _Statement(_FACTS)
-_FACTS_BY_EXTENSION_SQL = _Statement(_FACTS_BY_EXTENSION)
+_FACTS_SQL, _FACTS_BY_EXTENSION_SQL = FACTS_COMPILED, FACTS_BY_EXTENSION_COMPILED
 
 
 class _Connections:
@@ -287,7 +261,6 @@ class PgCallStore:
     def __init__(self, reads: _Connections, inserts: _Connections, cdr_linger: float | None = None):
         self.reads = reads
         self.inserts = inserts
-        self._inserts_by_keys: dict[tuple, _Statement] = {}
         self._group = None if cdr_linger is None else _GroupCommit(self._write_many, self._write_one, cdr_linger)
 
     @classmethod
@@ -340,14 +313,8 @@ class PgCallStore:
         return await self._group.write(row)
 
     async def _write_one(self, row: dict) -> bool:
-        keys = tuple(row)
-        statement = self._inserts_by_keys.get(keys)
-        if statement is None:
-            statement = self._inserts_by_keys[keys] = _Statement(cdr_insert("postgresql", keys))
-            n = len(statement.keys)
-            statement.sql = PG_CALL_EVENT.format(insert=statement.sql, k=n + 1, n=n + 2, b=n + 3)
-        kind, body = call_event(row) or (None, None)
-        args = statement.args(cdr_params(row)) + [kind, datetime.now(timezone.utc), body]
+        statement = cdr_with_event(tuple(row))
+        args = cdr_with_event_args(statement, row, datetime.now(timezone.utc))
         return await _run(self.inserts, "fetchval", statement.sql, args) == 1
 
     async def _write_many(self, rows: list[dict]) -> set[tuple] | None:
@@ -356,16 +323,8 @@ class PgCallStore:
         keys = tuple(rows[0])
         if any(tuple(row) != keys for row in rows):
             return None
-        statement = self._inserts_by_keys.get((keys, "many"))
-        if statement is None:
-            statement = self._inserts_by_keys[(keys, "many")] = _Statement(cdr_insert("postgresql", keys, many=True))
-            n = len(statement.keys)
-            statement.sql = PG_CALL_EVENTS.format(insert=statement.sql, c=n + 1, d=n + 2, k=n + 3, n=n + 4, b=n + 5)
-        params = [cdr_params(row) for row in rows]
-        events = [call_event(row) or (None, None) for row in rows]
-        args = statement.args({key: [p[key] for p in params] for key in statement.keys})
-        args += [[row.get("call_id") for row in rows], [row.get("node") for row in rows],
-                 [kind for kind, _ in events], datetime.now(timezone.utc), [body for _, body in events]]
+        statement = cdr_with_event(keys, many=True)
+        args = cdrs_with_events_args(statement, rows, datetime.now(timezone.utc))
         records = await _run(self.inserts, "fetch", statement.sql, args)
         return {(record[0], record[1]) for record in records}
 

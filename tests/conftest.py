@@ -13,6 +13,8 @@ from tests import leaks
 from tests.leaks import pytest_configure, pytest_sessionfinish, pytest_terminal_summary  # noqa: F401 (hooks)
 from tests.pg import TestDatabase
 
+pytest_plugins = ["tests.figures"]  # measured figures in the terminal summary (tests/figures.py)
+
 logs.setup("console", "warning")
 
 # Property-based fuzz tests (Hypothesis): a modest run in the normal suite; longer runs

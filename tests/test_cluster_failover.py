@@ -15,8 +15,8 @@ other SIGKILLed and started again; no bridged call drops and every call has its 
 (the dialplan keeps a CDR no daemon acknowledged in its fallback file: imported).
 Phase 3: Asterisk restarted under a running daemon routes again.
 
-The figures are printed: calls refused during the outage, seconds to recover, CDRs
-spooled and replayed, duplicates (0).
+The figures are shown in the test run's summary (tests/figures.py): calls refused during
+the outage, seconds to recover, CDRs spooled and replayed, duplicates (0).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lab import sipp
 from lab import cluster, harness
+from tests import figures as shown
 from tests.test_lab_cdr_outage import invites_and_finals
 
 pytestmark = [pytest.mark.lab, pytest.mark.cluster, pytest.mark.timeout(1500)]  # waits its turn for the lab
@@ -137,7 +138,7 @@ def metrics(daemon: cluster.Daemon) -> dict[tuple, float]:
 
 def test_failover_and_restarts_under_load(deployment, tmp_path):
     nets, primary, replica, pbxes, daemons, xs, base = deployment
-    figures = {}
+    figures = shown.section("cluster failover figures")  # in make test's summary, even if an assert fails
 
     # Staleness, measured: a block added on the primary, and how far the replica lags.
     daemons["pbx1"].cli("block", "add", "--scope", "caller", "--tenant", "acme", "--caller", PROBE_CALLER,
@@ -267,9 +268,6 @@ def test_failover_and_restarts_under_load(deployment, tmp_path):
     assert result.successful == 3 and far.successful == 3
     assert daemons["pbx1"].proc.pid == pid and daemons["pbx1"].proc.poll() is None
 
-    print("\ncluster failover figures:")
-    for name, value in figures.items():
-        print(f"  {name}: {value}")
     for daemon in daemons.values():
         assert daemon.stop() == 0
         assert "Traceback" not in daemon.output()

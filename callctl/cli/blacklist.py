@@ -19,8 +19,14 @@ def blacklist(cfg, args):
         result = store.propose(db, caller=args.caller, reason=args.reason, proposed_by=by,
                                seconds=args.duration, findings=args.finding or [], cdrs=args.cdr or [],
                                region=cfg.region)
-    elif args.sub in ("approve", "show"):
-        result = store.approve(db, args.entry_id, by) if args.sub == "approve" else store.get(db, args.entry_id)
+    elif args.sub == "approve":
+        result = store.approve(db, args.entry_id, by)
+        if args.cut_active and result["status"] == "active":
+            from callctl.cli.block import cut_active
+
+            cut_active(cfg, db, result, "entry in force")
+    elif args.sub == "show":
+        result = store.get(db, args.entry_id)
     elif args.sub in ("refuse", "uphold", "lift"):
         result = getattr(store, args.sub)(db, args.entry_id, by, note=args.note or "")
     elif args.sub == "appeal":
@@ -56,6 +62,10 @@ def register(top) -> None:
         step.add_argument("entry_id", type=common.ident)
         if name not in ("show", "approve"):
             step.add_argument("--note", required=name == "appeal", help="why (an appeal's grounds)")
+        if name == "approve":
+            step.add_argument("--cut-active", action="store_true",
+                              help="when this approval puts it in force, also hang up the caller's live "
+                                   "calls to customers (over AMI, within a second)")
         step.set_defaults(func=blacklist)
     for command in (propose, *(sub.choices[n] for n in steps if n != "show")):
         command.add_argument("--by", help="who does it (default: your login)")

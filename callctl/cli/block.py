@@ -26,16 +26,22 @@ def add(cfg, args):
         duration_seconds=args.duration, region=cfg.region,
     )
     if args.cut_active:
-        from callctl import live
-        from callctl.asterisk.ami import AmiError
-
-        try:
-            made["calls_cut"] = live.cut(cfg, db, cfg.region)
-        except AmiError as exc:
-            print_json(made)
-            print(f"callctl: block added, live calls NOT cut: {exc}", file=sys.stderr)
-            raise SystemExit(4)
+        cut_active(cfg, db, made, "block added")
     print_json(made)
+
+
+def cut_active(cfg, db, made: dict, done: str) -> None:
+    """--cut-active: hang up the live calls the blocks and blacklist entries now in force
+    refuse, listed in made["calls_cut"]; exit 4 (after printing `made`) if AMI failed."""
+    from callctl import live
+    from callctl.asterisk.ami import AmiError
+
+    try:
+        made["calls_cut"] = live.cut(cfg, db, cfg.region)
+    except AmiError as exc:
+        print_json(made)
+        print(f"callctl: {done}, live calls NOT cut: {exc}", file=sys.stderr)
+        raise SystemExit(4)
 
 
 def list_(cfg, args):

@@ -100,6 +100,23 @@ def _profile_hours(path: str) -> dict:
             for name, (start, end) in load(path).profile_hours().items()}
 
 
+def reload_profile_hours(service: CallService, path: str) -> list[str]:
+    """SIGHUP: the protection profiles' hours read again from the anomaly rules file.
+    ["profile hours"] when they changed; a file that does not load keeps the hours in
+    force (logged)."""
+    from callctl.config import ConfigError
+
+    try:
+        hours = _profile_hours(path)
+    except ConfigError as exc:
+        log.error("protection profiles' hours not reloaded: rules file not valid, hours kept", error=str(exc))
+        return []
+    if hours == service.profile_hours:
+        return []
+    service.profile_hours = hours
+    return ["profile hours"]
+
+
 def check_keys(engine) -> bool:
     """True once the ring matches the database; False while it cannot answer;
     KeyMismatch if the ring is not the database's."""
@@ -254,8 +271,12 @@ class AsyncDaemon:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self.stop.set)
 
+        def apply(fresh) -> list[str]:
+            backend.apply(fresh)
+            return reload_profile_hours(service, fresh.anomaly_rules)
+
         def on_hup() -> None:  # SIGHUP: what can change without a restart (lifecycle.reload)
-            self.cfg = lifecycle.reload(self.cfg, backend.apply)
+            self.cfg = lifecycle.reload(self.cfg, apply)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         await metrics.start()

@@ -17,8 +17,11 @@ from callctl.metrics import RELOADS
 log = structlog.get_logger("callctl.daemon")
 
 # Settings a SIGHUP applies in place (section.key); everything else needs a restart.
-# "agi.allow" is the FastAGI peer allow-list, where present.
-RELOADABLE = {"log.level", "log.format", "agi.env_timeout", "agi.command_timeout", "agi.allow"}
+# "agi.allow" and "freeswitch.allow" are the FastAGI and ESL peer allow-lists;
+# "anomaly_rules" is the file the protection profiles' hours are read from (read again
+# at every SIGHUP, changed or not).
+RELOADABLE = {"log.level", "log.format", "agi.env_timeout", "agi.command_timeout", "agi.allow",
+              "freeswitch.allow", "freeswitch.command_timeout", "freeswitch.linger", "anomaly_rules"}
 
 
 def notify(message: str) -> bool:
@@ -53,7 +56,7 @@ async def watchdog(stop: asyncio.Event) -> None:
             pass
 
 
-def _flat(cfg: config_mod.Config) -> dict[str, object]:
+def _flat(cfg) -> dict[str, object]:
     flat = {}
     for key, value in cfg.model_dump().items():
         if isinstance(value, dict):
@@ -63,10 +66,19 @@ def _flat(cfg: config_mod.Config) -> dict[str, object]:
     return flat
 
 
-def reload(current: config_mod.Config, apply: Callable[[config_mod.Config], None]) -> config_mod.Config:
+def changed(before, after) -> list[str]:
+    """The settings (section.key) that differ between two loads of a settings model."""
+    old, new = _flat(before), _flat(after)
+    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+
+
+def reload(current: config_mod.Config,
+           apply: Callable[[config_mod.Config], list[str] | None]) -> config_mod.Config:
     """Read the config again (same file, same environment). Applies the reloadable
-    settings through `apply` and logs which changed settings need a restart. A file
-    that does not load changes nothing. Returns the config now in force."""
+    settings through `apply` (which returns what else it reloaded that changed, e.g.
+    the profiles' hours from the rules file, or None) and logs which changed settings
+    need a restart. A file that does not load changes nothing. Returns the config now
+    in force."""
     notify("RELOADING=1")
     try:
         fresh = config_mod.load(current.source)
@@ -75,13 +87,12 @@ def reload(current: config_mod.Config, apply: Callable[[config_mod.Config], None
         log.error("reload refused: configuration not valid, nothing changed", error=str(exc))
         notify("READY=1")
         return current
-    before, after = _flat(current), _flat(fresh)
-    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
-    applied = [key for key in changed if key in RELOADABLE]
-    restart = [key for key in changed if key not in RELOADABLE]
+    differ = changed(current, fresh)
+    applied = [key for key in differ if key in RELOADABLE]
+    restart = [key for key in differ if key not in RELOADABLE]
     if "log.level" in applied or "log.format" in applied:
         logs.setup(fresh.log.format, fresh.log.level)
-    apply(fresh)
+    applied += apply(fresh) or []
     RELOADS.labels("applied").inc()
     log.info("configuration reloaded", applied=applied, needs_restart=restart,
              note="restart the daemon for the settings in needs_restart" if restart else None)
@@ -89,6 +100,11 @@ def reload(current: config_mod.Config, apply: Callable[[config_mod.Config], None
     kept = current.model_copy(deep=True)
     for key in applied:
         section, _, name = key.partition(".")
-        setattr(getattr(kept, section), name, getattr(getattr(fresh, section), name))
+        if not hasattr(fresh, section):  # beyond the config file (the profiles' hours)
+            continue
+        if name:
+            setattr(getattr(kept, section), name, getattr(getattr(fresh, section), name))
+        else:  # a top-level setting
+            setattr(kept, section, getattr(fresh, section))
     notify("READY=1")
     return kept

@@ -255,11 +255,15 @@ def deliver_once(engine: Engine, client: httpx.Client, retry: Retry = Retry(), b
 
 
 def deliver(engine: Engine, retry: Retry = Retry(), follow: bool = False, interval: float = 1.0,
-            stop=None) -> dict:
-    """One pass (or, following, passes until stopped); totals."""
+            stop=None, reload=None) -> dict:
+    """One pass (or, following, passes until stopped); totals. Before each pass
+    `reload(retry)` gives the settings to use (SIGHUP: read again)."""
     totals = {"queued": 0, "sent": 0, "failed": 0}
     with httpx.Client(timeout=retry.timeout) as client:
         while True:
+            if reload is not None:
+                retry = reload(retry)
+                client.timeout = httpx.Timeout(retry.timeout)
             try:
                 outcome = deliver_once(engine, client, retry)
             except SQLAlchemyError as exc:  # the database away: the outbox waits, so do we

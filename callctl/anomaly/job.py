@@ -287,10 +287,13 @@ def _place_blocks(conn, config: AnomalyConfig, name: str, tenants, now: datetime
 
 
 def follow(engine: Engine, config: AnomalyConfig, stop: threading.Event, interval: float | None = None,
-           on_pass=None) -> int:
-    """Passes until `stop` is set (SIGTERM); a pass under way finishes first. Returns passes."""
+           on_pass=None, reload=None) -> int:
+    """Passes until `stop` is set (SIGTERM); a pass under way finishes first. Before each
+    pass `reload(config)` gives the rules to use (SIGHUP: read again). Returns passes."""
     passes = 0
     while not stop.is_set():
+        if reload is not None:
+            config = reload(config)
         try:
             result = run_pass(engine, config)
         except SQLAlchemyError as exc:  # database down, or another job's pass won the race

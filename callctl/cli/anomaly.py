@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 
-from callctl.cli.common import engine
+import structlog
+
+from callctl.cli.common import Follow, engine
+
+log = structlog.get_logger("callctl.anomaly")
 
 
 def _rules(cfg, args):
@@ -26,19 +30,29 @@ def run(cfg, args):
     if not args.follow:
         report(run_pass(db, rules))
         return
-    import signal
-    import threading
+    signals = Follow()  # SIGTERM: the pass under way finishes, then we exit; SIGHUP: reload
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())  # the pass under way finishes, then we exit
-    follow(db, rules, stop, interval=args.interval, on_pass=report)
+    def reload(current):
+        if not signals.reload_requested():
+            return current
+        from callctl import config as config_mod
+        from callctl.lifecycle import changed
+
+        try:
+            fresh = _rules(config_mod.load(cfg.source), args)
+        except config_mod.ConfigError as exc:
+            log.error("anomaly rules not reloaded: not valid, the rules in force kept", error=str(exc))
+            return current
+        log.info("anomaly rules reloaded", changed=changed(current, fresh))
+        return fresh
+
+    follow(db, rules, signals, interval=args.interval, on_pass=report, reload=reload)
 
 
 def register(top) -> None:
     anomaly = top.add_parser("anomaly", help="the anomaly job over CDRs").add_subparsers(dest="sub", required=True)
     cmd = anomaly.add_parser("run", help="one pass from the stored watermark (--follow: keep going)")
     cmd.add_argument("--rules", help="rules file (default: anomaly_rules in the config)")
-    cmd.add_argument("--follow", action="store_true", help="keep consuming new CDRs until SIGTERM")
+    cmd.add_argument("--follow", action="store_true", help="keep consuming new CDRs until SIGTERM (SIGHUP: read the rules again)")
     cmd.add_argument("--interval", type=float, help="--follow: seconds between passes (default from the rules file)")
     cmd.set_defaults(func=run, needs_keys=False)  # reads masked CDRs and hashes only

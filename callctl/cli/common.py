@@ -117,3 +117,41 @@ def run_bulk(run, file: str) -> None:
 def values(enum) -> list[str]:
     """An enum's values as argparse choices (plain strings: its error messages show them)."""
     return [str(member) for member in enum]
+
+
+class Follow:
+    """A --follow command's signals: SIGTERM or SIGINT stop it once the work under way is
+    done; SIGHUP asks it to read its settings again (reload_requested). Either ends a
+    pause at once. Passed where a stop Event is expected (is_set, wait)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self._stop, self._hup, self._wake = threading.Event(), threading.Event(), threading.Event()
+        for sig, event in ((signal.SIGTERM, self._stop), (signal.SIGINT, self._stop), (signal.SIGHUP, self._hup)):
+            signal.signal(sig, self._setter(event))
+
+    def _setter(self, event):
+        import threading
+
+        def handler(*_):
+            # From a thread of its own: Event.set() in the handler itself would deadlock should
+            # the signal land while the main thread holds the Event's lock (inside its wait).
+            threading.Thread(target=lambda: (event.set(), self._wake.set()), daemon=True).start()
+        return handler
+
+    def is_set(self) -> bool:
+        return self._stop.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        """Pause up to `seconds`, less if a signal comes; True when stopping."""
+        self._wake.wait(seconds)
+        self._wake.clear()
+        return self._stop.is_set()
+
+    def reload_requested(self) -> bool:
+        if not self._hup.is_set():
+            return False
+        self._hup.clear()
+        return True

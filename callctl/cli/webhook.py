@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 
-from callctl.cli.common import engine, print_json, table
+import structlog
+
+from callctl.cli.common import Follow, engine, print_json, table
+
+log = structlog.get_logger("callctl.webhooks")
 
 WEBHOOK_TABLE = [("id", "id"), ("tenant", "tenant"), ("url", "url"), ("delivered", "delivered"),
                  ("pending", "pending"), ("failing", "failing"), ("last_status", "last status"),
@@ -59,17 +61,29 @@ def deliver(cfg, args):
 
     if not args.interval > 0:
         raise SystemExit("callctl: --interval must be a positive number of seconds")
-    stop = threading.Event()
+    signals = Follow()  # SIGTERM: the delivery under way finishes, then we exit; SIGHUP: reload
+    in_force = [cfg.webhooks]
 
-    def on_signal(*_):
-        # From a thread of its own: Event.set() in the handler itself would deadlock should
-        # the signal land while the main thread holds the Event's lock (inside its wait).
-        threading.Thread(target=stop.set, daemon=True).start()
+    def reload(current):
+        if not signals.reload_requested():
+            return current
+        from callctl import config as config_mod
+        from callctl.lifecycle import changed
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)  # the delivery under way finishes, then we exit
-    print(json.dumps(deliver_due(engine(cfg), _retry(cfg), follow=args.follow, interval=args.interval, stop=stop)),
-          flush=True)
+        try:
+            fresh = config_mod.load(cfg.source)
+        except config_mod.ConfigError as exc:
+            log.error("webhook settings not reloaded: configuration not valid, settings kept", error=str(exc))
+            return current
+        log.info("webhook settings reloaded",
+                 changed=[f"webhooks.{key}" for key in changed(in_force[0], fresh.webhooks)])
+        in_force[0] = fresh.webhooks
+        return _retry(fresh)
+
+    if args.follow:
+        log.info("delivering webhook events until stopped", interval=args.interval)
+    print(json.dumps(deliver_due(engine(cfg), _retry(cfg), follow=args.follow, interval=args.interval,
+                                 stop=signals, reload=reload)), flush=True)
 
 
 def register(top):
@@ -90,7 +104,8 @@ def register(top):
     cmd = webhook.add_parser("remove", help="stop delivering to an endpoint")
     cmd.add_argument("webhook_id", type=int)
     cmd.set_defaults(func=remove)
-    cmd = webhook.add_parser("deliver", help="send due events (--follow: keep going until stopped)")
+    cmd = webhook.add_parser("deliver", help="send due events (--follow: keep going until stopped; "
+                                             "SIGHUP: read the webhooks settings again)")
     cmd.add_argument("--follow", action="store_true")
     cmd.add_argument("--interval", type=float, default=1.0, help="--follow: pause when nothing is due")
     cmd.set_defaults(func=deliver)

@@ -24,7 +24,7 @@ from callctl.core.decision import Bridge, CollectExtension, Reason, Reject, Self
 from callctl.core.numbers import caller_e164
 from callctl.core.rejections import DIAL_END_CAUSES, OTHER_DIAL_END_CAUSE, REJECTIONS, rejection
 from callctl import lifecycle
-from callctl.daemon import Housekeeping, counted_cdr, log_routed, open_service
+from callctl.daemon import Housekeeping, counted_cdr, log_routed, open_service, reload_profile_hours
 from callctl.freeswitch.esl import EslClosed, EslError, EslSession
 from callctl.metrics import DB_ERRORS, SESSIONS, SESSIONS_OPEN, SPOOL_DEPTH, Protocol, serve_in_thread
 from callctl.netacl import AllowList
@@ -382,11 +382,12 @@ class FreeSwitchBackend:
         gevent.signal_handler(signal.SIGTERM, stop.set)
         gevent.signal_handler(signal.SIGINT, stop.set)
 
-        def apply(fresh) -> None:
+        def apply(fresh) -> list[str]:  # linger: serve_call reads cfg.freeswitch, replaced by reload
             allow[0] = AllowList.of(fresh.freeswitch.allow)
             calls.command_timeout = fresh.freeswitch.command_timeout
+            return reload_profile_hours(service, fresh.anomaly_rules)
 
-        def on_hup() -> None:  # SIGHUP: the allow-list and timeouts, without a restart
+        def on_hup() -> None:  # SIGHUP: the allow-list, timeouts and profile hours, without a restart
             nonlocal cfg
             cfg = lifecycle.reload(cfg, apply)
 

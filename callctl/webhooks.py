@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 import time
@@ -61,10 +62,28 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
 
 # --- administration -------------------------------------------------------------------
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _url(url: str) -> str:
-    parts = urlsplit(url or "")
-    if parts.scheme not in ("https", "http") or not parts.hostname or len(url) > 500:
-        raise ProvisionError("invalid_url", "the endpoint must be an https:// (or http://) URL, at most 500 characters")
+    """An endpoint's URL: https://, or http:// to a loopback host only (a receiver on this
+    box, tests): events carry masked numbers and signatures, never in clear over a network."""
+    try:
+        parts = urlsplit(url or "")
+        host = parts.hostname
+    except ValueError:  # e.g. an unclosed [ in the host
+        parts, host = None, None
+    if parts is None or parts.scheme not in ("https", "http") or not host or len(url) > 500:
+        raise ProvisionError("invalid_url", "the endpoint must be an https:// URL, at most 500 characters")
+    if parts.scheme == "http" and not _loopback(host):
+        raise ProvisionError("invalid_url", "the endpoint must be https:// (http:// only to a loopback host, "
+                                            "e.g. http://127.0.0.1:8000/hook)")
     return url
 
 

@@ -79,7 +79,9 @@ class FreeSwitchConfig(Listener):
 class ApiConfig(Listener):
     listen: str = "127.0.0.1:8080"
     workers: int = Field(1, ge=1, le=64)  # server processes sharing the listen socket
-    access_log: bool = False  # uvicorn's per-request log lines (paths and status only)
+    # One line per request on stderr: method, path, status; never the query string (it may
+    # carry a customer's number), the client's address or a body (callctl.api.app.AccessFormatter).
+    access_log: bool = False
     max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)  # larger: 413
     body_timeout: float = Field(10.0, gt=0, le=300)  # seconds for a whole body to arrive: 408
     metrics_listen: str = "127.0.0.1:9465"  # the API process's own /metrics and /healthz

@@ -10,6 +10,8 @@ Every error is JSON `{"error": {"code": ..., "message": ...}}` with a stable cod
 """
 from __future__ import annotations
 
+import copy
+import logging
 from datetime import timedelta
 
 import structlog
@@ -138,6 +140,43 @@ def _api_health(cfg):
     return health
 
 
+class AccessFormatter(logging.Formatter):
+    """uvicorn's access lines as method, path and status: never the query string (GET
+    /v1/customers/preferences?customer=... carries a real number) nor the client's
+    address; any number-like digit run a client put in the path is masked."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        from callctl.logs import scrub
+
+        _client, method, full_path, _version, status = record.args
+        record = copy.copy(record)
+        record.__dict__.update(method=method, path=scrub(str(full_path).partition("?")[0]), status=status)
+        return super().formatMessage(record)
+
+
+def _uvicorn_logging(access_log: bool) -> dict:
+    """uvicorn's own log lines (startup, errors) at warning; access lines (api.access_log)
+    through AccessFormatter, on stderr with the rest."""
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {
+            "default": {"format": "%(asctime)s %(levelname)s uvicorn: %(message)s"},
+            "access": {"()": "callctl.api.app.AccessFormatter",
+                       "format": "%(asctime)s api access: %(method)s %(path)s %(status)s"},
+        },
+        "handlers": {
+            "default": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"},
+            "access": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stderr"},
+        },
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": "WARNING", "propagate": False},
+            "uvicorn.error": {"level": "WARNING"},
+            "uvicorn.access": {"handlers": ["access"] if access_log else [],
+                               "level": "INFO" if access_log else "WARNING", "propagate": False},
+        },
+    }
+
+
 def serve(cfg) -> None:
     """`callctl serve api`: the API on cfg.api.listen until SIGTERM/SIGINT."""
     import uvicorn
@@ -147,5 +186,5 @@ def serve(cfg) -> None:
     serve_in_thread(cfg.api.metrics_host, cfg.api.metrics_port, _api_health(cfg))
     log.info("api listening", listen=cfg.api.listen, workers=cfg.api.workers, metrics=cfg.api.metrics_listen)
     uvicorn.run("callctl.api.app:app_from_config", factory=True, host=cfg.api.host, port=cfg.api.port,
-                workers=cfg.api.workers, access_log=cfg.api.access_log, log_level="warning",
-                server_header=False)
+                workers=cfg.api.workers, access_log=cfg.api.access_log, log_level=None,
+                log_config=_uvicorn_logging(cfg.api.access_log), server_header=False)

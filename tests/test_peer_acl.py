@@ -1,9 +1,10 @@
-"""Only the PBX may talk to the FastAGI port: the real daemon drops a peer outside
+"""Only the PBX may talk to the FastAGI (and ESL) port: the real daemon drops a peer outside
 `agi.allow` at connect, before it reads a byte, so a stranger gets neither a route
 answer (which carries a real number) nor a CDR written (issue #15, item 8)."""
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 from sqlalchemy import func, select
@@ -84,3 +85,34 @@ def test_allow_list_config_and_matching():
     assert allow.allows("10.0.0.99") and allow.allows("::ffff:192.0.2.7") and allow.allows_peername(("192.0.2.7", 5))
     assert not allow.allows("10.0.1.1") and not allow.allows("127.0.0.1") and not allow.allows("not-an-ip")
     assert not allow.allows_peername("/run/agi.sock")
+
+
+def test_an_esl_peer_outside_the_allow_list_is_dropped_at_connect(tmp_path):
+    """The FreeSWITCH backend's outbound-socket server: a peer outside freeswitch.allow
+    is closed before the daemon says a word (no `connect`, no decision, no CDR); the
+    PBX's own call is served."""
+    from tests.fakefs import FakeCall
+    from tests.test_reload import esl_first_bytes
+
+    url = f"sqlite:///{tmp_path}/callctl.db"
+    engine = make_engine(url)
+    upgrade(engine)
+    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
+    pool.add_numbers(engine, "acme", [X])
+    bindings.bind(engine, "acme", CUSTOMER)
+    port = harness.free_port()
+    proc = harness.callctl_daemon(url, tmp_path, port=port, pbx="freeswitch",
+                                  extra_env={"CALLCTL_FREESWITCH_ALLOW": "127.0.0.1/32"})
+    with proc:
+        assert esl_first_bytes(port, "127.0.0.2") == b""  # a stranger: closed at once
+        fake = FakeCall(port, {"callctl_called": X, "callctl_caller": AGENT, "callctl_sounds": "/fake/sounds",
+                               "callctl_outbound": "sofia/gateway/phones"})  # the PBX, from 127.0.0.1
+        fake.run()
+        deadline = time.monotonic() + 10
+        while cdrs(engine) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert fake.commands[0] == "connect" and ("bridge" in [name for name, _ in fake.apps])
+    assert cdrs(engine) == 1  # the PBX's call only
+    refused = [e for e in harness.json_events(proc.output()) if e.get("event") == "esl peer refused"]
+    assert [e["peer"].rsplit(":", 1)[0] for e in refused] == ["127.0.0.2"]
+    engine.dispose()

@@ -219,3 +219,32 @@ def test_a_tenants_concurrent_call_limit_holds_across_a_daemon_restart(box, tmp_
         time.sleep(0.5)
     leaks.record("cli", "cdr-concurrent", json.dumps(rows))
     assert len(rows) == 2 and all(r["decision"] == "rejected" for r in rows)
+
+
+def test_the_daemons_ami_link_comes_back_after_asterisk_restarts(box):
+    """Asterisk (and its AMI) goes away under a running daemon and comes back: the link
+    is seen down (callctl_ami_connected 0), then logged in again by itself (1, one
+    reconnect counted), with no daemon restart; AMI commands work again."""
+    nets, pbx, daemon, bound = box
+
+    def metric(name: str) -> float | None:
+        status, body = daemon.http("/metrics")
+        values = [line.split()[-1] for line in body.splitlines() if line.startswith(name + " ")]
+        return float(values[0]) if status == 200 and values else None
+
+    def wait(predicate, what: str, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.5)
+
+    wait(lambda: metric("callctl_ami_connected") == 1.0, "AMI link not up at start")
+    pid = daemon.proc.pid
+    pbx.stop()
+    wait(lambda: metric("callctl_ami_connected") == 0.0, "AMI link not seen down")
+    pbx.start()
+    wait(lambda: metric("callctl_ami_connected") == 1.0, "AMI link not back")
+    assert metric("callctl_ami_reconnects_total") == 1.0
+    assert daemon.proc.pid == pid and daemon.proc.poll() is None
+    assert daemon.events("AMI link lost; reconnecting") and len(daemon.events("AMI link back")) == 1
+    assert live(daemon) == []  # AMI answers again (no call up)

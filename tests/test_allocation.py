@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from callctl.core.decision import Bridge
 from callctl.service import CallService
@@ -292,11 +292,14 @@ def test_a_bind_that_waited_for_the_only_x_takes_it(engine, monkeypatch, mode):
     assert_no_conflict(engine)
 
 
-def test_a_writer_never_holds_an_x_it_turned_down(engine, monkeypatch):
+@pytest.mark.parametrize("mode", ["AXE", "AXB"])
+def test_a_writer_never_holds_an_x_it_turned_down(engine, monkeypatch, mode):
     """#15.4: two writers each lock an X, find under the lock that it cannot take their
     binding (here: forced, as when it changed after they read it) and look further.
     Today each kept its lock on the X it turned down and waited for the other's:
-    PostgreSQL's DeadlockDetected. Now an X turned down is let go at once."""
+    PostgreSQL's DeadlockDetected. Now an X turned down is let go at once. (An AXN bind
+    claims a free X in one statement, with nothing to check under the lock: AXE and
+    AXB binds are the ones that go through `claim`.)"""
     postgresql_only(engine)
     pool(engine, 2)
     both_hold = threading.Barrier(2, timeout=60)
@@ -312,13 +315,95 @@ def test_a_writer_never_holds_an_x_it_turned_down(engine, monkeypatch):
         return claim(session, number, *args)
 
     monkeypatch.setattr(allocation, "claim", changed_under_us)
-    runs = [in_thread(name, lambda party=party: bindings.bind(engine, "acme", party))
-            for name, party in (("one", A), ("two", B))]
+    # disjoint AXB pairs could share one X: both look for a free X first only when none serves AXB yet
+    other = {"one": B if mode == "AXB" else None, "two": D if mode == "AXB" else None}
+    runs = [in_thread(name, lambda name=name, party=party: bindings.bind(engine, "acme", party, mode=mode,
+                                                                          other_party=other[name]))
+            for name, party in (("one", A), ("two", C))]
     for thread, _ in runs:
         thread.join(60)
     outcomes = [out[0] for _, out in runs]
     assert all(isinstance(o, dict) for o in outcomes), outcomes
-    assert sorted(o["x"] for o in outcomes) == X[:2]
+    assert_no_conflict(engine)
+
+
+# ------------------------------------------------------------------ AXN in one statement (PostgreSQL)
+
+def statements_of(engine, call) -> list[str]:
+    """The SQL statements call() sent (the pool's liveness ping is not one)."""
+    sent: list[str] = []
+
+    def record(_conn, _cursor, statement, *_):
+        sent.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        call()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    return sent
+
+
+def test_an_axn_bind_is_one_statement(engine):
+    """The common bind, an AXN binding on a free X, is one statement on PostgreSQL: the
+    X claimed and the binding inserted, committed as the statement ends."""
+    postgresql_only(engine)
+    pool(engine, 2)
+    sent = statements_of(engine, lambda: bindings.bind(engine, "acme", A, reference="POL-1", purposes=["claims"],
+                                                        profile="elderly", ttl_seconds=3600))
+    assert len(sent) == 1 and sent[0].lstrip().startswith("WITH"), sent
+    made = bindings.list_bindings(engine)["items"]
+    assert [(b["x"], b["customer"], b["reference"], b["purposes"], b["profile"], b["status"]) for b in made] == [
+        (X[0], "+86138****0001", "POL-1", ["claims"], "elderly", "active")]
+    assert store_pool.pool_status(engine, "acme")["free"] == 1
+    assert_no_conflict(engine)
+
+
+def test_an_axn_bind_passes_over_an_x_another_writer_holds(engine):
+    """A free X row-locked by another transaction is skipped at once (SKIP LOCKED), not
+    waited for: the bind takes the next free X."""
+    postgresql_only(engine)
+    pool(engine, 2)
+    holder = engine.connect()
+    try:
+        holder.begin()
+        holder.execute(text("SELECT id FROM virtual_numbers WHERE e164 = :x FOR UPDATE"), {"x": X[0]})
+        assert bindings.bind(engine, "acme", A)["x"] == X[1]
+    finally:
+        holder.rollback()
+        holder.close()
+    assert bindings.bind(engine, "acme", B)["x"] == X[0]
+
+
+def test_an_axn_bind_whose_insert_fails_leaves_nothing_half_written(engine):
+    """The claim of X and the insert are one statement: when the insert fails (here an
+    active AXN binding forged onto a free X, which the unique index refuses a second
+    of), X is not left bound without a binding."""
+    postgresql_only(engine)
+    pool(engine, 1)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO bindings (tenant_id, number_id, mode, party_a, party_a_hash, status)"
+            " SELECT tenant_id, id, 'AXN', :a, :a_hash, 'active' FROM virtual_numbers"
+        ), {"a": crypto.ring().seal(C), "a_hash": crypto.number_hash(C)})
+    assert code_of(lambda: bindings.bind(engine, "acme", A)) == "conflict"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT state, mode FROM virtual_numbers")).one() == ("free", None)
+        assert conn.execute(text("SELECT count(*) FROM bindings")).scalar() == 1  # the forged one only
+
+
+def test_an_axn_bind_prefers_a_free_x_to_one_out_of_quarantine(engine):
+    """The one statement keeps allocate's order: a free X first, then one whose
+    quarantine is over; one still resting is never taken."""
+    postgresql_only(engine)
+    pool(engine, 3)
+    first = bindings.bind(engine, "acme", A)
+    second = bindings.bind(engine, "acme", B)
+    bindings.unbind(engine, first["id"], timedelta(0))  # X[0]: quarantine over at once
+    bindings.unbind(engine, second["id"], timedelta(days=1))  # X[1]: resting
+    assert bindings.bind(engine, "acme", C)["x"] == X[2]  # free
+    assert bindings.bind(engine, "acme", D)["x"] == X[0]  # out of quarantine
+    assert code_of(lambda: bindings.bind(engine, "acme", "+8613800000005")) == "pool_exhausted"
     assert_no_conflict(engine)
 
 

@@ -1,12 +1,15 @@
 """Allocation: pick and row-lock an X (and an AXE extension) for a new binding, and the
-free (or quarantined) -> bound transition. bind uses `allocate`; bulk's AXN batches use
+free (or quarantined) -> bound transition. bind uses `bind_fresh_x` (AXN on PostgreSQL:
+one statement) and `allocate` (every mode, every database); bulk's AXN batches use
 `bound_columns` and the same lock settings."""
 from __future__ import annotations
 
+import functools
 import secrets
 from datetime import datetime
 
-from sqlalchemy import and_, case, exists, func, or_, select, text
+from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, text, update
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -14,7 +17,8 @@ from callctl.core.decision import Mode
 from callctl.core.enums import BindingStatus, NumberState
 from callctl.errors import Conflict, Unavailable
 from callctl.store.crypto import number_hash
-from callctl.store.models import Binding, VirtualNumber
+from callctl.store.db import single_statement
+from callctl.store.models import Binding, Tenant, VirtualNumber
 
 LOCK_WAIT_SECONDS = 5  # the second allocation pass waits at most this long for a row lock
 ALLOCATION_ROUNDS = 50  # looks for an X before `pool_busy` (each round follows a change by another writer)
@@ -55,15 +59,13 @@ def allocate(session: Session, tenant_id: int, mode: str, pair: tuple[str, str |
     capacity = 10 ** extension_digits
     parties = [p for p in pair if p]
     candidates = _candidates(mode, parties, capacity, now)
-    preference = case(*((c, rank) for rank, c in enumerate(candidates)), else_=len(candidates))
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT_SECONDS}s'"))
     tried: set[int] = set()  # X turned down under their lock
     for _ in range(ALLOCATION_ROUNDS):
         for wait in (False, True):
-            query = _untried(select(VirtualNumber), tenant_id, candidates, tried)
-            number, extension = _take_first(session, query.order_by(preference, VirtualNumber.id), wait,
-                                            mode, parties, capacity, extension_digits)
+            query = select(VirtualNumber).where(VirtualNumber.id == _first(tenant_id, candidates, tried, wait))
+            number, extension = _take_first(session, query, mode, parties, capacity, extension_digits)
             if extension is not False:
                 return number, extension
             if number is not None:
@@ -76,6 +78,47 @@ def allocate(session: Session, tenant_id: int, mode: str, pair: tuple[str, str |
             if session.scalar(_untried(select(VirtualNumber.id), tenant_id, candidates, tried).limit(1)) is None:
                 raise Conflict("pool_exhausted", f"no virtual number in the pool can take this {mode} binding")
     raise Unavailable("pool_busy", "the pool is busy; retry")
+
+
+def bind_fresh_x(engine: Engine, tenant_name: str, binding: Binding, now: datetime) -> str | None:
+    """PostgreSQL, AXN: claim an X and insert `binding` on it in one statement, a
+    transaction of its own (one round trip). The X is the one `allocate` would take
+    first: a free X, else one whose quarantine is over, by id, row-locked (SKIP LOCKED:
+    parallel binds take different X). Such an X serves nothing, so nothing needs checking
+    under its lock (the lock re-reads the row: one another writer bound meanwhile is
+    passed over). Fills in binding.id, tenant_id and number_id and returns X; None when
+    no X could be taken this way (every free one locked by other writers, or none left:
+    `allocate` then waits or says `pool_exhausted`). Nothing is written unless all is:
+    a failing insert undoes the claim with it."""
+    values = {f"new_{c}": getattr(binding, c) for c in _FRESH_COLUMNS}
+    with single_statement(engine) as conn:
+        row = conn.execute(_fresh_x_statement(), {"new_tenant": tenant_name, "new_now": now, **values}).first()
+    if row is None:
+        return None
+    binding.id, binding.tenant_id, binding.number_id = row[0], row[1], row[2]
+    return row[3]
+
+
+_FRESH_COLUMNS = ("mode", "party_a", "party_a_hash", "reference", "status", "expires_at", "created_at", "purposes",
+                  "profile")
+
+
+@functools.cache
+def _fresh_x_statement():
+    """bind_fresh_x's statement, built once (its values are bound parameters; named
+    apart from the columns, which SQLAlchemy would read as SET values of the UPDATE)."""
+    tenant = select(Tenant.id).where(Tenant.name == bindparam("new_tenant")).scalar_subquery()
+    now = bindparam("new_now", type_=VirtualNumber.__table__.c.quarantined_until.type)
+    claimed = (update(VirtualNumber)
+               .where(VirtualNumber.id == _first(tenant, _candidates(Mode.AXN, [], 1, now), set(), wait=False))
+               .values(bound_columns(Mode.AXN))
+               .returning(VirtualNumber.id, VirtualNumber.tenant_id, VirtualNumber.e164)
+               .cte("claimed"))
+    values = [bindparam(f"new_{c}", type_=Binding.__table__.c[c].type) for c in _FRESH_COLUMNS]
+    return (insert(Binding)
+            .from_select(["tenant_id", "number_id", *_FRESH_COLUMNS], select(claimed.c.tenant_id, claimed.c.id, *values),
+                         include_defaults=False)
+            .returning(Binding.id, Binding.tenant_id, Binding.number_id, select(claimed.c.e164).scalar_subquery()))
 
 
 def _candidates(mode: str, parties: list[str], capacity: int, now: datetime) -> list:
@@ -94,20 +137,29 @@ def _candidates(mode: str, parties: list[str], capacity: int, now: datetime) -> 
     return candidates
 
 
-def _untried(query, tenant_id: int, candidates: list, tried: set[int]):
+def _untried(query, tenant_id, candidates: list, tried: set[int]):
     query = query.where(VirtualNumber.tenant_id == tenant_id, or_(*candidates))
     return query.where(VirtualNumber.id.not_in(tried)) if tried else query
 
 
-def _take_first(session: Session, query, wait: bool, mode: str, parties: list[str], capacity: int,
+def _first(tenant_id, candidates: list, tried: set[int], wait: bool):
+    """SQL: the id of the first X by preference (the best candidate kind, then by id),
+    row-locked (waiting for it, or skipping X others hold). One look per kind, each
+    an index-ordered LIMIT 1 (ix_vn_pool), in a COALESCE: a kind is read only when the
+    better ones have nothing, and one free X is found as fast with a million bound."""
+    return func.coalesce(*(
+        _untried(select(VirtualNumber.id), tenant_id, [kind], tried).order_by(VirtualNumber.id).limit(1)
+        .with_for_update(skip_locked=not wait).scalar_subquery()
+        for kind in candidates))
+
+
+def _take_first(session: Session, query, mode: str, parties: list[str], capacity: int,
                 digits: int) -> tuple[VirtualNumber | None, str | None | bool]:
     """Lock the first X of `query` inside a savepoint and claim it. Returns (X or None,
     what `claim` said; False when there was no X). An X turned down is let go at once."""
     savepoint = session.begin_nested()
     try:
-        number = session.scalar(
-            query.limit(1).with_for_update(skip_locked=not wait).execution_options(populate_existing=True)
-        )
+        number = session.scalar(query.execution_options(populate_existing=True))
         extension = False if number is None else claim(session, number, mode, parties, capacity, digits)
     except OperationalError as exc:
         savepoint.rollback()

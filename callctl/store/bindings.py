@@ -19,7 +19,7 @@ from callctl.core.decision import DEFAULT_PURPOSES, Mode
 from callctl.core.numbers import mask
 from callctl.errors import Conflict, NotFound, ProvisionError
 from callctl.store import events
-from callctl.store.allocation import allocate, parties_on
+from callctl.store.allocation import allocate, bind_fresh_x, parties_on
 from callctl.store.inputs import (binding_parties, expiry_from, parse_number, parse_profile, parse_purposes,
                                   parse_reference)
 from callctl.store.models import Binding, Tenant, VirtualNumber, utcnow
@@ -82,7 +82,9 @@ def bind(
 ) -> dict:
     """Bind an X of the tenant's pool to the customer.
 
-    AXN: a free X, exclusive to this binding. AXB: an X already serving AXB pairs none of
+    AXN: a free X, exclusive to this binding (on PostgreSQL one statement claims it and
+    inserts the binding, allocation.bind_fresh_x; when every free X is held by other
+    writers, or none is left, the general path below waits or says so). AXB: an X already serving AXB pairs none of
     which has either party, else a free X. AXE: a free extension of `extension_digits`
     digits on an X already serving AXE, else a free X. A pool with nothing to give is
     `pool_exhausted`; concurrent binds never share what they must not (allocation.allocate).
@@ -95,7 +97,14 @@ def bind(
     # Built (its lookup hashes computed, the key ring loaded) before any row is locked.
     binding = Binding(mode=mode, party_a=pair[0], party_b=pair[1], reference=parse_reference(reference),
                       expires_at=expires_at, created_at=now, purposes=parse_purposes(purposes),
-                      profile=parse_profile(profile))
+                      profile=parse_profile(profile), status=BindingStatus.ACTIVE)
+    if mode == Mode.AXN and engine.dialect.name == "postgresql":
+        try:
+            x = bind_fresh_x(engine, tenant_name, binding, now)  # one statement, the common case
+        except IntegrityError:
+            raise Conflict("conflict", "that virtual number was bound concurrently; retry") from None
+        if x is not None:
+            return binding_view(binding, x, tenant_name)
     with Session(engine) as session, session.begin():
         tenant = tenant_row(session, tenant_name)
         try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, text
@@ -61,6 +62,23 @@ def make_engine(url: str, pool_size: int = 8, pre_ping: bool = True, timeout: fl
 
 
 READ_ONLY = {"callctl_read_only": True}  # execution option for connections that only read
+
+
+@contextmanager
+def single_statement(engine: Engine):
+    """PostgreSQL: a connection whose statement is a transaction of its own, committed by
+    the server as it ends: one round trip, where a transaction is three (BEGIN, the
+    statement, COMMIT). The driver's autocommit flag is set and put back around it, as
+    SQLAlchemy's own ping does; its isolation_level="AUTOCOMMIT" would cost a SET on the
+    way in and another on the way out."""
+    with engine.connect() as conn:
+        dbapi = conn.connection.dbapi_connection
+        dbapi.autocommit = True
+        try:
+            yield conn
+        finally:
+            if not dbapi.closed:
+                dbapi.autocommit = False
 
 
 def _sqlite_begin(conn) -> None:

@@ -84,6 +84,8 @@ class ApiConfig(Listener):
     access_log: bool = False
     max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)  # larger: 413
     body_timeout: float = Field(10.0, gt=0, le=300)  # seconds for a whole body to arrive: 408
+    # an accepted token is remembered this long: a revoked one is refused at most this late (0: ask every time)
+    token_cache_seconds: float = Field(5.0, ge=0, le=60)
     metrics_listen: str = "127.0.0.1:9465"  # the API process's own /metrics and /healthz
 
 
@@ -209,6 +211,7 @@ ENV_OVERRIDES = {
     "CALLCTL_API_WORKERS": ("api", "workers"),
     "CALLCTL_API_MAX_BODY_BYTES": ("api", "max_body_bytes"),
     "CALLCTL_API_BODY_TIMEOUT": ("api", "body_timeout"),
+    "CALLCTL_API_TOKEN_CACHE_SECONDS": ("api", "token_cache_seconds"),
     "CALLCTL_API_METRICS_LISTEN": ("api", "metrics_listen"),
     "CALLCTL_METRICS_LISTEN": ("metrics", "listen"),
     "CALLCTL_AMI_HOST": ("ami", "host"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -138,7 +139,13 @@ def test_authentication(api):
     header = {"Authorization": f"Bearer {made['token']}"}
     assert nobody.get("/v1/pool", headers=header).status_code == 200
     assert api["cli"]("token", "revoke", str(made["id"])).returncode == 0
+    # Refused once the server's remembered acceptance is older than api.token_cache_seconds
+    # (5 s; tests/test_api_tokens.py pins the bound with a clock of its own): a deadline, not a timing.
+    deadline = time.monotonic() + 60
+    while nobody.get("/v1/pool", headers=header).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert err(nobody.get("/v1/pool", headers=header)) == (401, "unauthorized")
+    assert err(nobody.post("/v1/bindings", headers=header, json={"customer": A})) == (401, "unauthorized")
     listed = api["cli"]("token", "list").stdout
     assert made["token"] not in listed and api["tokens"]["acme"]["token"] not in listed
     bad = api["cli"]("token", "create", "--tenant", "acme", "--role", "wizard")

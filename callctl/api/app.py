@@ -23,12 +23,12 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from callctl.api import bindings, blacklist, blocks, cdrs, customers, pool, regulator, reveals
+from callctl.api.auth import Tokens
 from callctl.api.deps import Settings
 from callctl.api.limits import BODY_TIMEOUT, MAX_BODY_BYTES, BodyGuard
 from callctl.api.schemas import ERRORS
 from callctl.errors import ProvisionError
 from callctl.store import reveal
-from callctl.store.tokens import authenticate
 
 log = structlog.get_logger("callctl.api")
 
@@ -67,10 +67,12 @@ def _database(_request: Request, exc: DBAPIError):
 
 
 def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", extension_digits: int = 4,
-               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT,
+               token_cache_seconds: float = 5.0) -> FastAPI:
     app = FastAPI(title="callctl provisioning API", version="1", description=__doc__, responses=ERRORS)
     # A body is read only after its token checks out, capped and timed (limits.py).
-    app.add_middleware(BodyGuard, authenticate=lambda token: authenticate(engine, token), routes=app.router.routes,
+    app.state.tokens = Tokens(engine, token_cache_seconds)  # auth.py: how late a revocation can bite
+    app.add_middleware(BodyGuard, tokens=app.state.tokens, routes=app.router.routes,
                        max_bytes=max_body_bytes, timeout=body_timeout)
     app.state.engine = engine
     app.state.settings = Settings(quarantine=quarantine, region=region, extension_digits=extension_digits)
@@ -96,7 +98,7 @@ def app_from_config() -> FastAPI:
     engine = make_engine(cfg.database_url, pool_size=cfg.db_threads, timeout=cfg.db_timeout)
     return create_app(engine, quarantine=timedelta(days=cfg.quarantine_days), region=cfg.region,
                       extension_digits=cfg.axe_extension_digits, max_body_bytes=cfg.api.max_body_bytes,
-                      body_timeout=cfg.api.body_timeout)
+                      body_timeout=cfg.api.body_timeout, token_cache_seconds=cfg.api.token_cache_seconds)
 
 
 def _api_health(cfg):

@@ -15,9 +15,9 @@ class Settings:
     extension_digits: int = 4
 
 
-def engine(request: Request) -> Engine:
+async def engine(request: Request) -> Engine:  # async: no thread for a lookup
     return request.app.state.engine
 
 
-def settings(request: Request) -> Settings:
+async def settings(request: Request) -> Settings:
     return request.app.state.settings

@@ -3,8 +3,8 @@
 FastAPI reads and parses a body before any dependency runs, the token check included,
 so without this an anonymous client could make every worker hold 100 MB bodies, or
 hold a connection open by sending one byte at a time. Here a request that carries a
-body must first show a token that `authenticate` accepts (401, nothing read), may carry
-`max_bytes` at most (413: refused from its Content-Length, or cut as soon as a chunked
+body must first show a token that `tokens` (auth.Tokens) accepts (401, nothing read),
+may carry `max_bytes` at most (413: refused from its Content-Length, or cut as soon as a chunked
 body passes it) and must arrive within `timeout` seconds (408). Each refusal closes the
 connection, so the rest of the body is never waited for. The accepted principal is
 kept in the request state, so the route's own token check does not look it up again.
@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Callable
 
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -24,11 +22,11 @@ BODY_TIMEOUT = 10.0
 
 
 class BodyGuard:
-    def __init__(self, app, authenticate: Callable[[str], Any], max_bytes: int = MAX_BODY_BYTES,
+    def __init__(self, app, tokens, max_bytes: int = MAX_BODY_BYTES,
                  timeout: float = BODY_TIMEOUT, routes: list | None = None):
         self.app = app
         self.routes = routes if routes is not None else []
-        self.authenticate = authenticate
+        self.tokens = tokens  # auth.Tokens
         self.max_bytes = max_bytes
         self.timeout = timeout
 
@@ -46,8 +44,7 @@ class BodyGuard:
             return await self.app(scope, receive, send)  # no such operation: 404 or 405, the body unread
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
         try:
-            who = (await run_in_threadpool(self.authenticate, token.strip())
-                   if scheme.lower() == "bearer" and token.strip() else None)
+            who = await self.tokens.check(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
         except SQLAlchemyError:
             return await _refuse(send, 503, "unavailable", "the database cannot answer; retry")
         if who is None:

@@ -5,8 +5,16 @@
 2. `callctl bind --bulk FILE`: AXN bindings from CSV, bindings created per second,
    end to end (the real command: parsing, validation, set-based batches, output file).
 3. The HTTP API: `callctl serve api` on a free loopback port, a tenant token made with
-   `callctl token create`, N concurrent clients POSTing /v1/bindings; bindings created
-   per second and request latency.
+   `callctl token create`, N concurrent clients POSTing /v1/bindings (closed loop: each
+   sends its next request when the last is answered); bindings created per second,
+   request latency, and the CPU each bind cost the API server, its PostgreSQL backends
+   and the client (/proc), all on this one box.
+4. The same API offered a fixed rate (`offered_rate`, default 500 binds/s, open loop:
+   request i leaves at t0 + i/rate whatever the earlier ones are doing); latency p50/p99
+   from each request's scheduled moment, so a late client or a queue counts.
+
+The client is aiohttp: on this 2-core box it shares the CPU with the server, and it
+costs 0.2 ms of CPU per request where httpx cost 2.7 ms (measured 2026-12-05).
 
 The numbers are synthetic: +86172... virtual numbers, +86137.../+86136... customers.
 """
@@ -20,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+import aiohttp
 from sqlalchemy import text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +40,7 @@ from lab.harness import ApiServer
 POOL_PREFIX = "+86172"
 BULK_CUSTOMER_PREFIX = "+86137"
 API_CUSTOMER_PREFIX = "+86136"
+API_APPLICATION = "callctl-api-bench"  # the API server's PostgreSQL backends, for their CPU
 
 
 class ProvisioningBenchError(RuntimeError):
@@ -63,6 +72,16 @@ def timed_command(bench_url: str, workdir: Path, *args: str) -> tuple[dict, floa
     return json.loads(done.stdout), seconds
 
 
+def _body(i: int) -> dict:
+    return {"customer": f"{API_CUSTOMER_PREFIX}{i + 1:08d}", "reference": f"API-{i + 1}", "ttl_seconds": 86400 * 30}
+
+
+def _session(base_url: str, token: str, connections: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(base_url, headers={"Authorization": f"Bearer {token}"},
+                                 connector=aiohttp.TCPConnector(limit=connections),
+                                 timeout=aiohttp.ClientTimeout(total=30))
+
+
 async def post_bindings(base_url: str, token: str, first: int, count: int,
                         concurrency: int) -> tuple[list[float], dict, float]:
     """count POST /v1/bindings (customers first, first+1, ...) from `concurrency` clients;
@@ -70,17 +89,14 @@ async def post_bindings(base_url: str, token: str, first: int, count: int,
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     next_index = iter(range(first, first + count))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {token}"},
-                                 limits=limits, timeout=30) as client:
+    async with _session(base_url, token, concurrency) as client:
         async def worker():
             for i in next_index:
-                body = {"customer": f"{API_CUSTOMER_PREFIX}{i + 1:08d}", "reference": f"API-{i + 1}",
-                        "ttl_seconds": 86400 * 30}
                 t = time.perf_counter()
-                response = await client.post("/v1/bindings", json=body)
+                async with client.post("/v1/bindings", json=_body(i)) as response:
+                    await response.read()
                 latencies.append((time.perf_counter() - t) * 1000)
-                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                statuses[response.status] = statuses.get(response.status, 0) + 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -88,18 +104,99 @@ async def post_bindings(base_url: str, token: str, first: int, count: int,
     return latencies, statuses, wall
 
 
+async def offered_rate(base_url: str, token: str, first: int, rate: float, seconds: float,
+                       connections: int = 256) -> tuple[list[float], dict, float]:
+    """Open loop: request i leaves at t0 + i/rate, on a task of its own, whether or not
+    the earlier ones were answered. Latency (ms) runs from the scheduled moment, so time
+    spent waiting for the client, a connection or the server all counts. Returns the
+    latencies, statuses, and how late the latest request left (ms)."""
+    count = int(rate * seconds)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    async with _session(base_url, token, connections) as client:
+        async def one(i: int, due: float):
+            async with client.post("/v1/bindings", json=_body(i)) as response:
+                await response.read()
+            latencies.append((time.perf_counter() - due) * 1000)
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+
+        t0, tasks, latest = time.perf_counter() + 0.05, [], 0.0
+        for n in range(count):
+            due = t0 + n / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            latest = max(latest, time.perf_counter() - due)
+            tasks.append(asyncio.create_task(one(first + n, due)))
+        await asyncio.gather(*tasks)
+    return latencies, statuses, latest * 1000
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_pids(pid: int) -> list[int]:
+    """`callctl serve api` and its worker processes."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    found = [pid]
+    for child in (children.read_text().split() if children.exists() else []):
+        found += _server_pids(int(child))
+    return found
+
+
+class CpuMeter:
+    """CPU seconds (user + system) used by the API server's processes, its PostgreSQL
+    backends (by application_name) and this client process, between two readings."""
+
+    def __init__(self, bench_url: str, server_pid: int):
+        self.engine = make_engine(bench_url, pool_size=1)
+        self.server_pid = server_pid
+
+    def read(self) -> dict[str, dict[int, float] | float]:
+        with self.engine.connect() as db:
+            backends = db.execute(text("SELECT pid FROM pg_stat_activity WHERE application_name = :a"),
+                                  {"a": API_APPLICATION}).scalars().all()
+        return {"server": _alive_cpu(_server_pids(self.server_pid)), "postgres": _alive_cpu(backends),
+                "client": time.process_time()}
+
+    @staticmethod
+    def per_bind_ms(before: dict, after: dict, binds: int) -> dict[str, float]:
+        """A process started in between counts from zero (a backend the pool opened)."""
+        used = {part: sum(cpu - before[part].get(pid, 0.0) for pid, cpu in after[part].items())
+                for part in ("server", "postgres")}
+        used["client"] = after["client"] - before["client"]
+        return {f"{part}_cpu_ms_per_bind": round(seconds * 1000 / max(binds, 1), 3) for part, seconds in used.items()}
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _alive_cpu(pids) -> dict[int, float]:
+    seconds = {}
+    for pid in pids:
+        try:
+            seconds[pid] = _cpu_s(pid)
+        except OSError:  # gone since
+            pass
+    return seconds
+
+
 def run(bench_url: str, workdir: Path, *, tenant: str, bulk_rows: int, api_requests: int,
-        concurrency: int, workers: int, say=print) -> dict:
+        concurrency: int, workers: int, rate: float = 500.0, rate_seconds: float = 10.0, say=print) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     result: dict = {"bulk_rows": bulk_rows, "api_requests": api_requests, "api_concurrency": concurrency,
-                    "api_workers": workers}
+                    "api_workers": workers, "offered_rate": rate, "offered_seconds": rate_seconds}
     result["bindings_before"] = binding_count(bench_url)
+    offered = int(rate * rate_seconds)
 
     pool_file = workdir / "pool.csv"
+    numbers = bulk_rows + api_requests + offered
     with open(pool_file, "w") as out:
         out.write("number\n")
-        out.writelines(f"{POOL_PREFIX}{i:08d}\n" for i in range(1, bulk_rows + api_requests + 1))
-    say(f"Provisioning: callctl pool import, {bulk_rows + api_requests:,} numbers ...")
+        out.writelines(f"{POOL_PREFIX}{i:08d}\n" for i in range(1, numbers + 1))
+    say(f"Provisioning: callctl pool import, {numbers:,} numbers ...")
     summary, seconds = timed_command(bench_url, workdir, "pool", "import", str(pool_file), "--tenant", tenant)
     result["pool_import"] = {"numbers": summary["done"], "seconds": round(seconds, 2),
                              "per_s": round(summary["done"] / seconds)}
@@ -126,18 +223,41 @@ def run(bench_url: str, workdir: Path, *, tenant: str, bulk_rows: int, api_reque
     before = binding_count(bench_url)
     say(f"Provisioning: HTTP API ({workers} worker process(es)), {api_requests:,} POST /v1/bindings from "
         f"{concurrency} clients, {before:,} bindings present ...")
-    with ApiServer(bench_url, workdir, extra_env={"CALLCTL_API_WORKERS": str(workers)}) as server:
+    api_url = f"{bench_url}{'&' if '?' in bench_url else '?'}application_name={API_APPLICATION}"
+    with ApiServer(api_url, workdir, extra_env={"CALLCTL_API_WORKERS": str(workers)}) as server:
         warm = min(100, api_requests // 10)  # connections opened, code paths hot; not counted
         asyncio.run(post_bindings(server.url, token, 0, warm, concurrency))
-        latencies, statuses, wall = asyncio.run(post_bindings(server.url, token, warm, api_requests - warm,
-                                                              concurrency))
+        meter = CpuMeter(bench_url, server.proc.pid)
+        try:
+            cpu0 = meter.read()
+            latencies, statuses, wall = asyncio.run(post_bindings(server.url, token, warm, api_requests - warm,
+                                                                  concurrency))
+            cost = CpuMeter.per_bind_ms(cpu0, meter.read(), statuses.get(201, 0))
+        finally:
+            meter.close()
+        created = statuses.get(201, 0)
+        if created != len(latencies):
+            raise ProvisioningBenchError(f"API answered {statuses}; wanted only 201")
+        result["api"] = {"bindings": created, "bindings_present_before": before, "seconds": round(wall, 2),
+                         "per_s": round(created / wall), "latency_ms_p50": sipp.percentile(latencies, 50),
+                         "latency_ms_p99": sipp.percentile(latencies, 99), "statuses": statuses, **cost}
+        api = result["api"]
+        say(f"Provisioning: API {created:,} bindings in {wall:.1f} s ({api['per_s']:,}/s), "
+            f"latency p50 {api['latency_ms_p50']:.1f} ms, p99 {api['latency_ms_p99']:.1f} ms; CPU per bind: "
+            f"server {api['server_cpu_ms_per_bind']:.2f} ms, PostgreSQL {api['postgres_cpu_ms_per_bind']:.2f} ms, "
+            f"client {api['client_cpu_ms_per_bind']:.2f} ms")
+
+        say(f"Provisioning: HTTP API offered {rate:g} binds/s for {rate_seconds:g} s (open loop) ...")
+        latencies, statuses, late = asyncio.run(offered_rate(server.url, token, api_requests, rate, rate_seconds))
     created = statuses.get(201, 0)
-    if created != len(latencies):
-        raise ProvisioningBenchError(f"API answered {statuses}; wanted only 201")
-    result["api"] = {"bindings": created, "bindings_present_before": before, "seconds": round(wall, 2),
-                     "per_s": round(created / wall), "latency_ms_p50": sipp.percentile(latencies, 50),
-                     "latency_ms_p99": sipp.percentile(latencies, 99), "statuses": statuses}
-    say(f"Provisioning: API {created:,} bindings in {wall:.1f} s ({result['api']['per_s']:,}/s), "
-        f"latency p50 {result['api']['latency_ms_p50']:.1f} ms, p99 {result['api']['latency_ms_p99']:.1f} ms")
+    if created != offered:
+        raise ProvisioningBenchError(f"API at {rate:g}/s answered {statuses}; wanted {offered} x 201")
+    result["api_offered"] = {"rate": rate, "bindings": created, "latency_ms_p50": sipp.percentile(latencies, 50),
+                             "latency_ms_p99": sipp.percentile(latencies, 99), "latency_ms_max": max(latencies),
+                             "client_late_ms_max": round(late, 1)}
+    at = result["api_offered"]
+    say(f"Provisioning: API at {rate:g} binds/s offered: latency p50 {at['latency_ms_p50']:.1f} ms, "
+        f"p99 {at['latency_ms_p99']:.1f} ms, max {at['latency_ms_max']:.1f} ms (the client left at most "
+        f"{late:.1f} ms late)")
     result["bindings_after"] = binding_count(bench_url)
     return result

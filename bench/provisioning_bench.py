@@ -224,7 +224,10 @@ def run(bench_url: str, workdir: Path, *, tenant: str, bulk_rows: int, api_reque
     say(f"Provisioning: HTTP API ({workers} worker process(es)), {api_requests:,} POST /v1/bindings from "
         f"{concurrency} clients, {before:,} bindings present ...")
     api_url = f"{bench_url}{'&' if '?' in bench_url else '?'}application_name={API_APPLICATION}"
-    with ApiServer(api_url, workdir, extra_env={"CALLCTL_API_WORKERS": str(workers)}) as server:
+    # Connections enough in each worker's pool for every client at once: none is closed
+    # after its request (a backend that exits takes its CPU figure with it).
+    with ApiServer(api_url, workdir, extra_env={"CALLCTL_API_WORKERS": str(workers),
+                                                "CALLCTL_DB_THREADS": str(max(8, concurrency))}) as server:
         warm = min(100, api_requests // 10)  # connections opened, code paths hot; not counted
         asyncio.run(post_bindings(server.url, token, 0, warm, concurrency))
         meter = CpuMeter(bench_url, server.proc.pid)

@@ -197,6 +197,7 @@ ENV_OVERRIDES = {
     "CALLCTL_QUARANTINE_DAYS": (None, "quarantine_days"),
     "CALLCTL_DB_TIMEOUT": (None, "db_timeout"),
     "CALLCTL_CDR_GROUP_MS": (None, "cdr_group_ms"),
+    "CALLCTL_DB_THREADS": (None, "db_threads"),
     "CALLCTL_ANOMALY_RULES": (None, "anomaly_rules"),
     "CALLCTL_AUDIT_CHECKPOINT": (None, "audit_checkpoint"),
     "CALLCTL_SELFSERVICE_NUMBERS": (None, "selfservice_numbers"),

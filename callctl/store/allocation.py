@@ -8,7 +8,7 @@ import functools
 import secrets
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, exists, func, insert, null, or_, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from callctl.core.decision import Mode
 from callctl.core.enums import BindingStatus, NumberState
 from callctl.errors import Conflict, Unavailable
+from callctl.store import prepared
 from callctl.store.crypto import number_hash
 from callctl.store.db import single_statement
 from callctl.store.models import Binding, Tenant, VirtualNumber
@@ -89,12 +90,15 @@ def bind_fresh_x(engine: Engine, tenant_name: str, binding: Binding, now: dateti
     passed over). Fills in binding.id, tenant_id and number_id and returns X; None when
     no X could be taken this way (every free one locked by other writers, or none left:
     `allocate` then waits or says `pool_exhausted`). Nothing is written unless all is:
-    a failing insert undoes the claim with it."""
+    a failing insert undoes the claim with it. Prepared once per connection
+    (store/prepared.py): PostgreSQL does not parse and plan it for every bind."""
+    statement = _fresh_x_statement()
     values = {f"new_{c}": getattr(binding, c) for c in _FRESH_COLUMNS}
     with single_statement(engine) as conn:
-        row = conn.execute(_fresh_x_statement(), {"new_tenant": tenant_name, "new_now": now, **values}).first()
-    if row is None:
+        rows = prepared.execute(conn, statement, statement.args({"new_tenant": tenant_name, "new_now": now, **values}))
+    if not rows:
         return None
+    row = rows[0]
     binding.id, binding.tenant_id, binding.number_id = row[0], row[1], row[2]
     return row[3]
 
@@ -105,20 +109,22 @@ _FRESH_COLUMNS = ("mode", "party_a", "party_a_hash", "reference", "status", "exp
 
 @functools.cache
 def _fresh_x_statement():
-    """bind_fresh_x's statement, built once (its values are bound parameters; named
-    apart from the columns, which SQLAlchemy would read as SET values of the UPDATE)."""
+    """bind_fresh_x's statement, compiled once (its values are bound parameters, named
+    apart from the columns, which SQLAlchemy would read as SET values of the UPDATE; the
+    X's cleared quarantine is a NULL literal, not a parameter)."""
     tenant = select(Tenant.id).where(Tenant.name == bindparam("new_tenant")).scalar_subquery()
     now = bindparam("new_now", type_=VirtualNumber.__table__.c.quarantined_until.type)
     claimed = (update(VirtualNumber)
                .where(VirtualNumber.id == _first(tenant, _candidates(Mode.AXN, [], 1, now), set(), wait=False))
-               .values(bound_columns(Mode.AXN))
+               .values({k: null() if v is None else v for k, v in bound_columns(Mode.AXN).items()})
                .returning(VirtualNumber.id, VirtualNumber.tenant_id, VirtualNumber.e164)
                .cte("claimed"))
     values = [bindparam(f"new_{c}", type_=Binding.__table__.c[c].type) for c in _FRESH_COLUMNS]
-    return (insert(Binding)
-            .from_select(["tenant_id", "number_id", *_FRESH_COLUMNS], select(claimed.c.tenant_id, claimed.c.id, *values),
-                         include_defaults=False)
-            .returning(Binding.id, Binding.tenant_id, Binding.number_id, select(claimed.c.e164).scalar_subquery()))
+    return prepared.Compiled(
+        insert(Binding)
+        .from_select(["tenant_id", "number_id", *_FRESH_COLUMNS], select(claimed.c.tenant_id, claimed.c.id, *values),
+                     include_defaults=False)
+        .returning(Binding.id, Binding.tenant_id, Binding.number_id, select(claimed.c.e164).scalar_subquery()))
 
 
 def _candidates(mode: str, parties: list[str], capacity: int, now: datetime) -> list:

@@ -150,9 +150,10 @@ def _untried(query, tenant_id, candidates: list, tried: set[int]):
 
 def _first(tenant_id, candidates: list, tried: set[int], wait: bool):
     """SQL: the id of the first X by preference (the best candidate kind, then by id),
-    row-locked (waiting for it, or skipping X others hold). One look per kind, each
-    an index-ordered LIMIT 1 (ix_vn_pool), in a COALESCE: a kind is read only when the
-    better ones have nothing, and one free X is found as fast with a million bound."""
+    row-locked (waiting for it, or skipping X others hold). One look per kind, each an
+    index-ordered LIMIT 1 (ix_vn_shared for X serving AXB/AXE, ix_vn_pool for free and
+    quarantined X), in a COALESCE: a kind is read only when the better ones have nothing,
+    and an X is found as fast with a million AXN X bound."""
     return func.coalesce(*(
         _untried(select(VirtualNumber.id), tenant_id, [kind], tried).order_by(VirtualNumber.id).limit(1)
         .with_for_update(skip_locked=not wait).scalar_subquery()

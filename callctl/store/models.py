@@ -144,10 +144,10 @@ class VirtualNumber(Base):
         CheckConstraint(one_of("state", NumberState), name="ck_vn_state"),
         CheckConstraint(one_of("mode", Mode), name="ck_vn_mode"),
         Index("ix_vn_pool", "tenant_id", "state", "id"),
-        # The X serving shared modes, where an AXB or AXE binding looks first (0140).
+        # The X serving shared modes, where an AXB or AXE binding looks first (0140, 0141).
         Index("ix_vn_shared", "tenant_id", "mode", "id",
-              postgresql_where=text("state = 'bound' AND mode IN ('AXB', 'AXE')"),
-              sqlite_where=text("state = 'bound' AND mode IN ('AXB', 'AXE')")),
+              postgresql_where=text("state = 'bound' AND (mode = 'AXB' OR mode = 'AXE')"),
+              sqlite_where=text("state = 'bound' AND (mode = 'AXB' OR mode = 'AXE')")),
         UniqueConstraint("e164", name="uq_vn_e164"),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)

@@ -247,10 +247,10 @@ def _answer(done: asyncio.Future, result=None, exc: BaseException | None = None)
 
 
 def _refused_rows(exc: PgUnavailable) -> bool:
-    """The database answered and refused the statement (a value out of range, say), as
-    opposed to not answering: worth writing the rows again one by one."""
-    cause = exc.__cause__
-    return isinstance(cause, asyncpg.PostgresError) and not isinstance(cause, _LOST)
+    """The statement was refused for its values (out of range, too long, a constraint),
+    as opposed to the database not answering in time or at all: worth writing the rows
+    again one by one."""
+    return isinstance(exc.__cause__, (asyncpg.exceptions.DataError, asyncpg.exceptions.IntegrityConstraintViolationError))
 
 
 class PgCallStore:

@@ -83,6 +83,7 @@ from bench.data import (
     load_shared,
     prepare_database,
     shared_party,
+    use_bench_keys,
     x_number,
 )
 from bench import targets
@@ -473,10 +474,11 @@ def parse_args(argv=None):
     p.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres",
                    help="DSN used to drop/create the bench database")
     p.add_argument("--database", default=DB_NAME, help=f"the bench database, dropped and made afresh (default {DB_NAME})")
-    p.add_argument("--only", choices=["calls", "provisioning", "anomaly", "inprocess"],
+    p.add_argument("--only", choices=["calls", "provisioning", "anomaly", "inprocess", "scale", "detection"],
                    help="run one part: calls (SIPp through the lab), provisioning (bulk and API throughput), "
-                        "anomaly (the anomaly job over CDRs) or inprocess (the in-process decision latency "
-                        "of AXN, AXE and AXB calls, no lab)")
+                        "anomaly (the anomaly job over CDRs), inprocess (the in-process decision latency "
+                        "of AXN, AXE and AXB calls, no lab), scale (1M against 10M bindings: bench/scale_bench.py) "
+                        "or detection (CDR to automatic block at 1,000 CDRs/s: bench/detection_bench.py)")
     p.add_argument("--pbx", choices=["asterisk", "freeswitch", "both"], default="both",
                    help="the PBX the calls go through (default both, one after the other, side by side)")
     p.add_argument("--bulk-rows", type=int, help="bindings in the bulk file (default 50,000; quick 10,000)")
@@ -490,7 +492,17 @@ def parse_args(argv=None):
                    help="callctl serve api worker processes (default: one per CPU)")
     p.add_argument("--anomaly-cdrs", type=int, default=10_000_000,
                    help="CDRs in the anomaly job's database (default 10,000,000)")
+    p.add_argument("--scales", default="1000000,10000000",
+                   help="scale part: binding counts, each in a fresh database (default 1,000,000,10,000,000)")
+    p.add_argument("--scale-rate", type=float, default=100.0, help="scale part: lab calls/s (default 100)")
+    p.add_argument("--scale-seconds", type=float, default=20.0, help="scale part: seconds of lab calls (default 20)")
+    p.add_argument("--crossings", type=int, default=30, help="detection part: threshold crossings timed (default 30)")
+    p.add_argument("--gap", type=float, default=3.0, help="detection part: seconds between crossings (default 3)")
+    p.add_argument("--cdr-rate", type=float, default=1000.0, help="detection part: CDRs written per second (default 1,000)")
+    p.add_argument("--detect-interval", type=float,
+                   help="detection part: the job's --interval (default: interval_seconds of conf/anomaly.yaml)")
     a = p.parse_args(argv)
+    a.scales = [int(n) for n in a.scales.split(",") if n.strip()]
     a.rates = [float(r) for r in (a.rates or ("50,100,200" if a.quick else "25,50,100,150,200,250,275,300,325,350,375,400,425,450,500,550,600")).split(",") if r.strip()]
     if not a.rates or any(r <= 0 for r in a.rates):
         p.error("--rates must be positive numbers")
@@ -507,14 +519,16 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logs.setup("console", "warning")
+    use_bench_keys()
     if args.only == "anomaly":
         return bench_anomaly(args)
+    if args.only == "scale":
+        return bench_scale(args)
+    if args.only == "detection":
+        return bench_detection(args)
     # SIGTERM (make interrupted, CI cancel) unwinds like Ctrl-C: finally blocks clean up.
     signal.signal(signal.SIGTERM, _interrupt)
     rng = random.Random(args.seed)
-    # A throwaway key ring for the synthetic customers, unless one is configured; the
-    # daemon started below inherits it.
-    os.environ.setdefault(crypto.ENV_KEYS, f"{crypto.LOOKUP}={crypto.new_key()} bench={crypto.new_key()}")
     base = args.pg_admin.split("://", 1)[1].rsplit("/", 1)[0]
     bench_url = f"postgresql+psycopg2://{base}/{args.database}"
     OUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -653,6 +667,30 @@ def bench_provisioning(args, bench_url: str, result: dict, started: float) -> in
         f"JSON: {out.relative_to(REPO)}",
         "=" * 78,
     ]))
+    return 0
+
+
+def bench_scale(args) -> int:
+    """The figures at 1M and 10M bindings side by side (bench/scale_bench.py)."""
+    from bench import scale_bench
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    result = scale_bench.run(args)
+    out = OUT_DIR / "scale.json"
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    say(f"JSON: {out.relative_to(REPO)}")
+    return 0
+
+
+def bench_detection(args) -> int:
+    """CDR crossing a threshold -> automatic block in force (bench/detection_bench.py)."""
+    from bench import detection_bench
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    result = detection_bench.run(args)
+    out = OUT_DIR / "detection.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    say(f"JSON: {out.relative_to(REPO)}")
     return 0
 
 

@@ -10,7 +10,9 @@ nothing here is anybody's phone number.
 from __future__ import annotations
 
 import io
+import os
 import time
+from pathlib import Path
 
 import psycopg2
 from sqlalchemy import text
@@ -27,8 +29,26 @@ X_PREFIX = "+86171"               # virtual numbers: +86171 + 8 digits (1..N)
 A_PREFIX = "+86138"               # customers:       +86138 + 8 digits (same suffix as X)
 
 
+KEY_FILE = Path(__file__).resolve().parent.parent / "var" / "bench" / "bench.keys"
+
+
 class BenchError(RuntimeError):
     """A problem that stops the benchmark with one clear sentence."""
+
+
+def use_bench_keys() -> None:
+    """The bench's own key ring for the synthetic customers (made once, var/bench/bench.keys,
+    0600), unless one is configured in CALLCTL_KEYS; daemons started later inherit it. One
+    ring across runs: the databases kept between runs (anomaly, detection) hold its check
+    values, and a throwaway ring per run would not match them."""
+    if os.environ.get(crypto.ENV_KEYS):
+        return
+    if not KEY_FILE.exists():
+        KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(f"{crypto.LOOKUP}={crypto.new_key()} bench={crypto.new_key()}\n")
+    os.environ[crypto.ENV_KEYS] = KEY_FILE.read_text().strip()
 
 
 def x_number(i: int) -> str:

@@ -183,6 +183,36 @@ def _alive_cpu(pids) -> dict[int, float]:
     return seconds
 
 
+def pool_import(bench_url: str, workdir: Path, tenant: str, count: int, say=print) -> dict:
+    """`callctl pool import` of `count` new virtual numbers (+86172...), for the steps below."""
+    pool_file = workdir / "pool.csv"
+    with open(pool_file, "w") as out:
+        out.write("number\n")
+        out.writelines(f"{POOL_PREFIX}{i:08d}\n" for i in range(1, count + 1))
+    say(f"Provisioning: callctl pool import, {count:,} numbers ...")
+    summary, seconds = timed_command(bench_url, workdir, "pool", "import", str(pool_file), "--tenant", tenant)
+    done = {"numbers": summary["done"], "seconds": round(seconds, 2), "per_s": round(summary["done"] / seconds)}
+    say(f"Provisioning: {summary['done']:,} numbers imported in {seconds:.1f} s ({done['per_s']:,}/s)")
+    return done
+
+
+def bulk_bind(bench_url: str, workdir: Path, tenant: str, rows: int, say=print) -> dict:
+    """`callctl bind --bulk` of `rows` AXN bindings (free numbers from pool_import), timed end to end."""
+    bulk_file = workdir / "bindings.csv"
+    with open(bulk_file, "w") as out:
+        out.write("customer,reference,ttl_seconds\n")
+        out.writelines(f"{BULK_CUSTOMER_PREFIX}{i:08d},BULK-{i},31536000\n" for i in range(1, rows + 1))
+    before = binding_count(bench_url)
+    say(f"Provisioning: callctl bind --bulk, {rows:,} AXN bindings, {before:,} bindings present ...")
+    summary, seconds = timed_command(bench_url, workdir, "bind", "--bulk", str(bulk_file), "--tenant", tenant)
+    if summary["done"] != rows:
+        raise ProvisioningBenchError(f"bulk bind made {summary['done']} of {rows} bindings")
+    done = {"bindings": summary["done"], "bindings_present_before": before,
+            "seconds": round(seconds, 2), "per_s": round(summary["done"] / seconds)}
+    say(f"Provisioning: {summary['done']:,} bindings in {seconds:.1f} s ({done['per_s']:,}/s)")
+    return done
+
+
 def run(bench_url: str, workdir: Path, *, tenant: str, bulk_rows: int, api_requests: int,
         concurrency: int, workers: int, rate: float = 500.0, rate_seconds: float = 10.0, say=print) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -191,30 +221,9 @@ def run(bench_url: str, workdir: Path, *, tenant: str, bulk_rows: int, api_reque
     result["bindings_before"] = binding_count(bench_url)
     offered = int(rate * rate_seconds)
 
-    pool_file = workdir / "pool.csv"
-    numbers = bulk_rows + api_requests + offered
-    with open(pool_file, "w") as out:
-        out.write("number\n")
-        out.writelines(f"{POOL_PREFIX}{i:08d}\n" for i in range(1, numbers + 1))
-    say(f"Provisioning: callctl pool import, {numbers:,} numbers ...")
-    summary, seconds = timed_command(bench_url, workdir, "pool", "import", str(pool_file), "--tenant", tenant)
-    result["pool_import"] = {"numbers": summary["done"], "seconds": round(seconds, 2),
-                             "per_s": round(summary["done"] / seconds)}
-    say(f"Provisioning: {summary['done']:,} numbers imported in {seconds:.1f} s "
-        f"({result['pool_import']['per_s']:,}/s)")
+    result["pool_import"] = pool_import(bench_url, workdir, tenant, bulk_rows + api_requests + offered, say)
 
-    bulk_file = workdir / "bindings.csv"
-    with open(bulk_file, "w") as out:
-        out.write("customer,reference,ttl_seconds\n")
-        out.writelines(f"{BULK_CUSTOMER_PREFIX}{i:08d},BULK-{i},31536000\n" for i in range(1, bulk_rows + 1))
-    before = binding_count(bench_url)
-    say(f"Provisioning: callctl bind --bulk, {bulk_rows:,} AXN bindings, {before:,} bindings present ...")
-    summary, seconds = timed_command(bench_url, workdir, "bind", "--bulk", str(bulk_file), "--tenant", tenant)
-    if summary["done"] != bulk_rows:
-        raise ProvisioningBenchError(f"bulk bind made {summary['done']} of {bulk_rows} bindings")
-    result["bulk_bind"] = {"bindings": summary["done"], "bindings_present_before": before,
-                           "seconds": round(seconds, 2), "per_s": round(summary["done"] / seconds)}
-    say(f"Provisioning: {summary['done']:,} bindings in {seconds:.1f} s ({result['bulk_bind']['per_s']:,}/s)")
+    result["bulk_bind"] = bulk_bind(bench_url, workdir, tenant, bulk_rows, say)
 
     made = callctl(bench_url, "token", "create", "--tenant", tenant, "--name", "bench", workdir=workdir)
     if made.returncode != 0:

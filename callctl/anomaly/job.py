@@ -227,8 +227,9 @@ def _run_rule(conn, sql: Sql, config: AnomalyConfig, name: str, tenants, first: 
         w = rule.window * 1000
         scan_from = EPOCH + timedelta(milliseconds=((_ms(first) - w) // w) * w)
         scan_to = EPOCH + timedelta(milliseconds=((_ms(last) + w) // w + 1) * w)
+        moments = ("scan_from", "scan_to") + (("new_from", "new_to") if lo > 0 and sql.dialect == "postgresql" else ())
         statement = text(finding_insert(rule, tenant_ids, sql, incremental=lo > 0, profile=profile)).bindparams(
-            bindparam("scan_from", type_=UTCDateTime), bindparam("scan_to", type_=UTCDateTime),
+            *(bindparam(key, type_=UTCDateTime) for key in moments),
             *(bindparam(key, expanding=True, type_=String if isinstance(listed[0], str) else None)
               for key, listed in shared.items()),
         )
@@ -236,6 +237,8 @@ def _run_rule(conn, sql: Sql, config: AnomalyConfig, name: str, tenants, first: 
             "rule": name, "kind": rule.subject_kind, "lo": lo, "hi": hi, "evidence_limit": config.evidence_limit,
             "threshold": rule.threshold, "severity": rule.severity, "action": rule.action, **shared,
         }
+        if lo > 0 and sql.dialect == "postgresql":
+            values.update(new_from=first, new_to=last)
         # A rule on local time: one statement per stretch of one UTC offset; the others, one in all.
         segments = offset_segments(zone, scan_from, scan_to) if local_time else [(scan_from, scan_to, 0)]
         for start, end, offset_ms in segments:

@@ -57,12 +57,16 @@ def finding_insert(rule: Rule, tenant_ids: list[int], sql: Sql, incremental: boo
                 first_ms=sql.ms("m.first_at"), end_ms=sql.ms("COALESCE(c.ended_at, c.started_at)"),
                 start_ms=sql.ms("c.started_at"))
     subject = SUBJECT[kind]
-    # After the first pass only subjects with new CDRs can have new findings.
-    touched = (f"AND {subject} IN (SELECT {subject} FROM cdrs c WHERE c.id > :lo AND c.id <= :hi)"
-               if incremental else "")
-    if profile is not None:  # one of config.PROFILES, never user text
-        touched += f" AND c.binding_id IN (SELECT b.id FROM bindings b WHERE b.profile = '{profile}')"
     tenants = ", ".join(str(int(t)) for t in tenant_ids)
+    where = f"c.tenant_id IN ({tenants}) AND c.started_at >= :scan_from AND c.started_at < :scan_to AND {spec.where}"
+    if profile is not None:  # one of config.PROFILES, never user text
+        where += f" AND c.binding_id IN (SELECT b.id FROM bindings b WHERE b.profile = '{profile}')"
+    source = "cdrs c"
+    # After the first pass only subjects with new CDRs can have new findings.
+    if incremental and sql.dialect == "postgresql":
+        source, where = _touched_first(subject, where), "true"
+    elif incremental:
+        where += f" AND {subject} IN (SELECT {subject} FROM cdrs c WHERE c.id > :lo AND c.id <= :hi)"
     # INSERT first, then WITH: SQLite reports the rows inserted only for statements so begun.
     return f"""
 INSERT INTO anomaly_findings (rule, tenant_id, subject_kind, subject, binding_id, period, window_start,
@@ -70,9 +74,8 @@ INSERT INTO anomaly_findings (rule, tenant_id, subject_kind, subject, binding_id
 WITH scoped AS NOT MATERIALIZED (
     SELECT c.id, c.tenant_id, {subject} AS subject, c.started_at, {sql.ms('c.started_at')} AS t
            {spec.columns.format(**fill)}
-    FROM cdrs c
-    WHERE c.tenant_id IN ({tenants}) AND c.started_at >= :scan_from AND c.started_at < :scan_to
-      AND {spec.where} {touched}
+    FROM {source}
+    WHERE {where}
 ),{spec.body.format(**fill)},
 ranked AS (
     SELECT e.*, ROW_NUMBER() OVER (PARTITION BY e.tenant_id, e.subject, e.period_ms ORDER BY e.id) AS rn
@@ -91,3 +94,17 @@ JOIN summary m ON m.tenant_id = h.tenant_id AND m.subject = h.subject AND m.peri
 WHERE true
 ON CONFLICT (rule, tenant_id, subject, period) DO NOTHING
 """
+
+
+def _touched_first(subject: str, where: str) -> str:
+    """PostgreSQL, after the first pass: the subjects of the new CDRs first (their ids and
+    started_at range, :new_from..:new_to, which the pass reads with them: only their day
+    partitions), then each one's CDRs in the scan range through its index (LATERAL, OFFSET
+    0: in that order whatever the planner estimates). Left to the planner, a fresh day
+    partition whose statistics said a few rows made it scan the range once and probe the
+    new ids of every partition per row (1.5 s for 1,000 new CDRs beside 41 partitions);
+    this way the cost follows the new CDRs' subjects, not the CDRs in the range."""
+    new = subject.replace("c.", "n.")
+    return (f"(SELECT DISTINCT {new} AS touched FROM cdrs n WHERE n.id > :lo AND n.id <= :hi "
+            f"AND n.started_at >= :new_from AND n.started_at <= :new_to) n "
+            f"CROSS JOIN LATERAL (SELECT c.* FROM cdrs c WHERE {subject} = n.touched AND {where} OFFSET 0) c")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -161,9 +162,18 @@ def load_customers(db, n: int, chunk: int = 100_000) -> None:
     )
     cursor = db.connection.dbapi_connection.cursor()
     spans = [(start, min(start + chunk, n + 1)) for start in range(1, n + 1, chunk)]
-    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+    # Workers with SIGTERM's default action (bench.py's handler raises in them) that end
+    # when the work does (close + join): terminate() could catch one holding a lock.
+    pool = multiprocessing.get_context("fork").Pool(os.cpu_count() or 1, signal.signal, (signal.SIGTERM, signal.SIG_DFL))
+    try:
         for lines in pool.imap(_sealed_customers, spans):
             cursor.copy_expert("COPY bench_customers FROM STDIN", io.StringIO(lines))
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
     db.exec_driver_sql("ANALYZE bench_customers")
 
 

@@ -64,7 +64,7 @@ class ProfileSettings(Strict):
 
 class AnomalyConfig(Strict):
     overlap_seconds: int = Field(120, ge=0)  # rescanned CDR ids: covers late commits
-    interval_seconds: float = Field(30, gt=0)  # --follow: pause between passes
+    interval_seconds: float = Field(2, gt=0)  # --follow: pause between passes (blocks within seconds)
     evidence_limit: int = Field(100, ge=1, le=10000)  # CDR ids kept per finding
     workers: int = Field(2, ge=1, le=32)  # PostgreSQL: rules run side by side on this many connections
     rules: dict[str, dict] = {}

@@ -39,6 +39,11 @@
    bindings per second with the 1,000,000 bindings present and the CPU each bind cost
    (server, PostgreSQL, client), then the API offered 500 binds/s open loop (latency
    p50/p99). `--only provisioning` runs just this (no lab); `--only calls` skips it.
+6. The anomaly pass over 10,000,000 CDRs (bench/anomaly_bench.py, `--only anomaly`).
+7. Scale in bindings (bench/scale_bench.py, `--only scale`): 1,000,000 and 10,000,000
+   bindings side by side, each in its own kept database.
+8. Detection latency (bench/detection_bench.py, `--only detection`): CDRs at 1,000/s
+   beside the anomaly part's 10M, the time from a threshold-crossing CDR to its block.
 
 The numbers in this benchmark are synthetic (+86171... virtual numbers, +86138...
 customers, one agent): nothing here is anybody's phone number.
@@ -597,7 +602,9 @@ def main(argv=None) -> int:
     if args.only is None:
         signal.signal(signal.SIGTERM, _interrupt)
         bench_provisioning(args, bench_url, result, started)
-        return bench_anomaly(args)
+        bench_anomaly(args)
+        bench_scale(args)  # 1M and 10M in their own databases (10M: about 10 min to load the first time)
+        return bench_detection(args)
     return 0
 
 

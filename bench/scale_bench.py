@@ -32,7 +32,7 @@ from sqlalchemy import text
 from bench import provisioning_bench, targets
 from bench.bench import OUT_DIR, in_process_latency, place_calls, say, scale_key
 from bench.data import AGENT, TENANT, BenchError, admin_connect, prepare_database, x_number
-from callctl.store.db import make_engine
+from callctl.store.db import make_engine, upgrade
 from lab import sipp
 from lab.harness import ASTERISK, LabLock, callctl_daemon, json_events
 
@@ -135,7 +135,12 @@ def loaded(admin_dsn: str, url: str, n: int) -> bool:
 def one_size(args, base: str, n: int, rng: random.Random) -> dict:
     url = f"postgresql+psycopg2://{base}/{DB_NAME}_{n}"
     if loaded(args.pg_admin, url, n) and not args.scale_reload:
-        say(f"Scale: {n:,} bindings, {DB_NAME}_{n} already loaded, reused")
+        say(f"Scale: {n:,} bindings, {DB_NAME}_{n} already loaded, reused (migrations applied)")
+        engine = make_engine(url, pool_size=1)
+        try:
+            upgrade(engine)  # a schema newer than the kept database's
+        finally:
+            engine.dispose()
         db = {"load_s": None, "steps": {}}
     else:
         say(f"Scale: {n:,} bindings, loading {DB_NAME}_{n} ...")

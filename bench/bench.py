@@ -498,7 +498,8 @@ def parse_args(argv=None):
     p.add_argument("--anomaly-cdrs", type=int, default=10_000_000,
                    help="CDRs in the anomaly job's database (default 10,000,000)")
     p.add_argument("--scales", default="1000000,10000000",
-                   help="scale part: binding counts, each in a fresh database (default 1,000,000,10,000,000)")
+                   help="scale part: binding counts, each in its own kept database, callctl_bench_scale_N "
+                        "(default 1,000,000,10,000,000)")
     p.add_argument("--scale-reload", action="store_true", help="scale part: load each size's database afresh")
     p.add_argument("--scale-rate", type=float, default=100.0, help="scale part: lab calls/s (default 100)")
     p.add_argument("--scale-seconds", type=float, default=20.0, help="scale part: seconds of lab calls (default 20)")

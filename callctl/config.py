@@ -5,6 +5,7 @@ A bad file or value stops the program with one clear sentence naming the problem
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import yaml
@@ -143,7 +144,9 @@ class Config(Strict):
     region: str = Field("CN", min_length=2, max_length=2)  # how national numbers are read
     node: str = ""  # this PBX/daemon pair's name in CDRs; the PBX's own name wins if sent
     spool_dir: str = "var/spool"
-    quarantine_days: float = Field(30, ge=0)  # cooldown before a released X is reused
+    quarantine_days: float = Field(30, ge=0)  # cooldown before an unbound X is reused
+    # After an expiry X rests as long as its binding lived, at most this (unset: quarantine_days).
+    quarantine_after_expiry_days: float | None = Field(None, ge=0)
     axe_extension_digits: int = Field(4, ge=1, le=6)  # AXE: digits of an extension on X
     db_threads: int = Field(8, ge=1, le=64)
     # Longest wait for the database at call time (connect, statement, lock); past it a
@@ -176,6 +179,12 @@ class Config(Strict):
             if not (number.startswith("+") and number[1:].isdigit() and 3 <= len(number) <= 16):
                 raise ValueError("each must be an E.164 number, e.g. +8695500")
         return value
+
+    @property
+    def expiry_quarantine(self) -> timedelta:
+        """The most an X rests after its binding expired (the binding's lifetime, at most this)."""
+        days = self.quarantine_after_expiry_days
+        return timedelta(days=self.quarantine_days if days is None else days)
     agi: AgiConfig = AgiConfig()
     metrics: MetricsConfig = MetricsConfig()
     ami: AmiConfig = AmiConfig()
@@ -195,6 +204,7 @@ ENV_OVERRIDES = {
     "CALLCTL_NODE": (None, "node"),
     "CALLCTL_SPOOL_DIR": (None, "spool_dir"),
     "CALLCTL_QUARANTINE_DAYS": (None, "quarantine_days"),
+    "CALLCTL_QUARANTINE_AFTER_EXPIRY_DAYS": (None, "quarantine_after_expiry_days"),
     "CALLCTL_DB_TIMEOUT": (None, "db_timeout"),
     "CALLCTL_CDR_GROUP_MS": (None, "cdr_group_ms"),
     "CALLCTL_DB_THREADS": (None, "db_threads"),

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import time as dt_time, timedelta
+from datetime import time as dt_time
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,7 @@ class Housekeeping:
     def __init__(self, service: CallService, cfg):
         self.service = service
         self.every = cfg.housekeeping_seconds
-        self.quarantine = timedelta(days=cfg.quarantine_days)
+        self.quarantine = cfg.expiry_quarantine
         self.next_partitions = 0.0
 
     def step(self) -> None:

@@ -86,6 +86,41 @@ def test_the_allocator_releases_lapsed_bindings_when_the_pool_has_nothing_else(e
     assert exc.value.code == "pool_exhausted"
 
 
+def test_an_expired_x_rests_as_long_as_its_binding_lived_at_most_the_cooldown(engine):
+    _tenants(engine, pool=(X, X2))
+    cooldown = timedelta(days=30)
+    # A temporary binding: 2 seconds bound, 2 seconds at rest, counted from its expiry.
+    short = bindings.bind(engine, "acme", CUSTOMER, ttl_seconds=2, now=T0)
+    # A policy: a year bound, the full cooldown at rest.
+    policy = bindings.bind(engine, "acme", CUSTOMER_2, expires_at=T0 + timedelta(days=365),
+                           now=T0 - timedelta(days=1))
+    assert bindings.expire_due(engine, cooldown, now=T0 + timedelta(days=365)) == 2
+    with engine.connect() as conn:
+        rests = dict(conn.execute(select(VirtualNumber.e164, VirtualNumber.quarantined_until)).all())
+    assert rests[short["x"]] == T0 + timedelta(seconds=4)
+    assert rests[policy["x"]] == T0 + timedelta(days=365 + 30)
+    # The cooldown is the most: a cap of 0 gives X back at once.
+    again = bindings.bind(engine, "acme", CUSTOMER_3, ttl_seconds=3600, now=T0 + timedelta(days=365))
+    assert again["x"] == short["x"]
+    assert bindings.expire_due(engine, timedelta(0), now=T0 + timedelta(days=366)) == 1
+    assert bindings.bind(engine, "acme", CUSTOMER, now=T0 + timedelta(days=366))["x"] == short["x"]
+
+
+def test_a_bind_that_finds_the_pool_exhausted_keeps_its_release_of_lapsed_bindings(engine):
+    _tenants(engine)
+    old = bindings.bind(engine, "acme", CUSTOMER, ttl_seconds=2, now=T0)
+    cooldown = timedelta(days=30)
+    # At T0+3 X rests (until T0+4): the bind fails, but the lapsed binding stays released.
+    with pytest.raises(ProvisionError) as exc:
+        bindings.bind(engine, "acme", CUSTOMER_2, now=T0 + timedelta(seconds=3), quarantine=cooldown)
+    assert exc.value.code == "pool_exhausted"
+    assert store_pool.pool_status(engine, "acme") == {"free": 0, "bound": 0, "quarantined": 1, "disabled": 0}
+    assert [body["id"] for _, body, _ in _events(engine, "binding.expired")] == [old["id"]]
+    assert bindings.expire_due(engine, cooldown, now=T0 + timedelta(seconds=3)) == 0
+    made = bindings.bind(engine, "acme", CUSTOMER_2, now=T0 + timedelta(seconds=4), quarantine=cooldown)
+    assert made["x"] == X
+
+
 def test_late_renewal_revives_on_the_same_x_unless_x_was_reused(engine):
     _tenants(engine, pool=(X, X2))
     first = bindings.bind(engine, "acme", CUSTOMER, ttl_seconds=2, now=T0)

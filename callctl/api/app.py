@@ -68,14 +68,15 @@ def _database(_request: Request, exc: DBAPIError):
 
 def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", extension_digits: int = 4,
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT,
-               token_cache_seconds: float = 5.0) -> FastAPI:
+               token_cache_seconds: float = 5.0, expiry_quarantine: timedelta | None = None) -> FastAPI:
     app = FastAPI(title="callctl provisioning API", version="1", description=__doc__, responses=ERRORS)
     # A body is read only after its token checks out, capped and timed (limits.py).
     app.state.tokens = Tokens(engine, token_cache_seconds)  # auth.py: how late a revocation can bite
     app.add_middleware(BodyGuard, tokens=app.state.tokens, routes=app.router.routes,
                        max_bytes=max_body_bytes, timeout=body_timeout)
     app.state.engine = engine
-    app.state.settings = Settings(quarantine=quarantine, region=region, extension_digits=extension_digits)
+    app.state.settings = Settings(quarantine=quarantine, region=region, extension_digits=extension_digits,
+                                  expiry_quarantine=quarantine if expiry_quarantine is None else expiry_quarantine)
     app.add_exception_handler(ProvisionError, _provision_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http)
@@ -98,7 +99,8 @@ def app_from_config() -> FastAPI:
     engine = make_engine(cfg.database_url, pool_size=cfg.db_threads, timeout=cfg.db_timeout)
     return create_app(engine, quarantine=timedelta(days=cfg.quarantine_days), region=cfg.region,
                       extension_digits=cfg.axe_extension_digits, max_body_bytes=cfg.api.max_body_bytes,
-                      body_timeout=cfg.api.body_timeout, token_cache_seconds=cfg.api.token_cache_seconds)
+                      body_timeout=cfg.api.body_timeout, token_cache_seconds=cfg.api.token_cache_seconds,
+                      expiry_quarantine=cfg.expiry_quarantine)
 
 
 def _api_health(cfg):

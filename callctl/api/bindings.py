@@ -25,7 +25,7 @@ def create_binding(body: BindingIn, who: Principal = Depends(tenant), db: Engine
         db, who.tenant_name, body.customer, mode=body.mode, other_party=body.other_party,
         reference=body.reference, expires_at=body.expires_at, ttl_seconds=body.ttl_seconds,
         region=cfg.region, extension_digits=cfg.extension_digits, purposes=body.purposes, profile=body.profile,
-        quarantine=cfg.quarantine,
+        quarantine=cfg.expiry_quarantine,
     )
     log.info("binding created", binding=made["id"], tenant=who.tenant_id, x=made["x"])
     return made

@@ -10,7 +10,8 @@ from sqlalchemy.engine import Engine
 
 @dataclass(frozen=True)
 class Settings:
-    quarantine: timedelta
+    quarantine: timedelta  # after unbind
+    expiry_quarantine: timedelta | None = None  # the most after an expiry (None: quarantine)
     region: str = "CN"
     extension_digits: int = 4
 

@@ -33,7 +33,7 @@ def bind(cfg, args):
         engine(cfg), args.tenant, args.customer, mode=args.mode, other_party=args.other_party,
         reference=args.reference, expires_at=moment(args.expires, "expires", ahead=True), ttl_seconds=args.ttl,
         region=cfg.region, extension_digits=cfg.axe_extension_digits, purposes=args.purpose,
-        profile=args.profile, quarantine=timedelta(days=cfg.quarantine_days),
+        profile=args.profile, quarantine=cfg.expiry_quarantine,
     ))
 
 

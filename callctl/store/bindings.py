@@ -88,8 +88,8 @@ def bind(
     which has either party, else a free X. AXE: a free extension of `extension_digits`
     digits on an X already serving AXE, else a free X. A pool with nothing to give is
     `pool_exhausted`; concurrent binds never share what they must not (allocation.allocate).
-    With `quarantine`, the pool's lapsed bindings are released first when nothing else
-    is left (housekeeping does it too, every few seconds).
+    With `quarantine` (the cap after expiry, see _expire), the pool's lapsed bindings are
+    released when nothing else is left (housekeeping does it too, every few seconds).
     """
     now = now or utcnow()
     pair = binding_parties(mode, customer, other_party, extension_digits, region)
@@ -105,15 +105,27 @@ def bind(
             raise Conflict("conflict", "that virtual number was bound concurrently; retry") from None
         if x is not None:
             return binding_view(binding, x, tenant_name)
+    try:
+        return _bind_row(engine, tenant_name, binding, pair, extension_digits, now)
+    except ProvisionError as exc:
+        # Nothing left: release the pool's lapsed bindings in a transaction of their own
+        # (kept whether or not this bind then finds an X), and look once more.
+        if exc.code != "pool_exhausted" or quarantine is None or not _release_lapsed(engine, tenant_name,
+                                                                                     quarantine, now):
+            raise
+    return _bind_row(engine, tenant_name, binding, pair, extension_digits, now)
+
+
+def _release_lapsed(engine: Engine, tenant_name: str, quarantine: timedelta, now: datetime) -> int:
+    with Session(engine) as session, session.begin():
+        return _expire(session, now, quarantine, tenant_id=tenant_row(session, tenant_name).id)
+
+
+def _bind_row(engine: Engine, tenant_name: str, binding: Binding, pair: tuple[str, str | None],
+              extension_digits: int, now: datetime) -> dict:
     with Session(engine) as session, session.begin():
         tenant = tenant_row(session, tenant_name)
-        try:
-            number, extension = allocate(session, tenant.id, mode, pair, extension_digits, now)
-        except ProvisionError as exc:
-            if exc.code != "pool_exhausted" or quarantine is None or not _expire(session, now, quarantine,
-                                                                                   tenant_id=tenant.id):
-                raise
-            number, extension = allocate(session, tenant.id, mode, pair, extension_digits, now)
+        number, extension = allocate(session, tenant.id, binding.mode, pair, extension_digits, now)
         binding.tenant_id, binding.number_id, binding.extension = tenant.id, number.id, extension
         session.add(binding)
         try:
@@ -156,13 +168,14 @@ def _end(session: Session, binding: Binding, now: datetime, quarantine: timedelt
     if not still_used:
         number.state = NumberState.QUARANTINED
         number.mode = None
-        number.quarantined_until = now + quarantine
+        number.quarantined_until = binding.ended_at + quarantine
     session.flush()
 
 
 def expire_due(engine: Engine, quarantine: timedelta, now: datetime | None = None) -> int:
-    """Release bindings past their expiry (status expired, X to quarantine when free),
-    one batch per transaction until none are left; returns how many. Safe with several
+    """Release bindings past their expiry (status expired, X to quarantine when free, for
+    the binding's own lifetime at most `quarantine`), one batch per transaction until
+    none are left; returns how many. Safe with several
     daemons at once: each takes rows the others do not hold (SKIP LOCKED)."""
     now = now or utcnow()
     total = 0
@@ -181,7 +194,10 @@ def _expire(session: Session, now: datetime, quarantine: timedelta, tenant_id: i
     lapsed = session.scalars(query.order_by(Binding.expires_at).limit(EXPIRE_BATCH)
                              .with_for_update(skip_locked=True)).all()
     for binding in lapsed:
-        _end(session, binding, now, quarantine, EXPIRED)
+        # X rests as long as the binding lived, at most `quarantine`: a temporary binding's
+        # X is soon free again, a policy's rests the full cooldown (docs/api.md).
+        lifetime = max(binding.expires_at - binding.created_at, timedelta(0))
+        _end(session, binding, now, min(quarantine, lifetime), EXPIRED)
         view = _view(session, binding)
         events.record(session, binding.tenant_id, events.Kind.BINDING_EXPIRED,
                       {key: view[key] for key in ("id", "x", "mode", "customer", "reference", "expires_at")}, now)

@@ -173,6 +173,8 @@ def test_platform_staff_blacklist_a_caller_over_the_api_two_approvals_then_lift(
     assert made.status_code == 201, made.text
     entry = made.json()
     assert (entry["status"], entry["caller"]) == ("proposed", mask(AGENT)) and AGENT not in made.text
+    twice = wang.post("/v1/blacklist/entries", json={"caller": AGENT, "reason": "again", "cdrs": [cdr_id]})
+    assert (twice.status_code, twice.json()["error"]["code"]) == (409, "blacklist_open")  # as documented
     assert li.post(f"/v1/blacklist/entries/{entry['id']}/approve").json()["error"]["code"] == "self_approval"
     assert wang.post(f"/v1/blacklist/entries/{entry['id']}/approve").status_code == 200
     assert isinstance(route(api["engine"], AGENT), Bridge)  # one approval: not yet

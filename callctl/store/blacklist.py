@@ -110,7 +110,7 @@ def propose(engine: Engine, *, caller: str, reason: str, proposed_by: str, secon
         if not evidence:
             raise ProvisionError("no_evidence", "name at least one finding (--finding) or CDR (--cdr) of this caller")
         if _open_entry(session, digest) is not None:
-            raise ProvisionError("blacklist_open", "this number has an open (proposed or active) entry already")
+            raise Conflict("blacklist_open", "this number has an open (proposed or active) entry already")
         entry = BlacklistEntry(caller=number, caller_hash=digest, caller_masked=mask(number), origin="manual",
                                status="proposed", reason=reason, proposed_by=proposed_by, proposed_at=now,
                                seconds=seconds)

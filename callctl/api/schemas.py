@@ -80,13 +80,22 @@ class BindingPage(BaseModel):
     next: int | None = Field(description="pass as `after` for the next page; null on the last page")
 
 
+# Quiet hours as store/inputs.py parse_hours reads them (ASCII digits), or '' to clear.
+QUIET_HOURS = r"^$|^([01][0-9]|2[0-3]):[0-5][0-9]-(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$"
+
+
 class PreferenceIn(Body):
+    """The customer's word, from the insurer's app: at least one of calls, quiet_hours,
+    channel (else 422 nothing_to_change), with the customer's consent."""
+
     customer: str = text(min_length=1, max_length=40, description="the customer's number")
     calls: Literal["allowed", "none", "service_only"] | None = None
-    quiet_hours: str | None = Field(None, max_length=11, description="HH:MM-HH:MM in the tenant's zone; '' clears")
+    quiet_hours: str | None = Field(None, max_length=11, pattern=QUIET_HOURS, description=(
+        "HH:MM-HH:MM in the tenant's zone (an end before the start crosses midnight; the two must differ: "
+        "quiet all day is calls none); '' clears"))
     channel: Literal["phone", "app", "sms", "none"] | None = None
     consent_source: str = text(min_length=1, max_length=100, description="where the customer said so, e.g. app")
-    consent_at: datetime = Field(description="when the customer said so (ISO, with zone)")
+    consent_at: datetime = Field(description="when the customer said so (ISO, with zone), not in the future")
 
 
 class PreferenceOut(BaseModel):

@@ -33,7 +33,8 @@ def parse_prefix(raw: str) -> str:
     return text
 
 
-_HOURS = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-(([01]\d|2[0-3]):[0-5]\d|24:00)$")
+# ASCII digits only: \d would take other scripts' digits, which no time parser reads back.
+_HOURS = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-(([01]\d|2[0-3]):[0-5]\d|24:00)$", re.ASCII)
 
 
 def parse_hours(text: str) -> tuple[str, str]:

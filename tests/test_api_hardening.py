@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select
 
+from callctl.api.app import create_app
 from callctl.store.db import make_engine
-from callctl.store.models import Binding, Block, RevealGrant
+from callctl.store.models import BlacklistEntry, Binding, Block, CustomerPreference, RevealGrant
 from lab.harness import ApiServer, free_port
 from tests import leaks, realnumbers
 from tests.apiclients import clients as api_clients, provisioned
@@ -45,7 +47,7 @@ def api(request, tmp_path_factory):
         ["tenant", "add", "acme", "--hotline", HOTLINE, "--caller", AGENT, "--hours", "00:00-24:00"],
         ["pool", "add", "--tenant", "acme", *POOL], ["bind", "--tenant", "acme", "--customer", CUSTOMER])
     issued = {role: json.loads(cli("token", "create", "--role", role, *(["--tenant", "acme"] if role == "tenant" else []),
-                                   "--name", f"ops:{role}").stdout)["token"] for role in ("platform", "tenant")}
+                                   "--name", f"ops:{role}").stdout)["token"] for role in ("platform", "tenant", "regulator")}
 
     def keep(response: httpx.Response):
         response.read()
@@ -65,11 +67,11 @@ def api(request, tmp_path_factory):
     engine.dispose()
 
 
-def counts(engine) -> tuple[int, int, int]:
+def counts(engine) -> tuple[int, ...]:
     """Rows an API call may write: nothing may be half-written by a refused request."""
     with engine.connect() as conn:
         return tuple(conn.execute(select(func.count()).select_from(model)).scalar_one()
-                     for model in (Binding, Block, RevealGrant))
+                     for model in (Binding, Block, RevealGrant, CustomerPreference, BlacklistEntry))
 
 
 def operation(openapi: dict, method: str, path: str) -> dict | None:
@@ -217,32 +219,43 @@ _scalars = st.one_of(
 _json = st.recursive(_scalars, lambda children: st.one_of(st.lists(children, max_size=3),
                                                           st.dictionaries(st.text(max_size=8), children, max_size=3)),
                      max_leaves=8)
-_FIELDS = ["customer", "mode", "other_party", "reference", "expires_at", "ttl_seconds", "scope", "direction", "reason",
-           "by", "tenant", "binding_id", "number", "caller", "starts_at", "ends_at", "duration_seconds", "party",
-           "scenario", "case_reference", "max_uses", "note"]
+# Every operation of the API (its OpenAPI document, made without a database), the token
+# that may call it, every query parameter and every body field any of them takes.
+_DOC = create_app(create_engine("sqlite://"), quarantine=timedelta(0)).openapi()
+_ROLES = {"/exports/regulator": "regulator", "/regulator/": "regulator", "/v1/blocks": "platform",
+          "/v1/reveals": "platform", "/v1/audit": "platform", "/v1/blacklist/entries": "platform"}
+_ENDPOINTS = [(next((role for prefix, role in _ROLES.items() if path.startswith(prefix)), "tenant"), method.upper(), path)
+              for path, item in _DOC["paths"].items() for method in item]
+_QUERY_KEYS = sorted({p["name"] for item in _DOC["paths"].values() for op in item.values()
+                      for p in op.get("parameters", []) if p["in"] == "query"})
+_FIELDS = sorted({field for name, schema in _DOC["components"]["schemas"].items() if name.endswith("In")
+                  for field in schema.get("properties", {})})
 _bodies = st.one_of(st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=6), _json)
-_ENDPOINTS = [("tenant", "POST", "/v1/bindings"), ("tenant", "GET", "/v1/bindings"), ("tenant", "GET", "/v1/bindings/{id}"),
-              ("tenant", "POST", "/v1/bindings/{id}/extend"), ("tenant", "PATCH", "/v1/bindings/{id}"),
-              ("tenant", "DELETE", "/v1/bindings/{id}"), ("tenant", "GET", "/v1/pool"),
-              ("platform", "POST", "/v1/blocks"), ("platform", "GET", "/v1/blocks"),
-              ("platform", "DELETE", "/v1/blocks/{id}"), ("platform", "POST", "/v1/reveals"),
-              ("platform", "GET", "/v1/reveals"), ("platform", "POST", "/v1/reveals/{id}/approve")]
-_QUERY_KEYS = ["after", "limit", "status", "reference", "binding_id", "tenant", "by", "format", "active"]
 _query_value = st.one_of(st.integers(min_value=-(2 ** 70), max_value=2 ** 70).map(str), st.text(max_size=20),
-                         st.sampled_from(["1", "0", str(BIG), "active", "ops:li", "\x00", "%ff"]))
+                         st.sampled_from(["1", "0", str(BIG), "active", "ops:li", "\x00", "%ff", "2h",
+                                          "2030-01-01T00:00:00Z", "rejected", "opted_out", "csv", "html", CUSTOMER]))
 
 
-@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(endpoint=st.sampled_from(_ENDPOINTS), body=_bodies, raw=st.one_of(st.none(), st.binary(max_size=60)),
+def test_the_fuzzer_calls_every_operation_of_the_openapi_document(api):
+    served = {(method.upper(), path) for path, item in api["openapi"]["paths"].items() for method in item}
+    assert {(method, path) for _, method, path in _ENDPOINTS} == served and len(served) >= 32
+
+
+# Each operation gets a third of the profile's examples (tests/conftest.py; the profile
+# is loaded before this module is read, --hypothesis-profile fuzz-long included).
+@pytest.mark.parametrize("endpoint", _ENDPOINTS, ids=[f"{m} {p}" for _, m, p in _ENDPOINTS])
+@settings(deadline=None, max_examples=max(5, settings().max_examples // 3),
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(body=_bodies, raw=st.one_of(st.none(), st.binary(max_size=60)),
        query=st.dictionaries(st.sampled_from(_QUERY_KEYS), _query_value, max_size=3),
        ident=st.one_of(st.integers(min_value=-5, max_value=2 ** 70).map(str), st.text(max_size=10)))
 def test_fuzz_api_bodies_and_queries(api, endpoint, body, raw, query, ident):
     who, method, template = endpoint
-    path = template.replace("{id}", quote(ident, safe="") if ident.strip(".") else "1")
+    path = re.sub(r"\{[^}]+\}", quote(ident, safe="") if ident.strip(".") else "1", template)
     before = counts(api["engine"])
     content = raw if raw is not None else json.dumps(body).encode()
     kwargs = {"params": query}
-    if method in ("POST", "PATCH"):
+    if method in ("POST", "PATCH", "PUT"):
         kwargs.update(content=content, headers={"content-type": "application/json"})
     response = api[who].request(method, path, **kwargs)
     assert response.status_code < 500 or response.status_code == 503 and response.json()["error"]["code"] == "pool_busy", \

@@ -294,5 +294,8 @@ def deliver(engine: Engine, retry: Retry = Retry(), follow: bool = False, interv
                 totals[key] += outcome[key]
             if not follow or (stop is not None and stop.is_set()):
                 return totals
-            if outcome["sent"] == 0 and outcome["queued"] == 0:
+            # Nothing sent: nothing due, or its endpoint failing. Wait even when new events
+            # were queued meanwhile: calls go on while an endpoint is down, and retrying
+            # it pass after pass would spin on the box's CPU that calls need.
+            if outcome["sent"] == 0:
                 (stop.wait(interval) if stop is not None else time.sleep(interval))

@@ -381,3 +381,30 @@ def test_two_deliverers_at_once_send_each_event_once(engine):
     ids = [json.loads(body)["id"] for _, body in receiver.got]
     assert len(ids) == len(set(ids)) == 40
     assert webhooks.list_webhooks(engine)[0]["delivered"] == 40
+
+
+def test_a_deliverer_facing_a_dead_endpoint_waits_between_passes_while_calls_go_on(engine):
+    """With the endpoint refusing and a call event arriving between passes (calls go on),
+    `deliver --follow` waits its interval after every pass that sent nothing: it never
+    spins retrying the dead endpoint on the CPU calls need."""
+    from callctl import webhooks
+    from lab.harness import free_port
+
+    _tenants(engine)
+    webhooks.add_webhook(engine, "acme", f"http://127.0.0.1:{free_port()}/down", secret="s" * 20)
+
+    class CallsGoOn:  # deliver()'s stop: a call's event after each pass, stopped after five
+        passes = waits = 0
+
+        def is_set(self):
+            self.passes += 1
+            calls.write_cdrs(engine, [_cdr(f"down-{self.passes}", "bridged")])
+            return self.passes == 5
+
+        def wait(self, _seconds):
+            self.waits += 1
+
+    stop = CallsGoOn()
+    totals = webhooks.deliver(engine, webhooks.Retry(first=0.01, most=0.01, timeout=2), follow=True, stop=stop)
+    assert totals["sent"] == 0 and totals["failed"] >= 1 and totals["queued"] >= 4
+    assert stop.waits == 4  # after each of the first four passes

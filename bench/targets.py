@@ -69,6 +69,8 @@ TARGETS = [
     Target("anomaly_pass_s_10m", "anomaly pass over 10M CDRs", "s", 60.0),
     Target("inprocess_axe_p99_ms", "in-process AXE first call p99, 10,000 customers on X", "ms", 5.0),
     Target("inprocess_axb_p99_ms", "in-process AXB party call p99, 10,000 pairs on X", "ms", 5.0),
+    # 6. Webhooks: a dead endpoint never slows a call (bench/webhook_bench.py).
+    Target("webhook_down_p99_ratio", "call setup p99, webhook receiver down / none (median of rounds)", "", 1.1),
 ]
 BY_KEY = {t.key: t for t in TARGETS}
 

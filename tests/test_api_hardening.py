@@ -267,3 +267,13 @@ def test_fuzz_api_bodies_and_queries(api, endpoint, body, raw, query, ident):
         check_declared(api, response)
     for number in (CUSTOMER, OTHER):
         assert number[3:] not in response.text
+
+
+@pytest.mark.parametrize("method, path", [("DELETE", "/v1/bindings/%2F"), ("GET", "/v1/bindings/"),
+                                          ("GET", "/v1/blacklist/entries/%2F")])
+def test_a_trailing_slash_is_a_documented_404_not_a_redirect(api, method, path):
+    """An id of "/" (found by the fuzzer) made Starlette answer 307 to the path without it."""
+    who = "platform" if "blacklist" in path else "tenant"
+    response = api[who].request(method, path)
+    assert response.status_code == 404
+    check_error(api, response)

@@ -69,7 +69,10 @@ def _database(_request: Request, exc: DBAPIError):
 def create_app(engine: Engine, *, quarantine: timedelta, region: str = "CN", extension_digits: int = 4,
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT,
                token_cache_seconds: float = 5.0, expiry_quarantine: timedelta | None = None) -> FastAPI:
-    app = FastAPI(title="callctl provisioning API", version="1", description=__doc__, responses=ERRORS)
+    # No redirect to the path without its trailing slash: a 307 is no answer the API
+    # documents (an id of "/" made one); such a path is 404 like any unknown one.
+    app = FastAPI(title="callctl provisioning API", version="1", description=__doc__, responses=ERRORS,
+                  redirect_slashes=False)
     # A body is read only after its token checks out, capped and timed (limits.py).
     app.state.tokens = Tokens(engine, token_cache_seconds)  # auth.py: how late a revocation can bite
     app.add_middleware(BodyGuard, tokens=app.state.tokens, routes=app.router.routes,

@@ -92,6 +92,7 @@ from bench.data import (
     x_number,
 )
 from bench import targets
+from bench.cpu import cpu_seconds, process_cpu_s
 from lab.harness import (
     ASTERISK,
     FREESWITCH,
@@ -282,7 +283,7 @@ class Servers:
         """CPU seconds (user + system, all threads) the running server has used so far."""
         proc = self.procs[self.running].proc if self.running else None
         try:
-            return process_cpu_s(Path(f"/proc/{proc.pid}/stat").read_text())[1]
+            return cpu_seconds(proc.pid)
         except (AttributeError, OSError):
             return None
 
@@ -309,13 +310,6 @@ def box_cpu_s(pbx: Pbx = ASTERISK) -> dict[str, float]:
         if name in totals:
             totals[name] += seconds
     return {"pbx": totals[pbx.name], "postgres": totals["postgres"]}
-
-
-def process_cpu_s(stat: str) -> tuple[str, float]:
-    """A /proc/PID/stat line as (command name, CPU seconds used: user + system, all threads)."""
-    head, _, rest = stat.rpartition(")")
-    fields = rest.split()
-    return head.partition(" (")[2], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def place_calls(pairs: list[tuple[str, str]], rate: float, talk_ms: int, what: str,

@@ -40,7 +40,8 @@ from pathlib import Path
 from sqlalchemy import text
 
 from bench import anomaly_bench, targets
-from bench.bench import OUT_DIR, REPO, process_cpu_s, say
+from bench.bench import OUT_DIR, REPO, say
+from bench.cpu import backend_cpu_seconds, cpu_seconds
 from bench.data import BenchError
 from callctl.anomaly.config import load as load_rules
 from callctl.anomaly.job import run_pass
@@ -136,21 +137,9 @@ class Poller(threading.Thread):
                     self.seen.setdefault(b, at)
 
 
-def job_cpu_s(pid: int) -> float:
-    return process_cpu_s(Path(f"/proc/{pid}/stat").read_text())[1]
-
-
 def backends_cpu_s(engine) -> float:
     """CPU seconds of the job's PostgreSQL backends (application_name callctl-anomaly-bench)."""
-    with engine.connect() as db:
-        pids = db.execute(text("SELECT pid FROM pg_stat_activity WHERE application_name = 'callctl-anomaly-bench'")).scalars().all()
-    total = 0.0
-    for pid in pids:
-        try:
-            total += job_cpu_s(pid)
-        except OSError:
-            pass
-    return total
+    return sum(backend_cpu_seconds(engine, "callctl-anomaly-bench").values())
 
 
 async def feed(url: str, bindings, bursts, rate: float, gap: float, calls: int, rng: random.Random,
@@ -235,12 +224,12 @@ def run(args) -> dict:
         stop = threading.Event()
         poller = Poller(engine, stop)
         poller.start()
-        cpu0, pg0 = job_cpu_s(job.pid), backends_cpu_s(engine)
+        cpu0, pg0 = cpu_seconds(job.pid), backends_cpu_s(engine)
         say(f"Detection: feeding {args.cdr_rate:g} CDRs/s with a burst of {rule.calls} calls to a fresh binding "
             f"every {args.gap:g} s, {args.crossings} crossings ...")
         crossings, written, wall = asyncio.run(feed(url, feed_bindings, bursts, args.cdr_rate, args.gap, rule.calls,
                                                     rng, poller))
-        cpu1, pg1 = job_cpu_s(job.pid), backends_cpu_s(engine)
+        cpu1, pg1 = cpu_seconds(job.pid), backends_cpu_s(engine)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(poller.seen) < len(crossings):
             time.sleep(0.2)

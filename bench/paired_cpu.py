@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 from bench import targets
+from bench.cpu import backend_cpu_seconds, cpu_seconds, cpu_used
 from bench.data import AGENT, BenchError, prepare_database, x_number
 from callctl.store import crypto
 from callctl.store.db import make_engine
-from sqlalchemy import text
 from lab.agiclient import agi_session
 from lab.harness import Process, free_port
 
@@ -68,11 +68,6 @@ def daemon(tree: Path, url: str, workdir: Path, extra_env: dict | None = None) -
     return Process(argv, workdir / "callctl.log", env=env, cwd=tree, port=port)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def one_call(port: int, n: int, x: str) -> bool:
     """A bridged call as the product dialplan makes it: route, then the hangup's CDR."""
     started = time.time()
@@ -86,26 +81,6 @@ async def one_call(port: int, n: int, x: str) -> bool:
             "dialedtime=1000", "answeredtime=900", "hangupcause=16", "node=bench"]
     done = await agi_session(port, "hangup", uniqueid, args)
     return bool(done and done.get("CALLCTL_CDR"))
-
-
-def backend_cpu_seconds(engine, application: str) -> dict[int, float]:
-    """CPU of each PostgreSQL backend serving one daemon (its application_name)."""
-    with engine.connect() as db:
-        pids = db.execute(text("SELECT pid FROM pg_stat_activity WHERE application_name = :a"),
-                          {"a": application}).scalars().all()
-    seconds = {}
-    for pid in pids:
-        try:
-            seconds[pid] = cpu_seconds(pid)
-        except OSError:  # gone since
-            pass
-    return seconds
-
-
-def backend_cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
-    """A backend started in between counts from zero; one that ended is lost (rare: the
-    daemon keeps its connections)."""
-    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
 async def drive(ports: dict[str, int], pids: dict[str, int], calls: int, rate: float, bindings: int,
@@ -127,7 +102,7 @@ async def drive(ports: dict[str, int], pids: dict[str, int], calls: int, rate: f
         failed[name] += not await task
     await asyncio.sleep(0.5)  # the last CDR writes
     return {name: {"cpu_ms_per_call": (cpu_seconds(pids[name]) - before[name]) * 1000 / calls,
-                   "pg_cpu_ms_per_call": backend_cpu_used(pg_before[name], backend_cpu_seconds(
+                   "pg_cpu_ms_per_call": cpu_used(pg_before[name], backend_cpu_seconds(
                        engine, application(name))) * 1000 / calls,
                    "failed": failed[name]} for name in names}
 

@@ -33,6 +33,7 @@ from sqlalchemy import text
 
 REPO = Path(__file__).resolve().parent.parent
 
+from bench.cpu import alive_cpu, backend_cpu_seconds, cpu_used
 from lab import sipp
 from callctl.store.db import make_engine
 from lab.harness import ApiServer
@@ -132,11 +133,6 @@ async def offered_rate(base_url: str, token: str, first: int, rate: float, secon
     return latencies, statuses, latest * 1000
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _server_pids(pid: int) -> list[int]:
     """`callctl serve api` and its worker processes."""
     children = Path(f"/proc/{pid}/task/{pid}/children")
@@ -155,32 +151,18 @@ class CpuMeter:
         self.server_pid = server_pid
 
     def read(self) -> dict[str, dict[int, float] | float]:
-        with self.engine.connect() as db:
-            backends = db.execute(text("SELECT pid FROM pg_stat_activity WHERE application_name = :a"),
-                                  {"a": API_APPLICATION}).scalars().all()
-        return {"server": _alive_cpu(_server_pids(self.server_pid)), "postgres": _alive_cpu(backends),
-                "client": time.process_time()}
+        return {"server": alive_cpu(_server_pids(self.server_pid)),
+                "postgres": backend_cpu_seconds(self.engine, API_APPLICATION), "client": time.process_time()}
 
     @staticmethod
     def per_bind_ms(before: dict, after: dict, binds: int) -> dict[str, float]:
         """A process started in between counts from zero (a backend the pool opened)."""
-        used = {part: sum(cpu - before[part].get(pid, 0.0) for pid, cpu in after[part].items())
-                for part in ("server", "postgres")}
+        used = {part: cpu_used(before[part], after[part]) for part in ("server", "postgres")}
         used["client"] = after["client"] - before["client"]
         return {f"{part}_cpu_ms_per_bind": round(seconds * 1000 / max(binds, 1), 3) for part, seconds in used.items()}
 
     def close(self) -> None:
         self.engine.dispose()
-
-
-def _alive_cpu(pids) -> dict[int, float]:
-    seconds = {}
-    for pid in pids:
-        try:
-            seconds[pid] = _cpu_s(pid)
-        except OSError:  # gone since
-            pass
-    return seconds
 
 
 def pool_import(bench_url: str, workdir: Path, tenant: str, count: int, say=print) -> dict:

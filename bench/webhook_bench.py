@@ -47,7 +47,8 @@ from sqlalchemy import func, select
 
 from bench import targets
 from bench.data import AGENT, TENANT, BenchError, admin_connect, prepare_database, x_number
-from bench.paired_cpu import backend_cpu_seconds, backend_cpu_used, cpu_seconds, daemon
+from bench.cpu import backend_cpu_seconds, cpu_seconds, cpu_used
+from bench.paired_cpu import daemon
 from callctl.store import crypto
 from callctl.store.db import make_engine
 from callctl.store.models import Event, Webhook, WebhookDelivery
@@ -191,7 +192,7 @@ def one_round(round_: int, args, port: int, engine, receiver: Receiver, tenant_i
         nonlocal failed
         cpu, pg, began = cpu_seconds(follower), backend_cpu_seconds(engine, DELIVERER), time.monotonic()
         got = asyncio.run(drive(port, args.calls, args.rate, args.bindings, f"{round_}{PHASES.index(name)}", rng))
-        used = (cpu_seconds(follower) - cpu, backend_cpu_used(pg, backend_cpu_seconds(engine, DELIVERER)),
+        used = (cpu_seconds(follower) - cpu, cpu_used(pg, backend_cpu_seconds(engine, DELIVERER)),
                 time.monotonic() - began)
         busy[name] = [a + b for a, b in zip(busy[name], used)]
         failed += sum(r is None for r in got)

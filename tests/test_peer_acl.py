@@ -39,14 +39,20 @@ def agi(port: int, source: str, script: str, uniqueid: str, env: dict, args: lis
     return received, received == b""
 
 
-@pytest.fixture
-def daemon(tmp_path):
+def bound_database(tmp_path):
+    """A SQLite database with acme, its agent, X and X bound to the customer: its URL and engine."""
     url = f"sqlite:///{tmp_path}/callctl.db"
     engine = make_engine(url)
     upgrade(engine)
     tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
     pool.add_numbers(engine, "acme", [X])
     bindings.bind(engine, "acme", CUSTOMER)
+    return url, engine
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    url, engine = bound_database(tmp_path)
     port = harness.free_port()
     proc = harness.callctl_daemon(url, tmp_path, port=port, extra_env={"CALLCTL_AGI_ALLOW": "127.0.0.1/32"})
     with proc:
@@ -94,12 +100,7 @@ def test_an_esl_peer_outside_the_allow_list_is_dropped_at_connect(tmp_path):
     from tests.fakefs import FakeCall
     from tests.test_reload import esl_first_bytes
 
-    url = f"sqlite:///{tmp_path}/callctl.db"
-    engine = make_engine(url)
-    upgrade(engine)
-    tenants.add_tenant(engine, "acme", HOTLINE, callers=[AGENT], hours="00:00-24:00")
-    pool.add_numbers(engine, "acme", [X])
-    bindings.bind(engine, "acme", CUSTOMER)
+    url, engine = bound_database(tmp_path)
     port = harness.free_port()
     proc = harness.callctl_daemon(url, tmp_path, port=port, pbx="freeswitch",
                                   extra_env={"CALLCTL_FREESWITCH_ALLOW": "127.0.0.1/32"})

@@ -23,7 +23,7 @@ from callctl.service import CallService
 from callctl.store import bindings, pool, tenants
 from callctl.store.calls import _FACTS, _FACTS_BY_EXTENSION, call_facts, facts_params
 from callctl.store.models import Binding, Tenant, VirtualNumber
-from callctl.store.pgcalls import _FACTS_BY_EXTENSION_SQL, _FACTS_SQL
+from callctl.store.calls import FACTS_BY_EXTENSION_COMPILED, FACTS_COMPILED
 from callctl.store.spool import CdrSpool
 from tests import realnumbers
 
@@ -214,7 +214,7 @@ def sqlite_steps(engine, x: str, caller: str | None, extension: str | None) -> i
 def pg_rows_touched(engine, x: str, caller: str | None, extension: str | None, plan_mode: str) -> int:
     """Rows every node of the PostgreSQL plan produced or filtered away, the statement
     prepared as the daemon prepares it (asyncpg: $n parameters, generic or custom plan)."""
-    statement = _FACTS_SQL if extension is None else _FACTS_BY_EXTENSION_SQL
+    statement = FACTS_COMPILED if extension is None else FACTS_BY_EXTENSION_COMPILED
     args = statement.args(facts_params(x, caller, NOW, extension))
     raw = engine.raw_connection()
     try:

@@ -14,9 +14,9 @@ from callctl.core.decision import Reason, Reject
 from callctl.service import CallService
 from tests.agicalls import agi_call
 from callctl.store import bindings, pool, tenants
-from callctl.store.calls import call_facts
+from callctl.store.calls import FACTS_COMPILED, call_facts
 from callctl.store.models import Block, Cdr
-from callctl.store.pgcalls import _FACTS_SQL, PgCallStore, PgUnavailable
+from callctl.store.pgcalls import PgCallStore, PgUnavailable
 from callctl.store.spool import CdrSpool
 from test_store import AGENT, HOTLINE, X1, A, bound_on_postgresql
 
@@ -131,7 +131,7 @@ def test_one_prepared_statement_per_connection_and_stale_plans_replaced(pg_url):
             pid = conn.get_server_pid()  # (sends nothing)
         with engine.connect() as conn:  # nothing ran after the call: no reset round trip
             last = conn.execute(text("SELECT query FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}).scalar()
-        assert len(last) > 500 and _FACTS_SQL.sql.startswith(last)  # (cut at track_activity_query_size)
+        assert len(last) > 500 and FACTS_COMPILED.sql.startswith(last)  # (cut at track_activity_query_size)
         async with store.reads.acquire() as conn:
             prepared = await conn.fetch("SELECT statement FROM pg_prepared_statements")
         facts_plans = [r["statement"] for r in prepared if "FROM virtual_numbers" in r["statement"]]

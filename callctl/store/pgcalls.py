@@ -40,7 +40,6 @@ class PgUnavailable(StoreUnavailable):
     """StoreUnavailable, from asyncpg."""
 
 
-_FACTS_SQL, _FACTS_BY_EXTENSION_SQL = FACTS_COMPILED, FACTS_BY_EXTENSION_COMPILED
 
 
 class _Connections:
@@ -305,7 +304,7 @@ class PgCallStore:
     async def facts(self, x: str, caller: str | None, now: datetime,
                     extension: str | None = None) -> NumberFacts | None:
         """call_facts(), on the event loop."""
-        statement = _FACTS_SQL if extension is None else _FACTS_BY_EXTENSION_SQL
+        statement = FACTS_COMPILED if extension is None else FACTS_BY_EXTENSION_COMPILED
         args = statement.args(facts_params(x, caller, now, extension))
         records = await _run(self.reads, "fetch", statement.sql, args)
         return facts_from_rows(x, statement.rows(records))
